@@ -51,12 +51,14 @@ def _batch(tokenizer, pairs, device):
 
 
 @torch.no_grad()
-def _greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
+def _greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True):
+    from tqdm.auto import tqdm
+
     from bft.contrastive import render_prompts
 
     device = next(model.parameters()).device
     answers = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="benign self-answers", unit="batch", disable=not progress):
         ids, mask = render_prompts(tokenizer, prompts[i : i + batch_size])
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -92,7 +94,7 @@ def refusal_finetune(
     rng = random.Random(seed)
     examples = [(p, rng.choice(REFUSALS)) for p in harmful_prompts]
     if benign_prompts:
-        answers = _greedy_answers(model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size)
+        answers = _greedy_answers(model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size, progress)
         examples += [(p, a) for p, a in zip(benign_prompts, answers) if a]
     tuned = copy.deepcopy(model)
     tuned.train()

@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     u = parser.add_argument_group("utility")
     u.add_argument("--utility", type=_csv(str), help="perplexity,gsm8k (default both; 'none' for neither)")
     u.add_argument("--perplexity-dataset", help="benign prompt/response data for perplexity (default gsm8k)")
-    u.add_argument("--utility-limit", type=int)
+    u.add_argument("--utility-limit", type=int, help="benign examples per utility measure (default 16)")
+    u.add_argument("--gsm8k-max-new-tokens", type=int, help="answer length budget for GSM8K (default 256)")
     u.add_argument("--lm-eval-tasks", type=_csv(str), help="lm-eval-harness tasks (optional extra)")
 
 
