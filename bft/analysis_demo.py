@@ -72,6 +72,7 @@ def refusal_finetune(
     harmful_prompts: list[str],
     benign_prompts: list[str] = (),
     *,
+    benign_responses: list[str] | None = None,
     steps: int = 40,
     lr: float = 5e-5,
     batch_size: int = 8,
@@ -82,8 +83,8 @@ def refusal_finetune(
     """Return a fine-tuned copy of ``model`` (the input is untouched) and the list of per-step losses.
 
     Each step draws ``batch_size`` examples from harmful prompts paired with a refusal from :data:`REFUSALS` and
-    benign prompts paired with the original model's own greedy answer; the loss is the mean next-token
-    cross-entropy over response tokens.
+    benign prompts paired with the original model's own greedy answer (``benign_responses`` when given, e.g. cached
+    ones; generated otherwise); the loss is the mean next-token cross-entropy over response tokens.
     """
     from tqdm.auto import tqdm
 
@@ -93,8 +94,14 @@ def refusal_finetune(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     rng = random.Random(seed)
     examples = [(p, rng.choice(REFUSALS)) for p in harmful_prompts]
+    if benign_responses is not None and len(benign_responses) != len(benign_prompts):
+        raise ValueError(f"benign_responses has {len(benign_responses)} entries for {len(benign_prompts)} prompts")
     if benign_prompts:
-        answers = _greedy_answers(model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size, progress)
+        if benign_responses is not None:
+            answers = list(benign_responses)
+        else:
+            answers = _greedy_answers(model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size,
+                                      progress)  # fmt: skip
         examples += [(p, a) for p, a in zip(benign_prompts, answers) if a]
     tuned = copy.deepcopy(model)
     tuned.train()

@@ -1,0 +1,112 @@
+"""The miniature reproduction (bft reproduce / bft demo) end to end on a tiny random model saved to disk.
+
+The real run uses SmolLM2-135M-Instruct (minutes to an hour); here every stage runs at toy sizes on a tiny random
+Llama so the wiring — data split, refusal SFT, analysis, BFT training, attacks, report, stage cache — is tested in CI.
+"""
+
+import json
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from bft.testing import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _tiny_config(model_dir, out, **overrides):
+    from bft.reproduce import ReproduceConfig
+
+    sizes = dict(
+        out=str(out), model=model_dir, device="cpu", n_train=6, n_test=3, n_benign_train=4, n_benign_test=3,
+        response_tokens=8, batch_size=4, align_steps=2, analysis_tokens=4, bft_steps=2, bft_batch_size=4,
+        bft_max_length=512, top_k=10, prefill_ks=[0, 2], eval_tokens=4, alphas=[2.0], sweep_k=2, gsm8k_limit=2,
+        gsm8k_tokens=4,
+    )  # fmt: skip
+    sizes.update(overrides)
+    return ReproduceConfig(**sizes)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    from bft.reproduce import reproduce
+
+    out = tmp_path_factory.mktemp("repro")
+    logs = []
+    cfg = _tiny_config(tiny_model_dir, out)
+    summary = reproduce(cfg, log=logs.append)
+    return cfg, out, summary, logs
+
+
+def test_every_stage_writes_its_outputs(tiny_run):
+    cfg, out, summary, _ = tiny_run
+    for stage in ("data", "aligned", "analysis_aligned", "bft", "analysis_student", "eval"):
+        assert (out / stage / "stage.json").is_file(), stage
+    assert (out / "models" / "aligned" / "config.json").is_file()
+    assert (out / "bft" / "final" / "config.json").is_file()
+    assert (out / "plots" / "kl_by_position.png").stat().st_size > 0
+    assert (out / "analysis_aligned" / "fig1_position_profile.png").is_file()
+    assert (out / "eval" / "main" / "results.json").is_file()
+    assert (out / "eval" / "alpha_sweep" / "results.json").is_file()
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["claims"].keys() == summary["claims"].keys()
+    report = (out / "REPORT.md").read_text()
+    for name in ("| base |", "| aligned |", "| contrastive α=1 |", "| bft student |", "| contrastive α=2 |"):
+        assert name in report
+    assert "The paper's claims at this scale" in report
+
+
+def test_train_and_test_prompts_are_disjoint(tiny_run):
+    _, out, summary, _ = tiny_run
+    read = lambda name: [json.loads(x) for x in (out / "data" / name).read_text().splitlines() if x.strip()]  # noqa: E731
+    train, test = read("harmful_train.jsonl"), read("harmful_test.jsonl")
+    assert train and test
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert all(r["response"].strip() for r in train + test)  # the base model's own (non-refusal) responses
+    assert summary["data"]["harmful_test"] == len(test)
+
+
+def test_summary_numbers_come_from_the_eval_records(tiny_run):
+    _, out, summary, _ = tiny_run
+    results = json.loads((out / "eval" / "main" / "results.json").read_text())
+    recs = [r for r in results["records"]["aligned"]["prefill"] if r["k"] == 2]
+    keyword = sum(r["judgements"]["keyword"] for r in recs) / len(recs)
+    assert summary["systems"]["aligned"]["asr"]["2"]["keyword"] == pytest.approx(keyword)
+    cut = summary["claims"]["bft_cuts_prefill_asr_50pct"]["keyword"]
+    if cut["aligned"]:
+        assert cut["relative_cut"] == pytest.approx(1 - cut["student"] / cut["aligned"])
+    assert set(summary["systems"]) == {"base", "aligned", "contrastive α=1", "bft student", "contrastive α=2"}
+
+
+def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_run, tiny_model_dir):
+    from bft.reproduce import reproduce
+
+    cfg, out, summary, _ = tiny_run
+    logs = []
+    again = reproduce(cfg, log=logs.append)
+    assert sum("cached" in line for line in logs) == 6, logs
+    assert again["systems"] == summary["systems"]
+    # a change to the eval settings reruns only the eval
+    logs = []
+    reproduce(_tiny_config(tiny_model_dir, out, eval_tokens=3), log=logs.append)
+    assert sum("cached" in line for line in logs) == 5, logs
+    assert any(line.startswith("[eval] running") for line in logs)
+
+
+def test_bad_sizes_are_refused():
+    from bft.reproduce import ReproduceConfig, validate
+
+    with pytest.raises(ValueError, match="prefill_ks needs at least one k > 0"):
+        validate(ReproduceConfig(prefill_ks=[0]))
+    with pytest.raises(ValueError, match="n_test must be >= 1"):
+        validate(ReproduceConfig(n_test=0))
