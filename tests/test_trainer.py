@@ -294,6 +294,21 @@ def test_missing_dataset_names_the_path(data_files, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_utility_data_without_responses_fails_before_training(data_files, tmp_path):
+    prompts_only = write_jsonl(tmp_path / "questions.jsonl", [{"question": f"What is {i} + 1?"} for i in range(5)])
+    config = tiny_config(data_files, tmp_path / "run", f"data.utility={prompts_only}")
+    with pytest.raises(ValueError, match="utility dataset .* has no responses"):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_config_file_names_it_and_the_bundled_configs(tmp_path):
+    from bft.cli import main
+
+    with pytest.raises(FileNotFoundError, match="no-such-config.yaml.*tiny-cpu"):
+        main(["train", str(tmp_path / "no-such-config.yaml")])
+
+
 def test_empty_dataset_fails_before_training(data_files, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -309,6 +324,9 @@ def test_empty_dataset_fails_before_training(data_files, tmp_path):
     ("loss.tau=2", "unknown config key 'loss.tau'"),
     ("loss.temprature=3", "did you mean 'loss.temperature'"),
     ("model.bass=x", "unknown config key 'model.bass'"),
+    ("optim.scheduler=reduce_lr_on_plateau", "optim.scheduler must be one of"),  # needs a metric every step
+    ("optim.scheduler=cosine_with_min_lr", "optim.scheduler must be one of"),  # needs min_lr
+    ("modle.base=x", r"unknown config key .modle. \(did you mean .model.\?\)"),
 ])  # fmt: skip
 def test_bad_config_fails_in_the_cli(override, match, tmp_path):
     from bft.cli import main
@@ -316,3 +334,173 @@ def test_bad_config_fails_in_the_cli(override, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         main(["train", "tiny-cpu", "--output-dir", str(tmp_path), override])
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unavailable_optional_packages_fail_before_training(data_files, tmp_path):
+    """8/4-bit frozen weights and 8-bit/paged AdamW need bitsandbytes, TensorBoard logs need tensorboard: without
+    them the run stops at once with the pip command, before any data or model is loaded."""
+    import importlib.util
+
+    cases = [("model.frozen_quantization=8bit", "bitsandbytes"), ("model.frozen_quantization=4bit", "bitsandbytes"),
+             ("optim.name=adamw_8bit", "bitsandbytes"), ("optim.name=paged_adamw_8bit", "bitsandbytes"),
+             ("train.tensorboard=true", "tensorboard")]  # fmt: skip
+    tried = 0
+    for override, package in cases:
+        if importlib.util.find_spec(package) is not None:
+            continue  # installed here: nothing to refuse
+        config = tiny_config(data_files, tmp_path / "run", override, "data.harmful=/no/such/harmful.jsonl")
+        with pytest.raises(ValueError, match=f"pip install {package}"):  # not the missing data file: checked later
+            train(config, progress=False)
+        tried += 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    if not tried:
+        pytest.skip("bitsandbytes and tensorboard are both installed")
+
+
+def test_missing_offline_package_is_named_when_the_hub_is_unreachable(data_files, tmp_path, monkeypatch):
+    """A named dataset falls back to the Hub when its offline package is missing; offline, the error must still say
+    which package provides it (not only that the Hub could not be reached)."""
+    import bft.data
+
+    real_package_dir = bft.data._package_dir
+    monkeypatch.setattr(bft.data, "_package_dir", lambda p: None if p == "pyrit" else real_package_dir(p))
+
+    def no_network(dataset_id, config, split):
+        raise bft.data._hub_error(dataset_id, ConnectionError("network is unreachable"))
+
+    monkeypatch.setattr(bft.data, "_load_hub", no_network)
+    config = tiny_config(data_files, tmp_path / "run", "data.harmful=advbench")
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps pyrit") as info:
+        train(config, progress=False)
+    assert "harmful dataset 'advbench'" in str(info.value) and "network is unreachable" in str(info.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # a Hub-only name keeps the Hub's own error (there is no package to name)
+    config = tiny_config(data_files, tmp_path / "run", "data.utility=some-org/some-dataset")
+    with pytest.raises(OSError, match="some-org/some-dataset") as info:
+        train(config, progress=False)
+    assert not isinstance(info.value, FileNotFoundError)
+
+
+def test_every_bundled_config_validates_with_the_paper_defaults():
+    from bft.trainer.config import Config, bundled_configs
+
+    names = bundled_configs()
+    assert {"tiny-cpu", "smollm2-135m", "llama-3.1-8b-lora", "llama-3.1-8b-full", "qwen-2.5-7b-lora"} <= set(names)
+    defaults = Config()
+    for c in (defaults, *(load_config(n) for n in names)):
+        assert c.loss.teacher_lambda == 1.2 and c.loss.temperature == 2.0 and c.data.harmful_ratio == 0.4
+    assert defaults.loss.top_k == 100 and defaults.optim.lr == 1e-5
+    for name in names:
+        if name != "tiny-cpu":  # the tiny vocabulary has 102 tokens and needs a large lr
+            c = load_config(name)
+            assert c.loss.top_k == 100 and c.optim.lr == 1e-5, name
+
+
+def test_mixed_batches_ratio_masks_and_determinism():
+    from bft.trainer.data import Example, MixedBatches
+
+    harmful = [Example((100 + i, 1, 2, 3, 4), response_start=3, harmful=True) for i in range(6)]
+    utility = [Example((200 + i, 5, 6), response_start=1, harmful=False) for i in range(7)]
+    batches = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.4, seed=3, pad_id=0)
+    assert batches.batches_per_epoch == 3  # 6 harmful rows at 2 per batch
+    # each pass over the harmful stream sees every harmful example once, in a seeded order
+    first_pass = [e.input_ids[0] for i in range(3) for e in batches.examples(i) if e.harmful]
+    assert sorted(first_pass) == [100 + i for i in range(6)]
+    # random access: batch i is a function of (seed, i) only
+    again = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.4, seed=3, pad_id=0)
+    for i in (7, 2, 11, 0):
+        for key in ("input_ids", "attention_mask", "valid", "harmful"):
+            assert torch.equal(again[i][key], batches[i][key])
+    other = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.4, seed=4, pad_id=0)
+    assert any(not torch.equal(other[i]["input_ids"], batches[i]["input_ids"]) for i in range(6))
+    # the ratio is exact over any prefix of batches, also when B·r is not an integer
+    odd = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.3, seed=0, pad_id=0)
+    counts = [sum(e.harmful for e in odd.examples(i)) for i in range(10)]
+    assert all(len(odd.examples(i)) == 5 for i in range(10))
+    assert [sum(counts[:n]) for n in range(1, 11)] == [math.floor(n * 5 * 0.3 + 1e-9) for n in range(1, 11)]
+    # masks: valid = positions whose next token is a response token, harmful = the harmful rows only
+    b = batches[0]
+    assert b["n_tokens"] == int(b["attention_mask"].sum())
+    for row, e in enumerate(batches.examples(0)):
+        n = len(e.input_ids)
+        expected_valid = [e.response_start - 1 <= t <= n - 2 for t in range(b["input_ids"].shape[1])]
+        assert b["valid"][row].tolist() == expected_valid
+        assert b["harmful"][row, :n].all().item() == e.harmful and not b["harmful"][row, n:].any()
+        assert b["attention_mask"][row].tolist() == [1] * n + [0] * (b["input_ids"].shape[1] - n)
+        assert (b["input_ids"][row, n:] == 0).all()
+    with pytest.raises(ValueError, match="harmful_ratio"):
+        MixedBatches(harmful, utility, batch_size=5, harmful_ratio=1.2, seed=0, pad_id=0)
+    with pytest.raises(ValueError, match="needs utility examples"):
+        MixedBatches(harmful, [], batch_size=5, harmful_ratio=0.4, seed=0, pad_id=0)
+
+
+def test_attention_implementation_choice(monkeypatch):
+    """auto = flash_attention_2 when flash-attn is installed and the run is 16-bit on CUDA, sdpa otherwise."""
+    import importlib.util
+
+    from bft.trainer.modeling import resolve_attn_implementation
+
+    real_find_spec = importlib.util.find_spec
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for installed in (False, True):
+        fake = object() if installed else None
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, **k: fake if name == "flash_attn" else real_find_spec(name, *a, **k))  # fmt: skip
+        assert resolve_attn_implementation("auto", torch.bfloat16, cuda) == ("flash_attention_2" if installed else "sdpa")
+        assert resolve_attn_implementation("auto", torch.float32, cuda) == "sdpa"
+        assert resolve_attn_implementation("auto", torch.bfloat16, cpu) == "sdpa"
+        assert resolve_attn_implementation("eager", torch.bfloat16, cuda) == "eager"
+        if not installed:
+            with pytest.raises(ValueError, match="pip install flash-attn"):
+                resolve_attn_implementation("flash_attention_2", torch.bfloat16, cuda)
+
+
+def test_interrupted_save_never_loses_a_checkpoint(tmp_path, monkeypatch):
+    """A crash while a checkpoint is written leaves the previous one complete and listed; the half-written one is
+    invisible and cleaned up by the next save; old checkpoints are pruned only once the new one is in place."""
+    from bft.trainer import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+
+    def one_step():
+        model(torch.randn(4, 3)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+
+    one_step()
+    saved_weight = model.weight.detach().clone()
+    ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 1},
+                         keep=1)  # fmt: skip
+    after_save_rng = torch.rand(1)
+    one_step()
+
+    real_save = torch.save
+
+    def crash_on_optimizer(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            raise KeyboardInterrupt  # e.g. Ctrl-C or a preemption in the middle of the save
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_on_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2},
+                             keep=1)  # fmt: skip
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]  # keep=1, yet step 1 survived
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
+    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+
+    # resuming from it restores weights, optimizer, scheduler and RNG
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model=model, optimizer=optimizer,
+                                 scheduler=scheduler)  # fmt: skip
+    assert state["step"] == 1 and torch.equal(model.weight, saved_weight)
+    assert scheduler.last_epoch == 1 and torch.equal(torch.rand(1), after_save_rng)
+
+    one_step()
+    ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2},
+                         keep=1)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # stale temp removed

@@ -8,7 +8,7 @@ A checkpoint is a directory ``DIR/checkpoints/step-00000042/`` holding
     rng-rank{r}.pt     python, numpy, torch CPU (and CUDA) RNG states of process r
     state.json         step, data position (micro-batches consumed), the config, versions — written last
 
-It is written into ``DIR/checkpoints/.tmp-step-00000042-<pid>/`` and then renamed into place with ``os.replace``
+It is written into ``DIR/checkpoints/.tmp-step-00000042/`` and then renamed into place with ``os.replace``
 (a single atomic rename on POSIX), so a crash mid-save leaves a stray ``.tmp-*`` directory that is ignored and
 removed on the next save, never a half-written ``step-*``. Old checkpoints are deleted only after the new one is
 in place.

@@ -35,6 +35,10 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
 SAVE_FORMATS = ("merged", "adapter")
 HARMFUL_RESPONSES = ("dataset", "generate")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+#: ``transformers.get_scheduler`` names that run from (warmup steps, total steps) alone; the others need extra
+#: arguments (min_lr, decay steps) or a metric at every step, which the trainer does not pass.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")  # fmt: skip
 
 #: Model names that build the tiny random models of :mod:`bft.testing` instead of loading anything.
 TINY_BASE = "tiny-random-base"
@@ -115,7 +119,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # any name transformers.get_scheduler accepts: linear, cosine, constant, ...
+    scheduler: str = "cosine"  # one of SCHEDULERS: linear, cosine, cosine_with_restarts, polynomial, constant, ...
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0  # None disables clipping
@@ -312,9 +316,7 @@ def validate(config: Config) -> Config:
                           f"{o.warmup_ratio}")  # fmt: skip
     if o.max_grad_norm is not None and o.max_grad_norm <= 0:
         raise ConfigError(f"optim.max_grad_norm must be > 0 or null, got {o.max_grad_norm}")
-    from transformers import SchedulerType
-
-    choice("optim.scheduler", o.scheduler, [s.value for s in SchedulerType])
+    choice("optim.scheduler", o.scheduler, SCHEDULERS)
     if t.epochs <= 0 and t.max_steps is None:
         raise ConfigError(f"train.epochs must be > 0 (or set train.max_steps), got {t.epochs}")
     if t.max_steps is not None and t.max_steps < 1:

@@ -148,11 +148,30 @@ def load_pairs(name_or_path: str, *, split=None, limit=None, seed: int = 0, colu
     """(prompt, response) pairs from :func:`bft.data.load`, with errors that name the dataset and its role."""
     from bft.data import load
 
-    dataset = load(name_or_path, split=split, limit=limit, seed=seed, columns=columns)
+    try:
+        dataset = load(name_or_path, split=split, limit=limit, seed=seed, columns=columns)
+    except OSError as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        # A named dataset whose offline package is missing falls back to the Hub; when that fails too (offline
+        # machine), the Hub error alone hides the fix, so name the package that provides the offline copy.
+        try:
+            load(name_or_path, split=split, limit=limit, seed=seed, columns=columns, source="offline")
+        except FileNotFoundError as offline_error:
+            raise FileNotFoundError(f"the {role} dataset {name_or_path!r} is not available: {offline_error}; the "
+                                    f"online fallback failed too: {error}") from error  # fmt: skip
+        except (OSError, ValueError):  # no offline copy exists for this name (dolly, a Hub id, ...)
+            pass
+        raise
     if len(dataset) == 0:
         raise ValueError(f"the {role} dataset {name_or_path!r} is empty (split={split!r}, limit={limit!r})")
     prompts = list(dataset["prompt"])
     responses = list(dataset["response"]) if "response" in dataset.column_names else [""] * len(prompts)
+    if role == "utility" and not any(responses):
+        # the KL on utility rows is computed on the response tokens: without responses there is nothing to distil
+        raise ValueError(f"the utility dataset {name_or_path!r} has no responses (columns: {dataset.column_names}); "
+                         "give one with a response column, or map it with data.utility_columns, e.g. "
+                         "{prompt: question, response: answer}")  # fmt: skip
     return [(p, r or "") for p, r in zip(prompts, responses)]
 
 
