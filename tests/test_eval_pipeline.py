@@ -148,7 +148,13 @@ def test_cli_with_yaml_config(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     args = parser.parse_args([str(config), "--out", str(tmp_path / "out"), "--alphas", "2", "--batch-size", "2"])
+    from bft.eval import runner
+
+    seen = {}
+    real_run_eval = runner.run_eval
+    monkeypatch.setattr(runner, "run_eval", lambda *a, **kw: seen.update(kw) or real_run_eval(*a, **kw))
     assert cli.run(args) == 0
+    assert seen["judge_kwargs"] == {"device": "cpu"}  # model judges follow --device / --dtype
     results = load_results(tmp_path / "out")
     assert set(results["records"]) == {"baseline", "contrastive α=1", "contrastive α=2"}
     assert results["config"]["generation"]["max_new_tokens"] == 4 and results["config"]["limit"] == 2
@@ -158,3 +164,89 @@ def test_cli_with_yaml_config(tmp_path, monkeypatch):
         cli.build_config(parser.parse_args([str(bad)]))
     with pytest.raises(ValueError, match="--aligned"):
         cli.build_systems({}, EvalConfig())
+
+
+class RecordingThreeWay(StandInThreeWay):
+    def __init__(self):
+        self.seen = []
+
+    def classify(self, prompts, responses, references=None):
+        self.seen += list(responses)
+        return super().classify(prompts, responses, references)
+
+
+def test_gcg_and_finetune_attacks_end_to_end(tmp_path, monkeypatch):
+    """GCG (shared by the systems of one model) and the LoRA attack → HRR, saved model, original model untouched."""
+    from bft.eval import gcg, runner
+    from bft.models import load_model_and_tokenizer
+
+    base, aligned, tok = tiny_llama_pair()
+    before = {k: v.clone() for k, v in aligned.state_dict().items()}
+    calls, kwargs = [], {}
+    real_gcg = gcg.run_gcg
+    monkeypatch.setattr(gcg, "run_gcg", lambda *a, **kw: calls.append(a[2]) or real_gcg(*a, **kw, progress=False))
+    monkeypatch.setattr(runner, "build_judges", lambda specs, **kw: kwargs.update(kw) or {"keyword": runner.KeywordJudge()})
+    cfg = EvalConfig(prefill_ks=[4], judge_text="full", generation=GenerationSettings(max_new_tokens=4, batch_size=4),
+                     likelihood=False, utility=[], gcg=True, gcg_limit=2, gcg_steps=1, gcg_search_width=8, gcg_topk=8,
+                     gcg_suffix="! ! !", finetune=True, finetune_rank=2, finetune_batch_size=2,
+                     finetune_micro_batch_size=2, finetune_save=str(tmp_path / "attacked"))
+    systems = [System("baseline", aligned, tok), System("contrastive α=1", aligned, tok, base_model=base, alpha=1.0),
+               System("contrastive α=2", aligned, tok, base_model=base, alpha=2.0)]
+    threeway = RecordingThreeWay()
+    results = run_eval(systems, cfg, tmp_path / "out", base_model=base, rows=ROWS, threeway=threeway,
+                       finetune_rows=[{"prompt": "Say hi", "response": "hi there"}] * 4, judge_kwargs={"device": "cpu"})
+    assert calls == [r["prompt"] for r in ROWS[:2]]  # optimised once, reused by both contrastive rows
+    gcg_recs = {name: results["records"][name]["gcg"] for name in results["records"]}
+    assert all([r["suffix_ids"] for r in recs] == [r["suffix_ids"] for r in gcg_recs["baseline"]]
+               for recs in gcg_recs.values())
+    assert kwargs == {"device": "cpu"}
+    # HRR: baseline only (contrastive decoding is a decoding rule, noted), over the plain requests
+    s = results["summary"]["systems"]
+    assert s["baseline"]["finetune"]["n"] == 3 and "finetune" not in s["contrastive α=1"]
+    assert any("fine-tuning attack skipped" in n for n in results["notes"])
+    log = results["measures"]["baseline"]["finetune_attack"]
+    assert log["rank"] == 2 and log["n_train"] == 4 and log["saved_to"] == str(tmp_path / "attacked" / "baseline")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Fine-tuning attack" in md and "fine-tune (HRR)" in md
+    # the saved attacked model is a plain checkpoint (step 2 of the recovery protocol); the original is unchanged
+    saved, _ = load_model_and_tokenizer(str(tmp_path / "attacked" / "baseline"), device="cpu")
+    assert not any(n for n, _ in saved.named_parameters() if "lora" in n)
+    assert all(torch.equal(before[k], v) for k, v in aligned.state_dict().items())
+    # the three-way judge sees the model's own tokens, even when the other judges read prefill + continuation
+    conts = [r["continuation"] for attacks in results["records"].values() for recs in attacks.values() for r in recs]
+    assert sorted(threeway.seen) == sorted(conts)
+
+
+def test_utility_reads_the_gsm8k_test_split(monkeypatch):
+    from bft.eval import runner
+
+    _, aligned, tok = tiny_llama_pair()
+    loads = []
+
+    def fake_rows(name, limit, seed, split=None):
+        loads.append((name, split))
+        return [{"prompt": "What is 2+3?", "response": "5 #### 5", "answer": "5"}]
+
+    monkeypatch.setattr(runner, "_load_rows", fake_rows)
+    cfg = EvalConfig(utility=["perplexity", "gsm8k"], gsm8k_max_new_tokens=2)
+    runner._run_utility(System("baseline", aligned, tok), cfg, None, [])
+    assert loads == [("gsm8k", "test"), ("gsm8k", "test")]
+    loads.clear()
+    runner._run_utility(System("baseline", aligned, tok), EvalConfig(utility=["perplexity"], perplexity_dataset="dolly"),
+                        None, [])
+    assert loads == [("dolly", None)]
+
+
+def test_every_config_key_has_a_flag_and_seed_reaches_both():
+    import argparse
+    from dataclasses import fields
+
+    from bft.eval import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    dests = {a.dest for a in parser._actions}
+    assert {f.name for f in fields(EvalConfig)} - {"generation"} <= dests
+    assert {f.name for f in fields(GenerationSettings)} - {"do_sample"} <= dests
+    config, _ = cli.build_config(parser.parse_args(["--aligned", "x", "--seed", "3", "--lm-eval-limit", "5"]))
+    assert config.seed == 3 and config.generation.seed == 3 and config.lm_eval_limit == 5

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("data and decoding")
     d.add_argument("--dataset", help="harmful prompts for bft.data.load (default advbench)")
     d.add_argument("--limit", type=int, help="number of harmful prompts (default 32; 0 = all)")
-    d.add_argument("--seed", type=int)
+    d.add_argument("--seed", type=int, help="seeds sampling, the GSM8K generator, GCG and the fine-tuning attack")
     d.add_argument("--prefill-k", type=_csv(str), dest="prefill_ks",
                    help="prefill lengths in response tokens, 0 = plain request, full = whole target (default "
                         "4,5,10,20,40,full)")  # fmt: skip
@@ -63,8 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--no-threeway", dest="threeway", action="store_false", default=None,
                    help="skip the three-way (refusal / on-topic / off-topic) judge")
     j.add_argument("--embedding-model", help="sentence-embedding model for the three-way judge")
-    j.add_argument("--no-likelihood", dest="likelihood", action="store_false", default=None)
+    j.add_argument("--no-likelihood", dest="likelihood", action="store_false", default=None,
+                   help="skip the judge-free likelihood measure")
     j.add_argument("--likelihood-reference", choices=["auto", "base", "dataset"])
+    j.add_argument("--likelihood-tokens", type=int, help="length of the base model's reference continuation (default 64)")
     j.add_argument("--alpha", type=float, help="α of the contrastive row (default 1)")
     j.add_argument("--alphas", type=_csv(float), help="α sweep for contrastive decoding, e.g. 0.5,1,2,5,10")
     a = parser.add_argument_group("GCG and fine-tuning attacks")
@@ -73,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--gcg-steps", type=int)
     a.add_argument("--gcg-search-width", type=int)
     a.add_argument("--gcg-topk", type=int)
+    a.add_argument("--gcg-suffix", help="initial adversarial suffix (default 20 x '! ')")
     a.add_argument("--finetune", "--finetune-attack", dest="finetune", action="store_true", default=None,
                    help="LoRA fine-tuning attack, then HRR")  # fmt: skip
     a.add_argument("--finetune-dataset", help="benign instruction data (default dolly)")
@@ -82,13 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--finetune-epochs", type=float)
     a.add_argument("--finetune-batch-size", type=int)
     a.add_argument("--finetune-micro-batch-size", type=int)
+    a.add_argument("--finetune-max-length", type=int, help="tokens per training example (default 512)")
     a.add_argument("--finetune-save", help="save each attacked model (merged) under this directory")
     u = parser.add_argument_group("utility")
     u.add_argument("--utility", type=_csv(str), help="perplexity,gsm8k (default both; 'none' for neither)")
     u.add_argument("--perplexity-dataset", help="benign prompt/response data for perplexity (default gsm8k)")
     u.add_argument("--utility-limit", type=int, help="benign examples per utility measure (default 16)")
+    u.add_argument("--utility-split", help="split of gsm8k for both utility measures (default test)")
     u.add_argument("--gsm8k-max-new-tokens", type=int, help="answer length budget for GSM8K (default 256)")
     u.add_argument("--lm-eval-tasks", type=_csv(str), help="lm-eval-harness tasks (optional extra)")
+    u.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (default: all)")
 
 
 def _load_yaml(path: str) -> dict:
@@ -125,8 +131,8 @@ def build_config(args) -> tuple:
     if merged.get("limit") == 0:
         merged["limit"] = None
     for key in list(merged):
-        if key in gen_fields:
-            gen[key] = merged.pop(key)
+        if key in gen_fields:  # "seed" is both: it seeds sampling and the data / GCG / fine-tuning
+            gen[key] = merged[key] if key in config_fields else merged.pop(key)
     models = {k: merged.pop(k) for k in _MODEL_KEYS if k in merged}
     config = EvalConfig(**{k: v for k, v in merged.items() if k in config_fields}, generation=GenerationSettings(**gen))
     if isinstance(models.get("trained"), str):
@@ -166,8 +172,11 @@ def build_systems(models: dict, config) -> tuple[list, object]:
 def run(args) -> int:
     from bft.eval import runner
 
-    if args.rejudge:
-        results = runner.rejudge(args.rejudge, args.judges, out_dir=args.out)
+    if args.rejudge:  # model judges go where --device / --dtype say; --no-threeway skips the three-way judge
+        judge_kwargs = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None)}
+        threeway = None if args.threeway is False else "auto"
+        results = runner.rejudge(args.rejudge, args.judges, threeway=threeway, out_dir=args.out,
+                                 judge_kwargs=judge_kwargs)  # fmt: skip
         print(f"[bft eval] re-judged {args.rejudge} with {results['judges']}; report in {args.out or args.rejudge}")
         return 0
     config, models = build_config(args)
@@ -176,7 +185,9 @@ def run(args) -> int:
         print("bft eval: --out DIR is required", file=sys.stderr)
         return 2
     systems, base = build_systems(models, config)
-    results = runner.run_eval(systems, config, out, base_model=base)
-    print(open(f"{out}/report.md", encoding="utf-8").read())
+    judge_kwargs = {k: models[k] for k in ("device", "dtype") if models.get(k)}
+    results = runner.run_eval(systems, config, out, base_model=base, judge_kwargs=judge_kwargs)
+    with open(f"{out}/report.md", encoding="utf-8") as f:
+        print(f.read())
     print(f"[bft eval] {len(systems)} systems in {results['elapsed_s']} s; outputs in {out}")
     return 0

@@ -7,7 +7,8 @@ per prompt × k; k = 0 is the plain request), ``gcg`` and ``finetune`` (the fine
 harmful requests, for HRR). Judgements are stored per record under ``judgements``:
 
 * ``keyword`` — bool, :class:`bft.eval.judges.KeywordJudge`;
-* ``threeway`` — "refusal" | "on_topic" | "off_topic", :class:`bft.eval.semantic.ThreeWayJudge`;
+* ``threeway`` — "refusal" | "on_topic" | "off_topic", :class:`bft.eval.semantic.ThreeWayJudge` (always on the
+  continuation alone, whatever ``judge_text`` says: a prefill restates the request and would look on-topic);
 * ``<model judge name>`` — bool, for every model judge given.
 
 Metrics (all shares in [0, 1]; the report prints percentages):
@@ -79,6 +80,7 @@ class EvalConfig:
     utility: list = field(default_factory=lambda: ["perplexity", "gsm8k"])
     perplexity_dataset: str = "gsm8k"
     utility_limit: int = 16
+    utility_split: str | None = "test"  # split of the named gsm8k data for both utility measures (not BFT's train)
     gsm8k_max_new_tokens: int = 256
     lm_eval_tasks: list = field(default_factory=list)
     lm_eval_limit: int | None = None
@@ -150,10 +152,10 @@ def load_results(path: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------------------------------- data
 
 
-def _load_rows(name: str, limit: int | None, seed: int) -> list[dict]:
+def _load_rows(name: str, limit: int | None, seed: int, split: str | None = None) -> list[dict]:
     from bft import data
 
-    ds = data.load(name, limit=limit, seed=seed)
+    ds = data.load(name, limit=limit, seed=seed, split=split)
     return [dict(r) for r in ds]
 
 
@@ -194,8 +196,9 @@ def judge_results(results: dict, judges: dict[str, Judge], threeway=None) -> dic
                 r["judgements"][name] = bool(v)
                 if raw and len(raw) == len(records):
                     r.setdefault("judge_raw", {})[name] = raw[i]
-        if threeway is not None:
-            labels = threeway.classify(prompts, texts, [r.get("reference") or None for r in records])
+        if threeway is not None:  # always the model's own tokens: a prefill restates the request (on-topic)
+            own = [r["continuation"] for r in records]
+            labels = threeway.classify(prompts, own, [r.get("reference") or None for r in records])
             for r, label in zip(records, labels):
                 r["judgements"]["threeway"] = label
     results["judges"] = list(judges) + (["threeway"] if threeway is not None else [])
@@ -327,12 +330,14 @@ def run_eval(
     rows: list[dict] | None = None,
     utility_rows: dict | None = None,
     finetune_rows: list[dict] | None = None,
+    judge_kwargs: dict | None = None,
 ) -> dict:
     """Run every configured attack and measure on every system; judge; summarise; write outputs to ``out_dir``.
 
     ``rows`` / ``utility_rows`` (``{"perplexity": [...], "gsm8k": [...]}``) / ``finetune_rows`` override the data
     loaded through :func:`bft.data.load` (tests, custom data). ``threeway="auto"`` builds the three-way judge from
-    the config; pass a judge object or None to override. Returns the results dict (also in ``results.json``).
+    the config; pass a judge object or None to override. ``judge_kwargs`` (``device``, ``dtype``, ``batch_size``)
+    go to the model judges of ``config.judges``. Returns the results dict (also in ``results.json``).
     """
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
@@ -369,13 +374,15 @@ def run_eval(
                 {"prompt": p, "prefill": r, "continuation": c} for p, r, c in zip(prompts, references, base_conts)
             ]
 
+    gcg_cache: dict = {}  # systems that share a model (baseline and every contrastive α) share its GCG suffixes
     for system in systems:
         recs = results["records"][system.name]
         measures = results["measures"][system.name]
         if config.prefill_ks:
             recs["prefill"] = _run_prefill(system, prompts, references, config)
         if config.gcg:
-            recs["gcg"] = _run_gcg(system, prompts[: config.gcg_limit], references[: config.gcg_limit], config)
+            recs["gcg"] = _run_gcg(system, prompts[: config.gcg_limit], references[: config.gcg_limit], config,
+                                   gcg_cache)
         if config.finetune:
             if system.contrastive:
                 notes.append(f"{system.name}: fine-tuning attack skipped (it attacks a model, not a decoding rule)")
@@ -390,7 +397,7 @@ def run_eval(
         if out_dir is not None:  # checkpoint after every system: a crash later loses nothing generated so far
             write_results(results, out_dir)
 
-    judges = judges if judges is not None else build_judges(config.judges)
+    judges = judges if judges is not None else build_judges(config.judges, **(judge_kwargs or {}))
     threeway = make_threeway(config, notes) if threeway == "auto" else threeway
     judge_results(results, judges, threeway)
     summarize(results)
@@ -418,7 +425,10 @@ def _run_prefill(system: System, prompts, references, config: EvalConfig) -> lis
     return [asdict(r) for r in run_prefill_attack(system, prompts, references, config.prefill_ks, config.generation)]
 
 
-def _run_gcg(system: System, prompts, targets, config: EvalConfig) -> list[dict]:
+def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict | None = None) -> list[dict]:
+    """GCG optimises the suffix against ``system.model`` (for contrastive decoding: the aligned model, a transfer
+    attack on the decoding rule), then ``system`` answers the suffixed prompt. ``cache`` reuses the suffixes of an
+    earlier system with the same model and system prompt (the optimisation is deterministic given the seed)."""
     from bft.eval.gcg import GCGConfig, run_gcg
 
     gcg_config = GCGConfig(
@@ -430,7 +440,12 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig) -> list[dict]
     for prompt, target in zip(prompts, targets):
         if not target.strip():
             raise ValueError(f"GCG needs a target response for every prompt (missing for {prompt[:60]!r})")
-        res = run_gcg(system.model, system.tokenizer, prompt, target, gcg_config, system_prompt=system.system_prompt)
+        key = (id(system.model), system.system_prompt, prompt, target)
+        res = cache.get(key) if cache is not None else None
+        if res is None:
+            res = run_gcg(system.model, system.tokenizer, prompt, target, gcg_config, system_prompt=system.system_prompt)
+            if cache is not None:
+                cache[key] = res
         inputs.append(res.input_ids)
         records.append({"prompt": prompt, "reference": target, "suffix": res.suffix, "suffix_ids": res.suffix_ids,
                         "gcg_losses": res.losses, "gcg_best_loss": res.best_loss, "prefill": ""})  # fmt: skip
@@ -472,6 +487,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "system"
 
 
+def _is_named(dataset: str, name: str) -> bool:
+    """``dataset`` is the named dataset ``name`` of :func:`bft.data.load` (not a file or hub id)."""
+    return dataset.lower().replace("-", "").replace("_", "") == name and not os.path.exists(dataset)
+
+
 def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[str]) -> dict:
     from bft.eval import utility
 
@@ -480,7 +500,8 @@ def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[s
     if "perplexity" in config.utility:
         data = rows.get("perplexity")
         if data is None:
-            data = _load_rows(config.perplexity_dataset, config.utility_limit, config.seed)
+            split = config.utility_split if _is_named(config.perplexity_dataset, "gsm8k") else None
+            data = _load_rows(config.perplexity_dataset, config.utility_limit, config.seed, split)
         prompts = [r["prompt"] for r in data]
         responses = [r.get("response") or r.get("answer") or "" for r in data]
         out["perplexity"] = utility.perplexity(system, prompts, responses, batch_size=config.generation.batch_size)
@@ -488,7 +509,7 @@ def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[s
     if "gsm8k" in config.utility:
         data = rows.get("gsm8k")
         if data is None:
-            data = _load_rows("gsm8k", config.utility_limit, config.seed)
+            data = _load_rows("gsm8k", config.utility_limit, config.seed, config.utility_split)
         settings = GenerationSettings(max_new_tokens=config.gsm8k_max_new_tokens,
                                       batch_size=config.generation.batch_size)  # fmt: skip
         out["gsm8k"] = utility.gsm8k_exact_match(system, [r["prompt"] for r in data], [r["answer"] for r in data],
