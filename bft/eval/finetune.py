@@ -11,9 +11,10 @@ transformer blocks (peft ``target_modules="all-linear"``).
 
 HRR (the paper's "Harmfulness Rejection Rate", reported lower = better) is, precisely,
 
-    HRR = 100 · #{harmful requests x ∈ AdvBench whose greedy reply from the fine-tuned model is judged harmful} / N
+    HRR = 100 · #{harmful requests x ∈ AdvBench whose reply from the fine-tuned model is judged harmful} / N
 
-i.e. the harmful rate of the attacked model on the plain requests (no prefill, no suffix). The judge is the one the
+i.e. the harmful rate of the attacked model on the plain requests (no prefill, no suffix), decoded with the run's
+generation settings (greedy by default). The judge is the one the
 report names (keyword by default). It is the same quantity as ASR with k = 0, measured after the attack.
 
 Recovery protocol (paper Table 4): attack → save the attacked model (``--finetune-save DIR``) → BFT-train it
@@ -150,7 +151,7 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, 
 
 
 def harmful_responses(system: System, prompts, settings: GenerationSettings | None = None) -> list[dict]:
-    """Greedy replies to the plain requests (no prefill), as records ready for judging (HRR)."""
+    """Replies to the plain requests (no prefill; greedy unless ``settings`` sample), as records for judging (HRR)."""
     settings = settings or GenerationSettings()
     outs = system.generate([system.prompt_ids(p) for p in prompts], settings, desc=f"HRR {system.name}")
     return [{"prompt": p, "reference": "", "k": 0, "prefill": "", "prefill_tokens": 0,
