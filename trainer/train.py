@@ -116,9 +116,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.batches_per_epoch / micro_per_step))
 
     # ---------------------------------------------------------------- optimizer, schedule, accelerate
-    loss_kwargs = {k: getattr(config.loss, k) for k in ("top_k", "temperature", "teacher_lambda", "alpha_base",
-                                                         "gamma", "l2_reg", "kl", "backend", "chunk_rows")}  # fmt: skip
-    student = BFTStudent(trio.student, loss_kwargs, trio.vocab_size)
+    student = BFTStudent(trio.student, loss_kwargs(config), trio.vocab_size)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = make_optimizer(o, params)
     scheduler = make_scheduler(o, optimizer, total_steps)
@@ -154,10 +152,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
             index = (step * o.grad_accum + micro) * world + accelerator.process_index
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batches[index].items()}
             with accelerator.accumulate(student):
-                teacher = teacher_hidden_states(trio, student_model, batch["input_ids"], batch["attention_mask"],
-                                                trio.vocab_size)  # fmt: skip
-                result = student(batch["input_ids"], batch["attention_mask"], *teacher,
-                                 harmful=batch["harmful"] & batch["valid"], valid=batch["valid"])  # fmt: skip
+                result = micro_batch_loss(trio, student, student_model, batch)
                 accelerator.backward(result["loss"])
                 if accelerator.sync_gradients:
                     max_norm = o.max_grad_norm if o.max_grad_norm is not None else float("inf")
@@ -256,6 +251,22 @@ def generated_harmful_pairs(config: Config, trio, pairs, out: Path, accelerator,
         raise ValueError(f"the base model generated only empty harmful responses ({cache}); raise "
                          "data.generate_max_new_tokens or give a dataset with responses")  # fmt: skip
     return kept
+
+
+def loss_kwargs(config: Config) -> dict:
+    """The keyword arguments of :func:`bft.bft_loss` that ``config.loss`` sets (what :class:`BFTStudent` passes)."""
+    return {k: getattr(config.loss, k) for k in ("top_k", "temperature", "teacher_lambda", "alpha_base", "gamma",
+                                                 "l2_reg", "kl", "backend", "chunk_rows")}  # fmt: skip
+
+
+def micro_batch_loss(trio, student, student_model, batch: dict) -> dict:
+    """Steps 1-2 of one micro-batch (module docstring): the frozen teacher forwards, then the student's forward
+    with the fused loss. ``student`` is the (possibly accelerate-wrapped) :class:`BFTStudent`, ``student_model``
+    the HF / peft model inside it, ``batch`` a :class:`MixedBatches` item on the device. Returns the student's
+    output dict; ``loss`` is what to backpropagate. ``benchmarks/trainer_bench.py`` times exactly this."""
+    teacher = teacher_hidden_states(trio, student_model, batch["input_ids"], batch["attention_mask"], trio.vocab_size)
+    return student(batch["input_ids"], batch["attention_mask"], *teacher, harmful=batch["harmful"] & batch["valid"],
+                   valid=batch["valid"])  # fmt: skip
 
 
 def make_optimizer(o, params):
