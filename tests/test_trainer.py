@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -504,3 +505,28 @@ def test_interrupted_save_never_loses_a_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2},
                          keep=1)  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # stale temp removed
+
+
+def test_fsdp_is_refused_before_training():
+    from types import SimpleNamespace
+
+    from bft.trainer.train import check_distributed_type
+
+    check_distributed_type(SimpleNamespace(distributed_type="NO"))
+    check_distributed_type(SimpleNamespace(distributed_type="MULTI_GPU"))
+    with pytest.raises(ValueError, match="FSDP is not supported"):
+        check_distributed_type(SimpleNamespace(distributed_type="FSDP"))
+
+
+def test_resume_with_more_steps_warns_that_a_decaying_schedule_changes():
+    from bft.trainer.config import load_config
+    from bft.trainer.train import warn_config_changes
+
+    saved = load_config("tiny-cpu").to_dict()
+    constant = load_config("tiny-cpu", ["train.max_steps=12"])  # tiny-cpu uses a constant LR: nothing changes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_config_changes(saved, constant)
+    saved_cosine = load_config("tiny-cpu", ["optim.scheduler=cosine"]).to_dict()
+    with pytest.warns(UserWarning, match="LR schedule is recomputed"):
+        warn_config_changes(saved_cosine, load_config("tiny-cpu", ["optim.scheduler=cosine", "train.max_steps=12"]))

@@ -69,6 +69,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
         cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=o.grad_accum
     )
     main = accelerator.is_main_process
+    check_distributed_type(accelerator)
     resume_from = ckpt.latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         warnings.warn(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", stacklevel=2)
@@ -129,6 +130,11 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
                                      rank=accelerator.process_index)  # fmt: skip
         step = int(state["step"])
         warn_config_changes(state.get("config", {}), config)
+        consumed = state.get("batches_consumed")
+        if consumed is not None and int(consumed) != step * micro_per_step:
+            warnings.warn(f"resuming with {micro_per_step} micro-batches per step (grad_accum × processes) where the "
+                          f"checkpoint consumed {consumed} over {step} steps: the data order after step {step} differs "
+                          "from an uninterrupted run", stacklevel=2)  # fmt: skip
         if main:
             truncate_metrics(out / "metrics.jsonl", step)
     elif main:
@@ -209,6 +215,18 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
 
 # -------------------------------------------------------------------------------------------------------------
 # helpers of the recipe, in the order it uses them
+
+
+def check_distributed_type(accelerator) -> None:
+    """Single process and DDP are supported. FSDP is refused up front: checkpoints and the final save gather the
+    trainable state on the main process, and the LoRA teacher pass runs outside the wrapped forward, so a sharded run
+    would save one shard. For models that outgrow one GPU, quantize the frozen models (model.frozen_quantization)
+    and train LoRA instead."""
+    kind = str(getattr(accelerator, "distributed_type", "NO"))
+    if "FSDP" in kind.upper():
+        raise ValueError("accelerate launch with FSDP is not supported by bft train yet (its checkpoints would hold "
+                         "one shard); use DDP (a plain `accelerate launch`), or one GPU with LoRA and "
+                         "model.frozen_quantization: 8bit / 4bit")  # fmt: skip
 
 
 def check_optimizer_available(name: str) -> None:
@@ -349,6 +367,11 @@ def warn_config_changes(saved: dict, config: Config) -> None:
                for section, values in now.items() for key, value in values.items()
                if section in saved and key in saved[section] and saved[section][key] != value
                and (section, key) not in ignore]  # fmt: skip
+    old_steps = saved.get("train", {}).get("max_steps")
+    if old_steps != now["train"]["max_steps"] and now["optim"]["scheduler"] != "constant":
+        # more steps stretch a decaying schedule: the LR at every resumed step differs from the first run's
+        changed.append(f"train.max_steps: {old_steps!r} -> {now['train']['max_steps']!r} (the {now['optim']['scheduler']} "
+                       "LR schedule is recomputed for the new length)")  # fmt: skip
     if changed:
         warnings.warn("resuming with a changed config: " + "; ".join(changed), stacklevel=3)
 
