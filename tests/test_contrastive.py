@@ -259,3 +259,75 @@ def test_generate_cli_with_text_prompts(tmp_path, monkeypatch, pair):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Say hi", "Write a poem"]
     assert all(r["prefill"] == "Sure" and r["alpha"] == 1.0 for r in rows)
+
+
+# ------------------------------------------------------------------------------------- fast paths are exact
+
+
+def test_penalty_fast_path_is_bitwise_the_masked_formula():
+    """The default path (fmin form, in place) gives the very same floats as the masked form of Eq. 7."""
+    from bft.contrastive import _penalize_
+
+    def masked(la, lb, alpha):
+        diff = lb - la
+        return torch.where((diff > 0) & torch.isfinite(la), la - alpha * diff, la)
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 4000, generator=g) * 5
+    b = a + torch.randn(6, 4000, generator=g) * torch.tensor([0.0, 1e-6, 1e-3, 0.1, 1.0, 10.0])[:, None]
+    a[torch.rand(a.shape, generator=g) < 0.05] = -math.inf
+    b[torch.rand(b.shape, generator=g) < 0.05] = -math.inf
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    for alpha in (1e-30, 0.3, 1.0, 3.0, 1e30, math.inf):
+        want = masked(la, lb, alpha)
+        got = _penalize_(la.clone(), lb.clone(), alpha)
+        assert torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[ok].view(torch.int32), want[ok].view(torch.int32)), alpha
+        assert torch.equal(contrastive_logprobs(a, b, alpha)[ok], want[ok])
+
+
+def test_topk_mask_equals_stable_sort_with_ties():
+    from bft.contrastive import _topk_mask
+    from bft.reference import topk_lowest_id_ties
+
+    g = torch.Generator().manual_seed(4)
+    for V in (1, 2, 7, 33):
+        v = torch.randint(-2, 3, (4, V), generator=g).float()  # many ties
+        v[torch.rand(v.shape, generator=g) < 0.15] = -math.inf
+        v[torch.rand(v.shape, generator=g) < 0.15] = math.inf
+        for k in range(1, V + 1):
+            want = torch.zeros(4, V, dtype=torch.bool).scatter_(-1, topk_lowest_id_ties(v, k), True)
+            assert torch.equal(_topk_mask(v, k), want), (V, k)
+
+
+def test_top_k_formula_matches_algorithm_1_reference():
+    from bft.reference import topk_lowest_id_ties
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 40, generator=g).round()  # rounding makes ties in Δ
+    b = torch.randn(3, 40, generator=g).round()
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    for k in (1, 3, 10, 40):
+        top = torch.zeros(3, 40, dtype=torch.bool).scatter_(-1, topk_lowest_id_ties(lb - la, k), True)
+        want = torch.where((lb > la) & top, la - 2.0 * (lb - la), la)
+        torch.testing.assert_close(contrastive_logprobs(a, b, 2.0, top_k=k), want, rtol=0, atol=0)
+
+
+def test_processor_positions_continue_correctly_after_a_trailing_pad(pair):
+    """Cached steps continue position ids from the count of attended tokens, as cumsum(mask) − 1 does, also when
+    the prompt's last column is a pad (possible with a hand-made mask or the pad_token_id fallback)."""
+    base, aligned, tok = pair
+    ids, mask = left_padded_batch(tok)
+    mask = mask.clone()
+    mask[0, -1] = 0  # row 0 ends in a pad
+    scores = torch.randn(ids.shape[0], len(tok))
+    proc = ContrastiveLogitsProcessor(base, alpha=1.0, attention_mask=mask)
+    seq = ids
+    proc(seq, scores)  # the cache is built on the prompt, whose last column is a pad in row 0
+    for t in (40, 41, 42):
+        seq = torch.cat([seq, torch.full_like(ids[:, :1], t)], 1)
+        got = proc(seq, scores)
+    assert proc.base_forward_tokens == seq.shape[0] * (ids.shape[1] + 3)
+    fresh = ContrastiveLogitsProcessor(base, alpha=1.0, attention_mask=mask)(seq, scores)  # cumsum positions
+    torch.testing.assert_close(got, fresh, rtol=1e-4, atol=1e-4)
