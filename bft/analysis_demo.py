@@ -147,8 +147,9 @@ def main(argv=None) -> int:
     tuned, losses = refusal_finetune(model, tok, harmful, benign, steps=args.steps, lr=args.lr,
                                      batch_size=args.batch_size, seed=args.seed)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
-    tuned.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    from bft.models import save_pretrained
+
+    save_pretrained(tuned, args.out, tokenizer=tok)
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; saved to {args.out}", file=sys.stderr)
     return 0
 

