@@ -11,12 +11,21 @@ The torch and triton backends compute the student's gradients during the forward
 once) and only scale them by the incoming gradient in backward. Both first drop the invalid rows, so ignored
 positions (prompt tokens, padding) cost nothing.
 
-Default strengths (the paper gives none): ``alpha_base = 1``, ``gamma = 1``, ``l2_reg = 1e-4``. Chosen so the two
-terms are of one order at realistic logit scales: a student initialised from the aligned model starts at a
-τ²-scaled KL to the λ = 1.2 hybrid teacher of ~0.05-0.5 nats, while the 100 base-favored student logits of a
-7-8B chat model are ~3-8 in magnitude, so Σ s_v² ≈ 10³-5·10³ and ``1e-4·Σ s_v²`` ≈ 0.1-0.5; the density risk is
-~0.3-0.6, so ``gamma = 1`` raises α by 30-60% where the base model is preferred most widely.
-See ``benchmarks/loss_scales.py`` to measure these scales on your own models.
+Default strengths (the paper gives none): ``alpha_base = 1``, ``gamma = 1``, ``l2_reg = 1e-4``, meant to put the
+two terms on one order where training starts (student = aligned model, s = a):
+
+- KL: for small Δ, τ²·KL ≈ (λ − 1)²/2 · Var_{softmax(t/τ)}(Δ) = 0.02·Var(Δ) at λ = 1.2 (τ cancels), so a pair
+  whose Δ spreads by ~1.5-5 nats over the likely tokens starts at ~0.05-0.5 per token. That range is an estimate:
+  it needs a real base/aligned pair and has not been measured here.
+- completion: Σ_{v∈TopK(Δ,100)} s_v² depends on where TopK(Δ) falls. Measured on SmolLM2-135M-Instruct (133
+  AdvBench response positions, ``benchmarks/results/loss_scales_smollm2.json``): at 100 random ids |s| ≈ 4.8 and
+  Σ s_v² ≈ 3.8·10³ (median 2.1·10³), so ``1e-4·Σ s_v²`` ≈ 0.4; at the aligned model's own top-100 ids |s| ≈ 15 and
+  Σ s_v² ≈ 2.6·10⁴, i.e. ≈ 2.6. So the penalty matches the KL's order when the base-favored ids look like random
+  ids and outweighs it up to ~10× when they are plausible tokens.
+- risk: ``gamma = 1`` raises α by the base-favored fraction of the vocabulary (guessed ~0.3-0.6; needs a real pair).
+
+``benchmarks/loss_scales.py --aligned ... --base ...`` measures all of these on your own pair (the KL, risk and
+the penalty / KL ratio at these defaults); scale ``l2_reg`` so that the ratio is of order 1.
 """
 
 from __future__ import annotations
