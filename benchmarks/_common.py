@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
 
+from bft.environment import device_name  # noqa: F401  (re-exported for the scripts)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: str | torch.device = "cpu") -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 def write_json_atomic(path: Path, payload: dict) -> Path:

@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from bft.environment import device_name
+
 PROMPTS = [
     "Write a short poem about the sea.",
     "Explain how a refrigerator works.",
@@ -46,19 +48,6 @@ PROMPTS = [
     "Tell me a joke about computers.",
     "Why is the sky blue?",
 ]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_models(name: str, device: torch.device, tiny_hidden: int, tiny_layers: int):

@@ -51,6 +51,7 @@ __all__ = [
     "position_metrics",
     "score_responses",
     "analyze_pair",
+    "teacher_forced_records",
     "summarize",
     "plot_analysis",
     "write_analysis",
@@ -276,6 +277,75 @@ def analyze_pair(
         },
         "records": records,
     }
+
+
+@torch.no_grad()
+def teacher_forced_records(
+    aligned_model,
+    base_model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    group: str,
+    batch_size: int = 8,
+    top_n: int = 100,
+    algorithm1_k: int = 10,
+    system: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Per-position metrics along *given* responses: ``rows`` are ``{"prompt", "response"}`` and both models are
+    teacher-forced on the chat-rendered prompt + response (Qi et al.'s per-token KL on harmful responses).
+
+    Position t is the distribution over response token t (0 = the first response token). Records have the shape of
+    :func:`analyze_pair`'s (``mode = "teacher_forced"``), so :func:`summarize` and the plots take them as they are.
+    """
+    from tqdm.auto import tqdm
+
+    from bft.chat import encode_chat
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    records = []
+    for i in tqdm(range(0, len(rows), batch_size), desc=f"teacher-forced {group}", unit="batch", disable=not progress):
+        chunk = [r for r in rows[i : i + batch_size] if (r.get("response") or "").strip()]
+        if not chunk:
+            continue
+        encs = [encode_chat(tokenizer, r["prompt"], r["response"], system=system) for r in chunk]
+        # drop the closing end-of-turn token: positions are the response's own tokens
+        seqs = [e.input_ids[:-1] for e in encs]
+        L = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for j, x in enumerate(seqs):
+            ids[j, : len(x)] = torch.tensor(x)
+            mask[j, : len(x)] = 1
+        logits = []
+        for model in (aligned_model, base_model):
+            device = next(model.parameters()).device
+            logits.append(model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits)
+        V = min(logits[0].shape[-1], logits[1].shape[-1], len(tokenizer))  # drop padded lm_head rows
+        spans = [(e.response_start - 1, len(x) - 1) for e, x in zip(encs, seqs)]  # logits that predict the response
+        a = torch.cat([logits[0][j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)])
+        b = torch.cat([logits[1][j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)])
+        m = position_metrics(a, b, top_n=top_n, algorithm1_k=algorithm1_k)
+        offset = 0
+        for j, (s, t) in enumerate(spans):
+            n = t - s
+            rec = {
+                "group": group,
+                "mode": "teacher_forced",
+                "index": i + j,
+                "prompt": chunk[j]["prompt"],
+                "prefill": "",
+                "response": chunk[j]["response"],
+                "n_positions": n,
+                "metrics": {k: [round(float(x), 6) for x in m[k][offset : offset + n]] for k in METRICS},
+                "algorithm1_ids": m["algorithm1_ids"][offset : offset + n].tolist(),
+            }
+            records.append(rec)
+            offset += n
+    return records
 
 
 def _decoded_counts(tokenizer, counter: collections.Counter, n: int = 40) -> list[dict]:

@@ -49,7 +49,7 @@ class ReproduceConfig:
     harmful_sources: list = field(default_factory=lambda: ["advbench", "harmbench"])
     benign_source: str = "gsm8k"
     n_train: int = 128  # harmful training prompts (refusal SFT and BFT)
-    n_test: int = 40  # held-out harmful prompts (analysis and attacks)
+    n_test: int = 32  # held-out harmful prompts (analysis and attacks)
     n_benign_train: int = 64
     n_benign_test: int = 24
     response_tokens: int = 48  # length of the base model's harmful responses / benign answers
@@ -73,11 +73,16 @@ class ReproduceConfig:
     # stage 5
     prefill_ks: list = field(default_factory=lambda: [0, 4, 10, 20])
     eval_tokens: int = 48
+    # the prefill-attack protocol of Qi et al. (2024): seeded nucleus sampling. Under greedy decoding Eq. 7 can only
+    # change a step whose aligned argmax is itself base-favored (it never raises a token), so greedy hides most of it
+    sample: bool = True
+    temperature: float = 0.9
+    top_p: float = 0.6
     alpha: float = 1.0
     alphas: list = field(default_factory=lambda: [0.5, 2.0, 5.0, 10.0])  # swept at k = sweep_k
     sweep_k: int = 4
-    gsm8k_limit: int = 16  # 0 skips GSM8K exact match (perplexity is always measured)
-    gsm8k_tokens: int = 160
+    gsm8k_limit: int = 8  # 0 skips GSM8K exact match (perplexity is always measured)
+    gsm8k_tokens: int = 128
     embedding_model: str | None = None  # three-way judge embedding model; None = packaged all-MiniLM-L6-v2
     quick: bool = False
 
@@ -337,10 +342,12 @@ def _analysis_groups(cfg: ReproduceConfig, data: dict, tok) -> dict:
 
 
 def stage_analysis(cfg: ReproduceConfig, stages: _Stages, data: dict, model_dir: str, name: str, alpha, log) -> dict:
-    from bft.analysis import analyze_pair, write_analysis
+    """Generated responses (harmful, harmful after a prefill, benign; contrastive on the prefilled group) and, teacher
+    forced, the base model's harmful responses and the benign reference solutions (Qi et al.'s per-token KL)."""
+    from bft.analysis import analyze_pair, summarize, teacher_forced_records, write_analysis
 
     settings = {"model": name, "analysis_tokens": cfg.analysis_tokens, "prefill": cfg.analysis_prefill_tokens,
-                "alpha": alpha, "top_n": cfg.top_n, "batch_size": cfg.batch_size}  # fmt: skip
+                "alpha": alpha, "top_n": cfg.top_n, "batch_size": cfg.batch_size, "teacher_forced": 1}  # fmt: skip
     stage = f"analysis_{name}"
     d = stages.dir(stage)
     if not stages.cached(stage, settings):
@@ -352,6 +359,12 @@ def stage_analysis(cfg: ReproduceConfig, stages: _Stages, data: dict, model_dir:
             model, base, tok, _analysis_groups(cfg, data, tok), max_new_tokens=cfg.analysis_tokens,
             batch_size=cfg.batch_size, alpha=alpha, contrastive_groups=("harmful_prefill",), top_n=cfg.top_n,
         )  # fmt: skip
+        for group, rows in (("harmful_response", data["harmful_test"]), ("benign_response", data["benign_test"])):
+            result["records"] += teacher_forced_records(
+                model, base, tok, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], group=group,
+                batch_size=cfg.batch_size, top_n=cfg.top_n,
+            )  # fmt: skip
+        result["summary"] = summarize(result["records"])
         write_analysis(result, str(d))
         stages.finish(stage, settings, time.time() - t0)
     return json.loads((d / "analysis.json").read_text())
@@ -417,13 +430,15 @@ def stage_eval(cfg: ReproduceConfig, stages: _Stages, data: dict, aligned_dir: s
     settings = {"prefill_ks": cfg.prefill_ks, "eval_tokens": cfg.eval_tokens, "alpha": cfg.alpha,
                 "alphas": cfg.alphas, "sweep_k": cfg.sweep_k, "gsm8k_limit": cfg.gsm8k_limit,
                 "gsm8k_tokens": cfg.gsm8k_tokens, "batch_size": cfg.batch_size,
-                "embedding_model": cfg.embedding_model}  # fmt: skip
+                "embedding_model": cfg.embedding_model, "sample": cfg.sample, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "seed": cfg.seed}  # fmt: skip
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_test"]]
     utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_test"]]}
     if cfg.gsm8k_limit:
         utility_rows["gsm8k"] = [r for r in data["benign_test"] if r.get("answer")][: cfg.gsm8k_limit]
     utility = ["perplexity"] + (["gsm8k"] if cfg.gsm8k_limit and utility_rows["gsm8k"] else [])
-    gen = GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size)
+    gen = GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, do_sample=cfg.sample,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)  # fmt: skip
     common = dict(limit=None, seed=cfg.seed, generation=gen, judges=["keyword"], threeway=True,
                   embedding_model=cfg.embedding_model, likelihood=True, likelihood_reference="dataset",
                   likelihood_tokens=cfg.eval_tokens, gsm8k_max_new_tokens=cfg.gsm8k_tokens)  # fmt: skip
@@ -479,7 +494,6 @@ def _relative_cut(before, after):
 
 def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_analysis: dict, evals: dict) -> dict:
     """Every number of the report, and the paper's claims checked against them."""
-    main = evals["main"]["summary"]["systems"]
     k_attack = cfg.sweep_k if cfg.sweep_k in cfg.prefill_ks else [k for k in cfg.prefill_ks if k != 0][0]
     systems = {}
     all_results = [evals["main"]] + ([evals["alpha_sweep"]] if "alpha_sweep" in evals else [])
@@ -513,14 +527,14 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
         if s["alpha"] is not None and s["asr"].get(kk, {}).get("keyword") is not None:
             if best_alpha is None or s["asr"][kk]["keyword"] < systems[best_alpha]["asr"][kk]["keyword"]:
                 best_alpha = name
-    kl_early = an(s_an, "harmful/normal", "kl", "early")
-    kl_late = an(s_an, "harmful/normal", "kl", "late")
+    kl_early = an(s_an, "harmful_response/teacher_forced", "kl", "early")
+    kl_late = an(s_an, "harmful_response/teacher_forced", "kl", "late")
     counts_h, counts_b = mean_count(s_an, "harmful/normal"), mean_count(s_an, "benign/normal")
     util_al, util_st = systems["aligned"]["perplexity"], systems["bft student"]["perplexity"]
     gsm_al, gsm_st = systems["aligned"]["gsm8k"], systems["bft student"]["gsm8k"]
     claims = {
         "kl_decays_with_position": {
-            "paper": "KL(aligned ‖ base) is large at the first response positions and small later (Fig. 1)",
+            "paper": "KL(aligned ‖ base) along harmful responses is large at the first positions and small later (Fig. 1)",
             "early_mean": kl_early, "late_mean": kl_late,
             "holds": None if kl_early is None or kl_late is None else kl_late < kl_early,
         },
@@ -580,6 +594,12 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
     }
 
 
+def _decoding(cfg: dict) -> str:
+    if cfg.get("sample"):
+        return f"sampling (temperature {cfg['temperature']:g}, top-p {cfg['top_p']:g}, seed {cfg['seed']}; Qi et al.)"
+    return "greedy decoding"
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
@@ -604,7 +624,7 @@ def render_report(summary: dict, environment: dict) -> str:
         f"Base: `{cfg['model']}`; aligned: the base after a shallow refusal SFT ({cfg['align_steps']} steps); BFT student: "
         f"LoRA r={cfg['bft_lora_r']} on the aligned model, {cfg['bft_steps']} steps (λ = 1.2, τ = 2, k = {cfg['top_k']}). "
         f"Held-out harmful prompts: {summary['data']['harmful_test']} ({', '.join(f'{s} {n}' for s, n in summary['data']['test_sources'].items())}); "
-        f"greedy decoding, {cfg['eval_tokens']} new tokens. Mode: {'quick' if cfg['quick'] else 'default'}.",
+        f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens. Mode: {'quick' if cfg['quick'] else 'default'}.",
         "",
         f"Machine: {environment.get('device')}; torch {environment.get('torch')}; wall time {environment.get('elapsed_min')} min.",
         "",
@@ -626,19 +646,29 @@ def render_report(summary: dict, environment: dict) -> str:
                                            f"({_pct(a.get('refusal'))}, {_pct(a.get('off_topic'))})")  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_num(s['likelihood_mean'], '.2f')} | "
                      f"{_num(s['perplexity'], '.2f')} | {_pct(s['gsm8k']) if s['gsm8k'] is not None else 'n/a'} |")  # fmt: skip
+    lines += [
+        "",
+        "Eq. 7 only ever lowers base-favored tokens (ℓ_b > ℓ_a), never raises one. Under greedy decoding it therefore "
+        "changes a step only where the aligned model's own argmax is base-favored; under sampling it also reshapes "
+        "the rest of the distribution. Its effect on ASR depends on the decoding rule as much as on α.",
+    ]
     an = summary["analysis"]["aligned_vs_base"]
     st = summary["analysis"]["student_vs_base"]
     lines += [
         "",
         "## Where the aligned model differs from the base (paper Fig. 1)",
         "",
-        "Means over positions 0-2 (early) and 15+ (late) of the aligned model's own greedy responses; KL in nats; "
-        "count = base-favored tokens among the aligned top-100.",
+        "Means over positions 0-2 (early) and 15+ (late); KL in nats; count = base-favored tokens among the aligned "
+        "top-100. `*_response/teacher_forced`: both models read the base model's own harmful response (or a benign "
+        "reference solution) token by token, as in Qi et al.'s per-token KL. `/normal`: along the aligned model's own "
+        "greedy responses (refusals, for plain harmful requests); `harmful_prefill`: after a "
+        f"{cfg['analysis_prefill_tokens']}-token prefill of the harmful response.",
         "",
         "| context | KL early | KL late | JS early | JS late | count early | count late | student KL early | student KL late |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    for key in ("harmful/normal", "harmful_prefill/normal", "benign/normal", "harmful_prefill/contrastive"):
+    for key in ("harmful_response/teacher_forced", "benign_response/teacher_forced", "harmful/normal",
+                "harmful_prefill/normal", "benign/normal", "harmful_prefill/contrastive"):
         if key not in an:
             continue
         a, s = an[key], st.get(key, {})
@@ -745,22 +775,11 @@ def _stage_seconds(root: Path) -> dict:
 
 
 def _device_name(cfg: ReproduceConfig) -> str:
-    import platform
-
     import torch
 
-    dev = _device(cfg)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    from bft.environment import device_name
+
+    return f"{device_name(_device(cfg))}, {torch.get_num_threads()} torch threads"
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 
-from bft.analysis import METRICS, _response_valid, analyze_pair, position_metrics, score_responses, summarize
+from bft.analysis import (
+    METRICS,
+    _response_valid,
+    analyze_pair,
+    position_metrics,
+    score_responses,
+    summarize,
+    teacher_forced_records,
+)
 from bft.contrastive import contrastive_generate, render_prompts
 from bft.testing import tiny_llama_pair, tiny_tokenizer
 
@@ -200,3 +208,35 @@ def test_refusal_finetune_makes_a_refusing_copy():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="harmful"):
         refusal_finetune(model, tok, [], steps=1)
+
+
+def test_teacher_forced_records_follow_the_given_responses(pair):
+    """Per-position metrics along given responses equal the direct formulas on each row's own unpadded forward,
+    whatever else shares its batch (right padding), and positions count exactly the response's tokens."""
+    from bft.chat import encode_chat
+
+    base, aligned, tok = pair
+    rows = [{"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
+            {"prompt": "Hi", "response": "Hello! How can I help you today?"},
+            {"prompt": "Hack a bank", "response": ""},  # nothing to score: skipped
+            {"prompt": "What is 2+2?", "response": "4"}]  # fmt: skip
+    batched = teacher_forced_records(aligned, base, tok, rows, group="g", batch_size=4, top_n=10, progress=False)
+    single = [r for row in rows for r in teacher_forced_records(aligned, base, tok, [row], group="g", batch_size=1,
+                                                                 top_n=10, progress=False)]  # fmt: skip
+    assert [r["response"] for r in batched] == [rows[0]["response"], rows[1]["response"], rows[3]["response"]]
+    for rec, one in zip(batched, single):
+        assert rec["mode"] == "teacher_forced" and rec["group"] == "g"
+        enc = encode_chat(tok, rec["prompt"], rec["response"])
+        n = len(enc.input_ids) - 1 - enc.response_start  # the response tokens, without the end-of-turn token
+        assert rec["n_positions"] == n
+        ids = torch.tensor([enc.input_ids[:-1]])
+        with torch.no_grad():
+            la = aligned(input_ids=ids).logits[0, enc.response_start - 1 : -1]
+            lb = base(input_ids=ids).logits[0, enc.response_start - 1 : -1]
+        for t in range(n):
+            want, _ = direct_metrics(la[t], lb[t], 10)
+            for key in ("kl", "js", "top_overlap", "bf_count", "bf_count_top"):
+                assert rec["metrics"][key][t] == pytest.approx(want[key], abs=1e-4), (key, t)
+                assert one["metrics"][key][t] == pytest.approx(rec["metrics"][key][t], abs=1e-4)
+    summary = summarize(batched)
+    assert summary["g/teacher_forced"]["prompts"] == 3
