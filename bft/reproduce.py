@@ -586,8 +586,8 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
                                 for key, v in s_an.items()},
             "student_vs_base": {key: {f"{m}_{w}": v.get(f"{m}_{w}_mean") for m in ("kl", "bf_count_top")
                                       for w in ("early", "late")} for key, v in st_an.items()},
-            "kl_by_position": {"aligned": {k: v.get("kl") for k, v in s_an.items()},
-                               "student": {k: v.get("kl") for k, v in st_an.items()}},
+            "kl_by_position": {"aligned": {k: {"kl": v.get("kl"), "n": v.get("n")} for k, v in s_an.items()},
+                               "student": {k: {"kl": v.get("kl"), "n": v.get("n")} for k, v in st_an.items()}},
         },  # fmt: skip
         "systems": systems,
         "claims": claims,
@@ -704,7 +704,9 @@ def render_report(summary: dict, environment: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_kl_by_position(summary: dict, path: Path) -> None:
+def plot_kl_by_position(summary: dict, path: Path, *, max_positions: int = 48, min_prompts: int = 3) -> None:
+    """KL(model ‖ base) per response position: rows aligned / BFT student, columns teacher-forced on given responses /
+    along generated responses. Positions with fewer than ``min_prompts`` prompts are left out (noise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -713,17 +715,23 @@ def plot_kl_by_position(summary: dict, path: Path) -> None:
     from bft.analysis import _savefig_atomic
 
     kl = summary["analysis"]["kl_by_position"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    for ax, who in zip(axes, ("aligned", "student")):
-        for key, ys in sorted(kl[who].items()):
-            if ys:
-                xs = [t for t, y in enumerate(ys) if y is not None]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharey=True)
+    panels = (("teacher_forced", "teacher-forced on given responses"), ("generated", "along generated responses"))
+    for r, who in enumerate(("aligned", "student")):
+        for c, (kind, title) in enumerate(panels):
+            ax = axes[r][c]
+            for key, entry in sorted(kl[who].items()):
+                if (key.endswith("/teacher_forced")) != (kind == "teacher_forced") or not entry.get("kl"):
+                    continue
+                ys, ns = entry["kl"], entry.get("n") or [min_prompts] * len(entry["kl"])
+                xs = [t for t in range(min(len(ys), max_positions)) if ys[t] is not None and ns[t] >= min_prompts]
                 ax.plot(xs, [ys[t] for t in xs], marker=".", label=key)
-        ax.set_title(f"KL({who} ‖ base) by response position")
-        ax.set_xlabel("response position")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("KL (nats)")
+            ax.set_title(f"KL({'BFT student' if who == 'student' else who} ‖ base), {title}", fontsize=10)
+            ax.set_xlabel("response position")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+        axes[r][0].set_ylabel("KL (nats)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     _savefig_atomic(fig, str(path))
