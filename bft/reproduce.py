@@ -399,10 +399,11 @@ def stage_bft(cfg: ReproduceConfig, stages: _Stages, data: dict, aligned_dir: st
     d = stages.dir("bft")
     settings = bft_train_config(cfg, stages.dir("data"), data["base_dir"], aligned_dir, d)
     final = d / "final"
+    upstream_recomputed = stages.dirty  # e.g. a new aligned model under the same path
     if not stages.cached("bft", settings):
         t0 = time.time()
-        if d.exists() and (json.loads(json.dumps(settings)) != _saved_bft_settings(d)):
-            shutil.rmtree(d)  # other settings: the old checkpoints belong to another run
+        if d.exists() and (upstream_recomputed or json.loads(json.dumps(settings)) != _saved_bft_settings(d)):
+            shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
         d = stages.start("bft")
         _write_json(d / "settings.json", settings)
         resume = bool(ckpt.list_checkpoints(d))
@@ -575,7 +576,9 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
     u = claims["bft_keeps_utility"]
     drop = u["gsm8k"]["drop_points"]
     ppl = u["perplexity"]["relative_change"]
-    u["holds"] = {"gsm8k": None if drop is None else drop <= 2.0,
+    floor = gsm_al is not None and gsm_al == 0 and gsm_st == 0  # solves none either way: says nothing about a drop
+    u["gsm8k"]["floor"] = floor
+    u["holds"] = {"gsm8k": None if drop is None or floor else drop <= 2.0,
                   "perplexity_within_5pct": None if ppl is None else ppl <= 0.05}  # fmt: skip
     return {
         "config": cfg.to_dict(),
@@ -592,6 +595,10 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
         "systems": systems,
         "claims": claims,
     }
+
+
+def _stage_list(environment: dict) -> str:
+    return ", ".join(f"{k} {v / 60:.1f}" for k, v in (environment.get("stage_seconds") or {}).items() if v is not None)
 
 
 def _decoding(cfg: dict) -> str:
@@ -626,7 +633,9 @@ def render_report(summary: dict, environment: dict) -> str:
         f"Held-out harmful prompts: {summary['data']['harmful_test']} ({', '.join(f'{s} {n}' for s, n in summary['data']['test_sources'].items())}); "
         f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens. Mode: {'quick' if cfg['quick'] else 'default'}.",
         "",
-        f"Machine: {environment.get('device')}; torch {environment.get('torch')}; wall time {environment.get('elapsed_min')} min.",
+        f"Machine: {environment.get('device')}; torch {environment.get('torch')}; the stages took "
+        f"{environment.get('stages_min')} min when computed ({_stage_list(environment)}); this invocation "
+        f"{environment.get('elapsed_min')} min.",
         "",
         "## Prefill attack (paper Tables 1 and 3)",
         "",
@@ -691,8 +700,10 @@ def render_report(summary: dict, environment: dict) -> str:
                  f"(cut {_pct(k4['keyword']['relative_cut'])}); three-way {_pct(k4['threeway']['aligned'])} → "
                  f"{_pct(k4['threeway']['student'])} (cut {_pct(k4['threeway']['relative_cut'])}) | {_verdict(k4['holds'])} |")  # fmt: skip
     k5 = c["bft_keeps_utility"]
-    lines.append(f"| {k5['paper']} | perplexity {_num(k5['perplexity']['aligned'], '.2f')} → {_num(k5['perplexity']['student'], '.2f')}"
-                 f"; GSM8K drop {_num(k5['gsm8k']['drop_points'], '.1f')} points | {_verdict(k5['holds'])} |")  # fmt: skip
+    gsm = ("GSM8K 0% for both (floor: the model solves none)" if k5["gsm8k"].get("floor")
+           else f"GSM8K drop {_num(k5['gsm8k']['drop_points'], '.1f')} points")  # fmt: skip
+    lines.append(f"| {k5['paper']} | perplexity {_num(k5['perplexity']['aligned'], '.2f')} → "
+                 f"{_num(k5['perplexity']['student'], '.2f')}; {gsm} | {_verdict(k5['holds'])} |")  # fmt: skip
     lines += [
         "",
         "Plots: `plots/kl_by_position.png` (Fig. 1/3 at this scale), `analysis_aligned/fig1_position_profile.png`, "
@@ -761,8 +772,10 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     from bft.eval.runner import _versions
 
     summary = build_summary(cfg, data, analysis, student_analysis, evals)
+    stage_seconds = _stage_seconds(root)
     environment = {"device": _device_name(cfg), "elapsed_min": round((time.time() - started) / 60, 1),
-                   "stage_seconds": _stage_seconds(root), **_versions()}  # fmt: skip
+                   "stages_min": round(sum(v or 0 for v in stage_seconds.values()) / 60, 1),
+                   "stage_seconds": stage_seconds, **_versions()}  # fmt: skip
     summary["environment"] = environment
     _write_json(root / "summary.json", summary)
     plot_kl_by_position(summary, root / "plots" / "kl_by_position.png")
@@ -846,5 +859,5 @@ def run(args) -> int:
     print((Path(cfg.out) / "REPORT.md").read_text())
     print(f"Report: {Path(cfg.out) / 'REPORT.md'}; plots in {Path(cfg.out) / 'plots'}, "
           f"{Path(cfg.out) / 'analysis_aligned'} and {Path(cfg.out) / 'eval'}; numbers in {Path(cfg.out) / 'summary.json'} "
-          f"({summary['environment']['elapsed_min']} min)")  # fmt: skip
+          f"(this invocation {summary['environment']['elapsed_min']} min)")  # fmt: skip
     return 0

@@ -110,3 +110,23 @@ def test_bad_sizes_are_refused():
         validate(ReproduceConfig(prefill_ks=[0]))
     with pytest.raises(ValueError, match="n_test must be >= 1"):
         validate(ReproduceConfig(n_test=0))
+
+
+def test_interrupted_bft_stage_resumes_and_an_upstream_change_discards_its_checkpoints(tiny_model_dir, tmp_path):
+    """Killed during BFT training: the rerun resumes from the checkpoint. A recomputed upstream stage (here a new
+    aligned model under the same path) must not resume from checkpoints trained on the old one."""
+    from bft.reproduce import reproduce
+
+    cfg = _tiny_config(tiny_model_dir, tmp_path, bft_steps=4)
+    reproduce(cfg, log=lambda m: None)
+    bft_dir = tmp_path / "bft"
+    (bft_dir / "stage.json").unlink()  # as if the process died after the last checkpoint, before the stage ended
+    (bft_dir / "final" / "config.json").unlink()
+    logs = []
+    reproduce(cfg, log=logs.append)
+    assert any(line.startswith("[bft] resuming from") for line in logs), logs
+    assert (bft_dir / "final" / "config.json").is_file()
+    logs = []
+    reproduce(_tiny_config(tiny_model_dir, tmp_path, bft_steps=4, align_steps=3), log=logs.append)
+    assert any(line.startswith("[aligned] running") for line in logs)
+    assert not any(line.startswith("[bft] resuming") for line in logs), logs
