@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bft.trainer.cli", "train a student with the BFT objective from a YAML config"),
     "eval": ("bft.eval.cli", "prefill / fine-tuning / GCG attacks, judges and utility; JSON + Markdown + plots"),
     "reproduce": ("bft.reproduce", "the paper in miniature on a real model, offline: analysis, attacks, BFT (cached)"),
-    "demo": ("bft.demo", "the quick reproduction (a few minutes on CPU): table, plots, report"),
+    "demo": ("bft.demo", "the quick reproduction (~10 min on 2 CPU cores): table, plots, report"),
 }
 
 

@@ -40,7 +40,7 @@ __all__ = ["ReproduceConfig", "reproduce", "quick_config", "add_arguments", "run
 
 @dataclass
 class ReproduceConfig:
-    """Sizes of the miniature experiment. The defaults finish in about an hour on 2 CPU cores; see :func:`quick_config`."""
+    """Sizes of the miniature experiment. The defaults take ~40 min on 2 CPU cores; see :func:`quick_config`."""
 
     out: str = "runs/reproduce"
     model: str = "smollm2"  # the base model: alias, hub id or local path (a chat model that answers harmful prompts)
@@ -91,7 +91,7 @@ class ReproduceConfig:
 
 
 def quick_config(**overrides) -> ReproduceConfig:
-    """The ``--quick`` sizes: the whole pipeline in a few minutes on 2 CPU cores (the demo)."""
+    """The ``--quick`` sizes: the whole pipeline in ~10 min on 2 CPU cores (the demo)."""
     sizes = dict(
         n_train=32, n_test=12, n_benign_train=16, n_benign_test=8, response_tokens=32, align_steps=24,
         analysis_tokens=20, bft_steps=16, bft_max_length=128, prefill_ks=[0, 4], eval_tokens=24,
@@ -808,7 +808,7 @@ def _device_name(cfg: ReproduceConfig) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce, runs/demo for --quick)")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores (the demo)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: ~10 min on 2 CPU cores (the demo)")
     parser.add_argument("--model", help="base chat model: alias, hub id or local path (default smollm2, offline)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     parser.add_argument("--seed", type=int)
