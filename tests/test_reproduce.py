@@ -130,3 +130,13 @@ def test_interrupted_bft_stage_resumes_and_an_upstream_change_discards_its_check
     reproduce(_tiny_config(tiny_model_dir, tmp_path, bft_steps=4, align_steps=3), log=logs.append)
     assert any(line.startswith("[aligned] running") for line in logs)
     assert not any(line.startswith("[bft] resuming") for line in logs), logs
+
+
+def test_two_fresh_runs_give_the_same_numbers(tiny_run, tiny_model_dir, tmp_path):
+    """Seeded end to end (data, refusal SFT, BFT, sampled attacks): a fresh run in another folder repeats every number."""
+    from bft.reproduce import reproduce
+
+    cfg, _, summary, _ = tiny_run
+    again = reproduce(_tiny_config(tiny_model_dir, tmp_path), log=lambda m: None)
+    assert again["systems"] == summary["systems"]
+    assert again["analysis"] == summary["analysis"]
