@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from bft.reference import hybrid_teacher_logits, topk_lowest_id_ties
+from bft.reference import hybrid_teacher_logits, topk_lowest_id_ties, topk_mask_lowest_id_ties
 
 # Bytes of one fp32 [C, V] block; a chunk holds about a dozen such blocks (logits, softmaxes, their gradients).
 DEFAULT_BLOCK_BYTES = 32 * 2**20
@@ -60,17 +60,12 @@ def _grad_hidden(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def topk_ids_lowest_id_ties(values: torch.Tensor, k: int) -> torch.Tensor:
     """:func:`bft.reference.topk_lowest_id_ties` of a [C, V] block without sorting V entries per row.
 
-    The k-th largest value of each row (``torch.topk``) splits the row: every id above it is in, and of the ids
-    equal to it the lowest ones fill the remaining places. The k chosen ids are then ordered by (−value, id) with a
+    The k ids come from :func:`bft.reference.topk_mask_lowest_id_ties`, then are ordered by (−value, id) with a
     stable sort of k entries. Rows holding NaN fall back to the full stable sort (NaN ranks highest there).
     """
-    kth = torch.topk(values, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    chosen, kth = topk_mask_lowest_id_ties(values, k)
     if torch.isnan(kth).any():
         return topk_lowest_id_ties(values, k)
-    above = values > kth
-    tied = values == kth
-    need = k - above.sum(-1, keepdim=True)  # ≥ 1: the k-th value itself is tied with itself
-    chosen = above | (tied & (tied.cumsum(-1) <= need))
     ids = chosen.nonzero()[:, -1].view(values.shape[0], k)  # exactly k per row, ascending ids
     order = torch.sort(torch.gather(values, -1, ids), dim=-1, descending=True, stable=True).indices
     return torch.gather(ids, -1, order)

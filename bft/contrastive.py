@@ -35,6 +35,8 @@ import tempfile
 
 import torch
 
+from bft.reference import topk_mask_lowest_id_ties
+
 __all__ = ["contrastive_logprobs", "ContrastiveLogitsProcessor", "contrastive_generate"]
 
 
@@ -74,7 +76,7 @@ def contrastive_logprobs(
     # finite ℓ_a only: where ℓ_a = −inf, diff = +inf and α·diff would turn −inf into NaN-free −inf anyway, but
     # keeping those entries untouched is explicit and safe for every α.
     favored = (diff > 0) & torch.isfinite(la)
-    favored &= _topk_mask(torch.nan_to_num(diff, nan=-torch.inf), int(top_k))
+    favored &= topk_mask_lowest_id_ties(torch.nan_to_num(diff, nan=-torch.inf), int(top_k))[0]  # NaN-free here
     return torch.where(favored, la - alpha * diff, la)
 
 
@@ -91,20 +93,6 @@ def _penalize_(la: torch.Tensor, lb: torch.Tensor, alpha: float) -> torch.Tensor
     """
     d = lb.sub_(la).clamp_(min=0.0).mul_(alpha).nan_to_num_(nan=0.0, posinf=torch.inf, neginf=-torch.inf)
     return torch.sub(la, d, out=d)
-
-
-def _topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries along the last dim, ties ranked by lower id first — the same set as
-    :func:`bft.reference.topk_lowest_id_ties`, with ``torch.topk`` (linear) instead of a full stable sort.
-
-    Everything above the k-th largest value is in; of the entries equal to it, the lowest ids fill the rest.
-    ``values`` must be NaN-free (−inf/+inf are fine).
-    """
-    kth = torch.topk(values, k, dim=-1).values[..., -1:]
-    above = values > kth
-    tied = values == kth
-    room = k - above.sum(-1, keepdim=True)
-    return above | (tied & (tied.cumsum(-1) <= room))
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,20 @@ def topk_lowest_id_ties(values: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k]
 
 
+def topk_mask_lowest_id_ties(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set :func:`topk_lowest_id_ties` picks, as a boolean mask, found in linear time instead of a full sort.
+
+    The k-th largest value of each row (``torch.topk``) splits it: every entry above it is in, and of the entries
+    equal to it the lowest ids fill the remaining places. Returns ``(mask, kth)`` with ``kth`` [..., 1]. A row holding
+    NaN has a NaN ``kth`` (topk ranks NaN highest) and an undefined mask: fall back to :func:`topk_lowest_id_ties`.
+    """
+    kth = torch.topk(values, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = values > kth
+    tied = values == kth
+    room = k - above.sum(-1, keepdim=True)  # >= 1: the k-th value is tied with itself
+    return above | (tied & (tied.cumsum(-1) <= room)), kth
+
+
 @dataclass
 class BaseFavoredTokens:
     """Result of :func:`base_favored_tokens`.
