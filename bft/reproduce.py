@@ -244,17 +244,17 @@ def stage_data(cfg: ReproduceConfig, stages: _Stages, log) -> dict:
         model, tok = _load(cfg.model, cfg)
         # harmful responses of the base model itself; test prompts whose response is a refusal are dropped (there is
         # no harmful text to prefill with), taking the next held-out prompt instead
-        gen = lambda prompts, what: generate_responses(  # noqa: E731
+        gen = lambda prompts: generate_responses(  # noqa: E731
             model, tok, prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size, progress=True
         )
         log(f"[data] base model writes harmful responses for {len(train)} train prompts")
-        for r, resp in zip(train, gen([r["prompt"] for r in train], "train")):
+        for r, resp in zip(train, gen([r["prompt"] for r in train])):
             r["response"] = resp
         train = [r for r in train if r["response"].strip() and not is_refusal(r["response"])]
         test, dropped = [], 0
         for start in range(0, len(pool), cfg.n_test):
             chunk = pool[start : start + cfg.n_test]
-            for r, resp in zip(chunk, gen([r["prompt"] for r in chunk], "test")):
+            for r, resp in zip(chunk, gen([r["prompt"] for r in chunk])):
                 if resp.strip() and not is_refusal(resp):
                     test.append({**r, "response": resp})
                 else:
@@ -268,9 +268,7 @@ def stage_data(cfg: ReproduceConfig, stages: _Stages, log) -> dict:
         benign_train = benign[: cfg.n_benign_train]
         benign_test = benign[cfg.n_benign_train :]
         log(f"[data] base model answers {len(benign_train)} benign prompts (utility data for SFT and BFT)")
-        for r, resp in zip(benign_train, generate_responses(model, tok, [r["prompt"] for r in benign_train],
-                                                            max_new_tokens=cfg.response_tokens,
-                                                            batch_size=cfg.batch_size)):  # fmt: skip
+        for r, resp in zip(benign_train, gen([r["prompt"] for r in benign_train])):
             r["reference_solution"] = r.get("response", "")
             r["response"] = resp
         benign_train = [r for r in benign_train if r["response"].strip()]
