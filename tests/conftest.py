@@ -16,3 +16,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# where backend="triton" can run: CPU tensors through the interpreter (no GPU), CUDA tensors natively (a GPU and no
+# interpreter); tests holding CPU tensors move them there for the triton backend and bring the results back
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, TRITON_DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,9 +38,18 @@ def make_case(N, H, V, *, seed=0, scale=3.0, p_harmful=0.5, p_valid=0.8, integer
     return [t.to(device) for t in tensors], harmful.to(device), valid.to(device)
 
 
+def home(backend: str) -> str:
+    """Device for inputs a test builds itself: the triton backend's own (see conftest.TRITON_DEVICE), else the CPU."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
 def run(tensors, harmful, valid, backend, *, dtype=torch.float32, shared_head=False, grad_scale=1.0, **kw):
     """Loss, per-row outputs and gradients of one backend; "ref64"/"ref_same" run the reference in fp64/`dtype`."""
     kw = {**DEFAULTS, **kw}
+    origin = tensors[0].device
+    if backend == "triton" and origin.type == "cpu" and TRITON_DEVICE != "cpu":  # a GPU without the interpreter
+        tensors = [t.to(TRITON_DEVICE) for t in tensors]
+        harmful, valid = harmful.to(TRITON_DEVICE), valid.to(TRITON_DEVICE)
     xs = [t.to(dtype).clone().requires_grad_(i < 2) for i, t in enumerate(tensors)]
     if shared_head:
         xs[3] = xs[1]
@@ -51,11 +60,12 @@ def run(tensors, harmful, valid, backend, *, dtype=torch.float32, shared_head=Fa
         rows = bft.bft_loss(*xs, harmful=harmful, valid=valid, backend=backend, **kw)
         loss = rows.loss
     (loss * grad_scale).backward()
-    return {
+    out = {
         "loss": loss.detach().double(), "kl": rows.kl.double(), "completion": rows.completion.double(),
         "risk": rows.risk.double(), "alpha": rows.alpha.double(), "topk_ids": rows.topk_ids,
         "dh": xs[0].grad.double(), "dw": xs[1].grad.double(),
     }  # fmt: skip
+    return {k: v.to(origin) for k, v in out.items()}
 
 
 def delta_logits(tensors):
@@ -128,7 +138,7 @@ def test_shared_head_keeps_aligned_branch_constant(backend):
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST)
 def test_no_gradient_reaches_frozen_models(backend):
-    tensors, harmful, valid = make_case(5, 8, 100, seed=4)
+    tensors, harmful, valid = make_case(5, 8, 100, seed=4, device=home(backend))
     xs = [t.clone().requires_grad_(True) for t in tensors]
     out = bft.bft_loss(*xs, harmful=harmful, valid=valid, backend=backend, **DEFAULTS)
     out.loss.backward()
@@ -141,7 +151,7 @@ def test_no_gradient_reaches_frozen_models(backend):
 def test_frozen_student_parts_skip_their_gradient(backend, trained):
     """A LoRA student's frozen (often shared) head needs no dW; evaluation under no_grad needs no gradient at all.
     These paths skip GEMMs, so check them: same loss and rows as the reference, the other gradient unchanged."""
-    tensors, harmful, valid = make_case(6, 8, 80, seed=18)
+    tensors, harmful, valid = make_case(6, 8, 80, seed=18, device=home(backend))
     if trained == "hidden_only":  # frozen head shared with the aligned model, as with LoRA
         tensors[3] = tensors[1]
     ref = run(tensors, harmful, valid, "reference")
@@ -304,10 +314,10 @@ def test_triton_16bit_gradient_block_matches_cuda_behaviour():
                 backend="ref64", dtype=torch.float64)  # fmt: skip
     naive = run([t.float() for t in xs], harmful, torch.ones(13, dtype=torch.bool), "ref_same", dtype=torch.bfloat16)
     res = kernel_driver.bft_forward_backward_triton(
-        *xs, harmful, params=BFTLossParams(**DEFAULTS), scale=1 / 13, need_dh=True, need_dw=True,
-        grad_dtype=torch.bfloat16,
+        *(x.to(TRITON_DEVICE) for x in xs), harmful.to(TRITON_DEVICE), params=BFTLossParams(**DEFAULTS),
+        scale=1 / 13, need_dh=True, need_dw=True, grad_dtype=torch.bfloat16,
     )  # fmt: skip
-    for key, mine in (("dh", res["grad_hidden"]), ("dw", res["grad_weight"])):
+    for key, mine in (("dh", res["grad_hidden"].cpu()), ("dw", res["grad_weight"].cpu())):
         scale = truth[key].abs().max().item()
         err = (mine.double() - truth[key]).abs().max().item()
         assert err <= (naive[key] - truth[key]).abs().max().item() + 1e-3 * scale, key
