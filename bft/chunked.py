@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from bft.reference import hybrid_teacher_logits, topk_lowest_id_ties, topk_mask_lowest_id_ties
+from bft.reference import (
+    base_favored_density,
+    hybrid_teacher_logits,
+    topk_lowest_id_ties,
+    topk_mask_lowest_id_ties,
+)
 
 # Bytes of one fp32 [C, V] block; a chunk holds about a dozen such blocks (logits, softmaxes, their gradients).
 DEFAULT_BLOCK_BYTES = 32 * 2**20
@@ -94,7 +99,7 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
     ids = topk_ids_lowest_id_ties(b - a, params.top_k)
     s_ids = torch.gather(s, -1, ids)
     completion = params.l2_reg * s_ids.square().sum(-1)
-    risk = count.to(s.dtype) / V
+    risk = base_favored_density(count, V, s.dtype)
     alpha = params.alpha_base * (1.0 + params.gamma * risk)
     weight = harmful.to(s.dtype) * alpha  # harmful_n·α_n
     row_loss = kl + weight * completion

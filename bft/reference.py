@@ -72,6 +72,16 @@ def topk_mask_lowest_id_ties(values: torch.Tensor, k: int) -> tuple[torch.Tensor
     return above | (tied & (tied.cumsum(-1) <= room)), kth
 
 
+def base_favored_density(count: torch.Tensor, V: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """risk = count / V (Eq. 10), correctly rounded to ``dtype`` on every device.
+
+    On CUDA, torch divides by a Python number by multiplying with its reciprocal, which can land 1 ulp off the
+    quotient. count and V are integers below 2**24, so count / V is never within fp64 rounding of an fp32 halfway
+    point: computed in fp64 and rounded once, it is the correctly rounded fp32 value on CPU and CUDA alike.
+    """
+    return (count.to(torch.float64) / V).to(dtype)
+
+
 @dataclass
 class BaseFavoredTokens:
     """Result of :func:`base_favored_tokens`.
@@ -157,7 +167,7 @@ def bft_row_terms(
     kl_n = kl_n * tau * tau
 
     favored = base_favored_tokens(base_logits=b, aligned_logits=a, k=top_k)
-    risk = favored.count.to(s.dtype) / V
+    risk = base_favored_density(favored.count, V, s.dtype)
     alpha = (alpha_base * (1.0 + gamma * risk)).detach()
     completion = l2_reg * torch.gather(s, -1, favored.ids).square().sum(-1)
     row_loss = kl_n + harmful.to(s.dtype) * alpha * completion

@@ -16,6 +16,7 @@ import torch
 
 from bft.kernels.bft_logits import mm_fp32_out, three_logits
 from bft.kernels.bft_rows import bft_rows
+from bft.reference import base_favored_density
 
 # fp32 bytes of one [C, V] block; a chunk holds 3 of them plus the gradient block.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -102,7 +103,7 @@ def bft_forward_backward_triton(
         out["loss_sum"] += rows["row_loss"].sum()
         out["kl"][r0:r1] = rows["kl"]
         out["completion"][r0:r1] = rows["completion"]
-        out["risk"][r0:r1] = rows["count"].float() / V
+        out["risk"][r0:r1] = base_favored_density(rows["count"], V)
         out["alpha"][r0:r1] = rows["alpha"]
         out["topk_ids"][r0:r1] = rows["topk_ids"]
         if need_dh:

@@ -136,7 +136,7 @@ def _bft_rows_kernel(
     ids = tl.where(kmask, 2147483647 - (top & 2147483647), 0)  # unordered; the driver sorts the k keys
     s_top = tl.load(s_row + ids, mask=kmask, other=0.0)
     completion = l2_reg * tl.sum(s_top * s_top, 0)
-    risk = count.to(tl.float32) / V
+    risk = (count.to(tl.float64) / V).to(tl.float32)  # correctly rounded, as bft.reference.base_favored_density
     alpha = alpha_base * (1.0 + gamma * risk)
     harmful = tl.load(harmful_ptr + row).to(tl.float32)
     if WRITE_GRAD:
