@@ -248,7 +248,7 @@ class Steps:
         self.optimizer.zero_grad(set_to_none=True)
 
     def bft(self, batch: dict) -> None:
-        result = micro_batch_loss(self.trio, self.student, self.student_model, batch)
+        result = micro_batch_loss(self.trio, self.student, batch)
         result["loss"].backward()
         self._finish()
 

@@ -161,20 +161,26 @@ def test_lora_teacher_is_student_without_adapters_and_shares_the_head(data_files
     import bft.trainer.modeling as modeling
 
     seen = []
+    real_loss = modeling.BFTStudent.loss
+
+    def spy(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid):
+        seen.append({
+            "same_storage": aligned_weight.data_ptr() == weight.data_ptr(),
+            "head_trainable": weight.requires_grad,
+            "aligned_hidden": aligned_hidden.detach().clone(),
+            "input_ids": spy.input_ids.clone(),
+        })  # fmt: skip
+        return real_loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful,
+                         valid)  # fmt: skip
+
     real_forward = modeling.BFTStudent.forward
 
-    def spy(self, input_ids, attention_mask, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid):
-        student_head = modeling.lm_head_weight(self.model, self.vocab_size)
-        seen.append({
-            "same_storage": aligned_weight.data_ptr() == student_head.data_ptr(),
-            "head_trainable": student_head.requires_grad,
-            "aligned_hidden": aligned_hidden.detach().clone(),
-            "input_ids": input_ids.clone(),
-        })  # fmt: skip
-        return real_forward(self, input_ids, attention_mask, aligned_hidden, aligned_weight, base_hidden, base_weight,
-                            harmful, valid)  # fmt: skip
+    def remember_ids(self, input_ids, *args, **kwargs):
+        spy.input_ids = input_ids
+        return real_forward(self, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(modeling.BFTStudent, "forward", spy)
+    monkeypatch.setattr(modeling.BFTStudent, "loss", spy)
+    monkeypatch.setattr(modeling.BFTStudent, "forward", remember_ids)
     config = tiny_config(data_files, tmp_path, "train.max_steps=4", "finetune.save=adapter")
     train(config, progress=False)
     assert seen and all(s["same_storage"] and not s["head_trainable"] for s in seen)
@@ -507,15 +513,22 @@ def test_interrupted_save_never_loses_a_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # stale temp removed
 
 
-def test_fsdp_is_refused_before_training():
+def test_fsdp_refuses_what_it_cannot_shard_before_training():
     from types import SimpleNamespace
 
+    from bft.trainer.config import load_config
     from bft.trainer.train import check_distributed_type
 
-    check_distributed_type(SimpleNamespace(distributed_type="NO"))
-    check_distributed_type(SimpleNamespace(distributed_type="MULTI_GPU"))
-    with pytest.raises(ValueError, match="FSDP is not supported"):
-        check_distributed_type(SimpleNamespace(distributed_type="FSDP"))
+    fsdp = SimpleNamespace(distributed_type="FSDP")
+    ok = load_config("tiny-cpu")
+    for kind in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
+        check_distributed_type(SimpleNamespace(distributed_type=kind), ok)  # all run
+    qlora = load_config("tiny-cpu", ["model.frozen_quantization=4bit"])
+    check_distributed_type(SimpleNamespace(distributed_type="MULTI_GPU"), qlora)  # DDP takes it
+    with pytest.raises(ValueError, match="FSDP with finetune.mode=lora and model.frozen_quantization"):
+        check_distributed_type(fsdp, qlora)
+    with pytest.raises(ValueError, match="optim.name='adamw_8bit' with FSDP"):
+        check_distributed_type(fsdp, load_config("tiny-cpu", ["optim.name=adamw_8bit"]))
 
 
 def test_resume_with_more_steps_warns_that_a_decaying_schedule_changes():

@@ -2,8 +2,9 @@
 
 A checkpoint is a directory ``DIR/checkpoints/step-00000042/`` holding
 
-    trainable.pt       the student's trainable parameters (LoRA adapters, or every weight in full fine-tuning)
-    optimizer.pt       optimizer state
+    trainable.pt       the student's trainable parameters (LoRA adapters, or every weight in full fine-tuning),
+                       whole tensors keyed by their names in the student module
+    optimizer.pt       optimizer state, whole tensors keyed by parameter name
     scheduler.pt       LR-scheduler state
     rng-rank{r}.pt     python, numpy, torch CPU (and CUDA) RNG states of process r
     state.json         step, data position (micro-batches consumed), the config, versions — written last
@@ -12,6 +13,11 @@ It is written into ``DIR/checkpoints/.tmp-step-00000042/`` and then renamed into
 (a single atomic rename on POSIX), so a crash mid-save leaves a stray ``.tmp-*`` directory that is ignored and
 removed on the next save, never a half-written ``step-*``. Old checkpoints are deleted only after the new one is
 in place.
+
+Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`` as *full* state dicts: under
+FSDP every rank takes part in gathering the shards and the main process writes whole tensors, so a checkpoint is
+the same file whatever wrapped the model (none, DDP or FSDP) and resumes under any of them, with any number of
+processes.
 """
 
 from __future__ import annotations
@@ -70,23 +76,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _state_dict_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kwargs)
+
+
+def _raw_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the module (and its parameter names) as they were
+    return {name for name, p in inner.named_parameters() if p.requires_grad}
+
+
+def gather_training_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """(trainable parameters, optimizer state) as full tensors on the CPU, keyed by parameter name.
+
+    A collective under FSDP: every process must call it; the main process gets the dicts, the others may get
+    empty ones. ``model`` is the module as wrapped (DDP/FSDP or plain), ``optimizer`` may be accelerate's wrapper.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    options = _state_dict_options(cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, _raw_optimizer(optimizer), options=options)
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only the parameters that train (for LoRA: the adapters), on CPU."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Only the parameters that train (for LoRA: the adapters), whole, on the CPU (a collective under FSDP)."""
+    return gather_training_state(model)[0]
 
 
-def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
+def restore_training_state(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict | None) -> None:
+    """Load what :func:`gather_training_state` returned into the (possibly wrapped) model and optimizer; under FSDP
+    every process passes the whole dicts and keeps its own shard of them."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    expected = _trainable_names(model)
+    missing = sorted(expected - set(model_state))
+    unexpected = sorted(set(model_state) - expected)
     if missing or unexpected:
         raise ValueError(
             "the checkpoint does not match this model's trainable parameters (was the config changed, e.g. "
             f"finetune.mode or LoRA targets?): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+    options = _state_dict_options()
+    if optimizer is None:
+        set_model_state_dict(model, model_state, options=options)
+    else:
+        set_state_dict(model, _raw_optimizer(optimizer), model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=options)  # fmt: skip
+
+
+def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    restore_training_state(model, None, state, None)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,10 +168,12 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, state
     if accelerator is not None:
         accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    model_state, optim_state = gather_training_state(model, optimizer)  # every process: FSDP gathers the shards
     if is_main:
-        torch.save(trainable_state_dict(model), tmp / "trainable.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(model_state, tmp / "trainable.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    del model_state, optim_state
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:
@@ -146,12 +194,16 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, state
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore model/optimizer/scheduler/RNG from ``path``; returns its ``state.json`` dict."""
+    """Restore model/optimizer/scheduler/RNG from ``path``; returns its ``state.json`` dict. Every process calls it
+    (a collective under FSDP). The weight files are memory-mapped, so processes on one machine share one copy of
+    them in the page cache rather than each reading its own."""
     path = Path(path)
     with open(path / "state.json") as fh:
         state = json.load(fh)
-    load_trainable_state_dict(model, torch.load(path / "trainable.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    model_state = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True, mmap=True)
+    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False, mmap=True)
+    restore_training_state(model, optimizer, model_state, optim_state)
+    del model_state, optim_state
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():  # resumed with more processes than saved it

@@ -226,9 +226,11 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
 class BFTStudent(nn.Module):
     """The trainable student with the BFT loss inside ``forward``.
 
-    Computing the loss inside the forward of the module that :class:`accelerate.Accelerator` wraps means DDP sees
-    the lm_head weight used in its forward (and FSDP has it unsharded there). Returns a dict with the scalar
-    ``loss`` and the detached per-row terms of :class:`bft.BFTLossOutput`.
+    Everything that reads the student's weights runs inside this forward — its final hidden states, its lm_head
+    and, with LoRA, the aligned teacher (the same weights with the adapters disabled) — because that is where
+    wrappers make them whole: DDP sees the lm_head used, and FSDP has the root's parameters (embeddings, final norm,
+    lm_head) unsharded and each decoder layer gathers its own. Returns a dict with the scalar ``loss`` and the
+    detached per-row terms of :class:`bft.BFTLossOutput`.
     """
 
     def __init__(self, model: nn.Module, loss_kwargs: dict, vocab_size: int):
@@ -237,12 +239,36 @@ class BFTStudent(nn.Module):
         self.loss_kwargs = dict(loss_kwargs)
         self.vocab_size = vocab_size
 
+    @property
+    def _no_split_modules(self):
+        """The decoder-layer classes of the model inside, so that FSDP's transformer-based auto-wrap (accelerate's
+        default when no class names are given) finds them through this wrapper."""
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(inner, "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, aligned_hidden, aligned_weight, base_hidden, base_weight,
                 harmful, valid) -> dict:  # fmt: skip
-        from bft import bft_loss
-
+        """``aligned_hidden = aligned_weight = None``: the aligned teacher is this student with its LoRA adapters
+        disabled (one copy of the weights; the heads are the same tensor)."""
+        if (aligned_hidden is None) != (aligned_weight is None):
+            raise ValueError("pass both aligned_hidden and aligned_weight, or neither (LoRA: the student without "
+                             "its adapters)")  # fmt: skip
+        if aligned_hidden is None:
+            if not hasattr(self.model, "disable_adapter"):
+                raise ValueError("aligned_hidden=None needs a peft (LoRA) student: its aligned teacher is the "
+                                 "student with the adapters disabled")  # fmt: skip
+            with self.model.disable_adapter():
+                aligned_hidden = frozen_hidden_states(self.model, input_ids, attention_mask)
         hidden = final_hidden_states(self.model, input_ids, attention_mask)
         weight = lm_head_weight(self.model, self.vocab_size)
+        if aligned_weight is None:
+            aligned_weight = weight  # the very tensor the student uses (frozen in LoRA)
+        return self.loss(hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid)
+
+    def loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid) -> dict:
+        """The fused :func:`bft.bft_loss` on [B, L, H] hidden states and [V, H] heads, rows flattened."""
+        from bft import bft_loss
+
         dtype = weight.dtype  # one dtype for all six tensors; frozen weights are cast only when they differ
         H = hidden.shape[-1]
         out = bft_loss(
@@ -266,15 +292,14 @@ def frozen_hidden_states(model: nn.Module, input_ids, attention_mask) -> torch.T
 
 
 @torch.no_grad()
-def teacher_hidden_states(trio: Trio, student_model: nn.Module, input_ids, attention_mask, vocab_size: int):
-    """(aligned_hidden, aligned_weight, base_hidden, base_weight) for one batch, all without autograd."""
+def teacher_hidden_states(trio: Trio, input_ids, attention_mask, vocab_size: int):
+    """(aligned_hidden, aligned_weight, base_hidden, base_weight) of the frozen models for one batch, without
+    autograd. With LoRA the aligned pair is ``(None, None)``: :class:`BFTStudent` computes it inside its forward
+    (the student with adapters disabled), where wrappers such as FSDP have the weights gathered."""
     base_hidden = frozen_hidden_states(trio.base, input_ids, attention_mask)
     base_weight = lm_head_weight(trio.base, vocab_size)
     if trio.lora:
-        with student_model.disable_adapter():  # the aligned model = the student without its adapters
-            aligned_hidden = frozen_hidden_states(student_model, input_ids, attention_mask)
-        aligned_weight = lm_head_weight(student_model, vocab_size)  # the very tensor the student uses
-    else:
-        aligned_hidden = frozen_hidden_states(trio.aligned, input_ids, attention_mask)
-        aligned_weight = lm_head_weight(trio.aligned, vocab_size)
+        return None, None, base_hidden, base_weight
+    aligned_hidden = frozen_hidden_states(trio.aligned, input_ids, attention_mask)
+    aligned_weight = lm_head_weight(trio.aligned, vocab_size)
     return aligned_hidden, aligned_weight, base_hidden, base_weight

@@ -2,7 +2,7 @@
 
     bft train CONFIG [--max-steps N] [--output-dir DIR] [--resume] [key.sub=value ...]
     python trainer/train.py CONFIG ...                 (the same)
-    accelerate launch trainer/train.py CONFIG ...      (DDP on several GPUs; one CPU behaves like plain python)
+    accelerate launch trainer/train.py CONFIG ...      (DDP or FSDP on several GPUs, as `accelerate config` says)
 
 Per optimizer step, for each of ``optim.grad_accum`` micro-batches (B rows, ``data.harmful_ratio`` of them harmful):
 
@@ -69,7 +69,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
         cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=o.grad_accum
     )
     main = accelerator.is_main_process
-    check_distributed_type(accelerator)
+    check_distributed_type(accelerator, config)
     resume_from = ckpt.latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         warnings.warn(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", stacklevel=2)
@@ -122,11 +122,14 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     optimizer = make_optimizer(o, params)
     scheduler = make_scheduler(o, optimizer, total_steps)
     student, optimizer = accelerator.prepare(student, optimizer)  # the scheduler is stepped once per optimizer step
+    # FSDP replaces each parameter by a sharded one (the optimizer is re-pointed by accelerate): clip those
+    params = [p for p in student.parameters() if p.requires_grad]
     student_model = accelerator.unwrap_model(student).model  # the HF / peft model inside
+    fsdp = is_fsdp(accelerator)
 
     step = 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=student_model, optimizer=optimizer, scheduler=scheduler,
+        state = ckpt.load_checkpoint(resume_from, model=student, optimizer=optimizer, scheduler=scheduler,
                                      rank=accelerator.process_index)  # fmt: skip
         step = int(state["step"])
         warn_config_changes(state.get("config", {}), config)
@@ -158,7 +161,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
             index = (step * o.grad_accum + micro) * world + accelerator.process_index
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batches[index].items()}
             with accelerator.accumulate(student):
-                result = micro_batch_loss(trio, student, student_model, batch)
+                result = micro_batch_loss(trio, student, batch)
                 accelerator.backward(result["loss"])
                 if accelerator.sync_gradients:
                     max_norm = o.max_grad_norm if o.max_grad_norm is not None else float("inf")
@@ -200,7 +203,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl'] or 0:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         if step % t.save_every == 0 or step == total_steps:
-            save(out, step, student_model, optimizer, scheduler, config, micro_per_step, accelerator)
+            save(out, step, student, optimizer, scheduler, config, micro_per_step, accelerator)
         for callback in callbacks:
             callback(step, metrics)
     bar.close()
@@ -208,7 +211,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
         writer.close()
 
     # ---------------------------------------------------------------- the final student, as a normal HF checkpoint
-    final_dir = save_final_student(config, trio, student_model, out / "final", accelerator)
+    final_dir = save_final_student(config, trio, student if fsdp else student_model, out / "final", accelerator)
     return {"steps": step, "total_steps": total_steps, "output_dir": str(out), "final_dir": str(final_dir),
             "last_metrics": metrics}  # fmt: skip
 
@@ -217,16 +220,25 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
 # helpers of the recipe, in the order it uses them
 
 
-def check_distributed_type(accelerator) -> None:
-    """Single process and DDP are supported. FSDP is refused up front: checkpoints and the final save gather the
-    trainable state on the main process, and the LoRA teacher pass runs outside the wrapped forward, so a sharded run
-    would save one shard. For models that outgrow one GPU, quantize the frozen models (model.frozen_quantization)
-    and train LoRA instead."""
-    kind = str(getattr(accelerator, "distributed_type", "NO"))
-    if "FSDP" in kind.upper():
-        raise ValueError("accelerate launch with FSDP is not supported by bft train yet (its checkpoints would hold "
-                         "one shard); use DDP (a plain `accelerate launch`), or one GPU with LoRA and "
-                         "model.frozen_quantization: 8bit / 4bit")  # fmt: skip
+def is_fsdp(accelerator) -> bool:
+    return "FSDP" in str(getattr(accelerator, "distributed_type", "NO")).upper()
+
+
+def check_distributed_type(accelerator, config: Config) -> None:
+    """Single process, DDP and FSDP (``accelerate config``) run unchanged. Under FSDP the student — its weights,
+    gradients and optimizer state — is sharded; the frozen base (and, in full fine-tuning, aligned) model is a
+    replica on every GPU (quantize it with ``model.frozen_quantization`` to shrink it). Two combinations cannot be
+    sharded and are refused before anything loads."""
+    if not is_fsdp(accelerator):
+        return
+    if config.finetune.mode == "lora" and config.model.frozen_quantization:
+        raise ValueError("FSDP with finetune.mode=lora and model.frozen_quantization is not supported: the LoRA "
+                         "student's own weights would be quantized (QLoRA), and bitsandbytes weights cannot be "
+                         "sharded by FSDP here. Use DDP, or model.frozen_quantization: null")  # fmt: skip
+    if config.optim.name != "adamw":
+        raise ValueError(f"optim.name={config.optim.name!r} with FSDP is not supported: bitsandbytes optimizers do "
+                         "not take FSDP's sharded parameters. Use optim.name: adamw (FSDP already shards its "
+                         "state across the GPUs)")  # fmt: skip
 
 
 def check_optimizer_available(name: str) -> None:
@@ -277,12 +289,13 @@ def loss_kwargs(config: Config) -> dict:
                                                  "l2_reg", "kl", "backend", "chunk_rows")}  # fmt: skip
 
 
-def micro_batch_loss(trio, student, student_model, batch: dict) -> dict:
+def micro_batch_loss(trio, student, batch: dict) -> dict:
     """Steps 1-2 of one micro-batch (module docstring): the frozen teacher forwards, then the student's forward
-    with the fused loss. ``student`` is the (possibly accelerate-wrapped) :class:`BFTStudent`, ``student_model``
-    the HF / peft model inside it, ``batch`` a :class:`MixedBatches` item on the device. Returns the student's
-    output dict; ``loss`` is what to backpropagate. ``benchmarks/trainer_bench.py`` times exactly this."""
-    teacher = teacher_hidden_states(trio, student_model, batch["input_ids"], batch["attention_mask"], trio.vocab_size)
+    with the fused loss (and, with LoRA, the aligned teacher pass: the student without adapters). ``student`` is
+    the (possibly accelerate-wrapped) :class:`BFTStudent`, ``batch`` a :class:`MixedBatches` item on the device.
+    Returns the student's output dict; ``loss`` is what to backpropagate. ``benchmarks/trainer_bench.py`` times
+    exactly this."""
+    teacher = teacher_hidden_states(trio, batch["input_ids"], batch["attention_mask"], trio.vocab_size)
     return student(batch["input_ids"], batch["attention_mask"], *teacher, harmful=batch["harmful"] & batch["valid"],
                    valid=batch["valid"])  # fmt: skip
 
@@ -381,9 +394,12 @@ def save_final_student(config: Config, trio, student_model, final_dir: Path, acc
 
     LoRA with ``finetune.save: merged``: the adapters are merged into the weights (``merge_and_unload``) — into a
     fresh 16-bit copy of the aligned model when the student's weights were quantized. ``adapter``: the peft
-    adapter only (load it onto the aligned model with ``PeftModel.from_pretrained``).
+    adapter only (load it onto the aligned model with ``PeftModel.from_pretrained``). Under FSDP pass the wrapped
+    student: its shards are gathered (every process takes part) into a whole copy on the main process's CPU.
     """
     accelerator.wait_for_everyone()
+    if is_fsdp(accelerator):
+        student_model = gather_unsharded_student(config, student_model, accelerator)
     if not accelerator.is_main_process:
         return final_dir
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
@@ -408,6 +424,44 @@ def save_final_student(config: Config, trio, student_model, final_dir: Path, acc
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
     return final_dir
+
+
+def gather_unsharded_student(config: Config, student, accelerator):
+    """The FSDP-sharded student as an ordinary model on the main process's CPU (``None`` on the others).
+
+    Every process takes part in gathering the full state dict; the main process loads it into a skeleton of the
+    same architecture built on the meta device (no second random init) and copies the non-persistent buffers
+    (rotary frequencies), which are not sharded, from the live model.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from bft.trainer.modeling import torch_dtype
+
+    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    live = accelerator.unwrap_model(student).model  # the HF / peft model, sharded
+    is_peft = hasattr(live, "get_base_model")
+    hf_config = (live.get_base_model() if is_peft else live).config
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+        if is_peft:
+            from peft import get_peft_model
+
+            skeleton = get_peft_model(skeleton, live.peft_config[live.active_adapter])
+    state = {name.removeprefix("model."): tensor for name, tensor in state.items()}  # BFTStudent.model.<name>
+    skeleton.load_state_dict(state, strict=False, assign=True)
+    skeleton.tie_weights()
+    live_buffers = dict(live.named_buffers())
+    for name, buf in skeleton.named_buffers():
+        if buf.is_meta and name in live_buffers:
+            module_name, _, buf_name = name.rpartition(".")
+            skeleton.get_submodule(module_name)._buffers[buf_name] = live_buffers[name].detach().cpu().clone()
+    left = [name for name, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"gathering the FSDP student left tensors unset: {left[:5]}")
+    return skeleton.to(torch_dtype(config.model.dtype))
 
 
 def merge_into_fresh_copy(config: Config, student_model):

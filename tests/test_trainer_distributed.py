@@ -1,0 +1,117 @@
+"""The trainer under two processes on CPU (gloo): DDP, and FSDP2 with the student sharded.
+
+Each test launches ``tests/distributed_train.py`` with ``torch.distributed.run`` (about 10 s a launch). FSDP must
+give the same training as DDP — the same data, the same loss at every step, the same final weights — and its
+checkpoints must hold whole tensors (gathered from the shards) and resume to the very curve of a straight run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from bft.trainer.train import read_metrics
+
+LAUNCHER = Path(__file__).with_name("distributed_train.py")
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")  # fmt: skip
+
+
+def launch(mode: str, data_files, out: Path, *overrides: str, resume: bool = False) -> None:
+    harmful, utility = data_files
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(LAUNCHER),
+           mode, "tiny-cpu", f"data.harmful={harmful}", f"data.utility={utility}", "data.harmful_response=dataset",
+           f"train.output_dir={out}", *overrides] + (["--resume"] if resume else [])  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"{mode} launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist-data")
+    harmful = [{"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
+               for i in range(10)]  # fmt: skip
+    utility = [{"prompt": f"What is {a} + {a + 3}?", "response": f"{a} + {a + 3} = {2 * a + 3}."} for a in range(14)]
+    paths = root / "harmful.jsonl", root / "utility.jsonl"
+    for path, rows in zip(paths, (harmful, utility)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def lora_runs(data_files, tmp_path_factory):
+    """4 LoRA steps (checkpoints at 2 and 4) under DDP and under FSDP, 2 processes each."""
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        runs[mode] = tmp_path_factory.mktemp(f"lora-{mode}")
+        launch(mode, data_files, runs[mode], "train.max_steps=4", "train.save_every=2")
+    return runs
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_training(a: Path, b: Path, rtol: float) -> None:
+    rows_a, rows_b = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] and rows_a
+    for key in ("loss", "kl", "completion", "risk", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows_a], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in rows_b], dtype=torch.float64), rtol=rtol, atol=1e-9,
+                                   msg=key)  # fmt: skip
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=rtol, atol=1e-6, msg=name)
+
+
+def test_ddp_two_processes(lora_runs):
+    out = lora_runs["ddp"]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")  # merged student: a plain HF checkpoint
+
+
+def test_fsdp_trains_exactly_as_ddp(lora_runs):
+    """Same data, same losses and gradient norms at every step, same merged weights (to fp32 reduction order)."""
+    assert_same_training(lora_runs["ddp"], lora_runs["fsdp"], rtol=1e-4)
+
+
+def test_fsdp_checkpoint_holds_whole_tensors_and_resumes_exactly(lora_runs, data_files, tmp_path):
+    straight = lora_runs["fsdp"]
+    saved = torch.load(straight / "checkpoints" / "step-00000004" / "trainable.pt", weights_only=True)
+    assert saved and all("lora_" in name for name in saved)
+    assert all(type(t) is torch.Tensor for t in saved.values())  # gathered, not DTensor shards
+    ddp_saved = torch.load(lora_runs["ddp"] / "checkpoints" / "step-00000004" / "trainable.pt", weights_only=True)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in ddp_saved.items()}
+
+    launch("fsdp", data_files, tmp_path, "train.max_steps=2", "train.save_every=2")
+    launch("fsdp", data_files, tmp_path, "train.max_steps=4", "train.save_every=2", resume=True)
+    assert_same_training(straight, tmp_path, rtol=1e-6)
+
+
+def test_fsdp_full_finetuning_matches_ddp(data_files, tmp_path):
+    """Full fine-tuning shards every student weight, the lm_head included (the loss reads it whole in the forward)."""
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        runs[mode] = tmp_path / mode
+        launch(mode, data_files, runs[mode], "finetune.mode=full", "train.max_steps=2", "train.save_every=2",
+               "optim.grad_accum=1")  # fmt: skip
+    assert_same_training(runs["ddp"], runs["fsdp"], rtol=1e-4)
+    saved = torch.load(runs["fsdp"] / "checkpoints" / "step-00000002" / "trainable.pt", weights_only=True)
+    head = saved["model.lm_head.weight"]
+    assert head.shape[0] >= 100 and type(head) is torch.Tensor  # the whole [V, H] head, not a shard
