@@ -11,6 +11,7 @@ Implementations, all in the same run on the same inputs (bf16, Llama-3-shaped he
   compiled-ref    torch.compile of the reference
   liger-jsd       Liger's LigerFusedLinearJSD (student vs aligned only: two models, no top-k) when installed
   floor           the 5 GEMMs any exact implementation must run: 3 logit GEMMs + dH and dW GEMMs (torch.matmul)
+  *-frozen-head   the LoRA case (student head frozen and shared): triton without dW, against a 4-GEMM floor
 Targets at N=8192: triton ≤ 1.2× the floor, ≤ 1 GiB extra memory (beyond inputs and the gradients themselves).
 Writes benchmarks/results/loss_gpu.json (with the device name) and loss_gpu.png.
 """
@@ -64,8 +65,29 @@ def make_runners(H, V):
         g @ sw  # dH
         g.T @ sh  # dW
 
+    def frozen_head(run):
+        """The LoRA case: the student's head is frozen (shared with the aligned model), so only dH is computed."""
+
+        def wrapped(tensors, harmful):
+            tensors[1].requires_grad_(False)
+            try:
+                run(tensors, harmful)
+            finally:
+                tensors[1].requires_grad_(True)
+
+        return wrapped
+
+    def floor_frozen_head(tensors, harmful):
+        sh, sw, ah, aw, bh, bw = (t.detach() for t in tensors)
+        s = sh @ sw.T
+        ah @ aw.T
+        bh @ bw.T
+        s @ sw  # dH only: 4 GEMMs
+
     runners = {
         "triton": fused("triton"),
+        "triton-frozen-head": frozen_head(fused("triton")),
+        "floor-frozen-head": floor_frozen_head,
         "triton-gemm": _triton_gemm_runner(),
         "torch": fused("torch"),
         "reference": reference,
@@ -199,7 +221,10 @@ def main():
         if row.get("floor", {}).get("seconds"):
             fl = row["floor"]["seconds"]
             row["ratio_to_floor"] = {k: v["seconds"] / fl for k, v in row.items()
-                                     if isinstance(v, dict) and v.get("seconds")}  # fmt: skip
+                                     if isinstance(v, dict) and v.get("seconds") and "frozen-head" not in k}  # fmt: skip
+        if row.get("floor-frozen-head", {}).get("seconds") and row.get("triton-frozen-head", {}).get("seconds"):
+            row.setdefault("ratio_to_floor", {})["triton-frozen-head"] = (row["triton-frozen-head"]["seconds"]
+                                                           / row["floor-frozen-head"]["seconds"])  # fmt: skip
         rows.append(row)
         print(row, flush=True)
     payload = {

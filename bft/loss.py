@@ -157,24 +157,51 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class _FusedBFTLoss(torch.autograd.Function):
-    """Loss whose gradients were computed in the forward pass; backward only scales them."""
+    """Loss whose gradients were computed in the forward pass; backward only scales them.
+
+    The gradients are fp32 (dW is the largest: V·H·4 bytes) and backward takes them over: an fp32 gradient is
+    returned as it is (d loss = 1) or scaled in place; a 16-bit one is scaled and rounded a row slice at a time
+    straight into the output dtype (one rounding, as autograd would). No second full-size fp32 copy is made, and
+    the graph no longer holds them afterwards. The price: backward runs once per forward (as Liger's fused losses);
+    a second backward through a retained graph raises instead of returning wrong gradients.
+    """
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, run):
         loss, rows, grad_hidden, grad_weight = run()
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.grads = [grad_hidden, grad_weight]  # handed over in backward, so not save_for_backward
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
         ctx.mark_non_differentiable(*rows)
         return (loss, *rows)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        saved = list(ctx.saved_tensors)
-        out = []
-        for has, dtype in zip(ctx.has, ctx.dtypes):
-            out.append((saved.pop(0) * grad_loss).to(dtype) if has else None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("bft_loss computes its gradients in the forward pass and hands them to the first "
+                               "backward; a second backward through the same graph (retain_graph=True) is not "
+                               "supported. Call bft_loss again, or sum the losses before one backward.")  # fmt: skip
+        factor = grad_loss.detach().float()
+        out = [_scaled_gradient(g, factor, dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
         return out[0], out[1], None
+
+
+# rows of a saved gradient converted per slice in backward (bounds the fp32 temporary to ~64 MiB)
+_BACKWARD_SLICE_BYTES = 64 * 2**20
+
+
+def _scaled_gradient(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(grad·factor).to(dtype)`` for an fp32 ``grad`` this function may overwrite, rounded once, without a
+    full-size temporary."""
+    if dtype == grad.dtype:
+        return grad if bool(factor == 1) else grad.mul_(factor)
+    if grad.dim() == 0:
+        return (grad * factor).to(dtype)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    rows = max(1, _BACKWARD_SLICE_BYTES // max(1, grad[0].numel() * grad.element_size()))
+    for r0 in range(0, grad.shape[0], rows):
+        out[r0 : r0 + rows] = grad[r0 : r0 + rows] * factor
+    return out
 
 
 def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, **impl_kwargs):
@@ -189,7 +216,10 @@ def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, **impl_kwar
 
     def run():
         with torch.no_grad():
-            pick = lambda x: x.detach().index_select(0, idx)  # noqa: E731
+            if n_valid == N:  # nothing to compact: no copies of the hidden states
+                pick = lambda x: x.detach()  # noqa: E731
+            else:
+                pick = lambda x: x.detach().index_select(0, idx)  # noqa: E731
             res = impl(
                 pick(sh), sw.detach(),
                 pick(tensors["aligned_hidden"]), tensors["aligned_weight"].detach(),
@@ -206,7 +236,9 @@ def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, **impl_kwar
             ids = torch.full((N, params.top_k), -1, dtype=torch.int64, device=dev)
             ids[idx] = res["topk_ids"].long()
             dh = None
-            if need_dh:
+            if need_dh and n_valid == N:  # every row valid: the compacted gradient is already in row order
+                dh = res["grad_hidden"].float()
+            elif need_dh:
                 dh = torch.zeros(sh.shape, dtype=torch.float32, device=dev)
                 dh[idx] = res["grad_hidden"].float()
             dw = res["grad_weight"] if need_dw else None

@@ -168,3 +168,29 @@ def tiny_llama_pair(
     _perturb_(aligned, scale=perturbation * base.config.initializer_range, seed=seed + 1)
     aligned.eval()
     return base, aligned, tokenizer
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak bytes of CPU tensor memory allocated by ``fn()`` beyond what was live before it (CPU only).
+
+    Read from the PyTorch profiler's allocation events, in time order: every allocation and free made by torch on
+    the CPU during the call, including those inside autograd's backward. The CPU analogue of
+    ``torch.cuda.max_memory_allocated() - memory_allocated_before`` — used by the tests to check a backend's
+    working memory against its documented plan without a GPU.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            events.append((event.start_time_ns, event.typed[1].alloc_size))  # frees are negative
+        stack.extend(event.children)
+    live = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        live += size
+        peak = max(peak, live)
+    return peak

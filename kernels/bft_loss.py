@@ -16,10 +16,15 @@ import torch
 
 from bft.kernels.bft_logits import mm_fp32_out, three_logits
 from bft.kernels.bft_rows import bft_rows
+from bft.chunked import _grad_hidden as grad_hidden_sliced
 from bft.reference import base_favored_density
 
-# fp32 bytes of one [C, V] block; a chunk holds 3 of them plus the gradient block.
-DEFAULT_BLOCK_BYTES = 256 * 2**20
+# fp32 bytes of one [C, V] block; a chunk holds 3 of them plus the gradient block. The working set is then about
+# 3.5 blocks + the fp32 dH [N, H]: at N=8192, H=4096, V=128256 (bf16) that is 0.77 GiB with a frozen student head
+# (LoRA: only dH), under the 1 GiB budget. When the head trains, the fp32 dW accumulator (V·H·4 bytes, 2.1 GB
+# there) dominates anyway and every chunk re-reads and re-writes it in the dW GEMM, so larger chunks pay off.
+DEFAULT_BLOCK_BYTES = 192 * 2**20
+DEFAULT_BLOCK_BYTES_WITH_DW = 256 * 2**20
 
 
 def default_chunk_rows(N: int, V: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
@@ -30,13 +35,14 @@ def default_chunk_rows(N: int, V: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -
 
 
 def _grad_hidden(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """G @ W with fp32 output."""
+    """G @ W with fp32 output (cuBLAS with fp32 output for 16-bit inputs; elsewhere W is upcast a vocabulary
+    slice at a time, never as a whole fp32 copy of the head)."""
     out = torch.empty(G.shape[0], W.shape[1], dtype=torch.float32, device=G.device)
     if G.dtype == W.dtype and mm_fp32_out(G, W, out):
         return out
     if G.dtype == W.dtype == torch.float32:
         return torch.mm(G, W, out=out)
-    return torch.mm(G.float(), W.float(), out=out)
+    return grad_hidden_sliced(G.float(), W)
 
 
 def _accumulate_grad_weight(dW: torch.Tensor, G: torch.Tensor, Hs: torch.Tensor) -> None:
@@ -67,7 +73,7 @@ def bft_forward_backward_triton(
             )
     sh, sw, ah, aw, bh, bw = (x.contiguous() for x in (sh, sw, ah, aw, bh, bw))
     harmful_i8 = harmful.to(torch.int8).contiguous()
-    C = chunk_rows or default_chunk_rows(N, V)
+    C = chunk_rows or default_chunk_rows(N, V, DEFAULT_BLOCK_BYTES_WITH_DW if need_dw else DEFAULT_BLOCK_BYTES)
     C = max(1, min(C, max(N, 1)))
     want_grad = need_dh or need_dw
     if grad_dtype is None:
