@@ -6,6 +6,7 @@
 Implementations, all in the same run on the same inputs (bf16, Llama-3-shaped head):
   triton          bft.bft_loss(backend="triton")       (cuBLAS fp32-output GEMMs + Triton row kernel)
   triton-gemm     the same with the Triton three-logit GEMM kernel
+  triton-ungrouped the driver before dW groups (dH/dW GEMMs after every 256 MiB chunk), for the side-by-side ratio
   torch           bft.bft_loss(backend="torch")        (row-chunked reference math)
   reference       bft.bft_loss(backend="reference")    (full [N, V] logits; OOM is recorded as such)
   compiled-ref    torch.compile of the reference
@@ -89,6 +90,8 @@ def make_runners(H, V):
         "triton-frozen-head": frozen_head(fused("triton")),
         "floor-frozen-head": floor_frozen_head,
         "triton-gemm": _triton_gemm_runner(),
+        # the driver as measured before dW groups: 256 MiB blocks, dH/dW GEMMs after every chunk
+        "triton-ungrouped": _driver_variant(DEFAULT_BLOCK_BYTES_WITH_DW=256 * 2**20, DEFAULT_GROUP_BYTES=0),
         "torch": fused("torch"),
         "reference": reference,
         "compiled-ref": compiled_reference,
@@ -111,6 +114,23 @@ def make_runners(H, V):
 
 def _params():
     return dict(top_k=100, temperature=2.0, teacher_lambda=1.2, alpha_base=1.0, gamma=1.0, l2_reg=1e-4, kl="forward")
+
+
+def _driver_variant(**settings):
+    """bft_loss(backend="triton") with module-level budgets of bft.kernels.bft_loss set as given for the call."""
+    import bft.kernels.bft_loss as driver
+
+    def run(tensors, harmful):
+        saved = {k: getattr(driver, k) for k in settings}
+        for k, v in settings.items():
+            setattr(driver, k, v)
+        try:
+            bft.bft_loss(*tensors, harmful=harmful, backend="triton").loss.backward()
+        finally:
+            for k, v in saved.items():
+                setattr(driver, k, v)
+
+    return run
 
 
 def _triton_gemm_runner():

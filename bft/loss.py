@@ -208,7 +208,7 @@ def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, **impl_kwar
     """Compact the valid rows, run a grads-in-forward implementation, scatter the results back to N rows."""
     sh = tensors["student_hidden"]
     sw = tensors["student_weight"]
-    N, V = sh.shape[0], sw.shape[0]
+    N = sh.shape[0]
     need_dh = sh.requires_grad and torch.is_grad_enabled()
     need_dw = sw.requires_grad and torch.is_grad_enabled()
     idx = valid.nonzero().squeeze(1)

@@ -236,6 +236,29 @@ def test_grad_output_scales_gradients_and_chunking_is_invisible(backend):
     assert_matches(fast, ref, V=250, delta=delta_logits(tensors), valid=valid)
 
 
+@pytest.mark.parametrize("group_chunks", [1, 2, 3])
+@pytest.mark.parametrize("p_valid", [1.0, 0.8])
+def test_triton_gradient_groups_are_invisible(group_chunks, p_valid, monkeypatch):
+    """With dW, the triton driver keeps G for a group of chunks and runs dH/dW once per group: any grouping, with a
+    partial last group and a partial last chunk (23 rows, chunks of 4), gives the reference's gradients."""
+    import bft.kernels.bft_loss as driver
+
+    tensors, harmful, valid = make_case(23, 16, 250, seed=7, p_valid=p_valid, device=home("triton"))
+    monkeypatch.setattr(driver, "DEFAULT_GROUP_BYTES", group_chunks * 4 * 250 * 4)  # fp32 G, chunks of 4 rows
+    ref = run(tensors, harmful, valid, "reference", grad_scale=1.5)
+    fast = run(tensors, harmful, valid, "triton", grad_scale=1.5, chunk_rows=4)
+    assert_matches(fast, ref, V=250, delta=delta_logits(tensors), valid=valid)
+
+
+def test_triton_group_rows_are_whole_chunks():
+    from bft.kernels.bft_loss import default_group_rows
+
+    assert default_group_rows(8192, 128256, 256, 2, need_dw=True) == 2048  # 512 MiB of bf16 G
+    assert default_group_rows(8192, 128256, 384, 2, need_dw=False) == 384  # no dW: one chunk
+    assert default_group_rows(100, 1000, 8, 4, need_dw=True, group_bytes=10**9) == 104  # capped at the rows, whole
+    assert default_group_rows(100, 1000, 8, 4, need_dw=True, group_bytes=1) == 8  # at least one chunk
+
+
 @pytest.mark.parametrize("backend", ["reference"] + FAST)
 def test_all_rows_invalid_gives_zero_loss_and_zero_gradients(backend):
     tensors, harmful, _ = make_case(6, 8, 90, seed=6)
