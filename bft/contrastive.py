@@ -31,10 +31,10 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 
 import torch
 
+from bft.atomic import atomic_write_text  # noqa: F401  (re-exported: part of this module's API)
 from bft.reference import topk_mask_lowest_id_ties
 
 __all__ = ["contrastive_logprobs", "ContrastiveLogitsProcessor", "contrastive_generate"]
@@ -435,18 +435,3 @@ def run(args) -> int:
     else:
         sys.stdout.write(lines)
     return 0
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, then os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

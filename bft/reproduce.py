@@ -145,15 +145,15 @@ class _Stages:
 
 
 def _write_json(path: Path, payload) -> None:
-    from bft.eval.runner import _atomic_write
+    from bft.atomic import atomic_write_bytes
 
-    _atomic_write(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from bft.eval.runner import _atomic_write
+    from bft.atomic import atomic_write_bytes
 
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -777,9 +777,9 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     summary["environment"] = environment
     _write_json(root / "summary.json", summary)
     plot_kl_by_position(summary, root / "plots" / "kl_by_position.png")
-    from bft.eval.runner import _atomic_write
+    from bft.atomic import atomic_write_bytes
 
-    _atomic_write(root / "REPORT.md", render_report(summary, environment).encode("utf-8"))
+    atomic_write_bytes(root / "REPORT.md", render_report(summary, environment).encode("utf-8"))
     return summary
 
 

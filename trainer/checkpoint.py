@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bft.atomic import atomic_write_text  # noqa: F401  (the trainer writes its text files through ckpt)
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -210,15 +212,3 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -
         rng_file = path / "rng-rank0.pt"
     set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return state
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -26,13 +26,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from bft.atomic import atomic_write_bytes
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.judges import Judge, KeywordJudge, judge_from_spec
 
@@ -111,22 +111,9 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------------- I/O helpers
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(results: dict, out_dir: str | os.PathLike) -> Path:
     path = Path(out_dir) / RESULTS_FILE
-    _atomic_write(path, json.dumps(results, indent=1, ensure_ascii=False, default=_json_default).encode("utf-8"))
+    atomic_write_bytes(path, json.dumps(results, indent=1, ensure_ascii=False, default=_json_default).encode("utf-8"))
     return path
 
 
@@ -538,7 +525,7 @@ def write_outputs(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     out = Path(out_dir)
     paths = {"results": write_results(results, out)}
     md = out / "report.md"
-    _atomic_write(md, render_markdown(results).encode("utf-8"))
+    atomic_write_bytes(md, render_markdown(results).encode("utf-8"))
     paths["report"] = md
     paths.update(write_plots(results, out))
     return paths
