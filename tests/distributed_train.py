@@ -28,7 +28,10 @@ def use_fsdp2_on_cpu() -> None:
         PartialState().distributed_type = DistributedType.FSDP
         state = AcceleratorState()
         state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+        if state.mixed_precision != "no":  # what accelerate does for a plugin given up front
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
 
     accelerate.Accelerator.__init__ = init
 

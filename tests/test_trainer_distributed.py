@@ -115,3 +115,18 @@ def test_fsdp_full_finetuning_matches_ddp(data_files, tmp_path):
     saved = torch.load(runs["fsdp"] / "checkpoints" / "step-00000002" / "trainable.pt", weights_only=True)
     head = saved["model.lm_head.weight"]
     assert head.shape[0] >= 100 and type(head) is torch.Tensor  # the whole [V, H] head, not a shard
+
+
+def test_fsdp_bf16_mixed_precision_trains_like_fp32(lora_runs, data_files, tmp_path):
+    """train.mixed_precision=bf16 under FSDP2: parameters are cast to bf16 for the forwards (the loss then gets bf16
+    hidden states and heads and accumulates in fp32), gradients are reduced and the master weights kept in fp32."""
+    launch("fsdp", data_files, tmp_path, "train.max_steps=4", "train.save_every=4", "train.mixed_precision=bf16")
+    fp32_rows, bf16_rows = read_metrics(lora_runs["fsdp"] / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in bf16_rows] == [1, 2, 3, 4]
+    for a, b in zip(fp32_rows, bf16_rows):
+        assert a["loss"] != b["loss"]  # bf16 really ran
+        assert abs(a["loss"] - b["loss"]) <= 0.02 * abs(a["loss"]), (a["loss"], b["loss"])
+    wa, wb = final_weights(lora_runs["fsdp"]), final_weights(tmp_path)
+    assert all(t.dtype == torch.float32 for t in wb.values())  # the configured model dtype, not the compute dtype
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=2e-2, msg=name)
