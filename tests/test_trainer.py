@@ -513,6 +513,46 @@ def test_interrupted_save_never_loses_a_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # stale temp removed
 
 
+def test_one_process_checkpoint_has_the_layout_of_distributed_ones():
+    """One process reads the state directly; several go through torch.distributed.checkpoint. Both must write the
+    same dicts (names, tensors, param groups), so a checkpoint resumes under either, and restoring them round-trips."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from bft.testing import tiny_llama_pair
+    from bft.trainer import checkpoint as ckpt
+    from bft.trainer.config import load_config
+    from bft.trainer.modeling import BFTStudent, add_lora
+
+    def student_and_optimizer(seed):
+        torch.manual_seed(seed)
+        _, aligned, _ = tiny_llama_pair(seed=0)
+        student = BFTStudent(add_lora(aligned, load_config("tiny-cpu")), {}, 102)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        return student, optimizer
+
+    student, optimizer = student_and_optimizer(1)
+    mine_model, mine_optim = ckpt.gather_training_state(student, optimizer)
+    dcp_model, dcp_optim = get_state_dict(student, optimizer, options=ckpt._state_dict_options(cpu_offload=True))
+    assert mine_model.keys() == dcp_model.keys() and all(torch.equal(mine_model[k], dcp_model[k]) for k in mine_model)
+    assert mine_optim["param_groups"] == dcp_optim["param_groups"]
+    assert mine_optim["state"].keys() == dcp_optim["state"].keys()
+    for name, per_param in mine_optim["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(dcp_optim["state"][name][key])), (name, key)
+
+    other, other_optimizer = student_and_optimizer(2)  # different adapters and moments
+    ckpt.restore_training_state(other, other_optimizer, mine_model, mine_optim)
+    again_model, again_optim = ckpt.gather_training_state(other, other_optimizer)
+    assert all(torch.equal(again_model[k], mine_model[k]) for k in mine_model)
+    for name, per_param in mine_optim["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(torch.as_tensor(again_optim["state"][name][key]), torch.as_tensor(value)), (name, key)
+
+
 def test_fsdp_refuses_what_it_cannot_shard_before_training():
     from types import SimpleNamespace
 

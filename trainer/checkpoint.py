@@ -93,18 +93,55 @@ def _trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, p in inner.named_parameters() if p.requires_grad}
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_training_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | None]:
     """(trainable parameters, optimizer state) as full tensors on the CPU, keyed by parameter name.
 
-    A collective under FSDP: every process must call it; the main process gets the dicts, the others may get
-    empty ones. ``model`` is the module as wrapped (DDP/FSDP or plain), ``optimizer`` may be accelerate's wrapper.
+    Under several processes this goes through ``torch.distributed.checkpoint.state_dict`` — a collective that
+    gathers FSDP's shards: every process must call it; the main process gets the dicts, the others may get empty
+    ones. In one process the same dicts are read directly (no collective, and no optimizer step that DCP would run
+    to initialise a state that bitsandbytes optimizers keep their own way). ``model`` is the module as wrapped
+    (DDP/FSDP or plain), ``optimizer`` may be accelerate's wrapper.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    if _distributed():
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    options = _state_dict_options(cpu_offload=True)
-    if optimizer is None:
-        return get_model_state_dict(model, options=options), None
-    return get_state_dict(model, _raw_optimizer(optimizer), options=options)
+        options = _state_dict_options(cpu_offload=True)
+        if optimizer is None:
+            return get_model_state_dict(model, options=options), None
+        return get_state_dict(model, _raw_optimizer(optimizer), options=options)
+    inner = getattr(model, "module", model)
+    params = {name: p.detach().cpu().clone() for name, p in inner.named_parameters() if p.requires_grad}
+    return params, (None if optimizer is None else _optimizer_state_by_name(inner, _raw_optimizer(optimizer)))
+
+
+def _cpu(value):
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _optimizer_state_by_name(model: torch.nn.Module, optimizer) -> dict:
+    """``optimizer.state_dict()`` with parameter names for the indices torch uses (the layout DCP writes)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    raw = optimizer.state_dict()
+    state = {order[i]: {k: _cpu(v) for k, v in per_param.items()} for i, per_param in raw["state"].items()}
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in raw["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _load_optimizer_state_by_name(model: torch.nn.Module, optimizer, named: dict) -> None:
+    names = {id(p): name for name, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    unknown = sorted(set(named["state"]) - set(index))
+    if unknown:
+        raise ValueError(f"the checkpoint's optimizer state names parameters this model does not train: {unknown[:5]}")
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in named["param_groups"]]
+    optimizer.load_state_dict({"state": {index[name]: v for name, v in named["state"].items()}, "param_groups": groups})
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -115,8 +152,6 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def restore_training_state(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict | None) -> None:
     """Load what :func:`gather_training_state` returned into the (possibly wrapped) model and optimizer; under FSDP
     every process passes the whole dicts and keeps its own shard of them."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
     expected = _trainable_names(model)
     missing = sorted(expected - set(model_state))
     unexpected = sorted(set(model_state) - expected)
@@ -125,6 +160,17 @@ def restore_training_state(model: torch.nn.Module, optimizer, model_state: dict,
             "the checkpoint does not match this model's trainable parameters (was the config changed, e.g. "
             f"finetune.mode or LoRA targets?): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if not _distributed():
+        inner = getattr(model, "module", model)
+        params = dict(inner.named_parameters())
+        with torch.no_grad():
+            for name, value in model_state.items():
+                params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+        if optimizer is not None:
+            _load_optimizer_state_by_name(inner, _raw_optimizer(optimizer), optim_state)
+        return
     options = _state_dict_options()
     if optimizer is None:
         set_model_state_dict(model, model_state, options=options)
