@@ -98,6 +98,7 @@ def bft_forward_backward_triton(
     if grad_dtype is None:
         grad_dtype = sh.dtype if (dev.type == "cuda" and sh.dtype != torch.float64) else torch.float32
     group = group_rows or default_group_rows(N, V, C, torch.finfo(grad_dtype).bits // 8, need_dw)
+    group = max(C, group // C * C)  # whole chunks: each chunk's rows of G lie inside one group
     S = torch.empty(C, V, dtype=torch.float32, device=dev)
     A = torch.empty_like(S)
     B = torch.empty_like(S)
