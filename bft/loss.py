@@ -195,8 +195,6 @@ def _scaled_gradient(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtyp
     full-size temporary."""
     if dtype == grad.dtype:
         return grad if bool(factor == 1) else grad.mul_(factor)
-    if grad.dim() == 0:
-        return (grad * factor).to(dtype)
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     rows = max(1, _BACKWARD_SLICE_BYTES // max(1, grad[0].numel() * grad.element_size()))
     for r0 in range(0, grad.shape[0], rows):

@@ -14,10 +14,10 @@ It is written into ``DIR/checkpoints/.tmp-step-00000042/`` and then renamed into
 removed on the next save, never a half-written ``step-*``. Old checkpoints are deleted only after the new one is
 in place.
 
-Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`` as *full* state dicts: under
-FSDP every rank takes part in gathering the shards and the main process writes whole tensors, so a checkpoint is
-the same file whatever wrapped the model (none, DDP or FSDP) and resumes under any of them, with any number of
-processes.
+Model and optimizer states are *full* state dicts keyed by parameter name. Under several processes they go through
+``torch.distributed.checkpoint.state_dict`` (under FSDP every rank takes part in gathering the shards and the main
+process writes whole tensors); one process reads the same layout directly. So a checkpoint is the same file
+whatever wrapped the model (none, DDP or FSDP) and resumes under any of them, with any number of processes.
 """
 
 from __future__ import annotations
@@ -88,9 +88,8 @@ def _raw_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
-def _trainable_names(model: torch.nn.Module) -> set[str]:
-    inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the module (and its parameter names) as they were
-    return {name for name, p in inner.named_parameters() if p.requires_grad}
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP; FSDP2 keeps the module (and its parameter names) as they were
 
 
 def _distributed() -> bool:
@@ -99,7 +98,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_training_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+def gather_training_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     """(trainable parameters, optimizer state) as full tensors on the CPU, keyed by parameter name.
 
     Under several processes this goes through ``torch.distributed.checkpoint.state_dict`` — a collective that
@@ -109,25 +108,27 @@ def gather_training_state(model: torch.nn.Module, optimizer=None) -> tuple[dict,
     (DDP/FSDP or plain), ``optimizer`` may be accelerate's wrapper.
     """
     if _distributed():
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        options = _state_dict_options(cpu_offload=True)
-        if optimizer is None:
-            return get_model_state_dict(model, options=options), None
-        return get_state_dict(model, _raw_optimizer(optimizer), options=options)
-    inner = getattr(model, "module", model)
+        return get_state_dict(model, _raw_optimizer(optimizer), options=_state_dict_options(cpu_offload=True))
+    inner = _unwrapped(model)
     params = {name: p.detach().cpu().clone() for name, p in inner.named_parameters() if p.requires_grad}
-    return params, (None if optimizer is None else _optimizer_state_by_name(inner, _raw_optimizer(optimizer)))
+    return params, _optimizer_state_by_name(inner, _raw_optimizer(optimizer))
 
 
 def _cpu(value):
     return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
+def _names_in_optimizer_order(model: torch.nn.Module, optimizer) -> list[str]:
+    """Parameter names in the order of the indices that ``optimizer.state_dict()`` uses."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def _optimizer_state_by_name(model: torch.nn.Module, optimizer) -> dict:
     """``optimizer.state_dict()`` with parameter names for the indices torch uses (the layout DCP writes)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    order = _names_in_optimizer_order(model, optimizer)
     raw = optimizer.state_dict()
     state = {order[i]: {k: _cpu(v) for k, v in per_param.items()} for i, per_param in raw["state"].items()}
     groups = [{**group, "params": [order[i] for i in group["params"]]} for group in raw["param_groups"]]
@@ -135,8 +136,7 @@ def _optimizer_state_by_name(model: torch.nn.Module, optimizer) -> dict:
 
 
 def _load_optimizer_state_by_name(model: torch.nn.Module, optimizer, named: dict) -> None:
-    names = {id(p): name for name, p in model.named_parameters()}
-    index = {names[id(p)]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    index = {name: i for i, name in enumerate(_names_in_optimizer_order(model, optimizer))}
     unknown = sorted(set(named["state"]) - set(index))
     if unknown:
         raise ValueError(f"the checkpoint's optimizer state names parameters this model does not train: {unknown[:5]}")
@@ -144,15 +144,11 @@ def _load_optimizer_state_by_name(model: torch.nn.Module, optimizer, named: dict
     optimizer.load_state_dict({"state": {index[name]: v for name, v in named["state"].items()}, "param_groups": groups})
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only the parameters that train (for LoRA: the adapters), whole, on the CPU (a collective under FSDP)."""
-    return gather_training_state(model)[0]
-
-
-def restore_training_state(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict | None) -> None:
+def restore_training_state(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict) -> None:
     """Load what :func:`gather_training_state` returned into the (possibly wrapped) model and optimizer; under FSDP
     every process passes the whole dicts and keeps its own shard of them."""
-    expected = _trainable_names(model)
+    inner = _unwrapped(model)
+    expected = {name for name, p in inner.named_parameters() if p.requires_grad}
     missing = sorted(expected - set(model_state))
     unexpected = sorted(set(model_state) - expected)
     if missing or unexpected:
@@ -160,27 +156,17 @@ def restore_training_state(model: torch.nn.Module, optimizer, model_state: dict,
             "the checkpoint does not match this model's trainable parameters (was the config changed, e.g. "
             f"finetune.mode or LoRA targets?): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
     if not _distributed():
-        inner = getattr(model, "module", model)
         params = dict(inner.named_parameters())
         with torch.no_grad():
             for name, value in model_state.items():
                 params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
-        if optimizer is not None:
-            _load_optimizer_state_by_name(inner, _raw_optimizer(optimizer), optim_state)
+        _load_optimizer_state_by_name(inner, _raw_optimizer(optimizer), optim_state)
         return
-    options = _state_dict_options()
-    if optimizer is None:
-        set_model_state_dict(model, model_state, options=options)
-    else:
-        set_state_dict(model, _raw_optimizer(optimizer), model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=options)  # fmt: skip
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-
-def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    restore_training_state(model, None, state, None)
+    set_state_dict(model, _raw_optimizer(optimizer), model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=_state_dict_options())  # fmt: skip
 
 
 def _fsync_dir(path: Path) -> None:

@@ -124,8 +124,6 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     student, optimizer = accelerator.prepare(student, optimizer)  # the scheduler is stepped once per optimizer step
     # FSDP replaces each parameter by a sharded one (the optimizer is re-pointed by accelerate): clip those
     params = [p for p in student.parameters() if p.requires_grad]
-    student_model = accelerator.unwrap_model(student).model  # the HF / peft model inside
-    fsdp = is_fsdp(accelerator)
 
     step = 0
     if resume_from is not None:
@@ -211,7 +209,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
         writer.close()
 
     # ---------------------------------------------------------------- the final student, as a normal HF checkpoint
-    final_dir = save_final_student(config, trio, student if fsdp else student_model, out / "final", accelerator)
+    final_dir = save_final_student(config, trio, student, out / "final", accelerator)
     return {"steps": step, "total_steps": total_steps, "output_dir": str(out), "final_dir": str(final_dir),
             "last_metrics": metrics}  # fmt: skip
 
@@ -389,17 +387,20 @@ def warn_config_changes(saved: dict, config: Config) -> None:
         warnings.warn("resuming with a changed config: " + "; ".join(changed), stacklevel=3)
 
 
-def save_final_student(config: Config, trio, student_model, final_dir: Path, accelerator) -> Path:
+def save_final_student(config: Config, trio, student, final_dir: Path, accelerator) -> Path:
     """The trained student as a normal Hugging Face checkpoint (+ tokenizer), written atomically.
 
     LoRA with ``finetune.save: merged``: the adapters are merged into the weights (``merge_and_unload``) — into a
     fresh 16-bit copy of the aligned model when the student's weights were quantized. ``adapter``: the peft
-    adapter only (load it onto the aligned model with ``PeftModel.from_pretrained``). Under FSDP pass the wrapped
-    student: its shards are gathered (every process takes part) into a whole copy on the main process's CPU.
+    adapter only (load it onto the aligned model with ``PeftModel.from_pretrained``). ``student`` is the
+    accelerate-prepared :class:`BFTStudent`; under FSDP its shards are gathered (every process takes part) into a
+    whole copy on the main process's CPU.
     """
     accelerator.wait_for_everyone()
     if is_fsdp(accelerator):
-        student_model = gather_unsharded_student(config, student_model, accelerator)
+        student_model = gather_unsharded_student(config, student, accelerator)
+    else:
+        student_model = accelerator.unwrap_model(student).model  # the HF / peft model inside
     if not accelerator.is_main_process:
         return final_dir
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
