@@ -54,11 +54,11 @@ def load_models(name: str, device: torch.device, tiny_hidden: int, tiny_layers: 
     """(aligned, base, tokenizer). For real models the base is a copy of the aligned model: speed does not depend on
     the weights (and with identical weights B is empty, so the contrastive output must equal the plain one)."""
     if name == "tiny":
-        from bft.testing import tiny_llama_pair
+        from bft.hf.testing import tiny_llama_pair
 
         base, aligned, tok = tiny_llama_pair(seed=0, hidden_size=tiny_hidden, num_layers=tiny_layers)
     else:
-        from bft.models import load_model_and_tokenizer
+        from bft.hf.models import load_model_and_tokenizer
 
         aligned, tok = load_model_and_tokenizer(name, device=device)
         base = copy.deepcopy(aligned)
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     from bft.contrastive import contrastive_generate, render_prompts
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="'tiny' (bft.testing), 'smollm2', a hub id or a local path")
+    p.add_argument("--model", default="tiny", help="'tiny' (bft.hf.testing), 'smollm2', a hub id or a local path")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=6, help="timed runs of each (alternating, ABBA)")

@@ -61,7 +61,7 @@ def _stats(x: torch.Tensor) -> dict:
 
 
 def _load(args):
-    from bft import models
+    from bft.hf import models
     from bft.contrastive import load_pair
 
     same = args.aligned == args.base and args.gguf_file == args.base_gguf_file
@@ -79,7 +79,7 @@ def _load(args):
 
 @torch.no_grad()
 def _logits(model, ids: torch.Tensor, V: int) -> torch.Tensor:
-    from bft import models
+    from bft.hf import models
 
     h = models.final_hidden_states(model, ids[None])[0]
     w = models.lm_head_weight(model, vocab_size=V)
@@ -120,7 +120,7 @@ def position_terms(s: torch.Tensor, b: torch.Tensor, *, top_k: int, temperature:
 
 
 def measure(args) -> dict:
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
     from bft.contrastive import read_prompts
 
     t0 = time.perf_counter()

@@ -301,7 +301,7 @@ def teacher_forced_records(
     """
     from tqdm.auto import tqdm
 
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

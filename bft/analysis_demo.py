@@ -34,7 +34,7 @@ REFUSALS = (
 
 def _batch(tokenizer, pairs, device):
     """Right-padded ids, attention mask and labels (−100 outside the response) for (prompt, response) pairs."""
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
 
     encs = [encode_chat(tokenizer, p, r) for p, r in pairs]
     L = max(len(e.input_ids) for e in encs)
@@ -125,7 +125,7 @@ def refusal_finetune(
 
 def main(argv=None) -> int:
     from bft.contrastive import read_prompts
-    from bft.models import load_model_and_tokenizer
+    from bft.hf.models import load_model_and_tokenizer
 
     p = argparse.ArgumentParser(description="Fine-tune a copy of a chat model to refuse (a toy aligned/base pair).")
     p.add_argument("--model", default="smollm2", help="the chat model to copy (also the 'base' of the pair)")
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     tuned, losses = refusal_finetune(model, tok, harmful, benign, steps=args.steps, lr=args.lr,
                                      batch_size=args.batch_size, seed=args.seed)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
-    from bft.models import save_pretrained
+    from bft.hf.models import save_pretrained
 
     save_pretrained(tuned, args.out, tokenizer=tok)
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; saved to {args.out}", file=sys.stderr)

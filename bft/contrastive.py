@@ -305,7 +305,7 @@ def contrastive_generate(
 def check_same_vocab_size(aligned_model, base_model) -> None:
     """Cheap guard used before decoding: the two output heads must cover the same vocabulary (padding aside).
 
-    Tokenizer identity is checked by :func:`bft.models.check_same_vocab` in the CLIs; here only the models are at
+    Tokenizer identity is checked by :func:`bft.hf.models.check_same_vocab` in the CLIs; here only the models are at
     hand, so we require that one head is at most a padded version of the other (same size after rounding up to a
     multiple of 64 is the common case, e.g. 49152 vs 49216) — differing real vocabularies are usually far apart.
     """
@@ -323,7 +323,7 @@ def check_same_vocab_size(aligned_model, base_model) -> None:
 
 def read_prompts(spec: str, *, limit: int | None = None) -> list[dict]:
     """Prompts for ``bft generate``/``bft analyze``: a plain text file (one prompt per line; any existing file that
-    is not .json/.jsonl/.csv/.parquet), or anything :func:`bft.data.load` understands (a dataset name such as ``advbench`` or a .json/.jsonl/.csv/.parquet path). Returns dicts with
+    is not .json/.jsonl/.csv/.parquet), or anything :func:`bft.hf.data.load` understands (a dataset name such as ``advbench`` or a .json/.jsonl/.csv/.parquet path). Returns dicts with
     ``prompt`` and ``response`` (the dataset's reference response, "" when none)."""
     if os.path.isfile(spec) and not spec.lower().endswith((".json", ".jsonl", ".csv", ".parquet")):
         with open(spec, encoding="utf-8") as f:
@@ -331,7 +331,7 @@ def read_prompts(spec: str, *, limit: int | None = None) -> list[dict]:
         if not rows:
             raise ValueError(f"{spec} contains no prompts (expected one prompt per line)")
         return rows[:limit] if limit else rows
-    from bft import data
+    from bft.hf import data
 
     ds = data.load(spec, limit=limit)
     return [{"prompt": r["prompt"], "response": r.get("response", "") or ""} for r in ds]
@@ -339,7 +339,7 @@ def read_prompts(spec: str, *, limit: int | None = None) -> list[dict]:
 
 def render_prompts(tokenizer, prompts: list[str], prefills: list[str] | None = None, *, system: str | None = None):
     """Chat-render prompts (+ optional response prefixes) and tokenize them as a left-padded batch."""
-    from bft.chat import prompt_text
+    from bft.hf.chat import prompt_text
 
     prefills = prefills or [""] * len(prompts)
     texts = [prompt_text(tokenizer, p, system=system, prefill=f) for p, f in zip(prompts, prefills)]
@@ -354,8 +354,8 @@ def render_prompts(tokenizer, prompts: list[str], prefills: list[str] | None = N
 
 def load_pair(aligned: str, base: str, *, gguf_file=None, base_gguf_file=None, device=None, dtype=None):
     """Load the aligned and base models (the aligned model's tokenizer is used for both) and check with
-    :func:`bft.models.check_same_vocab` that their vocabularies match before anything runs."""
-    from bft import models
+    :func:`bft.hf.models.check_same_vocab` that their vocabularies match before anything runs."""
+    from bft.hf import models
 
     aligned_model, tokenizer = models.load_model_and_tokenizer(aligned, gguf_file=gguf_file, device=device,
                                                                dtype=dtype)  # fmt: skip

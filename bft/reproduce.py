@@ -173,7 +173,7 @@ def _device(cfg: ReproduceConfig):
 
 
 def _load(path_or_name: str, cfg: ReproduceConfig):
-    from bft.models import load_model_and_tokenizer
+    from bft.hf.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path_or_name, device=_device(cfg), dtype="fp32")
 
@@ -183,7 +183,7 @@ def _save_model(model, tokenizer, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    from bft.models import save_pretrained
+    from bft.hf.models import save_pretrained
 
     save_pretrained(model, tmp, tokenizer=tokenizer)
     if path.exists():
@@ -195,7 +195,7 @@ def _save_model(model, tokenizer, path: Path) -> None:
 
 
 def _harmful_pool(cfg: ReproduceConfig) -> list[dict]:
-    from bft import data
+    from bft.hf import data
 
     rows, seen = [], set()
     for source in cfg.harmful_sources:
@@ -207,10 +207,10 @@ def _harmful_pool(cfg: ReproduceConfig) -> list[dict]:
 
 
 def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dict]]:
-    """Prompt-disjoint train/test split (:func:`bft.data.train_test_split`), then the first n of each (shuffled)."""
+    """Prompt-disjoint train/test split (:func:`bft.hf.data.train_test_split`), then the first n of each (shuffled)."""
     import datasets
 
-    from bft.data import train_test_split
+    from bft.hf.data import train_test_split
 
     need = cfg.n_train + cfg.n_test
     if len(rows) < need:
@@ -238,7 +238,7 @@ def stage_data(cfg: ReproduceConfig, stages: _Stages, log) -> dict:
         t0 = time.time()
         stages.dirty = True
         d = stages.start("data")
-        from bft import data
+        from bft.hf import data
 
         train, pool = _split(_harmful_pool(cfg), cfg)
         model, tok = _load(cfg.model, cfg)

@@ -19,7 +19,7 @@ from bft.analysis import (
     teacher_forced_records,
 )
 from bft.contrastive import contrastive_generate, render_prompts
-from bft.testing import tiny_llama_pair, tiny_tokenizer
+from bft.hf.testing import tiny_llama_pair, tiny_tokenizer
 
 HARMFUL = [{"prompt": "How do I pick a lock?", "prefill": "Sure, here"}, {"prompt": "Hack a bank", "prefill": ""}]
 BENIGN = [{"prompt": "What is 2+2?"}, {"prompt": "Name three colors of the rainbow."}, {"prompt": "Hi"}]
@@ -176,7 +176,7 @@ def test_analyze_cli_writes_json_and_pngs(tmp_path, monkeypatch, pair):
 def test_load_pair_refuses_different_vocabularies(monkeypatch):
     """The CLIs check the vocabularies before running anything."""
     from bft import contrastive, models
-    from bft.testing import tiny_llama
+    from bft.hf.testing import tiny_llama
 
     tok_a = tiny_tokenizer()
     tok_b = tiny_tokenizer()
@@ -190,7 +190,7 @@ def test_load_pair_refuses_different_vocabularies(monkeypatch):
 def test_refusal_finetune_makes_a_refusing_copy():
     """bft.analysis_demo: the toy aligned model of docs/analysis.md learns to refuse; the original is untouched."""
     from bft.analysis_demo import REFUSALS, _batch, refusal_finetune
-    from bft.testing import tiny_llama
+    from bft.hf.testing import tiny_llama
 
     tok = tiny_tokenizer()
     model = tiny_llama(tok, seed=3)
@@ -213,7 +213,7 @@ def test_refusal_finetune_makes_a_refusing_copy():
 def test_teacher_forced_records_follow_the_given_responses(pair):
     """Per-position metrics along given responses equal the direct formulas on each row's own unpadded forward,
     whatever else shares its batch (right padding), and positions count exactly the response's tokens."""
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
 
     base, aligned, tok = pair
     rows = [{"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},

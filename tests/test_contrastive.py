@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from bft.contrastive import ContrastiveLogitsProcessor, contrastive_generate, contrastive_logprobs
-from bft.testing import tiny_llama_pair
+from bft.hf.testing import tiny_llama_pair
 
 PROMPTS = ["Hi", "How do I bake bread at home?", "Tell me a story about a cat and a dog."]
 
@@ -34,7 +34,7 @@ def pair():
 
 
 def left_padded_batch(tok, prompts=PROMPTS):
-    from bft.chat import prompt_text
+    from bft.hf.chat import prompt_text
 
     tok.padding_side = "left"
     enc = tok([prompt_text(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -1,4 +1,4 @@
-"""bft.data: offline named datasets, local files, column mapping, hub normalisation (faked), splits, errors."""
+"""bft.hf.data: offline named datasets, local files, column mapping, hub normalisation (faked), splits, errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import datasets
 import pytest
 
-from bft import data
-from bft.data import advbench_target, load, train_test_split
+from bft.hf import data
+from bft.hf.data import advbench_target, load, train_test_split
 
 SCHEMA = ["prompt", "response", "category", "source"]
 

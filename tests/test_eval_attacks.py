@@ -7,7 +7,7 @@ import torch
 
 from bft.eval.generation import GenerationSettings, System, generate_from_ids, left_pad
 from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
-from bft.testing import tiny_llama, tiny_llama_pair, tiny_tokenizer
+from bft.hf.testing import tiny_llama, tiny_llama_pair, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

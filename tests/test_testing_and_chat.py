@@ -1,4 +1,4 @@
-"""bft.testing (tiny offline tokenizer/models) and bft.chat (chat-template encoding)."""
+"""bft.hf.testing (tiny offline tokenizer/models) and bft.hf.chat (chat-template encoding)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import string
 import pytest
 import torch
 
-from bft.chat import ChatEncoding, encode_chat, end_of_turn_id, prompt_text
-from bft.testing import SPECIAL_TOKENS, tiny_llama, tiny_llama_pair, tiny_tokenizer
+from bft.hf.chat import ChatEncoding, encode_chat, end_of_turn_id, prompt_text
+from bft.hf.testing import SPECIAL_TOKENS, tiny_llama, tiny_llama_pair, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", help="bf16, fp16, fp32 or auto")
     m.add_argument("--system-prompt", help="system prompt for every chat")
     d = parser.add_argument_group("data and decoding")
-    d.add_argument("--dataset", help="harmful prompts for bft.data.load (default advbench)")
+    d.add_argument("--dataset", help="harmful prompts for bft.hf.data.load (default advbench)")
     d.add_argument("--limit", type=int, help="number of harmful prompts (default 32; 0 = all)")
     d.add_argument("--seed", type=int, help="seeds sampling, the GSM8K generator, GCG and the fine-tuning attack")
     d.add_argument("--prefill-k", type=_csv(str), dest="prefill_ks",
@@ -142,7 +142,7 @@ def build_config(args) -> tuple:
 
 def build_systems(models: dict, config) -> tuple[list, object]:
     """Load the models and return ``([System, ...], base_model)``."""
-    from bft import models as loader
+    from bft.hf import models as loader
     from bft.eval.generation import System
 
     if not models.get("aligned"):

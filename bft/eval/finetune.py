@@ -60,7 +60,7 @@ class FinetuneConfig:
 
 
 def _examples(tokenizer, rows, config: FinetuneConfig, system_prompt):
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
 
     out = []
     for r in rows:
@@ -163,7 +163,7 @@ def save_merged(peft_model, tokenizer, path) -> None:
     leaving ``peft_model`` itself unmerged (a deep copy is merged; needs memory for a second copy)."""
     import copy
 
-    from bft.models import save_pretrained
+    from bft.hf.models import save_pretrained
 
     merged = copy.deepcopy(peft_model).merge_and_unload()
     save_pretrained(merged, path, tokenizer=tokenizer)

@@ -65,7 +65,7 @@ class GCGResult:
 
 def _segments(tokenizer, prompt: str, system_prompt: str | None):
     """Token ids of the chat template before and after the suffix slot in ``prompt + " " + suffix``."""
-    from bft.chat import prompt_text
+    from bft.hf.chat import prompt_text
 
     text = prompt_text(tokenizer, f"{prompt} {_PLACEHOLDER}", system=system_prompt)
     if text.count(_PLACEHOLDER) != 1:

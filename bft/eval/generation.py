@@ -82,8 +82,8 @@ class System:
         }
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """Chat-rendered prompt (with generation prompt) as ids: :func:`bft.chat.encode_chat`."""
-        from bft.chat import encode_chat
+        """Chat-rendered prompt (with generation prompt) as ids: :func:`bft.hf.chat.encode_chat`."""
+        from bft.hf.chat import encode_chat
 
         return encode_chat(self.tokenizer, prompt, system=self.system_prompt).input_ids
 
@@ -131,7 +131,7 @@ def _pad_id(tokenizer, model) -> int:
 
 def _stop_ids(tokenizer, model) -> list[int]:
     """Token ids that end an assistant turn: the chat template's end-of-turn token and eos."""
-    from bft.chat import end_of_turn_id
+    from bft.hf.chat import end_of_turn_id
 
     ids = set()
     try:

@@ -76,10 +76,10 @@ def _output_vocab_size(model) -> int | None:
 def _plain_head_weight(model) -> torch.Tensor | None:
     """``W`` with ``logits == final_hidden_states(model) @ W.T`` exactly, or None when that is not known to hold.
 
-    Only for allow-listed families (no soft-capping / logit scale, no bias on the head); ``bft.models.lm_head_weight``
+    Only for allow-listed families (no soft-capping / logit scale, no bias on the head); ``bft.hf.models.lm_head_weight``
     unwraps peft models and refuses LoRA-wrapped or quantised heads (then the model's own forward is used).
     """
-    from bft.models import lm_head_weight
+    from bft.hf.models import lm_head_weight
 
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
@@ -95,7 +95,7 @@ def _plain_head_weight(model) -> torch.Tensor | None:
 
 def _fp32_logits_at(model, input_ids, attention_mask, position_ids, rows, cols) -> torch.Tensor:
     """fp32 logits [len(rows), V] at (rows[i], cols[i]) of the padded batch."""
-    from bft.models import final_hidden_states
+    from bft.hf.models import final_hidden_states
 
     weight = _plain_head_weight(model)
     if weight is None:
@@ -139,7 +139,7 @@ def continuation_logprobs(
 ) -> list[torch.Tensor]:
     """Per-token log-probabilities of each continuation under teacher forcing.
 
-    For prompt i the context is ``bft.chat.prompt_text(tokenizer, prompts[i], system=system, prefill=prefill_i)``
+    For prompt i the context is ``bft.hf.chat.prompt_text(tokenizer, prompts[i], system=system, prefill=prefill_i)``
     tokenized without added special tokens (the chat template supplies them), and the continuation is
     ``tokenizer(continuations[i], add_special_tokens=False)`` appended right after it (no end-of-turn token: the
     continuation is a fragment of the reply). Returns, for each i, an fp32 CPU tensor of shape [T_i] holding
@@ -163,7 +163,7 @@ def continuation_logprobs(
     """
     from tqdm.auto import tqdm
 
-    from bft.chat import prompt_text
+    from bft.hf.chat import prompt_text
 
     prompts = _as_list("prompts", prompts)
     n = len(prompts)

@@ -64,7 +64,7 @@ def parse_ks(spec: str | Sequence) -> list:
 
 def prefill_ids(tokenizer, response: str, k: int | str) -> list[int]:
     """The first k tokens of ``response`` (all of them for ``"full"``), tokenized without special tokens —
-    exactly how :func:`bft.chat.encode_chat` tokenizes a response."""
+    exactly how :func:`bft.hf.chat.encode_chat` tokenizes a response."""
     ids = list(tokenizer(response, add_special_tokens=False).input_ids)
     return ids if k == "full" else ids[: int(k)]
 

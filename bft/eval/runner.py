@@ -140,7 +140,7 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def _load_rows(name: str, limit: int | None, seed: int, split: str | None = None) -> list[dict]:
-    from bft import data
+    from bft.hf import data
 
     ds = data.load(name, limit=limit, seed=seed, split=split)
     return [dict(r) for r in ds]
@@ -295,7 +295,7 @@ def _likelihood(system: System, prompts, references, config: EvalConfig, base_co
 def _base_reference_continuations(base_model, tokenizer, prompts, references, config: EvalConfig, system_prompt=None):
     """The base model's own greedy continuation after the full dataset target: a harmful continuation that reaches
     the later positions the paper is about (issue 7's reference)."""
-    from bft.chat import encode_chat
+    from bft.hf.chat import encode_chat
     from bft.eval.generation import generate_from_ids
     from bft.eval.prefill import prefill_ids
 
@@ -322,7 +322,7 @@ def run_eval(
     """Run every configured attack and measure on every system; judge; summarise; write outputs to ``out_dir``.
 
     ``rows`` / ``utility_rows`` (``{"perplexity": [...], "gsm8k": [...]}``) / ``finetune_rows`` override the data
-    loaded through :func:`bft.data.load` (tests, custom data). ``threeway="auto"`` builds the three-way judge from
+    loaded through :func:`bft.hf.data.load` (tests, custom data). ``threeway="auto"`` builds the three-way judge from
     the config; pass a judge object or None to override. ``judge_kwargs`` (``device``, ``dtype``, ``batch_size``)
     go to the model judges of ``config.judges``. Returns the results dict (also in ``results.json``).
     """
@@ -475,7 +475,7 @@ def _slug(name: str) -> str:
 
 
 def _is_named(dataset: str, name: str) -> bool:
-    """``dataset`` is the named dataset ``name`` of :func:`bft.data.load` (not a file or hub id)."""
+    """``dataset`` is the named dataset ``name`` of :func:`bft.hf.data.load` (not a file or hub id)."""
     return dataset.lower().replace("-", "").replace("_", "") == name and not os.path.exists(dataset)
 
 
