@@ -88,7 +88,7 @@ class _Split:
         self.calls = 0
 
     def __enter__(self):
-        from bft.contrastive import ContrastiveLogitsProcessor as P
+        from bft.decoding import ContrastiveLogitsProcessor as P
 
         self._orig = (P.__call__, P._forward)
         call, fwd = self._orig
@@ -116,7 +116,7 @@ class _Split:
         return self
 
     def __exit__(self, *exc):
-        from bft.contrastive import ContrastiveLogitsProcessor as P
+        from bft.decoding import ContrastiveLogitsProcessor as P
 
         P.__call__, P._forward = self._orig
         return False
@@ -139,7 +139,7 @@ def processor_only(vocab_size: int, batch_size: int, prompt_len: int, steps: int
     """ms/step of ``ContrastiveLogitsProcessor`` itself (cache check, mask, positions, Eq. 7 over the vocabulary)
     with a stub base model, on fixed scores; process CPU time, best of 5 — the processor's cost free of machine
     noise and of the model."""
-    from bft.contrastive import ContrastiveLogitsProcessor
+    from bft.decoding import ContrastiveLogitsProcessor
 
     g = torch.Generator().manual_seed(0)
     base = _StubBase(torch.randn(batch_size, vocab_size, generator=g)).to(device)
@@ -159,7 +159,8 @@ def processor_only(vocab_size: int, batch_size: int, prompt_len: int, steps: int
 
 
 def main(argv=None) -> int:
-    from bft.contrastive import contrastive_generate, render_prompts
+    from bft.decoding import contrastive_generate
+    from bft.hf.chat import render_prompts
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="'tiny' (bft.hf.testing), 'smollm2', a hub id or a local path")

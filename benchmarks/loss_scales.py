@@ -62,7 +62,7 @@ def _stats(x: torch.Tensor) -> dict:
 
 def _load(args):
     from bft.hf import models
-    from bft.contrastive import load_pair
+    from bft.hf.models import load_pair
 
     same = args.aligned == args.base and args.gguf_file == args.base_gguf_file
     if same:  # one model plays both roles: load it once
@@ -121,7 +121,7 @@ def position_terms(s: torch.Tensor, b: torch.Tensor, *, top_k: int, temperature:
 
 def measure(args) -> dict:
     from bft.hf.chat import encode_chat
-    from bft.contrastive import read_prompts
+    from bft.hf.data import read_prompts
 
     t0 = time.perf_counter()
     aligned, base, tokenizer, V, same_model = _load(args)

@@ -22,9 +22,9 @@ _LAZY = {
     "hybrid_teacher_logits": "bft.reference",
     "base_favored_tokens": "bft.reference",
     "BaseFavoredTokens": "bft.reference",
-    "contrastive_logprobs": "bft.contrastive",
-    "ContrastiveLogitsProcessor": "bft.contrastive",
-    "contrastive_generate": "bft.contrastive",
+    "contrastive_logprobs": "bft.decoding",
+    "ContrastiveLogitsProcessor": "bft.decoding",
+    "contrastive_generate": "bft.decoding",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

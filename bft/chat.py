@@ -3,7 +3,7 @@
 import sys
 import warnings
 
-import bft.hf.chat
+import bft.hf.chat  # noqa: F401
 
 warnings.warn("bft.chat is deprecated: import bft.hf.chat", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = sys.modules["bft.hf.chat"]

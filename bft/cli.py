@@ -12,12 +12,12 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "analyze": ("bft.analysis", "position-wise base-favored token analysis of an aligned/base pair (JSON + plots)"),
-    "generate": ("bft.contrastive", "generate with contrastive decoding against the base model (paper Eq. 7)"),
+    "analyze": ("bft.commands.analyze", "position-wise base-favored token analysis of an aligned/base pair (JSON + plots)"),
+    "generate": ("bft.commands.generate", "generate with contrastive decoding against the base model (paper Eq. 7)"),
     "train": ("bft.trainer.cli", "train a student with the BFT objective from a YAML config"),
     "eval": ("bft.eval.cli", "prefill / fine-tuning / GCG attacks, judges and utility; JSON + Markdown + plots"),
-    "reproduce": ("bft.reproduce", "the paper in miniature on a real model, offline: analysis, attacks, BFT (cached)"),
-    "demo": ("bft.demo", "the quick reproduction (~10 min on 2 CPU cores): table, plots, report"),
+    "reproduce": ("bft.commands.reproduce", "the paper in miniature on a real model, offline: analysis, attacks, BFT (cached)"),
+    "demo": ("bft.commands.demo", "the quick reproduction (~10 min on 2 CPU cores): table, plots, report"),
 }
 
 

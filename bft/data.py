@@ -3,7 +3,7 @@
 import sys
 import warnings
 
-import bft.hf.data
+import bft.hf.data  # noqa: F401
 
 warnings.warn("bft.data is deprecated: import bft.hf.data", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = sys.modules["bft.hf.data"]

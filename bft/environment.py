@@ -23,3 +23,16 @@ def device_name(device="cpu") -> str:
     except OSError:
         pass
     return f"{model} ({os.cpu_count()} cores)"
+
+
+def package_versions(packages=("torch", "transformers", "bft")) -> dict:
+    """Installed versions of ``packages`` (None where one is not installed), recorded with every result."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

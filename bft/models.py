@@ -3,7 +3,7 @@
 import sys
 import warnings
 
-import bft.hf.models
+import bft.hf.models  # noqa: F401
 
 warnings.warn("bft.models is deprecated: import bft.hf.models", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = sys.modules["bft.hf.models"]

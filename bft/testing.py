@@ -3,7 +3,7 @@
 import sys
 import warnings
 
-import bft.hf.testing
+import bft.hf.testing  # noqa: F401
 
 warnings.warn("bft.testing is deprecated: import bft.hf.testing", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = sys.modules["bft.hf.testing"]

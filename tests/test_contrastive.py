@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from bft.contrastive import ContrastiveLogitsProcessor, contrastive_generate, contrastive_logprobs
+from bft.decoding import ContrastiveLogitsProcessor, contrastive_generate, contrastive_logprobs
 from bft.hf.testing import tiny_llama_pair
 
 PROMPTS = ["Hi", "How do I bake bread at home?", "Tell me a story about a cat and a dog."]
@@ -245,7 +245,7 @@ def test_contrastive_generate_rejects_bad_input(pair):
 
 def test_generate_cli_with_text_prompts(tmp_path, monkeypatch, pair):
     """`bft generate` end to end on a plain text prompts file, with the tiny pair standing in for real models."""
-    import bft.contrastive as cd
+    import bft.commands.generate as cd
     from bft.cli import main
 
     base, aligned, tok = pair
@@ -266,7 +266,7 @@ def test_generate_cli_with_text_prompts(tmp_path, monkeypatch, pair):
 
 def test_penalty_fast_path_is_bitwise_the_masked_formula():
     """The default path (fmin form, in place) gives the very same floats as the masked form of Eq. 7."""
-    from bft.contrastive import _penalize_
+    from bft.decoding.contrastive import _penalize_
 
     def masked(la, lb, alpha):
         diff = lb - la

@@ -25,7 +25,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def _tiny_config(model_dir, out, **overrides):
-    from bft.reproduce import ReproduceConfig
+    from bft.pipelines.reproduce import ReproduceConfig
 
     sizes = dict(
         out=str(out), model=model_dir, device="cpu", n_train=6, n_test=3, n_benign_train=4, n_benign_test=3,
@@ -39,7 +39,7 @@ def _tiny_config(model_dir, out, **overrides):
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
-    from bft.reproduce import reproduce
+    from bft.pipelines.reproduce import reproduce
 
     out = tmp_path_factory.mktemp("repro")
     logs = []
@@ -89,7 +89,7 @@ def test_summary_numbers_come_from_the_eval_records(tiny_run):
 
 
 def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_run, tiny_model_dir):
-    from bft.reproduce import reproduce
+    from bft.pipelines.reproduce import reproduce
 
     cfg, out, summary, _ = tiny_run
     logs = []
@@ -104,7 +104,7 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_r
 
 
 def test_bad_sizes_are_refused():
-    from bft.reproduce import ReproduceConfig, validate
+    from bft.pipelines.reproduce import ReproduceConfig, validate
 
     with pytest.raises(ValueError, match="prefill_ks needs at least one k > 0"):
         validate(ReproduceConfig(prefill_ks=[0]))
@@ -115,7 +115,7 @@ def test_bad_sizes_are_refused():
 def test_interrupted_bft_stage_resumes_and_an_upstream_change_discards_its_checkpoints(tiny_model_dir, tmp_path):
     """Killed during BFT training: the rerun resumes from the checkpoint. A recomputed upstream stage (here a new
     aligned model under the same path) must not resume from checkpoints trained on the old one."""
-    from bft.reproduce import reproduce
+    from bft.pipelines.reproduce import reproduce
 
     cfg = _tiny_config(tiny_model_dir, tmp_path, bft_steps=4)
     reproduce(cfg, log=lambda m: None)
@@ -134,7 +134,7 @@ def test_interrupted_bft_stage_resumes_and_an_upstream_change_discards_its_check
 
 def test_two_fresh_runs_give_the_same_numbers(tiny_run, tiny_model_dir, tmp_path):
     """Seeded end to end (data, refusal SFT, BFT, sampled attacks): a fresh run in another folder repeats every number."""
-    from bft.reproduce import reproduce
+    from bft.pipelines.reproduce import reproduce
 
     cfg, _, summary, _ = tiny_run
     again = reproduce(_tiny_config(tiny_model_dir, tmp_path), log=lambda m: None)

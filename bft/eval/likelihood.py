@@ -15,7 +15,7 @@ For contrastive decoding the distribution is the adjusted one of Eq. 7, renormal
 
 with ℓ_a, ℓ_b the aligned and base log-probabilities (log_softmax of the logits, so a constant shift of either
 model's logits changes nothing) at that position; the penalised scores come from
-:func:`bft.contrastive.contrastive_logprobs`, the function contrastive generation uses, and are renormalised here.
+:func:`bft.decoding.contrastive_logprobs`, the function contrastive generation uses, and are renormalised here.
 α = 0 is the aligned model itself.
 
 Numerics: logits are computed in fp32 whatever the model dtype. For decoder families whose output layer is a plain
@@ -146,7 +146,7 @@ def continuation_logprobs(
     log π(y_t | context, y_<t) for the T_i continuation tokens.
 
     Plain scoring uses ``log_softmax(ℓ_a)``. With ``base_model`` and ``alpha`` (contrastive decoding) it uses
-    Eq. 7 renormalised, ``log_softmax(ℓ_a − α·1_B·(ℓ_b − ℓ_a))`` via :func:`bft.contrastive.contrastive_logprobs`;
+    Eq. 7 renormalised, ``log_softmax(ℓ_a − α·1_B·(ℓ_b − ℓ_a))`` via :func:`bft.decoding.contrastive_logprobs`;
     both models see the same token ids, so they must share a vocabulary.
 
     Batches of ``batch_size`` sequences (grouped by length to limit padding) are padded on
@@ -185,7 +185,7 @@ def continuation_logprobs(
     if contrastive:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        from bft.contrastive import check_same_vocab_size, contrastive_logprobs
+        from bft.decoding import check_same_vocab_size, contrastive_logprobs
 
         # the same guard contrastive_generate uses: equal heads, or one a padded copy of the other
         check_same_vocab_size(model, base_model)

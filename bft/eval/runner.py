@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bft.atomic import atomic_write_bytes
+from bft.environment import package_versions
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.judges import Judge, KeywordJudge, judge_from_spec
 
@@ -339,7 +340,7 @@ def run_eval(
         "format": "bft-eval",
         "version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "environment": {"python": platform.python_version(), **_versions()},
+        "environment": {"python": platform.python_version(), **package_versions()},
         "config": config.to_dict(),
         "systems": {s.name: s.describe() for s in systems},
         "records": {s.name: {} for s in systems},
@@ -392,18 +393,6 @@ def run_eval(
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "transformers", "bft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _run_prefill(system: System, prompts, references, config: EvalConfig) -> list[dict]:

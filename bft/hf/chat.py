@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ChatEncoding", "chat_messages", "encode_chat", "end_of_turn_id", "prompt_text"]
+__all__ = ["ChatEncoding", "chat_messages", "encode_chat", "end_of_turn_id", "prompt_text", "render_prompts"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,16 @@ def encode_chat(
     return ChatEncoding(
         input_ids=prompt_ids + response_ids + [end_of_turn_id(tokenizer)], response_start=len(prompt_ids)
     )
+
+
+def render_prompts(tokenizer, prompts: list[str], prefills: list[str] | None = None, *, system: str | None = None):
+    """Chat-render prompts (+ optional response prefixes) and tokenize them as a left-padded batch."""
+    prefills = prefills or [""] * len(prompts)
+    texts = [prompt_text(tokenizer, p, system=system, prefill=f) for p, f in zip(prompts, prefills)]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    return enc["input_ids"], enc["attention_mask"]

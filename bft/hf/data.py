@@ -47,6 +47,8 @@ __all__ = [
     "RESPONSE_COLUMNS",
     "advbench_target",
     "load",
+    "read_prompts",
+    "response_prefixes",
     "train_test_split",
 ]
 
@@ -569,3 +571,25 @@ def train_test_split(dataset, test_size: float, seed: int = 0):
     test_rows = [i for i, p in enumerate(prompts) if p in test_prompts]
     train_rows = [i for i, p in enumerate(prompts) if p not in test_prompts]
     return datasets.DatasetDict({"train": dataset.select(train_rows), "test": dataset.select(test_rows)})
+
+
+def read_prompts(spec: str, *, limit: int | None = None) -> list[dict]:
+    """Prompts for ``bft generate``/``bft analyze``: a plain text file (one prompt per line; any existing file that
+    is not .json/.jsonl/.csv/.parquet), or anything :func:`load` understands (a dataset name such as ``advbench``, a .json/.jsonl/.csv/.parquet
+    path). Returns dicts with ``prompt`` and ``response`` (the dataset's reference response, "" when none)."""
+    if os.path.isfile(spec) and not spec.lower().endswith((".json", ".jsonl", ".csv", ".parquet")):
+        with open(spec, encoding="utf-8") as f:
+            rows = [{"prompt": line.rstrip("\n"), "response": ""} for line in f if line.strip()]
+        if not rows:
+            raise ValueError(f"{spec} contains no prompts (expected one prompt per line)")
+        return rows[:limit] if limit else rows
+    ds = load(spec, limit=limit)
+    return [{"prompt": r["prompt"], "response": r.get("response", "") or ""} for r in ds]
+
+
+def response_prefixes(rows: list[dict], prefill: str = "", n_words: int = 0) -> list[str]:
+    """The forced response prefix of each row: the first ``n_words`` words of its reference response when
+    ``n_words > 0``, else ``prefill`` for every row (the prefill attack of ``bft generate``/``bft analyze``)."""
+    if n_words > 0:
+        return [" ".join(r["response"].split()[:n_words]) for r in rows]
+    return [prefill] * len(rows)

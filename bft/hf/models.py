@@ -35,6 +35,7 @@ __all__ = [
     "final_hidden_states",
     "lm_head_weight",
     "load_model",
+    "load_pair",
     "load_model_and_tokenizer",
     "load_tokenizer",
     "model_vocab_rows",
@@ -511,3 +512,16 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     kwargs.setdefault("use_cache", False)
     outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
     return outputs.last_hidden_state
+
+
+def load_pair(aligned: str, base: str, *, gguf_file=None, base_gguf_file=None, device=None, dtype=None):
+    """Load the aligned and base models (the aligned model's tokenizer is used for both) and check with
+    :func:`bft.hf.check_same_vocab` that their vocabularies match before anything runs."""
+    aligned_model, tokenizer = load_model_and_tokenizer(aligned, gguf_file=gguf_file, device=device,
+                                                               dtype=dtype)  # fmt: skip
+    base_model, base_tokenizer = load_model_and_tokenizer(base, gguf_file=base_gguf_file, device=device,
+                                                                 dtype=dtype)  # fmt: skip
+    check_same_vocab(tokenizer, base_tokenizer, aligned_model, base_model)
+    aligned_model.eval()
+    base_model.eval()
+    return aligned_model, base_model, tokenizer

@@ -1,4 +1,4 @@
-"""``bft demo``: the quick miniature reproduction of the paper (:mod:`bft.reproduce` with ``--quick``)."""
+"""``bft demo``: the quick miniature reproduction of the paper (:mod:`bft.pipelines.reproduce` with ``--quick``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from bft.reproduce import run as run_reproduce
+    from bft.commands.reproduce import run as run_reproduce
 
     args.quick = True
     return run_reproduce(args)

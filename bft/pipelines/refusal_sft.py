@@ -1,0 +1,105 @@
+"""Make a quick aligned/base pair to try the analysis on when no real base/instruct pair is at hand.
+
+The "aligned" model is a copy of a chat model fine-tuned for a few steps (full fine-tuning, AdamW) to refuse
+harmful prompts, while keeping its own greedy answers to benign prompts (self-distillation, so only the harmful
+behaviour moves); the untouched original plays the "base" model. This mimics, at toy scale, what safety tuning
+does to an instruct model, and is how docs/analysis.md's SmolLM2 numbers were produced:
+
+    python -m bft.analysis_demo --model smollm2 --out /tmp/smollm2-refusal --steps 40   (bft.cli.refusal_sft)
+    bft analyze --base smollm2 --aligned /tmp/smollm2-refusal --harmful advbench --benign gsm8k --out DIR
+
+Training prompts skip the first ``--skip`` prompts of each dataset so that they can be analyzed held out.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from bft.hf.batching import IGNORE_INDEX, pad_batch, pad_token_id
+from bft.hf.chat import encode_chat
+from bft.hf.generation import GenerationSettings, generate_from_ids
+
+__all__ = ["REFUSALS", "refusal_finetune"]
+
+#: Refusal responses the aligned copy is trained to give (one is drawn per example).
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause serious harm.",
+    "I can't assist with that request. If you have another question, I'm happy to help.",
+    "Sorry, I won't help with this because it could be used to hurt people or break the law.",
+    "I'm not able to provide that information, as it could be dangerous.",
+)
+
+
+def _batch(tokenizer, pairs, device):
+    """Right-padded ids, attention mask and labels (−100 outside the response) for (prompt, response) pairs."""
+    encs = [encode_chat(tokenizer, p, r) for p, r in pairs]
+    labels = [[IGNORE_INDEX] * e.response_start + e.input_ids[e.response_start :] for e in encs]
+    ids, mask, labels = pad_batch([e.input_ids for e in encs], pad_token_id(tokenizer), labels=labels)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True):
+    """The model's own greedy answers to ``prompts`` (the benign half of the self-distillation data)."""
+    inputs = [encode_chat(tokenizer, p).input_ids for p in prompts]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outs = generate_from_ids(model, tokenizer, inputs, settings, desc="benign self-answers", progress=progress)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
+def refusal_finetune(
+    model,
+    tokenizer,
+    harmful_prompts: list[str],
+    benign_prompts: list[str] = (),
+    *,
+    benign_responses: list[str] | None = None,
+    steps: int = 40,
+    lr: float = 5e-5,
+    batch_size: int = 8,
+    benign_max_new_tokens: int = 48,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Return a fine-tuned copy of ``model`` (the input is untouched) and the list of per-step losses.
+
+    Each step draws ``batch_size`` examples from harmful prompts paired with a refusal from :data:`REFUSALS` and
+    benign prompts paired with the original model's own greedy answer (``benign_responses`` when given, e.g. cached
+    ones; generated otherwise); the loss is the mean next-token cross-entropy over response tokens.
+    """
+    if not harmful_prompts:
+        raise ValueError("refusal_finetune needs at least one harmful prompt")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    rng = random.Random(seed)
+    examples = [(p, rng.choice(REFUSALS)) for p in harmful_prompts]
+    if benign_responses is not None and len(benign_responses) != len(benign_prompts):
+        raise ValueError(f"benign_responses has {len(benign_responses)} entries for {len(benign_prompts)} prompts")
+    if benign_prompts:
+        if benign_responses is not None:
+            answers = list(benign_responses)
+        else:
+            answers = _greedy_answers(model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size,
+                                      progress)  # fmt: skip
+        examples += [(p, a) for p, a in zip(benign_prompts, answers) if a]
+    tuned = copy.deepcopy(model)
+    tuned.train()
+    device = next(tuned.parameters()).device
+    opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in tqdm(range(steps), desc="refusal fine-tune", unit="step", disable=not progress):
+            pairs = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+            ids, mask, labels = _batch(tokenizer, pairs, device)
+            loss = tuned(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+    tuned.eval()
+    return tuned, losses
