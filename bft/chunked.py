@@ -76,11 +76,34 @@ def topk_ids_lowest_id_ties(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.gather(ids, -1, order)
 
 
-def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: bool):
+def favored_ids_and_risk(a: torch.Tensor, b: torch.Tensor, top_k: int, dtype: torch.dtype = torch.float32):
+    """(TopK(b − a) ids with ties to the lower id, risk = base-favored density) of wide [C, V] logits, in the
+    order and rounding the loss uses them."""
+    count = (torch.log_softmax(b, dim=-1) > torch.log_softmax(a, dim=-1)).sum(-1)
+    ids = topk_ids_lowest_id_ties(b - a, top_k)
+    return ids, base_favored_density(count, a.shape[-1], dtype)
+
+
+def base_favored_rows(ah, aw, bh, bw, *, top_k: int, chunk_rows: int | None = None):
+    """The base-favored ids [N, k] (int64) and risk [N] (fp32) of the aligned / base hidden states and heads: what
+    :func:`bft.bft_loss` computes for itself when it is not given ``topk_ids`` and ``risk``. Logits in fp32, a row
+    chunk at a time (the teacher cache stores these)."""
+    N, V = ah.shape[0], aw.shape[0]
+    C = chunk_rows or default_chunk_rows(V)
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=ah.device)
+    risk = torch.empty(N, dtype=torch.float32, device=ah.device)
+    for r0 in range(0, N, C):
+        r1 = min(N, r0 + C)
+        ids[r0:r1], risk[r0:r1] = favored_ids_and_risk(logits_fp32(ah[r0:r1], aw), logits_fp32(bh[r0:r1], bw), top_k)
+    return ids, risk
+
+
+def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: bool, topk_ids=None, risk=None):
     """Per-row terms of :func:`bft.reference.bft_row_terms` for wide [C, V] logits and, if ``want_grad``,
-    ``g = scale·d(Σ_n row_loss_n)/ds`` (a fresh [C, V] block). Returns ``(terms dict, g or None)``."""
+    ``g = scale·d(Σ_n row_loss_n)/ds`` (a fresh [C, V] block). Returns ``(terms dict, g or None)``.
+
+    ``topk_ids`` [C, k] / ``risk`` [C] given (a teacher cache): the top-k of Δ and the count are skipped."""
     tau = float(params.temperature)
-    V = s.shape[-1]
     t = hybrid_teacher_logits(a, b, params.teacher_lambda).to(s.dtype)
     log_pt = torch.log_softmax(t / tau, dim=-1)
     del t
@@ -95,11 +118,12 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
     kl_raw = (p * diff).sum(-1)
     kl = kl_raw * tau * tau
 
-    count = (torch.log_softmax(b, dim=-1) > torch.log_softmax(a, dim=-1)).sum(-1)
-    ids = topk_ids_lowest_id_ties(b - a, params.top_k)
+    if topk_ids is None:
+        ids, risk = favored_ids_and_risk(a, b, params.top_k, s.dtype)
+    else:
+        ids, risk = topk_ids.long(), risk.to(s.dtype)
     s_ids = torch.gather(s, -1, ids)
     completion = params.l2_reg * s_ids.square().sum(-1)
-    risk = base_favored_density(count, V, s.dtype)
     alpha = params.alpha_base * (1.0 + params.gamma * risk)
     weight = harmful.to(s.dtype) * alpha  # harmful_n·α_n
     row_loss = kl + weight * completion
@@ -115,11 +139,13 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
 
 
 def bft_forward_backward_torch(
-    sh, sw, ah, aw, bh, bw, harmful, *, params, scale: float, need_dh: bool, need_dw: bool, chunk_rows=None
-) -> dict:
+    sh, sw, ah, aw, bh, bw, harmful, *, params, scale: float, need_dh: bool, need_dw: bool, chunk_rows=None,
+    topk_ids=None, risk=None,
+) -> dict:  # fmt: skip
     """Loss sum, per-row terms and scaled gradients over (already compacted, all-valid) rows.
 
     ``scale`` multiplies the gradients (1 / #valid rows of the whole batch); ``loss_sum`` is unscaled.
+    ``topk_ids`` [N, k] / ``risk`` [N]: given base-favored ids and density (both or neither).
     """
     N, V = sh.shape[0], sw.shape[0]
     C = chunk_rows or default_chunk_rows(V)
@@ -140,8 +166,9 @@ def bft_forward_backward_torch(
         a = logits_fp32(ah[r0:r1], aw)
         b = logits_fp32(bh[r0:r1], bw)
         s = logits_fp32(sh[r0:r1], sw)
+        given = {} if topk_ids is None else {"topk_ids": topk_ids[r0:r1], "risk": risk[r0:r1]}
         terms, g = row_terms_and_grad(s, a, b, harmful[r0:r1], params=params, scale=scale,
-                                      want_grad=need_dh or need_dw)  # fmt: skip
+                                      want_grad=need_dh or need_dw, **given)  # fmt: skip
         del a, b, s
         out["loss_sum"] += terms["row_loss"].sum()
         for name in ("kl", "completion", "risk", "alpha", "topk_ids"):

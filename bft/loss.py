@@ -144,6 +144,34 @@ def _validate(tensors: dict[str, torch.Tensor], harmful, valid, params: BFTLossP
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _validate_given(topk_ids, risk, valid: torch.Tensor, N: int, V: int, top_k: int, device: torch.device):
+    """Checks of the given base-favored ids and density (a teacher cache's); only valid rows are read."""
+    if (topk_ids is None) != (risk is None):
+        raise ValueError("pass both topk_ids and risk (the base-favored ids and density of a teacher cache), or "
+                         "neither")  # fmt: skip
+    if topk_ids is None:
+        return
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32, torch.int64):
+        got = topk_ids.dtype if isinstance(topk_ids, torch.Tensor) else type(topk_ids).__name__
+        raise ValueError(f"topk_ids must be an int32/int64 tensor of shape [N={N}, top_k={top_k}], got {got}")
+    if tuple(topk_ids.shape) != (N, top_k):
+        raise ValueError(f"topk_ids must have shape [N={N}, top_k={top_k}], got {tuple(topk_ids.shape)}")
+    if not isinstance(risk, torch.Tensor) or not risk.is_floating_point() or tuple(risk.shape) != (N,):
+        got = f"{risk.dtype} {tuple(risk.shape)}" if isinstance(risk, torch.Tensor) else type(risk).__name__
+        raise ValueError(f"risk must be a float tensor of shape [N={N}], got {got}")
+    for name, x in (("topk_ids", topk_ids), ("risk", risk)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the hidden states are on {device}")
+    ids, r = topk_ids[valid], risk[valid]
+    if ids.numel():
+        if bool(((ids < 0) | (ids >= V)).any()):
+            raise ValueError(f"topk_ids holds ids outside [0, V={V}) on valid rows")
+        if top_k > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("topk_ids repeats an id within a valid row: the k base-favored ids must be distinct")
+    if r.numel() and not bool(((r >= 0) & (r <= 1)).all()):
+        raise ValueError("risk must lie in [0, 1] on valid rows (it is a fraction of the vocabulary)")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
@@ -202,7 +230,7 @@ def _scaled_gradient(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtyp
     return out
 
 
-def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, **impl_kwargs):
+def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, topk_ids=None, risk=None, **impl_kwargs):
     """Compact the valid rows, run a grads-in-forward implementation, scatter the results back to N rows."""
     sh = tensors["student_hidden"]
     sw = tensors["student_weight"]
@@ -218,6 +246,9 @@ def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, **impl_kwar
                 pick = lambda x: x.detach()  # noqa: E731
             else:
                 pick = lambda x: x.detach().index_select(0, idx)  # noqa: E731
+            if topk_ids is not None:
+                impl_kwargs["topk_ids"] = pick(topk_ids)
+                impl_kwargs["risk"] = pick(risk).float()
             res = impl(
                 pick(sh), sw.detach(),
                 pick(tensors["aligned_hidden"]), tensors["aligned_weight"].detach(),
@@ -270,6 +301,8 @@ def bft_loss(
     kl: str = "forward",
     backend: str = "auto",
     chunk_rows: int | None = None,
+    topk_ids: torch.Tensor | None = None,
+    risk: torch.Tensor | None = None,
 ) -> BFTLossOutput:
     """The BFT objective from hidden states and lm_head weights, never holding [N, V] logits (but "reference").
 
@@ -292,6 +325,11 @@ def bft_loss(
         temperature: τ > 0. teacher_lambda: λ (may exceed 1). kl: "forward" (default) or "reverse".
         backend: "auto" | "reference" | "torch" | "triton".
         chunk_rows: rows per chunk for the torch/triton backends (default: sized from a memory budget).
+        topk_ids, risk: [N, top_k] int32/int64 and [N] float, given together: the base-favored ids M_n (top-k of
+            Δ, in the loss's order) and risk_n computed beforehand from the same aligned and base rows (a teacher
+            cache, :func:`bft.chunked.base_favored_rows`). Every backend then skips its own top-k and count and
+            uses them; the objective is the same. Only valid rows are read. ``out.topk_ids`` / ``out.risk``
+            report them back.
 
     Returns:
         :class:`BFTLossOutput`. Gradients flow to ``student_hidden`` and ``student_weight`` only.
@@ -316,9 +354,11 @@ def bft_loss(
     harmful = torch.zeros(N, dtype=torch.bool, device=dev) if harmful is None else harmful.to(dev)
     valid = torch.ones(N, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
     backend = resolve_backend(backend, dev)
+    _validate_given(topk_ids, risk, valid, N, student_weight.shape[0], top_k, dev)
 
     if backend == "reference":
-        loss, rows = bft_loss_reference(**tensors, harmful=harmful, valid=valid, **params.as_kwargs())
+        loss, rows = bft_loss_reference(**tensors, harmful=harmful, valid=valid, **params.as_kwargs(),
+                                        topk_ids=topk_ids, risk=risk)  # fmt: skip
         return BFTLossOutput(
             loss=loss, kl=rows.kl, completion=rows.completion, risk=rows.risk, alpha=rows.alpha,
             topk_ids=rows.topk_ids,
@@ -327,7 +367,7 @@ def bft_loss(
         from bft.chunked import bft_forward_backward_torch as impl
     else:
         from bft.kernels.bft_loss import bft_forward_backward_triton as impl
-    return _run_fused(impl, tensors, harmful, valid, params, chunk_rows=chunk_rows)
+    return _run_fused(impl, tensors, harmful, valid, params, topk_ids=topk_ids, risk=risk, chunk_rows=chunk_rows)
 
 
 class BFTLoss(nn.Module):

@@ -146,10 +146,14 @@ def bft_row_terms(
     gamma: float,
     l2_reg: float,
     kl: str,
+    topk_ids: torch.Tensor | None = None,
+    risk: torch.Tensor | None = None,
 ) -> BFTRowTerms:
     """The objective's per-row terms from full-vocabulary logits s, a, b of shape [N, V] (already wide dtype).
 
     a and b are constants (no gradient); gradients flow to s only. α_n is detached (Eq. 11 is a weight).
+    ``topk_ids`` [N, k] and ``risk`` [N], when given (both or neither), are M_n and risk_n computed beforehand from
+    the same a and b (a teacher cache); they replace the top-k of Δ and the count, and nothing else changes.
     """
     tau = float(temperature)
     a = a.detach()
@@ -166,12 +170,17 @@ def bft_row_terms(
         raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {kl!r}")
     kl_n = kl_n * tau * tau
 
-    favored = base_favored_tokens(base_logits=b, aligned_logits=a, k=top_k)
-    risk = base_favored_density(favored.count, V, s.dtype)
+    if topk_ids is None:
+        favored = base_favored_tokens(base_logits=b, aligned_logits=a, k=top_k)
+        ids = favored.ids
+        risk = base_favored_density(favored.count, V, s.dtype)
+    else:
+        ids = topk_ids.long()
+        risk = risk.detach().to(s.dtype)
     alpha = (alpha_base * (1.0 + gamma * risk)).detach()
-    completion = l2_reg * torch.gather(s, -1, favored.ids).square().sum(-1)
+    completion = l2_reg * torch.gather(s, -1, ids).square().sum(-1)
     row_loss = kl_n + harmful.to(s.dtype) * alpha * completion
-    return BFTRowTerms(kl=kl_n, completion=completion, risk=risk, alpha=alpha, topk_ids=favored.ids, row_loss=row_loss)
+    return BFTRowTerms(kl=kl_n, completion=completion, risk=risk, alpha=alpha, topk_ids=ids, row_loss=row_loss)
 
 
 def bft_loss_reference(
@@ -192,13 +201,16 @@ def bft_loss_reference(
     l2_reg: float,
     kl: str,
     compute_dtype: torch.dtype = torch.float32,
+    topk_ids: torch.Tensor | None = None,
+    risk: torch.Tensor | None = None,
 ):
     """The whole objective on full [N, V] logits, differentiable through autograd. The test oracle.
 
     Logits are ``h.to(compute_dtype) @ W.to(compute_dtype).T``. fp32 (the default) is what every backend
     must match; tests also run it in fp64 (the truth) and in bf16 (what naive same-dtype torch would do).
     Returns ``(loss, BFTRowTerms)``; invalid rows report kl = completion = risk = alpha = 0 and topk_ids = −1.
-    Inputs are assumed validated (see :func:`bft.loss.bft_loss`).
+    ``topk_ids`` [N, k] / ``risk`` [N]: given base-favored ids and density (see :func:`bft_row_terms`); their
+    values on invalid rows are not read. Inputs are assumed validated (see :func:`bft.loss.bft_loss`).
     """
     cd = compute_dtype
     s = student_hidden.to(cd) @ student_weight.to(cd).T
@@ -209,6 +221,8 @@ def bft_loss_reference(
         s, a, b, harmful,
         top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
         alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl,
+        topk_ids=None if topk_ids is None else torch.where(valid[:, None], topk_ids.long(), 0),
+        risk=None if risk is None else torch.where(valid, risk, 0),
     )  # fmt: skip
     v = valid.to(s.dtype)
     n_valid = valid.sum().clamp(min=1).to(s.dtype)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from bft.kernels.bft_logits import mm_fp32_out, three_logits
-from bft.kernels.bft_rows import bft_rows
-from bft.chunked import _grad_hidden as grad_hidden_sliced
-from bft.reference import base_favored_density
+from .bft_logits import mm_fp32_out, three_logits
+from .bft_rows import bft_rows
+
+# bytes of the fp32 slice of a 16-bit head upcast at a time in the CPU fallback of dH = G W
+VOCAB_SLICE_BYTES = 64 * 2**20
 
 # fp32 bytes of one [C, V] logit block; a chunk holds 3 of them (S, A, B) plus its rows of the gradient block G.
 #
@@ -59,7 +60,12 @@ def _grad_hidden(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         return out
     if G.dtype == W.dtype == torch.float32:
         return torch.mm(G, W, out=out)
-    return grad_hidden_sliced(G.float(), W)
+    G = G.float()
+    out.zero_()
+    step = max(1, VOCAB_SLICE_BYTES // (4 * max(1, W.shape[1])))
+    for v0 in range(0, W.shape[0], step):
+        out += G[:, v0 : v0 + step] @ W[v0 : v0 + step].float()
+    return out
 
 
 def _accumulate_grad_weight(dW: torch.Tensor, G: torch.Tensor, Hs: torch.Tensor) -> None:
@@ -72,8 +78,11 @@ def _accumulate_grad_weight(dW: torch.Tensor, G: torch.Tensor, Hs: torch.Tensor)
 def bft_forward_backward_triton(
     sh, sw, ah, aw, bh, bw, harmful, *, params, scale: float, need_dh: bool, need_dw: bool, chunk_rows=None,
     gemm: str = "auto", grad_dtype: torch.dtype | None = None, group_rows: int | None = None,
+    topk_ids=None, risk=None,
 ) -> dict:  # fmt: skip
     """Same contract as :func:`bft.chunked.bft_forward_backward_torch` (compacted, all-valid rows).
+
+    ``topk_ids`` [N, k] / ``risk`` [N] given (a teacher cache): kernel 2 runs without its running top-k and count.
 
     ``group_rows``: rows of G kept before the two gradient GEMMs run (a multiple of the chunk; default from
     :data:`DEFAULT_GROUP_BYTES` when dW is computed, one chunk otherwise).
@@ -127,11 +136,12 @@ def bft_forward_backward_triton(
             s, a, b, g, harmful_i8[r0:r1],
             top_k=params.top_k, temperature=params.temperature, teacher_lambda=params.teacher_lambda,
             alpha_base=params.alpha_base, gamma=params.gamma, l2_reg=params.l2_reg, kl=params.kl, grad_scale=scale,
+            topk_ids=None if topk_ids is None else topk_ids[r0:r1], risk=None if risk is None else risk[r0:r1],
         )  # fmt: skip
         out["loss_sum"] += rows["row_loss"].sum()
         out["kl"][r0:r1] = rows["kl"]
         out["completion"][r0:r1] = rows["completion"]
-        out["risk"][r0:r1] = base_favored_density(rows["count"], V)
+        out["risk"][r0:r1] = rows["risk"]
         out["alpha"][r0:r1] = rows["alpha"]
         out["topk_ids"][r0:r1] = rows["topk_ids"]
         if want_grad and (r1 - g0 == G.shape[0] or r1 == N):  # the group is full (or the rows end): its GEMMs

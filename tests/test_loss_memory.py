@@ -46,6 +46,7 @@ def small_slices(monkeypatch):
     import bft.kernels.bft_loss
 
     monkeypatch.setattr(bft.chunked, "VOCAB_SLICE_BYTES", 16 * 1024)
+    monkeypatch.setattr(bft.kernels.bft_loss, "VOCAB_SLICE_BYTES", 16 * 1024)  # the triton driver's own (a leaf)
     monkeypatch.setattr(bft.loss, "_BACKWARD_SLICE_BYTES", 16 * 1024)
     monkeypatch.setattr(bft.kernels.bft_loss, "DEFAULT_GROUP_BYTES", GROUP_CHUNKS * C * V * 4)  # fp32 G on the CPU
 
