@@ -1,5 +1,5 @@
 import sys
 
-from bft.cli import main
+from bft.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())
