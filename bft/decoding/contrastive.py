@@ -31,6 +31,7 @@ import inspect
 import torch
 
 from bft.hf.batching import position_ids
+from bft.hf.models import cache_argument, output_cache
 from bft.reference import topk_mask_lowest_id_ties
 
 __all__ = ["contrastive_logprobs", "ContrastiveLogitsProcessor", "contrastive_generate", "check_same_vocab_size"]
@@ -132,6 +133,7 @@ class ContrastiveLogitsProcessor:
         if top_k is not None and int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         self.base_model = base_model
+        self._cache_argument = cache_argument(base_model)  # "cache" or "past_key_values", by transformers release
         self.alpha = alpha
         self.first_n = None if first_n is None else int(first_n)
         self.top_k = None if top_k is None else int(top_k)
@@ -184,11 +186,11 @@ class ContrastiveLogitsProcessor:
             input_ids=new_ids.to(self._device),
             attention_mask=full_mask,
             position_ids=pos,
-            past_key_values=self._cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_argument: self._cache},
         )
-        self._cache = out.past_key_values
+        self._cache = output_cache(out)
         self.base_forward_tokens += int(new_ids.numel())
         return out.logits[:, -1, :]
 

@@ -95,8 +95,10 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, 
 
     Returns ``(peft_model, log)`` with ``log = {settings..., "steps", "losses", "final_loss"}``.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from tqdm.auto import tqdm
+
+    from bft.hf.models import get_peft_model
 
     config = config or FinetuneConfig()
     examples = _examples(tokenizer, list(rows), config, system_prompt)

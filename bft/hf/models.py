@@ -525,3 +525,33 @@ def load_pair(aligned: str, base: str, *, gguf_file=None, base_gguf_file=None, d
     aligned_model.eval()
     base_model.eval()
     return aligned_model, base_model, tokenizer
+
+
+def cache_argument(model) -> str:
+    """The name of the KV-cache argument of ``model.forward``: ``cache`` on transformers releases that renamed it
+    (5.2x; ``past_key_values`` there only warns, and goes in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    forward = getattr(type(model), "forward", None)
+    try:
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name (see :func:`cache_argument`)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
+    return output.cache if "cache" in names else output.past_key_values
+
+
+def get_peft_model(model, lora_config):
+    """``peft.get_peft_model``, without the FutureWarning that peft ≤ 0.21 triggers by reading transformers'
+    deprecated ``is_gradient_checkpointing`` (the value is the same as ``is_activation_checkpointing``)."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(model, lora_config)
