@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bft.eval.generation import GenerationSettings, System
+from bft.hf.batching import pad_batch, pad_token_id
 
 __all__ = ["FinetuneConfig", "lora_finetune", "harmful_responses", "save_merged"]
 
@@ -78,14 +79,8 @@ def _examples(tokenizer, rows, config: FinetuneConfig, system_prompt):
 
 
 def _collate(batch, pad_id: int):
-    L = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), L), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), L), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):  # right padding for training
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
+    """Right-padded (ids, labels, mask) for training."""
+    ids, mask, labels = pad_batch([x for x, _ in batch], pad_id, labels=[y for _, y in batch])
     return ids, labels, mask
 
 
@@ -115,7 +110,7 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     device = next(peft_model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer, model)
 
     n_epochs_full = math.ceil(config.epochs)
     order: list[int] = []

@@ -32,6 +32,11 @@ import math
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
+
+from bft.decoding import check_same_vocab_size, contrastive_logprobs
+from bft.hf.batching import pad_batch, pad_token_id, position_ids
+from bft.hf.chat import prompt_text
 
 __all__ = ["continuation_logprobs", "summarize_logprobs"]
 
@@ -161,40 +166,58 @@ def continuation_logprobs(
             as ``contrastive_generate(..., top_k=...)`` does; None penalises all of B.
         progress: show a tqdm bar (None: only on a terminal).
     """
-    from tqdm.auto import tqdm
-
-    from bft.hf.chat import prompt_text
-
     prompts = _as_list("prompts", prompts)
     n = len(prompts)
     continuations = _as_list("continuations", continuations, n)
-    if prefill is None:
-        prefills = [""] * n
-    elif isinstance(prefill, str):
-        prefills = [prefill] * n
-    else:
-        prefills = _as_list("prefill", prefill, n)
+    prefills = _prefills(prefill, n)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_contrastive(model, base_model, alpha, top_k)
+    encoded = _encode(tokenizer, prompts, continuations, prefills, system, _output_vocab_size(model))
+    pad_id = pad_token_id(tokenizer, model)
+    side = "left" if getattr(tokenizer, "padding_side", "right") == "left" else "right"
+    # Longest first: similar lengths share a batch (less padding) and memory peaks on the first batch.
+    order = sorted(range(n), key=lambda i: (-(len(encoded[i][0]) + len(encoded[i][1])), i))
+    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    results: list[torch.Tensor | None] = [None] * n
+    with _eval_mode(model, base_model), torch.inference_mode():
+        for batch in tqdm(batches, desc="scoring continuations", disable=None if progress is None else not progress):
+            picked = _score_batch(model, base_model, alpha, top_k, [encoded[i] for i in batch], pad_id, side)
+            start = 0
+            for i in batch:
+                size = len(encoded[i][1])
+                results[i] = picked[start : start + size].clone()
+                start += size
+    return results  # type: ignore[return-value]
+
+
+def _prefills(prefill, n: int) -> list[str]:
+    if prefill is None:
+        return [""] * n
+    if isinstance(prefill, str):
+        return [prefill] * n
+    return _as_list("prefill", prefill, n)
+
+
+def _check_contrastive(model, base_model, alpha, top_k) -> None:
     if (base_model is None) != (alpha is None):
         raise ValueError(
             "contrastive scoring needs both base_model and alpha (got only "
             f"{'base_model' if base_model is not None else 'alpha'}); pass neither for plain scoring"
         )
-    contrastive = base_model is not None
-    if contrastive:
+    if base_model is not None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        from bft.decoding import check_same_vocab_size, contrastive_logprobs
-
         # the same guard contrastive_generate uses: equal heads, or one a padded copy of the other
         check_same_vocab_size(model, base_model)
     elif top_k is not None:
         raise ValueError("top_k only applies to contrastive scoring (give base_model and alpha)")
 
-    vocab = _output_vocab_size(model)
+
+def _encode(tokenizer, prompts, continuations, prefills, system, vocab) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per prompt, checked: a non-empty continuation, ids inside the vocabulary."""
     encoded = []  # (context ids, continuation ids)
-    for i in range(n):
+    for i in range(len(prompts)):
         context = list(tokenizer(prompt_text(tokenizer, prompts[i], system=system, prefill=prefills[i]),
                                  add_special_tokens=False).input_ids)
         target = list(tokenizer(continuations[i], add_special_tokens=False).input_ids)
@@ -206,64 +229,45 @@ def continuation_logprobs(
                 "the tokenizer does not belong to this model"
             )
         encoded.append((context, target))
+    return encoded
 
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+
+def _score_batch(model, base_model, alpha, top_k, pairs, pad_id: int, side: str) -> torch.Tensor:
+    """Log-probs of every continuation token of one batch of (context, continuation) id pairs, concatenated."""
+    ids, mask = pad_batch([context + target for context, target in pairs], pad_id, side=side)
+    rows, cols, targets = [], [], []
+    for r, (context, target) in enumerate(pairs):
+        offset = ids.shape[1] - len(context) - len(target) if side == "left" else 0
+        # the logits at position j predict token j + 1: rows for the continuation start one token early
+        first = offset + len(context) - 1
+        rows += [r] * len(target)
+        cols += list(range(first, first + len(target)))
+        targets += target
+    positions = position_ids(mask)
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
     device = _model_device(model)
-    base_device = _model_device(base_model) if contrastive else None
-
-    # Longest first: similar lengths share a batch (less padding) and memory peaks on the first batch.
-    order = sorted(range(n), key=lambda i: (-(len(encoded[i][0]) + len(encoded[i][1])), i))
-    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
-    results: list[torch.Tensor | None] = [None] * n
-    with _eval_mode(model, base_model), torch.inference_mode():
-        for batch in tqdm(batches, desc="scoring continuations", disable=None if progress is None else not progress):
-            lengths = [len(encoded[i][0]) + len(encoded[i][1]) for i in batch]
-            width = max(lengths)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            rows, cols, targets = [], [], []
-            for r, i in enumerate(batch):
-                context, target = encoded[i]
-                offset = width - lengths[r] if left else 0
-                ids[r, offset : offset + lengths[r]] = torch.tensor(context + target)
-                mask[r, offset : offset + lengths[r]] = 1
-                # the logits at position j predict token j + 1: rows for the continuation start one token early
-                first = offset + len(context) - 1
-                rows += [r] * len(target)
-                cols += list(range(first, first + len(target)))
-                targets += target
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-            logits = _fp32_logits_at(model, ids.to(device), mask.to(device), positions.to(device),
-                                     rows_t.to(device), cols_t.to(device))
-            if contrastive:
-                base_logits = _fp32_logits_at(base_model, ids.to(base_device), mask.to(base_device),
-                                              positions.to(base_device), rows_t.to(base_device),
-                                              cols_t.to(base_device)).to(logits.device)
-                # a padded head on one side: like contrastive_generate, decode over the shared width only (the
-                # extra columns are not real tokens and have no counterpart in the other model)
-                shared = min(logits.shape[-1], base_logits.shape[-1])
-                if max(targets) >= shared:
-                    raise ValueError(
-                        f"token id {max(targets)} is beyond the vocabulary the two models share ({shared} rows)"
-                    )
-                logits, base_logits = logits[:, :shared], base_logits[:, :shared]
-                # contrastive_logprobs gives the penalised scores of Eq. 7 (what decoding ranks); they do not sum
-                # to one, so renormalise: scoring needs the distribution contrastive sampling draws from.
-                adjusted = contrastive_logprobs(logits, base_logits, float(alpha), top_k=top_k)
-                logprobs = torch.log_softmax(adjusted.float(), dim=-1)
-            else:
-                logprobs = torch.log_softmax(logits, dim=-1)
-            picked = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].cpu()
-            start = 0
-            for i in batch:
-                size = len(encoded[i][1])
-                results[i] = picked[start : start + size].clone()
-                start += size
-    return results  # type: ignore[return-value]
+    logits = _fp32_logits_at(model, ids.to(device), mask.to(device), positions.to(device),
+                             rows_t.to(device), cols_t.to(device))
+    if base_model is not None:
+        base_device = _model_device(base_model)
+        base_logits = _fp32_logits_at(base_model, ids.to(base_device), mask.to(base_device),
+                                      positions.to(base_device), rows_t.to(base_device),
+                                      cols_t.to(base_device)).to(logits.device)
+        # a padded head on one side: like contrastive_generate, decode over the shared width only (the
+        # extra columns are not real tokens and have no counterpart in the other model)
+        shared = min(logits.shape[-1], base_logits.shape[-1])
+        if max(targets) >= shared:
+            raise ValueError(
+                f"token id {max(targets)} is beyond the vocabulary the two models share ({shared} rows)"
+            )
+        logits, base_logits = logits[:, :shared], base_logits[:, :shared]
+        # contrastive_logprobs gives the penalised scores of Eq. 7 (what decoding ranks); they do not sum
+        # to one, so renormalise: scoring needs the distribution contrastive sampling draws from.
+        adjusted = contrastive_logprobs(logits, base_logits, float(alpha), top_k=top_k)
+        logprobs = torch.log_softmax(adjusted.float(), dim=-1)
+    else:
+        logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(-1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].cpu()
 
 
 def summarize_logprobs(logprobs: Sequence[torch.Tensor]) -> dict:
