@@ -52,6 +52,21 @@ def atomic_write_jsonl(path: str | os.PathLike, records) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def atomic_write_npy(path: str | os.PathLike, array) -> str:
+    """Write a NumPy array as a ``.npy`` file (header with dtype and shape, then the raw data) to ``path``
+    atomically. Returns the SHA-256 hex digest of the file's bytes, so a manifest can record it."""
+    import hashlib
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    data = buffer.getbuffer()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def atomic_save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """Save a matplotlib figure to ``path`` (format from its suffix, PNG by default) atomically. Returns the path."""
     import io

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bft.trainer.config import accept_overrides_anywhere
+
 DESCRIPTION = (
     "Train a student with the BFT objective (paper Eq. 8-14) from a YAML config. CONFIG is a file or the name of a "
     "bundled config (tiny-cpu, smollm2-135m, llama-3.1-8b-lora, llama-3.1-8b-full, qwen-2.5-7b-lora). Writes "
@@ -20,25 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output directory")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    _accept_overrides_anywhere(parser)
-
-
-def _accept_overrides_anywhere(parser: argparse.ArgumentParser) -> None:
-    """Let KEY=VALUE overrides also follow the options (``bft train CONFIG --resume optim.lr=2e-5``).
-
-    argparse fills a ``nargs="*"`` positional once, with the strings right after CONFIG; later positional strings
-    come back as "unrecognized". ``parse_intermixed_args`` would fix that but refuses sub-commands, so this parser
-    moves those leftover ``key=value`` strings into ``overrides`` itself.
-    """
-    original = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        namespace, extras = original(args, namespace)
-        moved = [a for a in extras if "=" in a and not a.startswith("-")]
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + moved
-        return namespace, [a for a in extras if a not in moved]
-
-    parser.parse_known_args = parse_known_args
+    accept_overrides_anywhere(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,3 +39,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {summary['steps']} steps; metrics: {summary['output_dir']}/metrics.jsonl; "
           f"student: {summary['final_dir']}")  # fmt: skip
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python trainer/train.py ...`` / ``accelerate launch trainer/train.py ...``: the same as ``bft train``."""
+    parser = argparse.ArgumentParser(prog="python trainer/train.py", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

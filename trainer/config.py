@@ -1,6 +1,6 @@
 """The trainer's configuration: nested dataclasses read from YAML, with strict keys and ``key.sub=value`` overrides.
 
-A config file has up to six sections, each a dataclass below (every field has a default, so a file only lists what
+A config file has up to seven sections, each a dataclass below (every field has a default, so a file only lists what
 it changes)::
 
     model:     which base / aligned models, their dtype, quantization of the frozen weights, attention, checkpointing
@@ -9,6 +9,7 @@ it changes)::
     loss:      the BFT hyper-parameters (paper defaults: λ = 1.2, τ = 2, k = 100)
     optim:     optimizer (AdamW / 8-bit / paged), lr (paper: 1e-5), schedule, clipping, gradient accumulation
     train:     epochs / max_steps, seed, output directory, checkpointing, logging
+    teacher_cache: where the exact frozen-teacher cache lives (``bft cache``), when training from one
 
 Unknown keys are errors (with a "did you mean" hint), values are checked against the field types (YAML 1.1 reads
 ``1e-5`` as a string; a float field accepts it), and :func:`load_config` applies command-line overrides such as
@@ -26,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bft.loss import BFTLossParams
+
+_LOSS_DEFAULTS = BFTLossParams()  # the one set of loss defaults (bft.loss)
 
 FINETUNE_MODES = ("lora", "full")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -97,17 +102,28 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Hyper-parameters of :func:`bft.bft_loss` (paper defaults; alpha_base / gamma / l2_reg are bft's choices)."""
+    """Hyper-parameters of :func:`bft.bft_loss`; the defaults are :class:`bft.loss.BFTLossParams`'s (paper
+    defaults; alpha_base / gamma / l2_reg are bft's choices)."""
 
-    top_k: int = 100
-    temperature: float = 2.0
-    teacher_lambda: float = 1.2
-    alpha_base: float = 1.0
-    gamma: float = 1.0
-    l2_reg: float = 1e-4
-    kl: str = "forward"
+    top_k: int = _LOSS_DEFAULTS.top_k
+    temperature: float = _LOSS_DEFAULTS.temperature
+    teacher_lambda: float = _LOSS_DEFAULTS.teacher_lambda
+    alpha_base: float = _LOSS_DEFAULTS.alpha_base
+    gamma: float = _LOSS_DEFAULTS.gamma
+    l2_reg: float = _LOSS_DEFAULTS.l2_reg
+    kl: str = _LOSS_DEFAULTS.kl
     backend: str = "auto"
     chunk_rows: int | None = None
+
+
+@dataclass
+class TeacherCacheConfig:
+    """The exact frozen-teacher cache (``bft cache``; docs/trainer.md). ``path`` set: the frozen models' hidden
+    states, base-favored ids and risk are read from ``path`` (built there on first use) and the frozen bodies are
+    never loaded."""
+
+    path: str | None = None
+    shard_mb: float = 256.0  # target size of one shard of hidden states (MiB)
 
 
 @dataclass
@@ -150,6 +166,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -325,6 +342,10 @@ def validate(config: Config) -> Config:
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    if not config.teacher_cache.shard_mb > 0:
+        raise ConfigError(f"teacher_cache.shard_mb must be > 0, got {config.teacher_cache.shard_mb}")
+    if config.teacher_cache.path == "":
+        raise ConfigError("teacher_cache.path must be a directory or null, got an empty string")
     if (m.base == TINY_BASE) != (m.aligned == TINY_ALIGNED):
         raise ConfigError(f"the tiny random models come as a pair: set model.base={TINY_BASE!r} and "
                           f"model.aligned={TINY_ALIGNED!r} together")  # fmt: skip
@@ -370,3 +391,21 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def accept_overrides_anywhere(parser) -> None:
+    """Let KEY=VALUE overrides also follow the options (``bft train CONFIG --resume optim.lr=2e-5``).
+
+    argparse fills a ``nargs="*"`` positional once, with the strings right after CONFIG; later positional strings
+    come back as "unrecognized". ``parse_intermixed_args`` would fix that but refuses sub-commands, so this parser
+    moves those leftover ``key=value`` strings into ``overrides`` itself.
+    """
+    original = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, extras = original(args, namespace)
+        moved = [a for a in extras if "=" in a and not a.startswith("-")]
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + moved
+        return namespace, [a for a in extras if a not in moved]
+
+    parser.parse_known_args = parse_known_args

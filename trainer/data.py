@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bft.chat import encode_chat
+from bft.hf.chat import encode_chat
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def collate(examples: list[Example], pad_id: int) -> dict:
 
 def load_pairs(name_or_path: str, *, split=None, limit=None, seed: int = 0, columns=None, role: str):
     """(prompt, response) pairs from :func:`bft.data.load`, with errors that name the dataset and its role."""
-    from bft.data import load
+    from bft.hf.data import load
 
     try:
         dataset = load(name_or_path, split=split, limit=limit, seed=seed, columns=columns)
@@ -182,7 +182,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     responses). Left-padded batches; decoding stops at the tokenizer's end-of-turn / eos token."""
     from tqdm.auto import tqdm
 
-    from bft.chat import end_of_turn_id
+    from bft.hf.chat import end_of_turn_id
 
     device = device or next(model.parameters()).device
     stop = end_of_turn_id(tokenizer)
@@ -209,3 +209,72 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
             out.append(tokenizer.decode([t for t in row if t != pad_id], skip_special_tokens=True))
     model.train(was_training)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run's examples, as the trainer and the teacher cache (trainer/cache.py) both build them
+
+
+def load_training_pairs(config):
+    """(harmful pairs, utility pairs) of a config, before any tokenizer or model is loaded."""
+    d, seed = config.data, config.train.seed
+    harmful = load_pairs(d.harmful, split=d.harmful_split, limit=d.harmful_limit, seed=seed,
+                         columns=d.harmful_columns, role="harmful") if d.harmful_ratio > 0 else []  # fmt: skip
+    utility = load_pairs(d.utility, split=d.utility_split, limit=d.utility_limit, seed=seed,
+                         columns=d.utility_columns, role="utility") if d.harmful_ratio < 1 else []  # fmt: skip
+    if d.harmful_response == "dataset" and harmful and not any(r for _, r in harmful):
+        raise ValueError(f"the harmful dataset {d.harmful!r} has no responses; set data.harmful_response: generate "
+                         "to let the base model write them, or give a dataset with a response column")  # fmt: skip
+    return harmful, utility
+
+
+def encode_training_examples(config, tokenizer, harmful_pairs, utility_pairs):
+    """(harmful examples, utility examples) encoded with the chat template, with a warning for skipped ones."""
+    import warnings
+
+    d = config.data
+    harmful, skipped_h = encode_examples(tokenizer, harmful_pairs, harmful=True, max_length=d.max_length,
+                                         system=d.system)  # fmt: skip
+    utility, skipped_u = encode_examples(tokenizer, utility_pairs, harmful=False, max_length=d.max_length,
+                                         system=d.system)  # fmt: skip
+    for role, kept, skipped in (("harmful", harmful, skipped_h), ("utility", utility, skipped_u)):
+        if skipped:
+            warnings.warn(f"{skipped} {role} examples skipped: their prompt fills data.max_length={d.max_length}",
+                          stacklevel=3)  # fmt: skip
+        if skipped and not kept:
+            raise ValueError(f"every {role} example is longer than data.max_length={d.max_length}; raise it")
+    return harmful, utility
+
+
+def generated_harmful_pairs(config, base, tokenizer, pairs, cache, *, accelerator=None, progress: bool = True):
+    """Harmful responses written by the base model itself (greedy), kept in the JSON-lines file ``cache`` so that a
+    resumed run (and a teacher cache) uses the very same data. With ``base=None`` the file must exist already."""
+    import json
+    from pathlib import Path
+
+    from bft.atomic import atomic_write_text
+
+    cache = Path(cache)
+    prompts = [p for p, _ in pairs]
+    is_main = accelerator is None or accelerator.is_main_process
+    if is_main and not cache.is_file():
+        if base is None:
+            raise FileNotFoundError(f"{cache} (the base model's harmful responses) is missing")
+        device = accelerator.device if accelerator is not None else None
+        responses = generate_responses(
+            base, tokenizer, prompts, max_new_tokens=config.data.generate_max_new_tokens, system=config.data.system,
+            batch_size=config.data.batch_size, device=device, progress=progress,
+        )  # fmt: skip
+        lines = [json.dumps({"prompt": p, "response": r}) for p, r in zip(prompts, responses)]
+        atomic_write_text(cache, "\n".join(lines) + "\n")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    with open(cache) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    if [r["prompt"] for r in rows] != prompts:
+        raise ValueError(f"{cache} was generated for other prompts (data config changed?); delete it to regenerate")
+    kept = [(r["prompt"], r["response"]) for r in rows if r["response"].strip()]
+    if not kept:
+        raise ValueError(f"the base model generated only empty harmful responses ({cache}); raise "
+                         "data.generate_max_new_tokens or give a dataset with responses")  # fmt: skip
+    return kept

@@ -20,11 +20,11 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from bft.trainer.config import TINY_ALIGNED, TINY_BASE, Config
 from torch import nn
 
-from bft import models
-from bft.models import final_hidden_states
-from bft.trainer.config import TINY_ALIGNED, TINY_BASE, Config
+from bft.hf import models
+from bft.hf.models import final_hidden_states
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +34,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def lm_head_weight(model: nn.Module, vocab_size: int | None = None) -> torch.Tensor:
-    """[V, H] lm_head weight (:func:`bft.models.lm_head_weight`), rows cut to ``vocab_size`` (the tokenizer's)."""
+    """[V, H] lm_head weight (:func:`bft.hf.models.lm_head_weight`), rows cut to ``vocab_size`` (the tokenizer's)."""
     return models.lm_head_weight(model, vocab_size)
 
 
@@ -64,7 +64,7 @@ def check_quantization_available(kind: str | None) -> None:
 
 def load_causal_lm(name: str, *, gguf_file=None, dtype: torch.dtype, quantization=None, attn_implementation: str,
                    device: torch.device, trainable: bool):  # fmt: skip
-    """Load one model on ``device`` via :func:`bft.models.load_model` (8/4-bit keep a 16-bit lm_head); frozen
+    """Load one model on ``device`` via :func:`bft.hf.models.load_model` (8/4-bit keep a 16-bit lm_head); frozen
     ones are put in eval mode with ``requires_grad=False``. A missing path or hub id raises FileNotFoundError."""
     try:
         model = models.load_model(name, gguf_file=gguf_file, dtype=dtype, device=device, quantization=quantization,
@@ -111,9 +111,9 @@ class Trio:
     """The models of one run.
 
     student: the trainable model (a peft model in LoRA mode).
-    base:    the frozen base model.
+    base:    the frozen base model; ``None`` when training from the teacher cache (it is not loaded).
     aligned: the frozen aligned model in full fine-tuning; ``None`` in LoRA mode (the teacher is ``student`` with
-             adapters disabled).
+             adapters disabled) and when training from the teacher cache.
     tokenizer: the aligned model's tokenizer (it has the chat template); base_tokenizer: the base model's.
     """
 
@@ -126,14 +126,14 @@ class Trio:
 
     @property
     def lora(self) -> bool:
-        return self.aligned is None
+        return hasattr(self.student, "get_base_model")  # a peft model
 
 
 def load_tokenizers(config: Config):
     """(aligned-side tokenizer, base tokenizer); the tiny models share one built in memory."""
     m = config.model
     if m.aligned == TINY_ALIGNED:
-        from bft.testing import tiny_tokenizer
+        from bft.hf.testing import tiny_tokenizer
 
         tok = tiny_tokenizer(padding_side="right")
         return tok, tok
@@ -142,8 +142,11 @@ def load_tokenizers(config: Config):
     return tokenizer, base_tokenizer
 
 
-def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device) -> Trio:
-    """Load/build base, aligned and student as configured (the student starts as the aligned model)."""
+def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, frozen: bool = True) -> Trio:
+    """Load/build base, aligned and student as configured (the student starts as the aligned model).
+
+    ``frozen=False`` (training from the teacher cache): the student only; the frozen base and aligned bodies are
+    not loaded (``trio.base = trio.aligned = None``)."""
     m, f = config.model, config.finetune
     dtype = torch_dtype(m.dtype)
     attn = resolve_attn_implementation(m.attn_implementation, dtype, device)
@@ -151,7 +154,7 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device) 
     if m.base == TINY_BASE:
         if m.frozen_quantization:
             raise ValueError("the tiny random models cannot be quantized; set model.frozen_quantization: null")
-        from bft.testing import tiny_llama_pair
+        from bft.hf.testing import tiny_llama_pair
 
         base, aligned, _ = tiny_llama_pair(
             seed=m.tiny_seed, tokenizer=tokenizer, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers
@@ -161,18 +164,21 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device) 
             _set_attn_implementation(model, attn)
             model.config.use_cache = False
         freeze(base)
-        student = aligned if lora else copy.deepcopy(aligned)
-        aligned = None if lora else freeze(aligned)
+        student = aligned if lora or not frozen else copy.deepcopy(aligned)
+        aligned = None if lora or not frozen else freeze(aligned)
+        base = base if frozen else None
     else:
         common = dict(dtype=dtype, attn_implementation=attn, device=device)
-        base = load_causal_lm(m.base, gguf_file=m.base_gguf_file, quantization=m.frozen_quantization,
-                              trainable=False, **common)  # fmt: skip
+        base = None
+        if frozen:
+            base = load_causal_lm(m.base, gguf_file=m.base_gguf_file, quantization=m.frozen_quantization,
+                                  trainable=False, **common)  # fmt: skip
         # LoRA: the student's own weights are frozen (only adapters train), so they may be quantized (QLoRA) and
         # double as the aligned teacher. Full: a trainable 16-bit copy plus a separate frozen (quantizable) one.
         student = load_causal_lm(m.aligned, gguf_file=m.aligned_gguf_file,
                                  quantization=m.frozen_quantization if lora else None, trainable=True, **common)  # fmt: skip
         aligned = None
-        if not lora:
+        if not lora and frozen:
             aligned = load_causal_lm(m.aligned, gguf_file=m.aligned_gguf_file, quantization=m.frozen_quantization,
                                      trainable=False, **common)  # fmt: skip
 
@@ -187,7 +193,7 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device) 
 
 
 def check_vocab(tokenizer, base_tokenizer, aligned_model=None, base_model=None) -> int:
-    """Base and aligned must share one vocabulary (:func:`bft.models.check_same_vocab`, which also checks that each
+    """Base and aligned must share one vocabulary (:func:`bft.hf.models.check_same_vocab`, which also checks that each
     lm_head covers it); returns V = len(tokenizer), the rows of every lm_head the loss reads."""
     return models.check_same_vocab(base_tokenizer, tokenizer, base_model, aligned_model)
 
@@ -247,10 +253,12 @@ class BFTStudent(nn.Module):
         return getattr(inner, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, aligned_hidden, aligned_weight, base_hidden, base_weight,
-                harmful, valid) -> dict:  # fmt: skip
+                harmful, valid, topk_ids=None, risk=None) -> dict:  # fmt: skip
         """``aligned_hidden = aligned_weight = None``: the aligned teacher is this student with its LoRA adapters
-        disabled (one copy of the weights; the heads are the same tensor)."""
-        if (aligned_hidden is None) != (aligned_weight is None):
+        disabled (one copy of the weights; the heads are the same tensor). ``aligned_weight = None`` with
+        ``aligned_hidden`` given (LoRA from the teacher cache): the aligned head is the student's own.
+        ``topk_ids`` / ``risk``: the base-favored ids and density of the teacher cache, handed to the loss."""
+        if aligned_weight is not None and aligned_hidden is None:
             raise ValueError("pass both aligned_hidden and aligned_weight, or neither (LoRA: the student without "
                              "its adapters)")  # fmt: skip
         if aligned_hidden is None:
@@ -263,10 +271,14 @@ class BFTStudent(nn.Module):
         weight = lm_head_weight(self.model, self.vocab_size)
         if aligned_weight is None:
             aligned_weight = weight  # the very tensor the student uses (frozen in LoRA)
-        return self.loss(hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid)
+        given = {} if topk_ids is None else {"topk_ids": topk_ids, "risk": risk}
+        return self.loss(hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid,
+                         **given)  # fmt: skip
 
-    def loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid) -> dict:
-        """The fused :func:`bft.bft_loss` on [B, L, H] hidden states and [V, H] heads, rows flattened."""
+    def loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid,
+             topk_ids=None, risk=None) -> dict:  # fmt: skip
+        """The fused :func:`bft.bft_loss` on [B, L, H] hidden states and [V, H] heads, rows flattened (with the
+        teacher cache's ``topk_ids`` [B·L, k] and ``risk`` [B·L] when given)."""
         from bft import bft_loss
 
         dtype = weight.dtype  # one dtype for all six tensors; frozen weights are cast only when they differ
@@ -275,7 +287,7 @@ class BFTStudent(nn.Module):
             hidden.reshape(-1, H).to(dtype), weight,
             aligned_hidden.reshape(-1, aligned_hidden.shape[-1]).to(dtype), aligned_weight.to(dtype),
             base_hidden.reshape(-1, base_hidden.shape[-1]).to(dtype), base_weight.to(dtype),
-            harmful=harmful.reshape(-1), valid=valid.reshape(-1), **self.loss_kwargs,
+            harmful=harmful.reshape(-1), valid=valid.reshape(-1), topk_ids=topk_ids, risk=risk, **self.loss_kwargs,
         )  # fmt: skip
         return {"loss": out.loss, "kl": out.kl, "completion": out.completion, "risk": out.risk, "alpha": out.alpha}
 

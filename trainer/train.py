@@ -35,15 +35,22 @@ if __name__ == "__main__":  # run as a script: keep trainer/ off sys.path so its
 
 import torch
 
+from bft.trainer import cache as teacher_cache
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import Config, dump_config
-from bft.trainer.data import MixedBatches, encode_examples, generate_responses, load_pairs
+from bft.trainer.data import (
+    MixedBatches,
+    encode_training_examples,
+    generated_harmful_pairs,
+    load_training_pairs,
+)
 from bft.trainer.modeling import (
     BFTStudent,
     build_trio,
     check_quantization_available,
     check_vocab,
     disable_activation_checkpointing,
+    lm_head_weight,
     load_tokenizers,
     teacher_hidden_states,
 )
@@ -82,33 +89,38 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     set_seed(t.seed)
 
     # ---------------------------------------------------------------- data (before any model is loaded)
-    harmful_pairs = load_pairs(d.harmful, split=d.harmful_split, limit=d.harmful_limit, seed=t.seed,
-                               columns=d.harmful_columns, role="harmful") if d.harmful_ratio > 0 else []  # fmt: skip
-    utility_pairs = load_pairs(d.utility, split=d.utility_split, limit=d.utility_limit, seed=t.seed,
-                               columns=d.utility_columns, role="utility") if d.harmful_ratio < 1 else []  # fmt: skip
-    if d.harmful_response == "dataset" and harmful_pairs and not any(r for _, r in harmful_pairs):
-        raise ValueError(f"the harmful dataset {d.harmful!r} has no responses; set data.harmful_response: generate "
-                         "to let the base model write them, or give a dataset with a response column")  # fmt: skip
+    harmful_pairs, utility_pairs = load_training_pairs(config)
 
     # ---------------------------------------------------------------- tokenizers, then models
     tokenizer, base_tokenizer = load_tokenizers(config)
     check_vocab(tokenizer, base_tokenizer)  # cheap, before loading any weights
-    trio = build_trio(config, tokenizer, base_tokenizer, accelerator.device)
+    cache = None
+    if config.teacher_cache.path:  # the frozen teachers come from the cache: only the student is loaded
+        cache_dir = Path(config.teacher_cache.path)
+        if teacher_cache.cache_state(cache_dir) != "complete":  # first use (or an interrupted build): build it
+            if main:  # the build draws random numbers (LoRA init): the run's RNG must not see it
+                rng = ckpt.rng_state()
+                teacher_cache.build(config, progress=progress, log=lambda text: print(text, file=sys.stderr))
+                ckpt.set_rng_state(rng)
+            accelerator.wait_for_everyone()
+        harmful_pairs = teacher_cache.cached_harmful_pairs(config, cache_dir, harmful_pairs)
+        harmful, utility = encode_training_examples(config, tokenizer, harmful_pairs, utility_pairs)
+        cache = teacher_cache.TeacherCache(cache_dir, teacher_cache.fingerprint(config, tokenizer, harmful, utility))
+        trio = build_trio(config, tokenizer, base_tokenizer, accelerator.device, frozen=False)
+        if cache.vocab_size != trio.vocab_size:
+            raise teacher_cache.CacheError(f"the teacher cache {cache_dir} has V={cache.vocab_size}, the student "
+                                           f"V={trio.vocab_size}")  # fmt: skip
+        head_dtype = lm_head_weight(trio.student, trio.vocab_size).dtype
+        frozen_heads = cache.heads(accelerator.device, head_dtype, aligned=not trio.lora)  # LoRA: the student's own
+    else:
+        trio = build_trio(config, tokenizer, base_tokenizer, accelerator.device)
+        if d.harmful_response == "generate" and harmful_pairs:
+            harmful_pairs = generated_harmful_pairs(config, trio.base, trio.tokenizer, harmful_pairs,
+                                                    out / "harmful_responses.jsonl", accelerator=accelerator,
+                                                    progress=progress)  # fmt: skip
+        harmful, utility = encode_training_examples(config, tokenizer, harmful_pairs, utility_pairs)
     if config.loss.top_k > trio.vocab_size:
         raise ValueError(f"loss.top_k={config.loss.top_k} exceeds the vocabulary size V={trio.vocab_size}")
-
-    if d.harmful_response == "generate" and harmful_pairs:
-        harmful_pairs = generated_harmful_pairs(config, trio, harmful_pairs, out, accelerator, progress)
-    harmful, skipped_h = encode_examples(tokenizer, harmful_pairs, harmful=True, max_length=d.max_length,
-                                         system=d.system)  # fmt: skip
-    utility, skipped_u = encode_examples(tokenizer, utility_pairs, harmful=False, max_length=d.max_length,
-                                         system=d.system)  # fmt: skip
-    for role, kept, skipped in (("harmful", harmful, skipped_h), ("utility", utility, skipped_u)):
-        if skipped:
-            warnings.warn(f"{skipped} {role} examples skipped: their prompt fills data.max_length={d.max_length}",
-                          stacklevel=2)  # fmt: skip
-        if skipped and not kept:
-            raise ValueError(f"every {role} example is longer than data.max_length={d.max_length}; raise it")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=t.seed,
                            pad_id=pad_id)  # fmt: skip
@@ -159,7 +171,10 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
             index = (step * o.grad_accum + micro) * world + accelerator.process_index
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batches[index].items()}
             with accelerator.accumulate(student):
-                result = micro_batch_loss(trio, student, batch)
+                teacher = None
+                if cache is not None:
+                    teacher = cache_teacher_inputs(cache, frozen_heads, batches.examples(index), batch, device)
+                result = micro_batch_loss(trio, student, batch, teacher)
                 accelerator.backward(result["loss"])
                 if accelerator.sync_gradients:
                     max_norm = o.max_grad_norm if o.max_grad_norm is not None else float("inf")
@@ -256,46 +271,34 @@ def make_tensorboard_writer(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def generated_harmful_pairs(config: Config, trio, pairs, out: Path, accelerator, progress: bool):
-    """Harmful responses written by the base model itself (greedy), cached in ``DIR/harmful_responses.jsonl`` so a
-    resumed run trains on the very same data."""
-    cache = out / "harmful_responses.jsonl"
-    prompts = [p for p, _ in pairs]
-    if accelerator.is_main_process and not cache.is_file():
-        responses = generate_responses(
-            trio.base, trio.tokenizer, prompts, max_new_tokens=config.data.generate_max_new_tokens,
-            system=config.data.system, batch_size=config.data.batch_size, device=accelerator.device,
-            progress=progress,
-        )  # fmt: skip
-        lines = [json.dumps({"prompt": p, "response": r}) for p, r in zip(prompts, responses)]
-        ckpt.atomic_write_text(cache, "\n".join(lines) + "\n")
-    accelerator.wait_for_everyone()
-    with open(cache) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    if [r["prompt"] for r in rows] != prompts:
-        raise ValueError(f"{cache} was generated for other prompts (data config changed?); delete it to regenerate")
-    kept = [(r["prompt"], r["response"]) for r in rows if r["response"].strip()]
-    if not kept:
-        raise ValueError(f"the base model generated only empty harmful responses ({cache}); raise "
-                         "data.generate_max_new_tokens or give a dataset with responses")  # fmt: skip
-    return kept
-
-
 def loss_kwargs(config: Config) -> dict:
     """The keyword arguments of :func:`bft.bft_loss` that ``config.loss`` sets (what :class:`BFTStudent` passes)."""
     return {k: getattr(config.loss, k) for k in ("top_k", "temperature", "teacher_lambda", "alpha_base", "gamma",
                                                  "l2_reg", "kl", "backend", "chunk_rows")}  # fmt: skip
 
 
-def micro_batch_loss(trio, student, batch: dict) -> dict:
+def cache_teacher_inputs(cache, frozen_heads, examples, batch: dict, device) -> dict:
+    """What the frozen forwards would give one micro-batch, read from the teacher cache: the aligned and base
+    hidden states and heads (aligned head ``None`` with LoRA: the student's own), and the given top-k ids / risk."""
+    rows = cache.batch_inputs(examples, batch, device)
+    aligned_head, base_head = frozen_heads
+    return {"aligned_hidden": rows["aligned_hidden"], "aligned_weight": aligned_head,
+            "base_hidden": rows["base_hidden"], "base_weight": base_head,
+            "topk_ids": rows["topk_ids"], "risk": rows["risk"]}  # fmt: skip
+
+
+def micro_batch_loss(trio, student, batch: dict, teacher: dict | None = None) -> dict:
     """Steps 1-2 of one micro-batch (module docstring): the frozen teacher forwards, then the student's forward
     with the fused loss (and, with LoRA, the aligned teacher pass: the student without adapters). ``student`` is
     the (possibly accelerate-wrapped) :class:`BFTStudent`, ``batch`` a :class:`MixedBatches` item on the device.
-    Returns the student's output dict; ``loss`` is what to backpropagate. ``benchmarks/trainer_bench.py`` times
-    exactly this."""
-    teacher = teacher_hidden_states(trio, batch["input_ids"], batch["attention_mask"], trio.vocab_size)
-    return student(batch["input_ids"], batch["attention_mask"], *teacher, harmful=batch["harmful"] & batch["valid"],
-                   valid=batch["valid"])  # fmt: skip
+    ``teacher``: the frozen models' inputs to the loss read from the teacher cache (:func:`cache_teacher_inputs`)
+    instead of computed. Returns the student's output dict; ``loss`` is what to backpropagate.
+    ``benchmarks/trainer_bench.py`` times exactly this."""
+    harmful = batch["harmful"] & batch["valid"]
+    if teacher is not None:
+        return student(batch["input_ids"], batch["attention_mask"], harmful=harmful, valid=batch["valid"], **teacher)
+    frozen = teacher_hidden_states(trio, batch["input_ids"], batch["attention_mask"], trio.vocab_size)
+    return student(batch["input_ids"], batch["attention_mask"], *frozen, harmful=harmful, valid=batch["valid"])
 
 
 def make_optimizer(o, params):
@@ -416,7 +419,7 @@ def save_final_student(config: Config, trio, student, final_dir: Path, accelerat
             model = student_model.merge_and_unload()  # end of training: merging in place is fine
     disable_activation_checkpointing(model)
     model.config.use_cache = True
-    from bft.models import save_pretrained
+    from bft.hf.models import save_pretrained
 
     save_pretrained(model, str(tmp), tokenizer=trio.tokenizer, safe_serialization=True)  # GGUF-loaded models too
     if final_dir.exists():
@@ -434,10 +437,9 @@ def gather_unsharded_student(config: Config, student, accelerator):
     same architecture built on the meta device (no second random init) and copies the non-persistent buffers
     (rotary frequencies), which are not sharded, from the live model.
     """
+    from bft.trainer.modeling import torch_dtype
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
-
-    from bft.trainer.modeling import torch_dtype
 
     state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
@@ -469,9 +471,8 @@ def merge_into_fresh_copy(config: Config, student_model):
     """Merge LoRA adapters trained on a quantized model into an unquantized copy of the aligned model (on CPU)."""
     import tempfile
 
-    from peft import PeftModel
-
     from bft.trainer.modeling import load_causal_lm, torch_dtype
+    from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         student_model.save_pretrained(adapter_dir)
@@ -481,15 +482,7 @@ def merge_into_fresh_copy(config: Config, student_model):
         return PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+if __name__ == "__main__":  # the script entry point lives in cli.py, which imports this module (never the reverse)
+    from bft.trainer.cli import main
 
-    from bft.trainer import cli
-
-    parser = argparse.ArgumentParser(prog="python trainer/train.py", description=cli.DESCRIPTION)
-    cli.add_arguments(parser)
-    return cli.run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
     sys.exit(main())
