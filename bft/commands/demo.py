@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bft.commands.reproduce import run as run_reproduce
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; reruns reuse its cache)")
@@ -11,7 +13,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from bft.commands.reproduce import run as run_reproduce
-
     args.quick = True
     return run_reproduce(args)

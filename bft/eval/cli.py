@@ -14,6 +14,11 @@ import argparse
 import sys
 from dataclasses import fields
 
+from bft.eval import runner
+from bft.eval.generation import GenerationSettings, System
+from bft.eval.runner import EvalConfig
+from bft.hf import models as loader
+
 __all__ = ["add_arguments", "run", "build_config", "build_systems"]
 
 # YAML-only / model keys that are not EvalConfig fields
@@ -112,9 +117,6 @@ def _load_yaml(path: str) -> dict:
 
 def build_config(args) -> tuple:
     """``(EvalConfig, model options dict)`` from the YAML file (if any) overridden by the flags given."""
-    from bft.eval.generation import GenerationSettings
-    from bft.eval.runner import EvalConfig
-
     raw = _load_yaml(args.config) if getattr(args, "config", None) else {}
     config_fields = {f.name for f in fields(EvalConfig)}
     gen_fields = {f.name for f in fields(GenerationSettings)}
@@ -142,9 +144,6 @@ def build_config(args) -> tuple:
 
 def build_systems(models: dict, config) -> tuple[list, object]:
     """Load the models and return ``([System, ...], base_model)``."""
-    from bft.hf import models as loader
-    from bft.eval.generation import System
-
     if not models.get("aligned"):
         raise ValueError("bft eval needs --aligned MODEL (or 'aligned:' in the config)")
     kw = {"gguf_file": models.get("gguf_file"), "device": models.get("device"), "dtype": models.get("dtype")}
@@ -170,8 +169,6 @@ def build_systems(models: dict, config) -> tuple[list, object]:
 
 
 def run(args) -> int:
-    from bft.eval import runner
-
     if args.rejudge:  # model judges go where --device / --dtype say; --no-threeway skips the three-way judge
         judge_kwargs = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None)}
         threeway = None if args.threeway is False else "auto"

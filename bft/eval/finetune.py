@@ -34,6 +34,8 @@ import torch
 
 from bft.eval.generation import GenerationSettings, System
 from bft.hf.batching import pad_batch, pad_token_id
+from bft.hf.chat import encode_chat
+from bft.hf.models import get_peft_model, save_pretrained
 
 __all__ = ["FinetuneConfig", "lora_finetune", "harmful_responses", "save_merged"]
 
@@ -61,8 +63,6 @@ class FinetuneConfig:
 
 
 def _examples(tokenizer, rows, config: FinetuneConfig, system_prompt):
-    from bft.hf.chat import encode_chat
-
     out = []
     for r in rows:
         response = r.get("response") or ""
@@ -92,8 +92,6 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, 
     """
     from peft import LoraConfig
     from tqdm.auto import tqdm
-
-    from bft.hf.models import get_peft_model
 
     config = config or FinetuneConfig()
     examples = _examples(tokenizer, list(rows), config, system_prompt)
@@ -159,8 +157,6 @@ def save_merged(peft_model, tokenizer, path) -> None:
     """Save the attacked model with the adapters merged (a plain HF checkpoint for ``bft train``/``bft eval``),
     leaving ``peft_model`` itself unmerged (a deep copy is merged; needs memory for a second copy)."""
     import copy
-
-    from bft.hf.models import save_pretrained
 
     merged = copy.deepcopy(peft_model).merge_and_unload()
     save_pretrained(merged, path, tokenizer=tokenizer)

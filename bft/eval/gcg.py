@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from bft.hf.chat import prompt_text
+
 __all__ = ["GCGConfig", "GCGResult", "run_gcg", "target_loss", "disallowed_token_mask"]
 
 _PLACEHOLDER = "\x00BFT_GCG_SUFFIX\x00"
@@ -65,8 +67,6 @@ class GCGResult:
 
 def _segments(tokenizer, prompt: str, system_prompt: str | None):
     """Token ids of the chat template before and after the suffix slot in ``prompt + " " + suffix``."""
-    from bft.hf.chat import prompt_text
-
     text = prompt_text(tokenizer, f"{prompt} {_PLACEHOLDER}", system=system_prompt)
     if text.count(_PLACEHOLDER) != 1:
         raise ValueError("the chat template altered the GCG suffix placeholder; cannot locate the suffix slot")

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from bft.decoding import contrastive_generate
 from bft.hf import generation as hf_generation
 from bft.hf.batching import pad_batch
 from bft.hf.chat import encode_chat
@@ -102,8 +103,6 @@ def generate_from_ids(
         raise ValueError("contrastive decoding needs both base_model and alpha")
     generate = None
     if base_model is not None:
-        from bft.decoding import contrastive_generate
-
         def generate(input_ids, attention_mask, **kwargs):
             return contrastive_generate(model, base_model, input_ids, attention_mask, alpha=float(alpha), **kwargs)
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from bft.decoding import check_same_vocab_size, contrastive_logprobs
 from bft.hf.batching import pad_batch, pad_token_id, position_ids
 from bft.hf.chat import prompt_text
+from bft.hf.models import final_hidden_states, lm_head_weight
 
 __all__ = ["continuation_logprobs", "summarize_logprobs"]
 
@@ -84,8 +85,6 @@ def _plain_head_weight(model) -> torch.Tensor | None:
     Only for allow-listed families (no soft-capping / logit scale, no bias on the head); ``bft.hf.models.lm_head_weight``
     unwraps peft models and refuses LoRA-wrapped or quantised heads (then the model's own forward is used).
     """
-    from bft.hf.models import lm_head_weight
-
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
         return None
@@ -100,8 +99,6 @@ def _plain_head_weight(model) -> torch.Tensor | None:
 
 def _fp32_logits_at(model, input_ids, attention_mask, position_ids, rows, cols) -> torch.Tensor:
     """fp32 logits [len(rows), V] at (rows[i], cols[i]) of the padded batch."""
-    from bft.hf.models import final_hidden_states
-
     weight = _plain_head_weight(model)
     if weight is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)

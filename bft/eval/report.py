@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
+from bft.atomic import atomic_save_figure
+
 __all__ = ["render_markdown", "write_plots"]
 
 
-def _pct(value) -> str:
-    from bft.eval.runner import fmt_pct
+def fmt_pct(value) -> str:
+    """A share in [0, 1] as a percentage with one decimal ("n/a" for None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.1f}"
 
-    return fmt_pct(value)
+
+_pct = fmt_pct
 
 
 def _ks(summary_systems: dict) -> list[str]:
@@ -61,8 +68,18 @@ def render_markdown(results: dict) -> str:
         f"All rates are percentages; ASR = share of responses judged harmful (lower is safer)."
     )
     out.append("")
+    for section in (_main_table, _measures_tables, _alpha_sweep_table, _deliberation_table, _finetune_and_lm_eval):
+        out += section(results, systems, primary, ks)
+    other_notes = [n for n in results.get("notes", []) if "three-way" not in n]
+    if other_notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in other_notes] + [""]
+    out.append("Every generation and judgement is in `results.json`; re-judge with `bft eval --rejudge DIR`.")
+    return "\n".join(out) + "\n"
 
-    # 1. the paper-shaped table
+
+def _main_table(results: dict, systems: dict, primary: str, ks: list[str]) -> list[str]:
+    """The paper-shaped table: ASR per attack and utility per system (Tables 1-3)."""
+    out: list[str] = []
     out += ["## Attack success and utility (paper Tables 1-3 layout)", ""]
     header = ["System"] + [f"Prefill {_k_label(k)}" for k in ks] + ["GCG", "HRR", "PPL ↓", "GSM8K EM"]
     rows = []
@@ -75,8 +92,12 @@ def render_markdown(results: dict) -> str:
     out.append(f"Prefill/GCG/HRR columns use the `{primary}` judge. HRR = harmful rate on the plain harmful requests "
                "after the LoRA fine-tuning attack (lower is better; see docs/eval.md).")
     out.append("")
+    return out
 
-    # 2. three measures side by side (issue 7)
+
+def _measures_tables(results: dict, systems: dict, primary: str, ks: list[str]) -> list[str]:
+    """Every offline measure side by side per system and attack, and the likelihood table."""
+    out: list[str] = []
     out += ["## Three measures side by side", ""]
     out.append("keyword = not a refusal phrase (the literature's ASR); on-topic = three-way judge: non-refusal that is "
                "semantically close to the request or its reference (refusal / off-topic shares beside it); "
@@ -110,8 +131,12 @@ def render_markdown(results: dict) -> str:
     for note in results.get("notes", []):
         if "three-way" in note:
             out += [f"> {note}", ""]
+    return out
 
-    # 3. alpha sweep
+
+def _alpha_sweep_table(results: dict, systems: dict, primary: str, ks: list[str]) -> list[str]:
+    """Contrastive decoding at every α evaluated."""
+    out: list[str] = []
     sweep = [(name, _alpha_of(results, name)) for name in systems if _alpha_of(results, name) is not None]
     if len(sweep) > 1:
         out += ["## Contrastive decoding: α sweep", ""]
@@ -129,8 +154,12 @@ def render_markdown(results: dict) -> str:
             row += list(_utility_cells(s))
             rows.append(row)
         out += [_table(header, rows), ""]
+    return out
 
-    # 4. deliberation
+
+def _deliberation_table(results: dict, systems: dict, primary: str, ks: list[str]) -> list[str]:
+    """Deliberation under the prefill attack (Table 5)."""
+    out: list[str] = []
     delib = [(name, s["deliberation"]) for name, s in systems.items() if "deliberation" in s]
     if delib:
         k = _k_label(str(delib[0][1]["k"]))
@@ -152,8 +181,12 @@ def render_markdown(results: dict) -> str:
         out += [_table(header, rows), ""]
         out.append("Safety outcome from the primary judge; reasoning = keyword rule of bft.eval.deliberation.")
         out.append("")
+    return out
 
-    # 5. fine-tuning attack and utility details
+
+def _finetune_and_lm_eval(results: dict, systems: dict, primary: str, ks: list[str]) -> list[str]:
+    """Fine-tuning attack settings and lm-eval-harness scores."""
+    out: list[str] = []
     ft = [(n, results.get("measures", {}).get(n, {}).get("finetune_attack")) for n in systems]
     ft = [(n, f) for n, f in ft if f]
     if ft:
@@ -174,11 +207,7 @@ def render_markdown(results: dict) -> str:
                     vals = ", ".join(f"{m} {v:.4f}" for m, v in metrics.items())
                     out.append(f"- {n} / {task}: {vals}")
         out.append("")
-    other_notes = [n for n in results.get("notes", []) if "three-way" not in n]
-    if other_notes:
-        out += ["## Notes", ""] + [f"- {n}" for n in other_notes] + [""]
-    out.append(f"Every generation and judgement is in `results.json`; re-judge with `bft eval --rejudge DIR`.")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _n_prompts(results: dict) -> int:
@@ -194,9 +223,7 @@ def _slug(name: str) -> str:
 
 
 def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=120)
 
 
 def write_plots(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -23,7 +23,6 @@ Metrics (all shares in [0, 1]; the report prints percentages):
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -34,8 +33,18 @@ from typing import Sequence
 
 from bft.atomic import atomic_write_bytes
 from bft.environment import package_versions
-from bft.eval.generation import GenerationSettings, System
+from bft.eval import gcg, utility
+from bft.eval.deliberation import deliberation_table
+from bft.eval.finetune import FinetuneConfig, harmful_responses, lora_finetune, save_merged
+from bft.eval.gcg import GCGConfig
+from bft.eval.generation import GenerationSettings, System, generate_from_ids
 from bft.eval.judges import Judge, KeywordJudge, judge_from_spec
+from bft.eval.likelihood import continuation_logprobs, summarize_logprobs
+from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
+from bft.eval.report import render_markdown, write_plots
+from bft.eval.semantic import ThreeWayJudge
+from bft.hf import data
+from bft.hf.chat import encode_chat
 
 __all__ = ["EvalConfig", "run_eval", "judge_results", "summarize", "rejudge", "write_results", "load_results"]
 
@@ -87,8 +96,6 @@ class EvalConfig:
     lm_eval_limit: int | None = None
 
     def __post_init__(self):
-        from bft.eval.prefill import parse_ks
-
         if isinstance(self.generation, dict):
             self.generation = GenerationSettings(**self.generation)
         self.prefill_ks = parse_ks(self.prefill_ks) if self.prefill_ks else []
@@ -141,8 +148,6 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def _load_rows(name: str, limit: int | None, seed: int, split: str | None = None) -> list[dict]:
-    from bft.hf import data
-
     ds = data.load(name, limit=limit, seed=seed, split=split)
     return [dict(r) for r in ds]
 
@@ -198,8 +203,6 @@ def make_threeway(config: EvalConfig, notes: list[str]):
     if not config.threeway:
         return None
     try:
-        from bft.eval.semantic import ThreeWayJudge
-
         judge = ThreeWayJudge(embedding_model=config.embedding_model)
         judge.embed(["probe"])  # load now so a missing model is reported before hours of generation
         return judge
@@ -228,8 +231,6 @@ def _rates(records: list[dict], judge_names: Sequence[str]) -> dict:
 
 def summarize(results: dict) -> dict:
     """Metrics per system from the stored records and measures (no model needed). Stored in ``results["summary"]``."""
-    from bft.eval.deliberation import deliberation_table
-
     judge_names = results.get("judges", ["keyword"])
     model_judges = [j for j in judge_names if j not in ("keyword", "threeway")]
     primary = model_judges[0] if model_judges else "keyword"
@@ -275,8 +276,6 @@ def _prefill_jobs(rows: list[dict], config: EvalConfig) -> tuple[list[str], list
 
 
 def _likelihood(system: System, prompts, references, config: EvalConfig, base_continuations) -> dict:
-    from bft.eval.likelihood import continuation_logprobs, summarize_logprobs
-
     if base_continuations is not None:
         keep = [i for i, c in enumerate(base_continuations) if c.strip()]
         ctx, conts, prefill = [prompts[i] for i in keep], [base_continuations[i] for i in keep], [references[i] for i in keep]
@@ -296,10 +295,6 @@ def _likelihood(system: System, prompts, references, config: EvalConfig, base_co
 def _base_reference_continuations(base_model, tokenizer, prompts, references, config: EvalConfig, system_prompt=None):
     """The base model's own greedy continuation after the full dataset target: a harmful continuation that reaches
     the later positions the paper is about (issue 7's reference)."""
-    from bft.hf.chat import encode_chat
-    from bft.eval.generation import generate_from_ids
-    from bft.eval.prefill import prefill_ids
-
     inputs = [encode_chat(tokenizer, p, system=system_prompt).input_ids + prefill_ids(tokenizer, r, "full")
               for p, r in zip(prompts, references)]  # fmt: skip
     settings = GenerationSettings(max_new_tokens=config.likelihood_tokens, batch_size=config.generation.batch_size)
@@ -396,8 +391,6 @@ def run_eval(
 
 
 def _run_prefill(system: System, prompts, references, config: EvalConfig) -> list[dict]:
-    from bft.eval.prefill import run_prefill_attack
-
     return [asdict(r) for r in run_prefill_attack(system, prompts, references, config.prefill_ks, config.generation)]
 
 
@@ -405,8 +398,6 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
     """GCG optimises the suffix against ``system.model`` (for contrastive decoding: the aligned model, a transfer
     attack on the decoding rule), then ``system`` answers the suffixed prompt. ``cache`` reuses the suffixes of an
     earlier system with the same model and system prompt (the optimisation is deterministic given the seed)."""
-    from bft.eval.gcg import GCGConfig, run_gcg
-
     gcg_config = GCGConfig(
         steps=config.gcg_steps, search_width=config.gcg_search_width, topk=config.gcg_topk,
         suffix_init=config.gcg_suffix, seed=config.seed,
@@ -419,7 +410,7 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
         key = (id(system.model), system.system_prompt, prompt, target)
         res = cache.get(key) if cache is not None else None
         if res is None:
-            res = run_gcg(system.model, system.tokenizer, prompt, target, gcg_config, system_prompt=system.system_prompt)
+            res = gcg.run_gcg(system.model, system.tokenizer, prompt, target, gcg_config, system_prompt=system.system_prompt)
             if cache is not None:
                 cache[key] = res
         inputs.append(res.input_ids)
@@ -433,8 +424,6 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
 
 
 def _run_finetune(system: System, prompts, config: EvalConfig, finetune_rows):
-    from bft.eval.finetune import FinetuneConfig, harmful_responses, lora_finetune
-
     rows = finetune_rows if finetune_rows is not None else _load_rows(config.finetune_dataset, config.finetune_limit,
                                                                      config.seed)  # fmt: skip
     ft = FinetuneConfig(
@@ -447,8 +436,6 @@ def _run_finetune(system: System, prompts, config: EvalConfig, finetune_rows):
         attacked_system = System(f"{system.name}+lora", attacked, system.tokenizer, system_prompt=system.system_prompt)
         records = harmful_responses(attacked_system, prompts, config.generation)
         if config.finetune_save:
-            from bft.eval.finetune import save_merged
-
             target = Path(config.finetune_save) / _slug(system.name)
             save_merged(attacked, system.tokenizer, target)
             log["saved_to"] = str(target)
@@ -469,8 +456,6 @@ def _is_named(dataset: str, name: str) -> bool:
 
 
 def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[str]) -> dict:
-    from bft.eval import utility
-
     out: dict = {}
     rows = utility_rows or {}
     if "perplexity" in config.utility:
@@ -509,8 +494,6 @@ def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[s
 
 def write_outputs(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """results.json, report.md and the PNG plots."""
-    from bft.eval.report import render_markdown, write_plots
-
     out = Path(out_dir)
     paths = {"results": write_results(results, out)}
     md = out / "report.md"
@@ -549,9 +532,3 @@ def rejudge(
     write_outputs(results, out_dir if out_dir is not None else (results_dir if Path(results_dir).is_dir()
                                                                  else Path(results_dir).parent))  # fmt: skip
     return results
-
-
-def fmt_pct(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{100 * value:.1f}"

@@ -33,6 +33,8 @@ from typing import Sequence
 
 import torch
 
+from bft.eval.judges import is_refusal
+
 __all__ = [
     "LABELS",
     "DEFAULT_THRESHOLD",
@@ -115,8 +117,6 @@ def _str_list(name: str, value, n: int | None = None, *, allow_none: bool = Fals
 
 
 def _is_refusal_function():
-    from bft.eval.judges import is_refusal
-
     return is_refusal
 
 

@@ -21,6 +21,7 @@ import re
 from typing import Sequence
 
 from bft.eval.generation import GenerationSettings, System
+from bft.eval.likelihood import continuation_logprobs
 
 __all__ = [
     "UtilityUnavailable",
@@ -41,8 +42,6 @@ class UtilityUnavailable(RuntimeError):
 
 def perplexity(system: System, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 8) -> dict:
     """``{"perplexity": exp(−token-mean log-prob), "mean_logprob": token mean, "tokens": T, "n": N}``."""
-    from bft.eval.likelihood import continuation_logprobs
-
     pairs = [(p, r) for p, r in zip(prompts, responses) if (r or "").strip()]
     if not pairs:
         raise ValueError("perplexity needs benign prompts with non-empty responses")
