@@ -130,3 +130,18 @@ def test_fsdp_bf16_mixed_precision_trains_like_fp32(lora_runs, data_files, tmp_p
     assert all(t.dtype == torch.float32 for t in wb.values())  # the configured model dtype, not the compute dtype
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=2e-2, msg=name)
+
+
+def test_ddp_and_fsdp_train_from_the_teacher_cache(lora_runs, data_files, tmp_path):
+    """Two processes with teacher_cache.path: the main process builds the cache on first use while the other waits,
+    then each reads its own rows. DDP from the cache matches the live DDP run (these examples are padded, so to the
+    float rounding of padded frozen forwards; tests/test_trainer_cache.py checks 1e-6 on unpadded data), and FSDP
+    from the cache matches DDP from the cache as the live runs do."""
+    cache = tmp_path / "cache"
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        runs[mode] = tmp_path / mode
+        launch(mode, data_files, runs[mode], "train.max_steps=4", "train.save_every=2", f"teacher_cache.path={cache}")
+    assert json.loads((cache / "manifest.json").read_text())["complete"]
+    assert_same_training(lora_runs["ddp"], runs["ddp"], rtol=1e-4)
+    assert_same_training(runs["ddp"], runs["fsdp"], rtol=1e-4)
