@@ -28,6 +28,11 @@ Per mode:
     step times and their ratio. Goal <= 1.8 (the limit is ~5/3: BFT adds two frozen forwards to the student's
     forward + backward). The ratio of record is wall time on CUDA and process CPU time on CPU (immune to other
     processes taking the cores of a shared machine; wall-time ratios are stored too).
+  * teacher cache (``--no-cached`` skips it): at that batch, the one-time build of the exact frozen-teacher
+    cache for the batch's rows (``bft.trainer.cache.write_cache``: frozen forwards, top-k and risk, atomic shard
+    writes), then cached BFT steps (rows read back through ``TeacherCache``, no frozen forward), live BFT steps and
+    SFT steps interleaved: cached / SFT (goal <= 1.1), the build time, disk bytes per token and the break-even
+    epoch count build / (live step - cached step).
 On CPU the memory is the peak resident set size (VmHWM, reset before each measurement), the 8-bit modes need CUDA:
 lora-8bit is skipped and full-adam8bit runs as full fine-tuning with fp32 frozen models and torch AdamW.
 
@@ -56,7 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import RESULTS, device_name, write_json_atomic  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bft.models import final_hidden_states  # noqa: E402
+from bft.hf.models import final_hidden_states  # noqa: E402
 from bft.trainer.config import Config, FinetuneConfig, ModelConfig, OptimConfig, validate  # noqa: E402
 from bft.trainer.modeling import (  # noqa: E402
     BFTStudent,
@@ -68,7 +73,7 @@ from bft.trainer.modeling import (  # noqa: E402
     resolve_attn_implementation,
     torch_dtype,
 )
-from bft.trainer.train import loss_kwargs, make_optimizer, micro_batch_loss  # noqa: E402
+from bft.trainer.train import cache_teacher_inputs, loss_kwargs, make_optimizer, micro_batch_loss  # noqa: E402
 
 #: Llama shapes. "llama-3.1-8b" is Meta-Llama-3.1-8B; "small" keeps its proportions (GQA 4:1, MLP 3.5x, lm_head
 #: ~7% of the weights) at 31M parameters so a CPU step takes about a second; "tiny" is for --quick and tests.
@@ -99,6 +104,7 @@ MODES = {
 }
 HARMFUL_RATIO = 0.4  # the trainer's (and the paper's) default
 RATIO_GOAL = 1.8
+CACHED_RATIO_GOAL = 1.1  # a BFT step from the teacher cache vs a plain SFT step of the same student
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def random_causal_lm(llama: dict, *, dtype: torch.dtype, device: torch.device, a
     """A randomly initialised ``LlamaForCausalLM`` built directly on ``device`` in ``dtype`` (no checkpoint)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from bft.models import _dtype_kwarg
+    from bft.hf.models import _dtype_kwarg
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -250,6 +256,14 @@ class Steps:
     def bft(self, batch: dict) -> None:
         result = micro_batch_loss(self.trio, self.student, batch)
         result["loss"].backward()
+        self._finish()
+
+    def cached(self, batch: dict) -> None:
+        """A BFT step from the teacher cache (``self.teacher_cache = (cache, heads, examples)``): the frozen
+        models' rows are read from the memory-mapped shards, no frozen forward runs."""
+        cache, heads, examples = self.teacher_cache
+        teacher = cache_teacher_inputs(cache, heads, examples, batch, batch["input_ids"].device)
+        micro_batch_loss(self.trio, self.student, batch, teacher)["loss"].backward()
         self._finish()
 
     def sft(self, batch: dict) -> None:
@@ -466,6 +480,66 @@ class Bench:
         return None
 
 
+    def cached(self, B: int, top_k: int, dtype: torch.dtype) -> dict:
+        """The teacher cache at batch B: its one-time build (frozen forwards, top-k and risk, atomic shard writes)
+        for this batch's rows, then cached BFT steps, live BFT steps and plain SFT steps interleaved. The
+        break-even epoch count is build / (live step − cached step): building the cache for the whole data set
+        costs one frozen pass per batch of the epoch, and every epoch from the cache saves the difference."""
+        import tempfile
+
+        from bft.trainer import cache as tc
+        from bft.trainer.data import Example
+
+        batch = self.batch(B)
+        ids, valid, harmful = (batch[k].cpu() for k in ("input_ids", "valid", "harmful"))
+        start = int(valid[0].nonzero()[0]) + 1  # response_start: the first valid row predicts it
+        examples = [Example(tuple(ids[r].tolist()), start, bool(harmful[r, 0])) for r in range(B)]
+        rows = int(valid.sum())
+        fp = {"benchmark": "synthetic batch", "batch_size": B, "seq_len": self.args.seq_len}
+        with tempfile.TemporaryDirectory(prefix="bft-cache-bench-") as root:
+            root = Path(root)
+            sync(self.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            manifest = tc.write_cache(root, self.steps.trio, examples, fp, dtype=dtype, top_k=top_k,
+                                      shard_bytes=256 * 2**20, batch_size=B, pad_id=0, progress=False,
+                                      log=lambda *_: None)  # fmt: skip
+            sync(self.device)
+            build_s, build_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+            head_bytes = sum(r["bytes"] for r in manifest["heads"].values())
+            shard_bytes = tc.cache_bytes(root, manifest) - head_bytes
+            cache = tc.TeacherCache(root, fp)
+            heads = cache.heads(self.device, dtype, aligned=not self.steps.trio.lora)
+            self.steps.teacher_cache = (cache, heads, examples)
+            peaks, times = {}, {"cached": [], "bft": [], "sft": []}
+            fns = {"cached": self.steps.cached, "bft": self.steps.bft, "sft": self.steps.sft}
+            for name, fn in fns.items():  # warm-ups, and the peak of each
+                self.mem.reset_peak()
+                fn(batch)
+                peaks[name] = self.mem.peak()
+            for _ in range(self.args.repeats):
+                for name, fn in fns.items():
+                    times[name].append(timed(fn, batch, self.device))
+            del self.steps.teacher_cache, cache, heads
+        basis = 1 if self.device.type == "cpu" else 0  # CPU time on CPU (shared cores), wall time on CUDA
+        step = {name: _median([t[basis] for t in ts]) for name, ts in times.items()}
+        wall = {name: _median([t[0] for t in ts]) for name, ts in times.items()}
+        build = build_cpu_s if basis else build_s
+        saved = step["bft"] - step["cached"]
+        return {
+            "batch_size": B, "response_tokens": rows, "ratio_basis": "CPU time" if basis else "wall time",
+            "cached_step_s": step["cached"], "live_bft_step_s": step["bft"], "sft_step_s": step["sft"],
+            "cached_over_sft": step["cached"] / step["sft"], "live_bft_over_sft": step["bft"] / step["sft"],
+            "cached_over_sft_wall": wall["cached"] / wall["sft"], "live_over_sft_wall": wall["bft"] / wall["sft"],
+            "cached_goal_max": CACHED_RATIO_GOAL, "meets_cached_goal": step["cached"] / step["sft"] <= CACHED_RATIO_GOAL,
+            "build_s": build, "build_wall_s": build_s, "build_s_per_token": build / rows,
+            "break_even_epochs": build / saved if saved > 0 else None,
+            "disk_bytes_per_token": shard_bytes / rows, "disk_bytes_heads": head_bytes,
+            "disk_bytes_per_token_formula": "(H_a + H_b) * dtype bytes + 4 * top_k + 4",
+            "peak_memory_bytes": peaks,
+            "steps_all": {name: [list(t) for t in ts] for name, ts in times.items()},
+        }  # fmt: skip
+
+
 def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, progress) -> dict:
     mode = MODES[name]
     note = None
@@ -505,6 +579,10 @@ def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, pr
     fitting = [t for t in trials if t["status"] == "ok"]
     best = max(fitting, key=lambda t: t["batch_size"]) if fitting else None
     ratio = bench.ratio(best["batch_size"]) if best else None
+    cached = None
+    if best and not args.no_cached:
+        cached = bench.cached(ratio["batch_size"] if ratio else best["batch_size"], config.loss.top_k,
+                              torch_dtype(config.model.dtype))  # fmt: skip
     n_trainable = sum(p.numel() for p in steps.params)
     n_student = sum(p.numel() for p in trio.student.parameters())
     result = {
@@ -530,6 +608,7 @@ def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, pr
         "tokens_per_s_best": best["tokens_per_s_best"] if best else None,
         "tokens_per_cpu_s": best.get("tokens_per_cpu_s") if best else None,
         "bft_vs_sft": ratio,
+        "teacher_cache": cached,
     }  # fmt: skip
     del bench, steps, trio
     mem.collect()
@@ -557,6 +636,8 @@ def parse_args(argv=None):
                    help="weights of all three models (default: cuda bfloat16, cpu float32)")  # fmt: skip
     p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"])
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--no-cached", action="store_true",
+                   help="skip the teacher-cache measurement (build cost, cached BFT step vs SFT, disk per token)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--cpu-8bit", action="store_true",
                    help="CPU: run the 8-bit modes through bitsandbytes' CPU backend (bitsandbytes >= 0.48) instead of "
@@ -626,6 +707,12 @@ def main(argv=None) -> int:
                     f"{r['tokens_per_s']:.0f} tok/s")  # fmt: skip
             if ratio:
                 line += f", BFT/SFT {ratio['bft_over_sft']:.3f} at batch {ratio['batch_size']}"
+            if r["teacher_cache"]:
+                c = r["teacher_cache"]
+                line += (f"; cached BFT/SFT {c['cached_over_sft']:.3f} (live {c['live_bft_over_sft']:.3f}), build "
+                         f"{c['build_s']:.2f} s, {c['disk_bytes_per_token']:.0f} B/token, break-even "
+                         f"{c['break_even_epochs'] if c['break_even_epochs'] is None else round(c['break_even_epochs'], 2)} "
+                         "epochs")  # fmt: skip
             tqdm.write(line)
         else:
             tqdm.write(f"{name}: {r['status']} {r.get('reason', '')}")
@@ -661,14 +748,21 @@ def main(argv=None) -> int:
         "memory_metric": mem.metric,
         "sft_baseline": "cross-entropy of the same student on the same batch's valid rows (logits in model dtype, "
                         "loss in fp32), same optimizer, clipping and step",
-        "goals": {"bft_over_sft_max": RATIO_GOAL, "fits_gpu_memory_gib": 80},
+        "goals": {"bft_over_sft_max": RATIO_GOAL, "cached_bft_over_sft_max": CACHED_RATIO_GOAL,
+                  "fits_gpu_memory_gib": 80},
         "modes": results,
         "summary": {name: ({"max_batch_size": r["max_batch_size"], "peak_memory_gib": r["peak_memory_bytes"] / 2**30,
                             "tokens_per_s": r["tokens_per_s"], "tokens_per_s_best": r["tokens_per_s_best"],
                             "tokens_per_cpu_s": r["tokens_per_cpu_s"],
                             "bft_over_sft": r["bft_vs_sft"]["bft_over_sft"] if r["bft_vs_sft"] else None,
                             "bft_over_sft_wall": r["bft_vs_sft"]["bft_over_sft_wall"] if r["bft_vs_sft"] else None,
-                            "ratio_batch_size": r["bft_vs_sft"]["batch_size"] if r["bft_vs_sft"] else None}
+                            "ratio_batch_size": r["bft_vs_sft"]["batch_size"] if r["bft_vs_sft"] else None,
+                            "cached_over_sft": r["teacher_cache"]["cached_over_sft"] if r["teacher_cache"] else None,
+                            "cached_build_s": r["teacher_cache"]["build_s"] if r["teacher_cache"] else None,
+                            "cached_break_even_epochs": (r["teacher_cache"]["break_even_epochs"]
+                                                         if r["teacher_cache"] else None),
+                            "cached_disk_bytes_per_token": (r["teacher_cache"]["disk_bytes_per_token"]
+                                                            if r["teacher_cache"] else None)}
                            if r["status"] == "ok" else {"status": r["status"], "reason": r.get("reason")})
                     for name, r in results.items()},
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
