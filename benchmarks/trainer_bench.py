@@ -126,12 +126,14 @@ def random_causal_lm(llama: dict, *, dtype: torch.dtype, device: torch.device, a
     """A randomly initialised ``LlamaForCausalLM`` built directly on ``device`` in ``dtype`` (no checkpoint)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from bft.hf.models import _dtype_kwarg
+    import transformers
 
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kwarg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**llama), attn_implementation=attn,
-                                                 **{_dtype_kwarg(): dtype})  # fmt: skip
+                                                 **{dtype_kwarg: dtype})  # fmt: skip
     model.config.use_cache = False
     return model
 
