@@ -310,7 +310,7 @@ def build(config, *, rebuild: bool = False, progress: bool = True, accelerator=N
     A complete cache with the same fingerprint is left as it is; one with another fingerprint is refused unless
     ``rebuild``. Returns the cache folder."""
     from bft.trainer.data import encode_training_examples, generated_harmful_pairs, load_training_pairs
-    from bft.trainer.modeling import build_trio, check_vocab, load_tokenizers, torch_dtype
+    from bft.trainer.modeling import build_teachers, check_vocab, load_tokenizers, torch_dtype
 
     if not config.teacher_cache.path:
         raise CacheError("no cache folder: set teacher_cache.path in the config (or pass --out DIR)")
@@ -330,7 +330,7 @@ def build(config, *, rebuild: bool = False, progress: bool = True, accelerator=N
         log(f"teacher cache {root} is complete and up to date")
         return root
 
-    trio = build_trio(config, tokenizer, base_tokenizer, device)
+    trio = build_teachers(config, tokenizer, base_tokenizer, device)  # no student, no LoRA: the frozen two only
     if config.loss.top_k > trio.vocab_size:
         raise ValueError(f"loss.top_k={config.loss.top_k} exceeds the vocabulary size V={trio.vocab_size}")
     if config.data.harmful_response == "generate" and harmful_pairs:

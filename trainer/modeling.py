@@ -142,6 +142,36 @@ def load_tokenizers(config: Config):
     return tokenizer, base_tokenizer
 
 
+def build_teachers(config: Config, tokenizer, base_tokenizer, device: torch.device) -> Trio:
+    """The two frozen models alone, as the live run's teachers compute (for building the teacher cache): base, and
+    aligned with ``model.frozen_quantization`` as in both modes (LoRA's teacher is its student's quantizable body
+    with the adapters disabled, which computes what the plain model does). ``trio.student`` is the aligned model."""
+    m = config.model
+    dtype = torch_dtype(m.dtype)
+    attn = resolve_attn_implementation(m.attn_implementation, dtype, device)
+    if m.base == TINY_BASE:
+        if m.frozen_quantization:
+            raise ValueError("the tiny random models cannot be quantized; set model.frozen_quantization: null")
+        from bft.hf.testing import tiny_llama_pair
+
+        base, aligned, _ = tiny_llama_pair(
+            seed=m.tiny_seed, tokenizer=tokenizer, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers
+        )
+        for model in (base, aligned):
+            model.to(device=device, dtype=dtype)
+            _set_attn_implementation(model, attn)
+            model.config.use_cache = False
+            freeze(model)
+    else:
+        common = {"dtype": dtype, "attn_implementation": attn, "device": device,
+                  "quantization": m.frozen_quantization, "trainable": False}  # fmt: skip
+        base = load_causal_lm(m.base, gguf_file=m.base_gguf_file, **common)
+        aligned = load_causal_lm(m.aligned, gguf_file=m.aligned_gguf_file, **common)
+    vocab_size = check_vocab(tokenizer, base_tokenizer, aligned, base)
+    return Trio(student=aligned, base=base, aligned=aligned, tokenizer=tokenizer, base_tokenizer=base_tokenizer,
+                vocab_size=vocab_size)
+
+
 def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, frozen: bool = True) -> Trio:
     """Load/build base, aligned and student as configured (the student starts as the aligned model).
 
