@@ -141,3 +141,26 @@ def test_given_ids_bad_input_gets_a_clear_error():
         call(topk_ids=bad, risk=risk)
     with pytest.raises(ValueError, match=r"risk must lie in \[0, 1\]"):
         call(topk_ids=ids, risk=risk + 2)
+
+
+def test_triton_row_kernel_given_variant_skips_the_count_and_the_topk():
+    """Kernel 2 compiled with GIVEN: no base-favored count (reported −1) and the ids come back as given, while the
+    per-row terms equal those of the variant that finds them."""
+    from bft.kernels.bft_rows import bft_rows
+
+    tensors, harmful, _ = make_case(5, 8, 130, seed=4, p_harmful=1.0)
+    ah, aw, bh, bw = tensors[2:]
+    ids, risk = given_for(tensors, torch.ones(5, dtype=torch.bool), 6, garbage=False)
+    S, A, B = tensors[0] @ tensors[1].T, ah @ aw.T, bh @ bw.T
+    S, A, B, h8, ids, risk = on("triton", S, A, B, harmful.to(torch.int8), ids, risk)
+    kw = {"top_k": 6, "temperature": 2.0, "teacher_lambda": 1.2, "alpha_base": 1.0, "gamma": 1.0, "l2_reg": 0.01, "kl": "forward",
+              "grad_scale": 0.2}  # fmt: skip
+    G_own, G_given = torch.zeros_like(S), torch.zeros_like(S)
+    own = bft_rows(S, A, B, G_own, h8, **kw)
+    given = bft_rows(S, A, B, G_given, h8, topk_ids=ids, risk=risk, **kw)
+    assert (given["count"] == -1).all() and (own["count"] >= 0).all()
+    assert torch.equal(given["topk_ids"], ids.long()) and torch.equal(own["topk_ids"], ids.long())
+    assert torch.equal(given["risk"], risk)
+    for key in ("kl", "completion", "alpha", "row_loss"):
+        torch.testing.assert_close(given[key], own[key], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(G_given, G_own, rtol=1e-6, atol=1e-7)
