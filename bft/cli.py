@@ -30,7 +30,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from bft import __version__
 
     parser.add_argument("--version", action="version", version=f"bft {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also BFT_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (also BFT_DEBUG=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bft.config import accept_overrides, apply_overrides, build_dataclass, load_yaml_mapping
 from bft.pipelines.reproduce import ReproduceConfig, quick_config, reproduce, validate
 
 
@@ -24,26 +25,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-ks", help="comma-separated prefill lengths, e.g. 0,4,10,20")
     parser.add_argument("--alphas", help="comma-separated α of the contrastive sweep")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--config", help="YAML file of ReproduceConfig keys (flags and KEY=VALUE override it)")
+    accept_overrides(parser)
 
 
 def config_from_args(args) -> ReproduceConfig:
-    overrides = {}
+    """:class:`ReproduceConfig` from ``--quick`` sizes (or the defaults), then the ``--config`` file, the flags and
+    ``KEY=VALUE`` overrides (``bft_steps=40 loss_overrides.l2_reg=1e-3``), in that order, via :mod:`bft.config`."""
+    data = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
     for name in ("model", "device", "seed", "n_train", "n_test", "align_steps", "bft_steps", "bft_lr", "eval_tokens",
                  "batch_size"):  # fmt: skip
         value = getattr(args, name, None)
         if value is not None:
-            overrides[name] = value
+            data[name] = value
     if getattr(args, "prefill_ks", None):
-        overrides["prefill_ks"] = [int(k) for k in args.prefill_ks.split(",") if k.strip()]
+        data["prefill_ks"] = [int(k) for k in args.prefill_ks.split(",") if k.strip()]
     if getattr(args, "alphas", None):
-        overrides["alphas"] = [float(a) for a in args.alphas.split(",") if a.strip()]
-    quick = bool(getattr(args, "quick", False))
-    overrides["out"] = args.out or ("runs/demo" if quick else "runs/reproduce")
-    cfg = quick_config(**overrides) if quick else ReproduceConfig(**overrides)
+        data["alphas"] = [float(a) for a in args.alphas.split(",") if a.strip()]
+    data = apply_overrides(data, getattr(args, "overrides", None) or [])
+    quick = bool(getattr(args, "quick", False) or data.get("quick"))
+    data["out"] = args.out or data.get("out") or ("runs/demo" if quick else "runs/reproduce")
+    base = quick_config() if quick else ReproduceConfig()
+    cfg = build_dataclass(ReproduceConfig, {**base.to_dict(), **data})
     validate(cfg)
     return cfg
-
-
 
 
 def run(args) -> int:

@@ -11,9 +11,11 @@ against ``--base`` (α = ``--alpha`` and every α of ``--alphas``); ``trained`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
+from bft.config import accept_overrides, apply_overrides, build_dataclass, load_yaml_mapping
 from bft.eval import runner
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.runner import EvalConfig
@@ -37,7 +39,9 @@ def _csv(cast):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML file with any of the options below (underscored keys)")
+    parser.add_argument("config", nargs="?", help="YAML file with any of the options below (underscored keys); "
+                        "KEY=VALUE arguments anywhere override it (e.g. generation.top_p=0.6 limit=64)")
+    accept_overrides(parser)
     parser.add_argument("--out", help="output directory (results.json, report.md, *.png)")
     parser.add_argument("--rejudge", metavar="DIR", help="re-judge a stored run (no generation) and rewrite its report")
     m = parser.add_argument_group("models")
@@ -102,29 +106,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     u.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (default: all)")
 
 
-def _load_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of options, got {type(data).__name__}")
-    return data
-
-
 def build_config(args) -> tuple:
-    """``(EvalConfig, model options dict)`` from the YAML file (if any) overridden by the flags given."""
-    raw = _load_yaml(args.config) if getattr(args, "config", None) else {}
-    config_fields = {f.name for f in fields(EvalConfig)}
-    gen_fields = {f.name for f in fields(GenerationSettings)}
-    unknown = set(raw) - config_fields - gen_fields - set(_MODEL_KEYS)
-    if unknown:
-        raise ValueError(f"unknown option(s) in {args.config}: {sorted(unknown)}")
+    """``(EvalConfig, model options dict)`` from the YAML file (if any) overridden by the flags given, then by
+    ``key=value`` overrides (``generation.top_p=0.6``), through :mod:`bft.config` like every bft command."""
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "config", None) and "=" in args.config and not os.path.exists(args.config):
+        overrides.insert(0, args.config)  # a KEY=VALUE override in CONFIG's place
+        args.config = None
+    raw = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
+    raw = apply_overrides(raw, overrides)
     gen = dict(raw.pop("generation", None) or {})
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "rejudge", "command")}
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("config", "rejudge", "command", "overrides")}  # fmt: skip
     if "sample" in flags:
         flags["do_sample"] = flags.pop("sample")
     merged = {**raw, **flags}
@@ -132,11 +125,12 @@ def build_config(args) -> tuple:
         merged["utility"] = []
     if merged.get("limit") == 0:
         merged["limit"] = None
+    config_fields = {f.name for f in fields(EvalConfig)}
     for key in list(merged):
-        if key in gen_fields:  # "seed" is both: it seeds sampling and the data / GCG / fine-tuning
+        if key in {f.name for f in fields(GenerationSettings)}:  # "seed" is both: sampling and data / GCG / LoRA
             gen[key] = merged[key] if key in config_fields else merged.pop(key)
     models = {k: merged.pop(k) for k in _MODEL_KEYS if k in merged}
-    config = EvalConfig(**{k: v for k, v in merged.items() if k in config_fields}, generation=GenerationSettings(**gen))
+    config = build_dataclass(EvalConfig, {**merged, "generation": gen})
     if isinstance(models.get("trained"), str):
         models["trained"] = [models["trained"]]
     return config, models
