@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bft.eval.generation import GenerationSettings, System
-from bft.hf.batching import pad_batch, pad_token_id
+from bft.hf.batching import pad_token_id
 from bft.hf.chat import encode_chat
 from bft.hf.models import get_peft_model, save_pretrained
+from bft.hf.sft import sft_step
 
 __all__ = ["FinetuneConfig", "lora_finetune", "harmful_responses", "save_merged"]
 
@@ -78,12 +79,6 @@ def _examples(tokenizer, rows, config: FinetuneConfig, system_prompt):
     return out
 
 
-def _collate(batch, pad_id: int):
-    """Right-padded (ids, labels, mask) for training."""
-    ids, mask, labels = pad_batch([x for x, _ in batch], pad_id, labels=[y for _, y in batch])
-    return ids, labels, mask
-
-
 def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, *, system_prompt=None,
                   progress: bool = True):  # fmt: skip
     """LoRA-train ``model`` (in place: adapters are injected) on ``rows`` (dicts with prompt/response).
@@ -107,7 +102,6 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, 
         peft_model.enable_input_require_grads()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    device = next(peft_model.parameters()).device
     pad_id = pad_token_id(tokenizer, model)
 
     n_epochs_full = math.ceil(config.epochs)
@@ -122,22 +116,8 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, 
     peft_model.train()
     bar = tqdm(range(steps), desc="lora fine-tune", disable=not progress)
     for step in bar:
-        batch_idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-        n_tokens = sum(sum(1 for y in examples[i][1][1:] if y != -100) for i in batch_idx)  # shifted targets
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for m in range(0, len(batch_idx), config.micro_batch_size):
-            ids, labels, mask = _collate([examples[i] for i in batch_idx[m : m + config.micro_batch_size]], pad_id)
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1, :].float()
-            target = labels[:, 1:]
-            ce = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            (ce / n_tokens).backward()
-            total += float(ce.detach())
-        optimizer.step()
-        losses.append(total / n_tokens)
+        batch = [examples[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
+        losses.append(sft_step(peft_model, optimizer, batch, pad_id=pad_id, micro_batch_size=config.micro_batch_size))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     peft_model.eval()
     log = {**asdict(config), "lora_alpha": config.lora_alpha or 2 * config.rank, "steps": steps,

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from bft.hf.batching import IGNORE_INDEX, pad_batch, pad_token_id
 from bft.hf.chat import encode_chat
 from bft.hf.generation import GenerationSettings, generate_from_ids
+from bft.hf.sft import sft_step
 
 __all__ = ["REFUSALS", "refusal_finetune"]
 
@@ -34,11 +35,16 @@ REFUSALS = (
 )
 
 
+def _encoded(tokenizer, pairs) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels with −100 outside the response) for (prompt, response) pairs."""
+    encs = [encode_chat(tokenizer, p, r) for p, r in pairs]
+    return [(e.input_ids, [IGNORE_INDEX] * e.response_start + e.input_ids[e.response_start :]) for e in encs]
+
+
 def _batch(tokenizer, pairs, device):
     """Right-padded ids, attention mask and labels (−100 outside the response) for (prompt, response) pairs."""
-    encs = [encode_chat(tokenizer, p, r) for p, r in pairs]
-    labels = [[IGNORE_INDEX] * e.response_start + e.input_ids[e.response_start :] for e in encs]
-    ids, mask, labels = pad_batch([e.input_ids for e in encs], pad_token_id(tokenizer), labels=labels)
+    examples = _encoded(tokenizer, pairs)
+    ids, mask, labels = pad_batch([x for x, _ in examples], pad_token_id(tokenizer), labels=[y for _, y in examples])
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -87,19 +93,13 @@ def refusal_finetune(
         examples += [(p, a) for p, a in zip(benign_prompts, answers) if a]
     tuned = copy.deepcopy(model)
     tuned.train()
-    device = next(tuned.parameters()).device
     opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
+    pad_id = pad_token_id(tokenizer)
     losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in tqdm(range(steps), desc="refusal fine-tune", unit="step", disable=not progress):
             pairs = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-            ids, mask, labels = _batch(tokenizer, pairs, device)
-            loss = tuned(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
+            losses.append(sft_step(tuned, opt, _encoded(tokenizer, pairs), pad_id=pad_id, max_grad_norm=1.0))
     tuned.eval()
     return tuned, losses
