@@ -96,13 +96,22 @@ class BaseFavoredTokens:
     delta: torch.Tensor
 
 
-def base_favored_tokens(*, base_logits: torch.Tensor, aligned_logits: torch.Tensor, k: int = 100) -> BaseFavoredTokens:
+def base_favored_tokens(
+    *, aligned_logits: torch.Tensor, base_logits: torch.Tensor, top_k: int = 100, k: int | None = None
+) -> BaseFavoredTokens:
     """Base-favored tokens of Algorithm 1 and their count (Eq. 6), over the last dim of [..., V] logits.
 
-    ``ids`` are the top-k of Δ = base − aligned *logits* (Algorithm 1, as in the paper); ``count`` uses
+    ``ids`` are the top-``top_k`` of Δ = base − aligned *logits* (Algorithm 1, as in the paper); ``count`` uses
     *probabilities*: v is base-favored when π_base(v) > π_aligned(v), i.e. log_softmax(base)_v >
-    log_softmax(aligned)_v. Accumulates in fp32 whatever the input dtype.
+    log_softmax(aligned)_v. Accumulates in fp32 whatever the input dtype. ``k`` is the deprecated name of
+    ``top_k`` (one release).
     """
+    if k is not None:
+        import warnings
+
+        warnings.warn("base_favored_tokens(k=) is deprecated: use top_k=", DeprecationWarning, stacklevel=2)
+        top_k = k
+    k = top_k
     if base_logits.shape != aligned_logits.shape:
         raise ValueError(
             f"base_logits {tuple(base_logits.shape)} and aligned_logits {tuple(aligned_logits.shape)} differ in shape"
@@ -111,7 +120,7 @@ def base_favored_tokens(*, base_logits: torch.Tensor, aligned_logits: torch.Tens
         raise ValueError(f"logits need a non-empty vocabulary dim, got shape {tuple(base_logits.shape)}")
     V = base_logits.shape[-1]
     if not 1 <= k <= V:
-        raise ValueError(f"k={k} must be in [1, V={V}]")
+        raise ValueError(f"top_k={k} must be in [1, V={V}]")
     dtype = torch.promote_types(base_logits.dtype, torch.float32)
     b = base_logits.to(dtype)
     a = aligned_logits.to(dtype)
@@ -171,7 +180,7 @@ def bft_row_terms(
     kl_n = kl_n * tau * tau
 
     if topk_ids is None:
-        favored = base_favored_tokens(base_logits=b, aligned_logits=a, k=top_k)
+        favored = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k)
         ids = favored.ids
         risk = base_favored_density(favored.count, V, s.dtype)
     else:

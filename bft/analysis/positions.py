@@ -41,6 +41,16 @@ __all__ = ["METRICS", "position_metrics", "score_responses", "analyze_pair", "te
 METRICS = ("kl", "js", "top_overlap", "bf_count", "bf_count_top", "kl_decoded")
 
 
+def _renamed_top_k(top_k: int, algorithm1_k: int | None) -> int:
+    """``algorithm1_k`` is the deprecated name of ``top_k`` (the k of Algorithm 1's TopK(Δ), as in the loss)."""
+    if algorithm1_k is None:
+        return top_k
+    import warnings
+
+    warnings.warn("algorithm1_k= is deprecated: use top_k=", DeprecationWarning, stacklevel=3)
+    return algorithm1_k
+
+
 def _kl_from_logprobs(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) over the last dim from log-probs; terms with p = 0 contribute 0."""
     p = lp.exp()
@@ -53,7 +63,8 @@ def position_metrics(
     base_logits: torch.Tensor,
     *,
     top_n: int = 100,
-    algorithm1_k: int = 10,
+    top_k: int = 10,
+    algorithm1_k: int | None = None,
     alpha: float | None = None,
     chunk_rows: int = 256,
 ) -> dict[str, torch.Tensor]:
@@ -61,9 +72,10 @@ def position_metrics(
 
     Returns fp32 [N] tensors for each name in :data:`METRICS` (``kl_decoded`` uses Eq. 7 with ``alpha`` when given,
     else equals ``kl``), plus ``top_ids`` [N, top_n] (aligned top-n ids, ties to the lower id), ``top_favored``
-    [N, top_n] bool (which of them are base-favored) and ``algorithm1_ids`` [N, algorithm1_k] (top-k of Δ logits
+    [N, top_n] bool (which of them are base-favored) and ``algorithm1_ids`` [N, top_k] (top-k of Δ logits
     via :func:`bft.base_favored_tokens`). Everything is computed in fp32, ``chunk_rows`` rows at a time.
     """
+    top_k = _renamed_top_k(top_k, algorithm1_k)
     if aligned_logits.shape != base_logits.shape or aligned_logits.dim() != 2:
         raise ValueError(
             f"expected aligned and base logits of the same [N, V] shape, got {tuple(aligned_logits.shape)} and "
@@ -72,8 +84,8 @@ def position_metrics(
     V = aligned_logits.shape[-1]
     if not 1 <= top_n <= V:
         raise ValueError(f"top_n={top_n} must be in [1, V={V}]")
-    if not 1 <= algorithm1_k <= V:
-        raise ValueError(f"algorithm1_k={algorithm1_k} must be in [1, V={V}]")
+    if not 1 <= top_k <= V:
+        raise ValueError(f"top_k={top_k} must be in [1, V={V}]")
     out = collections.defaultdict(list)
     for start in range(0, aligned_logits.shape[0], chunk_rows):
         a = aligned_logits[start : start + chunk_rows].float()
@@ -86,7 +98,7 @@ def position_metrics(
         top_b = topk_lowest_id_ties(lb, top_n)
         shared = (top_a[:, :, None] == top_b[:, None, :]).any(-1).sum(-1)
         out["top_overlap"].append(shared.float() / top_n)
-        favored = base_favored_tokens(base_logits=b, aligned_logits=a, k=algorithm1_k)
+        favored = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k)
         out["bf_count"].append(favored.count.float())
         out["algorithm1_ids"].append(favored.ids)
         top_favored = torch.gather(lb, -1, top_a) > torch.gather(la, -1, top_a)
@@ -165,14 +177,14 @@ def _generated_batch(aligned_model, base_model, tokenizer, chunk, *, alpha, max_
             "prefills": prefills}  # fmt: skip
 
 
-def _batch_metrics(aligned_model, base_model, tokenizer, batch: dict, *, top_n, algorithm1_k, alpha) -> dict:
+def _batch_metrics(aligned_model, base_model, tokenizer, batch: dict, *, top_n, top_k, alpha) -> dict:
     """:func:`position_metrics` of both models teacher-forced on the generated batch, shaped [B, T, ...]."""
     a = score_responses(aligned_model, batch["seqs"], batch["mask"], batch["prompt_len"])
     b = score_responses(base_model, batch["seqs"], batch["mask"], batch["prompt_len"]).to(a.device)
     V = min(a.shape[-1], b.shape[-1], len(tokenizer))  # drop padded lm_head rows
     B, T = batch["new"].shape
     m = position_metrics(a[..., :V].reshape(B * T, V), b[..., :V].reshape(B * T, V), top_n=top_n,
-                         algorithm1_k=algorithm1_k, alpha=alpha)  # fmt: skip
+                         top_k=top_k, alpha=alpha)  # fmt: skip
     return {k: v.reshape(B, T, *v.shape[1:]).cpu() for k, v in m.items()}
 
 
@@ -207,7 +219,8 @@ def analyze_pair(
     alpha: float | None = 1.0,
     contrastive_groups: tuple[str, ...] = ("harmful",),
     top_n: int = 100,
-    algorithm1_k: int = 10,
+    top_k: int = 10,
+    algorithm1_k: int | None = None,
     system: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -217,6 +230,7 @@ def analyze_pair(
     "" or absent). Every group is decoded normally (greedy, aligned model); the groups in ``contrastive_groups``
     are also decoded with Eq. 7 contrastive decoding at strength ``alpha`` (skipped when ``alpha`` is None or 0).
     """
+    top_k = _renamed_top_k(top_k, algorithm1_k)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -241,7 +255,7 @@ def analyze_pair(
             chunk = rows[i : i + batch_size]
             batch = _generated_batch(aligned_model, base_model, tokenizer, chunk, alpha=alpha if mode == "contrastive"
                                      else None, max_new_tokens=max_new_tokens, pad=pad, system=system)  # fmt: skip
-            m = _batch_metrics(aligned_model, base_model, tokenizer, batch, top_n=top_n, algorithm1_k=algorithm1_k,
+            m = _batch_metrics(aligned_model, base_model, tokenizer, batch, top_n=top_n, top_k=top_k,
                                alpha=alpha if mode == "contrastive" else None)  # fmt: skip
             valid = _response_valid(batch["new"], eos)
             for j, row in enumerate(chunk):
@@ -254,7 +268,7 @@ def analyze_pair(
     return {
         "config": {
             "max_new_tokens": max_new_tokens, "batch_size": batch_size, "alpha": alpha, "top_n": top_n,
-            "algorithm1_k": algorithm1_k, "contrastive_groups": list(contrastive_groups), "system": system,
+            "top_k": top_k, "contrastive_groups": list(contrastive_groups), "system": system,
             "decoding": "greedy", "metric_units": "nats",
         },  # fmt: skip
         "summary": summarize(records),
@@ -280,7 +294,8 @@ def teacher_forced_records(
     group: str,
     batch_size: int = 8,
     top_n: int = 100,
-    algorithm1_k: int = 10,
+    top_k: int = 10,
+    algorithm1_k: int | None = None,
     system: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -290,6 +305,7 @@ def teacher_forced_records(
     Position t is the distribution over response token t (0 = the first response token). Records have the shape of
     :func:`analyze_pair`'s (``mode = "teacher_forced"``), so :func:`summarize` and the plots take them as they are.
     """
+    top_k = _renamed_top_k(top_k, algorithm1_k)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = pad_token_id(tokenizer, aligned_model)
@@ -310,7 +326,7 @@ def teacher_forced_records(
         spans = [(e.response_start - 1, len(x) - 1) for e, x in zip(encs, seqs)]  # logits that predict the response
         a = torch.cat([logits[0][j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)])
         b = torch.cat([logits[1][j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)])
-        m = position_metrics(a, b, top_n=top_n, algorithm1_k=algorithm1_k)
+        m = position_metrics(a, b, top_n=top_n, top_k=top_k)
         offset = 0
         for j, (start, stop) in enumerate(spans):
             records.append(_record(group, "teacher_forced", i + j, chunk[j]["prompt"], "", chunk[j]["response"], m,

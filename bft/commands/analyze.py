@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefill each harmful prompt with the first N words of its dataset response "
                              "(AdvBench targets: 'Sure, here is ...')")  # fmt: skip
     parser.add_argument("--top-n", type=int, default=100, help="size of the top-n sets (overlap, counts); paper: 100")
-    parser.add_argument("--algorithm1-k", type=int, default=10, help="Algorithm 1 top-k ids recorded per position")
+    parser.add_argument("--top-k", "--algorithm1-k", dest="top_k", type=int, default=10,
+                        help="Algorithm 1's k: top-k ids of base − aligned logits recorded per position")  # fmt: skip
     parser.add_argument("--system", default=None, help="system prompt for the chat template")
     parser.add_argument("--no-plots", action="store_true")
 
@@ -42,7 +43,7 @@ def run(args) -> int:
                                                      base_gguf_file=args.base_gguf_file, device=args.device)  # fmt: skip
     result = analyze_pair(
         aligned_model, base_model, tokenizer, groups, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, alpha=args.alpha, top_n=args.top_n, algorithm1_k=args.algorithm1_k,
+        batch_size=args.batch_size, alpha=args.alpha, top_n=args.top_n, top_k=args.top_k,
         system=args.system,
     )  # fmt: skip
     result["config"].update(aligned=args.aligned, base=args.base, harmful=args.harmful, benign=args.benign,
