@@ -36,7 +36,10 @@ import time
 
 import torch
 
+from bft.atomic import atomic_write_json
+from bft.decoding import contrastive_generate
 from bft.environment import device_name
+from bft.hf.chat import render_prompts
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -158,10 +161,7 @@ def processor_only(vocab_size: int, batch_size: int, prompt_len: int, steps: int
     return 1e3 * best / steps
 
 
-def main(argv=None) -> int:
-    from bft.decoding import contrastive_generate
-    from bft.hf.chat import render_prompts
-
+def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="'tiny' (bft.hf.testing), 'smollm2', a hub id or a local path")
     p.add_argument("--batch-size", type=int, default=8)
@@ -184,59 +184,39 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--repeats, --batch-size and --max-new-tokens must be >= 1 and --warmup >= 0")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    aligned, base, tok = load_models(args.model, device, args.tiny_hidden, args.tiny_layers)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
-    ids, mask = render_prompts(tok, prompts)
-    ids, mask = ids.to(device), mask.to(device)
-    n = args.max_new_tokens
-    gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return args
 
-    def plain():
-        with torch.no_grad():
-            return aligned.generate(input_ids=ids, attention_mask=mask, **gen)
 
-    def contrastive():
-        return contrastive_generate(aligned, base, ids, mask, alpha=args.alpha, **gen)
-
-    load_start = loadavg()
+def _timed_runs(fns: dict, args, device, split_source) -> dict:
+    """Warm-up, then ``args.repeats`` ABBA rounds of every function: wall and process-CPU seconds, the last outputs,
+    and per contrastive run the (processor, base forward, steps) split."""
     outs = {}
-    for label, fn in (("plain", plain), ("contrastive", contrastive)):
+    for label, fn in fns.items():
         for _ in range(args.warmup):
             outs[label] = fn()
-    times = {"plain": [], "contrastive": []}
-    cpu_times = {"plain": [], "contrastive": []}  # process CPU time: what a run costs without other processes
+    times = {label: [] for label in fns}
+    cpu_times = {label: [] for label in fns}  # process CPU time: what a run costs without other processes
     splits = []  # per contrastive run: (processor_s, base_forward_s, steps)
-    order = (("plain", plain), ("contrastive", contrastive))
-    with _Split(device) as split:
+    order = tuple(fns.items())
+    with split_source(device) as split:
         for r in range(args.repeats):
             for label, fn in order if r % 2 == 0 else order[::-1]:  # ABBA: drifts hit both
                 before = (split.processor_s, split.base_forward_s, split.calls)
                 sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = fn()
+                outs[label] = fn()
                 sync(device)
                 times[label].append(time.perf_counter() - t0)
                 cpu_times[label].append(time.process_time() - c0)
-                assert out.shape == (args.batch_size, ids.shape[1] + n), out.shape
-                outs[label] = out
                 if label == "contrastive":
                     splits.append(tuple(a - b for a, b in zip((split.processor_s, split.base_forward_s,
                                                                split.calls), before)))  # fmt: skip
-    load_end = loadavg()
-    proc_only = processor_only(int(aligned.config.vocab_size), args.batch_size, int(ids.shape[1]), n, device)
+    return {"outs": outs, "times": times, "cpu_times": cpu_times, "splits": splits}
 
-    tokens = args.batch_size * n
+
+def _profile(times: dict, splits: list, n: int, proc_only: float, vocab: int) -> tuple[dict, list[str], dict]:
+    """Where a contrastive step's time goes (medians), the notes that say it, and the headline ratios."""
     med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: tokens / v for k, v in med.items()}
-    tps_best = {k: tokens / min(v) for k, v in times.items()}
-    ratio = tps["contrastive"] / tps["plain"]
-    paired = statistics.median(a / b for a, b in zip(times["plain"], times["contrastive"]))
-    med_cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
-    ratio_cpu = med_cpu["plain"] / med_cpu["contrastive"]
     steps = splits[0][2]
     total_c = med["contrastive"]
     base_fwd = statistics.median(b for _, b, _ in splits)
@@ -262,23 +242,61 @@ def main(argv=None) -> int:
             "aligned_generate": round(rest / total_c, 4),
         },
     }
+    ratio = med["plain"] / med["contrastive"]
+    paired = statistics.median(a / b for a, b in zip(times["plain"], times["contrastive"]))
     # the floor: contrastive = plain + one base forward per step; the processor's own work is all that is ours
     floor_ratio = med["plain"] / (med["plain"] + base_fwd)
     notes = [
         (
             f"Contrastive run (median): base-model forward {100 * base_fwd / total_c:.1f}% of the time "
             f"({1e3 * base_fwd / steps:.2f} ms/step), the processor's own work (cache check, mask, position ids, "
-            f"Eq. 7 over V={aligned.config.vocab_size}) {100 * proc_overhead / total_c:.1f}% "
+            f"Eq. 7 over V={vocab}) {100 * proc_overhead / total_c:.1f}% "
             f"({1e3 * proc_overhead / steps:.3f} ms/step; alone with a stub base model: {proc_only:.3f} ms/step), "
             f"aligned model + generate loop {100 * rest / total_c:.1f}% ({1e3 * rest / steps:.2f} ms/step; plain "
             f"generate: {1e3 * med['plain'] / n:.2f} ms/step)."
         ),
-        (
-            f"Ratio if the processor cost nothing beyond the base forward: {floor_ratio:.3f} (= plain / (plain + "
-            f"base forward)); measured ratio of medians {ratio:.3f}, paired {paired:.3f}, "
-            f"in process CPU time {ratio_cpu:.3f}."
-        ),
+        f"Ratio if the processor cost nothing beyond the base forward: {floor_ratio:.3f} (= plain / (plain + "
+        f"base forward)); measured ratio of medians {ratio:.3f}, paired {paired:.3f}.",
     ]
+    return profile, notes, {"median": med, "ratio": ratio, "paired": paired}
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    aligned, base, tok = load_models(args.model, device, args.tiny_hidden, args.tiny_layers)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
+    ids, mask = render_prompts(tok, prompts)
+    ids, mask = ids.to(device), mask.to(device)
+    n = args.max_new_tokens
+    gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def plain():
+        with torch.no_grad():
+            return aligned.generate(input_ids=ids, attention_mask=mask, **gen)
+
+    def contrastive():
+        return contrastive_generate(aligned, base, ids, mask, alpha=args.alpha, **gen)
+
+
+    load_start = loadavg()
+    run = _timed_runs({"plain": plain, "contrastive": contrastive}, args, device, _Split)
+    load_end = loadavg()
+    times, cpu_times, outs = run["times"], run["cpu_times"], run["outs"]
+    for out in outs.values():
+        assert out.shape == (args.batch_size, ids.shape[1] + n), out.shape
+    proc_only = processor_only(int(aligned.config.vocab_size), args.batch_size, int(ids.shape[1]), n, device)
+    profile, notes, headline = _profile(times, run["splits"], n, proc_only, int(aligned.config.vocab_size))
+    tokens = args.batch_size * n
+    med, ratio, paired = headline["median"], headline["ratio"], headline["paired"]
+    tps = {k: tokens / v for k, v in med.items()}
+    tps_best = {k: tokens / min(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
+    ratio_cpu = med_cpu["plain"] / med_cpu["contrastive"]
+    notes[-1] += f" In process CPU time {ratio_cpu:.3f}."
     if args.model != "tiny":
         same = bool(torch.equal(outs["plain"].cpu(), outs["contrastive"].cpu()))
         notes.append(f"base = copy of the aligned model, so B is empty and the outputs must match plain greedy: "
@@ -321,14 +339,9 @@ def main(argv=None) -> int:
         "notes": notes,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    os.makedirs(args.out_dir, exist_ok=True)
     tag = os.path.basename(os.path.normpath(args.model)).replace("/", "_")
     path = os.path.join(args.out_dir, f"contrastive_{tag}_{device.type}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, result, indent=1)
     keys = ("model", "device_name", "torch_threads", "tokens_per_s", "ratio_contrastive_over_plain",
             "ratio_paired_median", "ratio_cpu_time")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}))

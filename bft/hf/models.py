@@ -543,8 +543,11 @@ def output_cache(output):
     """The KV cache a forward returned, under either name (see :func:`cache_argument`)."""
     import dataclasses
 
-    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
-    return output.cache if "cache" in names else output.past_key_values
+    if dataclasses.is_dataclass(output):  # a transformers ModelOutput: no attribute probing (that warns)
+        has_cache = any(f.name == "cache" for f in dataclasses.fields(output))
+    else:
+        has_cache = hasattr(output, "cache")
+    return output.cache if has_cache else output.past_key_values
 
 
 def get_peft_model(model, lora_config):
