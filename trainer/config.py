@@ -409,3 +409,33 @@ def accept_overrides_anywhere(parser) -> None:
         return namespace, [a for a in extras if a not in moved]
 
     parser.parse_known_args = parse_known_args
+
+
+TRAIN_DESCRIPTION = (
+    "Train a student with the BFT objective (paper Eq. 8-14) from a YAML config. CONFIG is a file or the name of a "
+    "bundled config (tiny-cpu, smollm2-135m, llama-3.1-8b-lora, llama-3.1-8b-full, qwen-2.5-7b-lora). Writes "
+    "DIR/metrics.jsonl, checkpoints in DIR/checkpoints/ and the final student in DIR/final/."
+)
+
+
+def add_train_arguments(parser) -> None:
+    """The arguments of ``bft train`` / ``python trainer/train.py`` (both parse them here)."""
+    parser.add_argument("config", help="YAML config file, or a bundled config name such as tiny-cpu")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. optim.lr=2e-5 finetune.mode=full data.batch_size=4")  # fmt: skip
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.max_steps)")
+    parser.add_argument("--output-dir", default=None, help="output directory (overrides train.output_dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in the output directory")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    accept_overrides_anywhere(parser)
+
+
+def config_from_train_arguments(args) -> Config:
+    """The validated config that parsed :func:`add_train_arguments` describe (file, overrides, then options)."""
+    config = load_config(args.config, args.overrides)
+    if args.max_steps is not None:
+        config.train.max_steps = args.max_steps
+    if args.output_dir is not None:
+        config.train.output_dir = args.output_dir
+    return validate(config)

@@ -482,7 +482,26 @@ def merge_into_fresh_copy(config: Config, student_model):
         return PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
 
 
-if __name__ == "__main__":  # the script entry point lives in cli.py, which imports this module (never the reverse)
-    from bft.trainer.cli import main
+def run_from_arguments(args) -> int:
+    """``bft train`` / ``python trainer/train.py`` with parsed :func:`bft.trainer.config.add_train_arguments`."""
+    from bft.trainer.config import config_from_train_arguments
 
+    summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
+    print(f"trained {summary['steps']} steps; metrics: {summary['output_dir']}/metrics.jsonl; "
+          f"student: {summary['final_dir']}")  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python trainer/train.py ...`` / ``accelerate launch trainer/train.py ...``: the same as ``bft train``."""
+    import argparse
+
+    from bft.trainer.config import TRAIN_DESCRIPTION, add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="python trainer/train.py", description=TRAIN_DESCRIPTION)
+    add_train_arguments(parser)
+    return run_from_arguments(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
     sys.exit(main())
