@@ -137,6 +137,29 @@ def test_a_resumed_run_from_the_cache_equals_the_live_run(runs, data_files, tmp_
     assert_same_runs(root / "live", out)
 
 
+def test_a_live_run_resumed_from_the_cache_equals_the_live_run(runs, data_files, tmp_path):
+    """Live up to a crash at step 3, then resumed from the cache: no config-change warning, the same curve."""
+    import warnings
+
+    root = runs["full"]
+    out = tmp_path / "switched"
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_3(step, metrics):
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config(data_files, out, "finetune.mode=full"), callbacks=[crash_at_3], progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resuming with a changed config")
+        train(config(data_files, out, "finetune.mode=full", f"teacher_cache.path={root / 'cache'}"), resume=True,
+              progress=False)  # fmt: skip
+    assert_same_runs(root / "live", out)
+
+
 STALE = {
     "data": ("data.utility_limit=10", "data.examples"),
     "max_length": ("data.max_length=60", "data.max_length"),

@@ -375,7 +375,8 @@ def save(out: Path, step: int, model, optimizer, scheduler, config: Config, micr
 def warn_config_changes(saved: dict, config: Config) -> None:
     """Resuming with a different config is allowed (e.g. more steps) but the curve then differs: say what changed."""
     ignore = {("train", "max_steps"), ("train", "output_dir"), ("train", "save_every"), ("train", "log_every"),
-              ("train", "tensorboard"), ("train", "keep_checkpoints")}  # fmt: skip
+              ("train", "tensorboard"), ("train", "keep_checkpoints"),
+              ("teacher_cache", "path"), ("teacher_cache", "shard_mb")}  # fmt: skip (the cache: the same objective)
     now = config.to_dict()
     changed = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
                for section, values in now.items() for key, value in values.items()
