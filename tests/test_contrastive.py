@@ -27,6 +27,18 @@ def direct_formula(aligned_logits, base_logits, alpha):
     return la - alpha * favored * (lb - la)
 
 
+def direct_formula_logits(aligned_logits, base_logits, alpha):
+    """Eq. 7 as the paper writes it, on raw logits (B by probabilities), element by element in float64, shifted by
+    −lse(aligned logits) like contrastive_logprobs(form="logits") (softmax-invariant)."""
+    za, zb = aligned_logits.double(), base_logits.double()
+    la, lb = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)
+    favored = (lb > la).double()
+    return za - alpha * favored * (zb - za) - torch.logsumexp(za, -1, keepdim=True)
+
+
+FORMULAS = {"logprobs": direct_formula, "logits": direct_formula_logits}
+
+
 @pytest.fixture(scope="module")
 def pair():
     base, aligned, tok = tiny_llama_pair(seed=0)
@@ -47,7 +59,8 @@ def position_ids(mask):
 
 
 @torch.no_grad()
-def cache_free_loop(aligned, base, ids, mask, alpha, max_new_tokens, eos, pad, *, sample_seed=None):
+def cache_free_loop(aligned, base, ids, mask, alpha, max_new_tokens, eos, pad, *, sample_seed=None,
+                    form="logprobs"):  # fmt: skip
     """Recompute both models on the whole sequence at every step (no KV cache anywhere)."""
     if sample_seed is not None:
         torch.manual_seed(sample_seed)
@@ -56,7 +69,7 @@ def cache_free_loop(aligned, base, ids, mask, alpha, max_new_tokens, eos, pad, *
         pos = position_ids(mask)
         a = aligned(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].float()
         b = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].float()
-        scores = direct_formula(a, b, alpha).float()
+        scores = FORMULAS[form](a, b, alpha).float()
         if sample_seed is None:
             nxt = scores.argmax(-1)
         else:
@@ -131,6 +144,33 @@ def test_contrastive_logprobs_masked_tokens_stay_masked_and_top_k():
     assert (full[0, 4] < la[0, 4]) and (lb[0, 4] > la[0, 4])
 
 
+def test_logits_form_matches_the_paper_formula_and_is_not_shift_invariant():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 37, generator=g) * 3
+    b = torch.randn(4, 37, generator=g) * 5  # a sharper model: lse_b − lse_a is far from 0
+    for alpha in (0.5, 1.0, 4.0):
+        got = contrastive_logprobs(a, b, alpha, form="logits")
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), direct_formula_logits(a, b, alpha), rtol=1e-5, atol=1e-5)
+    # B is the same set in both forms; off B both return ℓ_a; on B they differ by α·(lse_b − lse_a)
+    lp, lg = contrastive_logprobs(a, b, 2.0), contrastive_logprobs(a, b, 2.0, form="logits")
+    favored = torch.log_softmax(b, -1) > torch.log_softmax(a, -1)
+    shift = (torch.logsumexp(b, -1) - torch.logsumexp(a, -1))[:, None].expand_as(lp)
+    torch.testing.assert_close(lg[~favored], lp[~favored])
+    torch.testing.assert_close(lp[favored] - lg[favored], 2.0 * shift[favored], rtol=1e-4, atol=1e-4)
+    # adding a constant to the base logits changes neither distribution, and the log-prob form does not move;
+    # the paper's logit form does (the reason log-probs are the default)
+    torch.testing.assert_close(contrastive_logprobs(a, b + 7.0, 2.0), lp)
+    assert not torch.allclose(contrastive_logprobs(a, b + 7.0, 2.0, form="logits"), lg)
+    # top-k: the same ids are penalised (ranking of Δ is shift-free), with the logit-form penalty
+    top = contrastive_logprobs(a, b, 2.0, top_k=5, form="logits")
+    changed = top != torch.log_softmax(a, -1)
+    assert (changed.sum(-1) <= 5).all() and (changed <= favored).all()
+    torch.testing.assert_close(top[changed], lg[changed])
+    with pytest.raises(ValueError, match="form must be one of"):
+        contrastive_logprobs(a, b, 1.0, form="probs")
+
+
 def test_contrastive_logprobs_rejects_bad_input():
     with pytest.raises(ValueError, match="differ in shape"):
         contrastive_logprobs(torch.zeros(2, 5), torch.zeros(2, 6), 1.0)
@@ -143,14 +183,15 @@ def test_contrastive_logprobs_rejects_bad_input():
 # ----------------------------------------------------------------------------------------------- generation
 
 
+@pytest.mark.parametrize("form", ["logprobs", "logits"])
 @pytest.mark.parametrize("alpha", [1.0, 3.0])
-def test_greedy_equals_cache_free_loop_with_left_padding(pair, alpha):
+def test_greedy_equals_cache_free_loop_with_left_padding(pair, alpha, form):
     base, aligned, tok = pair
     ids, mask = left_padded_batch(tok)
     n = 12
     out = contrastive_generate(aligned, base, ids, mask, alpha=alpha, max_new_tokens=n, do_sample=False,
-                               pad_token_id=tok.pad_token_id)  # fmt: skip
-    ref = cache_free_loop(aligned, base, ids, mask, alpha, n, tok.eos_token_id, tok.pad_token_id)
+                               pad_token_id=tok.pad_token_id, form=form)  # fmt: skip
+    ref = cache_free_loop(aligned, base, ids, mask, alpha, n, tok.eos_token_id, tok.pad_token_id, form=form)
     assert torch.equal(out, ref)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     # and contrastive decoding actually changed something versus plain greedy decoding
@@ -330,3 +371,23 @@ def test_processor_positions_continue_correctly_after_a_trailing_pad(pair):
     assert proc.base_forward_tokens == seq.shape[0] * (ids.shape[1] + 3)
     fresh = ContrastiveLogitsProcessor(base, alpha=1.0, attention_mask=mask)(seq, scores)  # cumsum positions
     torch.testing.assert_close(got, fresh, rtol=1e-4, atol=1e-4)
+
+
+def test_logits_form_through_eval_and_likelihood(pair):
+    """form="logits" reaches generation and the likelihood measure; each equals its direct computation."""
+    from bft.eval.generation import GenerationSettings, System, contrastive_name, generate_from_ids
+    from bft.eval.likelihood import continuation_logprobs
+
+    base, aligned, tok = pair
+    system = System(contrastive_name(2.0, "logits"), aligned, tok, base_model=base, alpha=2.0, form="logits")
+    assert system.name == "contrastive (logits) α=2" and system.describe()["form"] == "logits"
+    inputs = [system.prompt_ids(p) for p in PROMPTS[:2]]
+    settings = GenerationSettings(max_new_tokens=5, batch_size=2)
+    got = system.generate(inputs, settings)
+    assert got == generate_from_ids(aligned, tok, inputs, settings, base_model=base, alpha=2.0, form="logits",
+                                    progress=False)  # fmt: skip
+    lp = continuation_logprobs(aligned, tok, ["Hi"], [" there friend"], base_model=base, alpha=2.0, form="logits")
+    lq = continuation_logprobs(aligned, tok, ["Hi"], [" there friend"], base_model=base, alpha=2.0)
+    assert lp[0].shape == lq[0].shape and not torch.equal(lp[0], lq[0])
+    with pytest.raises(ValueError, match="form must be one of"):
+        System("x", aligned, tok, base_model=base, alpha=1.0, form="nope")

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bft.atomic import atomic_write_jsonl
-from bft.decoding import contrastive_generate
+from bft.decoding import FORMS, contrastive_generate
 from bft.hf.chat import render_prompts
 from bft.hf.data import read_prompts, response_prefixes
 from bft.hf.models import load_pair
@@ -30,6 +30,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--alpha", type=float, default=1.0, help="penalty strength α of Eq. 7 (0 = plain decoding)")
+    parser.add_argument("--form", choices=FORMS, default="logprobs",
+                        help="Eq. 7 on log-probs (default) or on raw logits (the paper's text)")  # fmt: skip
     parser.add_argument("--prompts", required=True, help="text file (one prompt per line), dataset name or path")
     parser.add_argument("--prefill", default="", help="response prefix forced before generation (prefill attack)")
     parser.add_argument("--prefill-from-data", type=int, default=0, metavar="N",
@@ -66,11 +68,12 @@ def run(args) -> int:
         ids, mask = render_prompts(tokenizer, [r["prompt"] for r in chunk], prefills[i : i + args.batch_size],
                                    system=args.system)  # fmt: skip
         out = contrastive_generate(aligned_model, base_model, ids, mask, alpha=args.alpha, first_n=args.first_n,
-                                   favored_top_k=args.top_k, **gen)  # fmt: skip
+                                   favored_top_k=args.top_k, form=args.form, **gen)  # fmt: skip
         new = out[:, ids.shape[1] :]
         for r, p, seq in zip(chunk, prefills[i : i + args.batch_size], new):
             text = tokenizer.decode(seq, skip_special_tokens=True)
-            records.append({"prompt": r["prompt"], "prefill": p, "response": text, "alpha": args.alpha})
+            records.append({"prompt": r["prompt"], "prefill": p, "response": text, "alpha": args.alpha,
+                            "form": args.form})  # fmt: skip
     if args.out:
         atomic_write_jsonl(args.out, records)
         print(f"wrote {len(records)} generations to {args.out}", file=sys.stderr)

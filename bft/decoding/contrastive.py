@@ -8,11 +8,18 @@ vocabulary, the base-favored set is B = {v : ℓ_b(v) > ℓ_a(v)} (Eq. 6) and th
 i.e. every token the base model prefers is pushed down by α times the size of that preference. The decoded
 distribution is softmax(ℓ_c) (ℓ_c itself is not normalized).
 
-Log-probs, not logits. The paper states the penalty on raw logits, α·(logit_b − logit_a). Raw logits carry an
-arbitrary per-row offset (softmax is invariant to adding a constant), and the two models' offsets differ, so a
-logit-space penalty changes with a reparametrization that does not change either model's distribution. On
-log-probs the penalty is invariant to such shifts, and B (which the paper defines by probabilities) and the
-penalty use the same quantity. The ranking of Δ = b − a inside a row (used by ``top_k``) is the same in both.
+Two forms, ``form="logprobs"`` (the default) and ``form="logits"`` (the paper as written). The paper states the
+penalty on raw logits, "penalty(v) = α·(logit_base(v) − logit_aligned(v)) ... subtracted from original logits
+before softmax":
+
+    z_c(v) = z_a(v) − α · 1[v ∈ B] · (z_b(v) − z_a(v))                        (Eq. 7 as written, form="logits")
+
+with z the raw logits and B still defined by probabilities. Since z = ℓ + lse(z), the two forms differ on B by
+α·(lse(z_b) − lse(z_a)): a per-row constant that can be large between two models of different sharpness, and that
+changes with a reparametrization (adding a constant to one model's logits) that changes neither distribution. On
+log-probs the penalty is invariant to such shifts, and B and the penalty use the same quantity; hence the default.
+The ranking of Δ = b − a inside a row (used by ``top_k``) is the same in both. Both forms return scores on the
+aligned log-prob scale (the logits form shifted by −lse(z_a), which softmax ignores).
 
 Three entry points:
 
@@ -34,7 +41,17 @@ from bft.hf.batching import position_ids
 from bft.hf.models import cache_argument, output_cache
 from bft.reference import topk_mask_lowest_id_ties
 
-__all__ = ["contrastive_logprobs", "ContrastiveLogitsProcessor", "contrastive_generate", "check_same_vocab_size"]
+__all__ = ["FORMS", "contrastive_logprobs", "ContrastiveLogitsProcessor", "contrastive_generate",
+           "check_same_vocab_size"]  # fmt: skip
+
+#: The two forms of Eq. 7: the penalty on log-probs (default) or on raw logits (the paper's text).
+FORMS = ("logprobs", "logits")
+
+
+def check_form(form: str) -> str:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {list(FORMS)} (Eq. 7 on log-probs or on raw logits), got {form!r}")
+    return form
 
 
 def contrastive_logprobs(
@@ -43,8 +60,12 @@ def contrastive_logprobs(
     alpha: float = 1.0,
     *,
     top_k: int | None = None,
+    form: str = "logprobs",
 ) -> torch.Tensor:
     """Eq. 7 on log-probs: ``ℓ_a − α·1_B·(ℓ_b − ℓ_a)`` with ``B = {v : ℓ_b(v) > ℓ_a(v)}``, over the last dim.
+
+    ``form="logits"``: the paper's form on raw logits, ``z_a − α·1_B·(z_b − z_a)``, returned shifted by
+    ``−lse(z_a)`` (so as ``ℓ_a − α·1_B·(ℓ_b − ℓ_a + lse(z_b) − lse(z_a))``; softmax is unchanged).
 
     ``aligned_logits`` and ``base_logits`` are [..., V] logits (any float dtype; everything is computed in fp32 or
     wider). Returns unnormalized log-scores in fp32; ``softmax`` of them is the decoded distribution. With
@@ -62,11 +83,15 @@ def contrastive_logprobs(
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if top_k is not None and not 1 <= int(top_k) <= aligned_logits.shape[-1]:
         raise ValueError(f"top_k={top_k} must be in [1, V={aligned_logits.shape[-1]}]")
+    check_form(form)
     dtype = torch.promote_types(torch.promote_types(aligned_logits.dtype, base_logits.dtype), torch.float32)
-    la = torch.log_softmax(aligned_logits.to(dtype), dim=-1)
-    lb = torch.log_softmax(base_logits.to(dtype), dim=-1)
+    za, zb = aligned_logits.to(dtype), base_logits.to(dtype)
+    la = torch.log_softmax(za, dim=-1)
+    lb = torch.log_softmax(zb, dim=-1)
     if alpha == 0.0:
         return la
+    if form == "logits":
+        return _penalize_logits(la, lb, torch.logsumexp(zb, -1) - torch.logsumexp(za, -1), alpha, top_k)
     if top_k is None:
         return _penalize_(la, lb, alpha)
     diff = lb - la
@@ -75,6 +100,16 @@ def contrastive_logprobs(
     favored = (diff > 0) & torch.isfinite(la)
     favored &= topk_mask_lowest_id_ties(torch.nan_to_num(diff, nan=-torch.inf), int(top_k))[0]  # NaN-free here
     return torch.where(favored, la - alpha * diff, la)
+
+
+def _penalize_logits(la, lb, lse_shift: torch.Tensor, alpha: float, top_k: int | None) -> torch.Tensor:
+    """The logits form: on B (by probabilities, optionally cut to the top-k of Δ), ``ℓ_a − α·(z_b − z_a)`` with
+    ``z_b − z_a = ℓ_b − ℓ_a + lse_shift``. Entries with ℓ_a = −inf stay −inf."""
+    diff = lb - la
+    favored = (diff > 0) & torch.isfinite(la)
+    if top_k is not None:
+        favored &= topk_mask_lowest_id_ties(torch.nan_to_num(diff, nan=-torch.inf), int(top_k))[0]
+    return torch.where(favored, la - alpha * (diff + lse_shift.unsqueeze(-1)), la)
 
 
 def _penalize_(la: torch.Tensor, lb: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -124,7 +159,9 @@ class ContrastiveLogitsProcessor:
         *,
         attention_mask: torch.Tensor | None = None,
         pad_token_id: int | None = None,
+        form: str = "logprobs",
     ):
+        self.form = check_form(form)
         alpha = float(alpha)
         if not alpha >= 0.0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -222,14 +259,15 @@ class ContrastiveLogitsProcessor:
         self._seen_ids = input_ids.detach().clone()
         if self.first_n is not None and L - self._prompt_len >= self.first_n:
             return torch.log_softmax(scores.float(), dim=-1)
-        return _contrastive_scores(scores, base_logits, self.alpha, self.top_k)
+        return _contrastive_scores(scores, base_logits, self.alpha, self.top_k, self.form)
 
     # LogitsProcessorList calls inspect.signature(processor.__call__) at every step; a precomputed signature makes
     # that a lookup (inspect honours __signature__) instead of a walk over the function's code object.
     __call__.__signature__ = inspect.signature(__call__)
 
 
-def _contrastive_scores(scores: torch.Tensor, base_logits: torch.Tensor, alpha: float, top_k: int | None):
+def _contrastive_scores(scores: torch.Tensor, base_logits: torch.Tensor, alpha: float, top_k: int | None,
+                        form: str = "logprobs"):  # fmt: skip
     """Eq. 7 on ``generate``'s scores; handles a padded lm_head on either side by using the shared width.
 
     Columns only the aligned head has (padding beyond the shared vocabulary) get −inf: no base counterpart exists
@@ -238,7 +276,7 @@ def _contrastive_scores(scores: torch.Tensor, base_logits: torch.Tensor, alpha: 
     base_logits = base_logits.to(scores.device)
     Va, Vb = scores.shape[-1], base_logits.shape[-1]
     V = min(Va, Vb)
-    out = contrastive_logprobs(scores[..., :V], base_logits[..., :V], alpha, top_k=top_k)
+    out = contrastive_logprobs(scores[..., :V], base_logits[..., :V], alpha, top_k=top_k, form=form)
     if Va > V:
         pad = out.new_full((*out.shape[:-1], Va - V), -torch.inf)
         out = torch.cat([out, pad], dim=-1)
@@ -254,6 +292,7 @@ def contrastive_generate(
     *,
     first_n: int | None = None,
     favored_top_k: int | None = None,
+    form: str = "logprobs",
     **generate_kwargs,
 ):
     """Generate from ``aligned_model`` with Eq. 7 contrastive decoding against ``base_model``.
@@ -263,7 +302,8 @@ def contrastive_generate(
     (appended before ours), ``return_dict_in_generate``...). Both models keep KV caches. Returns what
     ``generate`` returns: by default the [B, L + new] sequences (prompt followed by new tokens).
     ``first_n`` and ``favored_top_k`` are the processor's ``first_n`` and ``top_k`` (named so here because
-    ``top_k`` is ``generate``'s own sampling top-k, which passes through). Beam search is refused.
+    ``top_k`` is ``generate``'s own sampling top-k, which passes through). ``form`` picks Eq. 7 on log-probs
+    (default) or on raw logits (the paper's text; see the module docstring). Beam search is refused.
     """
     from transformers import LogitsProcessorList
 
@@ -279,7 +319,7 @@ def contrastive_generate(
         raise ValueError("prompts must be left-padded (attention_mask is 0 in the last column for some row)")
     check_same_vocab_size(aligned_model, base_model)
     proc = ContrastiveLogitsProcessor(base_model, alpha=alpha, first_n=first_n, top_k=favored_top_k,
-                                      attention_mask=attention_mask)  # fmt: skip
+                                      attention_mask=attention_mask, form=form)  # fmt: skip
     user = generate_kwargs.pop("logits_processor", None)
     processors = LogitsProcessorList(list(user or []) + [proc])
     device = next(aligned_model.parameters()).device

@@ -17,7 +17,7 @@ from dataclasses import fields
 
 from bft.config import accept_overrides, apply_overrides, build_dataclass, load_yaml_mapping
 from bft.eval import runner
-from bft.eval.generation import GenerationSettings, System
+from bft.eval.generation import GenerationSettings, System, contrastive_name
 from bft.eval.runner import EvalConfig
 from bft.hf import models as loader
 
@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--likelihood-tokens", type=int, help="length of the base model's reference continuation (default 64)")
     j.add_argument("--alpha", type=float, help="α of the contrastive row (default 1)")
     j.add_argument("--alphas", type=_csv(float), help="α sweep for contrastive decoding, e.g. 0.5,1,2,5,10")
+    j.add_argument("--forms", type=_csv(str), help="Eq. 7 forms: logprobs (default), logits (the paper's text), or "
+                                                   "logprobs,logits for both side by side")
     a = parser.add_argument_group("GCG and fine-tuning attacks")
     a.add_argument("--gcg", action="store_true", default=None, help="run the GCG attack")
     a.add_argument("--gcg-limit", type=int, help="prompts attacked with GCG (default 4)")
@@ -148,9 +150,10 @@ def build_systems(models: dict, config) -> tuple[list, object]:
     if models.get("base"):
         base, base_tok = loader.load_model_and_tokenizer(models["base"], **kw)
         loader.check_same_vocab(tokenizer, base_tok, aligned, base)
-        for alpha in dict.fromkeys([config.alpha] + list(config.alphas)):
-            systems.append(System(f"contrastive α={alpha:g}", aligned, tokenizer, base_model=base, alpha=alpha,
-                                  system_prompt=sp))  # fmt: skip
+        alphas = list(dict.fromkeys([config.alpha] + list(config.alphas)))
+        for form, alpha in ((f, a) for f in config.forms for a in alphas):
+            systems.append(System(contrastive_name(alpha, form), aligned, tokenizer, base_model=base, alpha=alpha,
+                                  form=form, system_prompt=sp))  # fmt: skip
     elif config.alphas:
         raise ValueError("--alphas needs --base (contrastive decoding runs against the base model)")
     trained = models.get("trained") or []

@@ -15,12 +15,13 @@ from typing import Sequence
 import torch
 
 from bft.decoding import contrastive_generate
+from bft.decoding.contrastive import check_form
 from bft.hf import generation as hf_generation
 from bft.hf.batching import pad_batch
 from bft.hf.chat import encode_chat
 from bft.hf.generation import GenerationSettings
 
-__all__ = ["GenerationSettings", "System", "generate_from_ids", "left_pad"]
+__all__ = ["GenerationSettings", "System", "contrastive_name", "generate_from_ids", "left_pad"]
 
 
 @dataclass
@@ -34,8 +35,10 @@ class System:
     base_model: object | None = None
     alpha: float | None = None
     system_prompt: str | None = None
+    form: str = "logprobs"  # Eq. 7 on log-probs, or "logits" (the paper's text); contrastive systems only
 
     def __post_init__(self):
+        check_form(self.form)
         if (self.base_model is None) != (self.alpha is None):
             raise ValueError(f"system {self.name!r}: contrastive decoding needs both base_model and alpha")
         if self.alpha is not None and not float(self.alpha) >= 0:
@@ -52,6 +55,7 @@ class System:
             "decoding": "contrastive" if self.contrastive else "plain",
             "base_model": _model_name(self.base_model) if self.contrastive else None,
             "alpha": self.alpha,
+            "form": self.form if self.contrastive else None,
             "system_prompt": self.system_prompt,
         }
 
@@ -65,7 +69,7 @@ class System:
         """New token ids (without the input, without padding) for each input id list."""
         return generate_from_ids(
             self.model, self.tokenizer, inputs, settings, base_model=self.base_model, alpha=self.alpha,
-            desc=desc or self.name,
+            form=self.form, desc=desc or self.name,
         )  # fmt: skip
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -78,6 +82,12 @@ def _model_name(model) -> str | None:
     return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None) or (
         type(model).__name__
     )
+
+
+def contrastive_name(alpha: float, form: str = "logprobs") -> str:
+    """The table name of a contrastive system: ``contrastive α=1``, or ``contrastive (logits) α=1`` for the
+    paper's logit form of Eq. 7."""
+    return f"contrastive α={alpha:g}" if form == "logprobs" else f"contrastive ({form}) α={alpha:g}"
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +104,7 @@ def generate_from_ids(
     *,
     base_model=None,
     alpha: float | None = None,
+    form: str = "logprobs",
     desc: str = "generate",
     progress: bool = True,
 ) -> list[list[int]]:
@@ -104,7 +115,8 @@ def generate_from_ids(
     generate = None
     if base_model is not None:
         def generate(input_ids, attention_mask, **kwargs):
-            return contrastive_generate(model, base_model, input_ids, attention_mask, alpha=float(alpha), **kwargs)
+            return contrastive_generate(model, base_model, input_ids, attention_mask, alpha=float(alpha), form=form,
+                                        **kwargs)  # fmt: skip
 
     return hf_generation.generate_from_ids(model, tokenizer, inputs, settings, generate=generate, desc=desc,
                                            progress=progress)  # fmt: skip

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bft.decoding import check_same_vocab_size, contrastive_logprobs
+from bft.decoding.contrastive import check_form
 from bft.hf.batching import pad_batch, pad_token_id, position_ids
 from bft.hf.chat import prompt_text
 from bft.hf.models import final_hidden_states, lm_head_weight
@@ -137,6 +138,7 @@ def continuation_logprobs(
     prefill: str | Sequence[str] | None = None,
     system: str | None = None,
     top_k: int | None = None,
+    form: str = "logprobs",
     progress: bool | None = None,
 ) -> list[torch.Tensor]:
     """Per-token log-probabilities of each continuation under teacher forcing.
@@ -161,6 +163,8 @@ def continuation_logprobs(
         system: optional system prompt for the chat template.
         top_k: contrastive only — penalise only base-favored tokens among the top-k of ℓ_b − ℓ_a (Algorithm 1),
             as ``contrastive_generate(..., top_k=...)`` does; None penalises all of B.
+        form: contrastive only — Eq. 7 on log-probs (default) or on raw logits (the paper's text), as
+            ``contrastive_generate(..., form=...)``.
         progress: show a tqdm bar (None: only on a terminal).
     """
     prompts = _as_list("prompts", prompts)
@@ -170,6 +174,7 @@ def continuation_logprobs(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     _check_contrastive(model, base_model, alpha, top_k)
+    check_form(form)
     encoded = _encode(tokenizer, prompts, continuations, prefills, system, _output_vocab_size(model))
     pad_id = pad_token_id(tokenizer, model)
     side = "left" if getattr(tokenizer, "padding_side", "right") == "left" else "right"
@@ -179,7 +184,7 @@ def continuation_logprobs(
     results: list[torch.Tensor | None] = [None] * n
     with _eval_mode(model, base_model), torch.inference_mode():
         for batch in tqdm(batches, desc="scoring continuations", disable=None if progress is None else not progress):
-            picked = _score_batch(model, base_model, alpha, top_k, [encoded[i] for i in batch], pad_id, side)
+            picked = _score_batch(model, base_model, alpha, top_k, form, [encoded[i] for i in batch], pad_id, side)
             start = 0
             for i in batch:
                 size = len(encoded[i][1])
@@ -229,7 +234,7 @@ def _encode(tokenizer, prompts, continuations, prefills, system, vocab) -> list[
     return encoded
 
 
-def _score_batch(model, base_model, alpha, top_k, pairs, pad_id: int, side: str) -> torch.Tensor:
+def _score_batch(model, base_model, alpha, top_k, form, pairs, pad_id: int, side: str) -> torch.Tensor:
     """Log-probs of every continuation token of one batch of (context, continuation) id pairs, concatenated."""
     ids, mask = pad_batch([context + target for context, target in pairs], pad_id, side=side)
     rows, cols, targets = [], [], []
@@ -260,7 +265,7 @@ def _score_batch(model, base_model, alpha, top_k, pairs, pad_id: int, side: str)
         logits, base_logits = logits[:, :shared], base_logits[:, :shared]
         # contrastive_logprobs gives the penalised scores of Eq. 7 (what decoding ranks); they do not sum
         # to one, so renormalise: scoring needs the distribution contrastive sampling draws from.
-        adjusted = contrastive_logprobs(logits, base_logits, float(alpha), top_k=top_k)
+        adjusted = contrastive_logprobs(logits, base_logits, float(alpha), top_k=top_k, form=form)
         logprobs = torch.log_softmax(adjusted.float(), dim=-1)
     else:
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -140,11 +140,13 @@ def _alpha_sweep_table(results: dict, systems: dict, primary: str, ks: list[str]
     sweep = [(name, _alpha_of(results, name)) for name in systems if _alpha_of(results, name) is not None]
     if len(sweep) > 1:
         out += ["## Contrastive decoding: α sweep", ""]
-        header = ["α"] + [f"{_k_label(k)} keyword / on-topic" for k in ks] + ["log-prob ↓", "PPL ↓", "GSM8K EM"]
+        header = ["α", "Eq. 7 form"] + [f"{_k_label(k)} keyword / on-topic" for k in ks]
+        header += ["log-prob ↓", "PPL ↓", "GSM8K EM"]
         rows = []
-        for name, alpha in sorted(sweep, key=lambda t: t[1]):
+        form_of = {name: results["systems"].get(name, {}).get("form") or "logprobs" for name, _ in sweep}
+        for name, alpha in sorted(sweep, key=lambda t: (form_of[t[0]], t[1])):
             s = systems[name]
-            row = [f"{alpha:g}"]
+            row = [f"{alpha:g}", form_of[name]]
             for k in ks:
                 rates = s.get("prefill", {}).get(k, {})
                 tw = rates.get("threeway")

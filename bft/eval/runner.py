@@ -37,6 +37,7 @@ from bft.eval import gcg, utility
 from bft.eval.deliberation import deliberation_table
 from bft.eval.finetune import FinetuneConfig, harmful_responses, lora_finetune, save_merged
 from bft.eval.gcg import GCGConfig
+from bft.decoding.contrastive import check_form
 from bft.eval.generation import GenerationSettings, System, generate_from_ids
 from bft.eval.judges import Judge, KeywordJudge, judge_from_spec
 from bft.eval.likelihood import continuation_logprobs, summarize_logprobs
@@ -71,6 +72,7 @@ class EvalConfig:
     likelihood_tokens: int = 64
     alpha: float = 1.0  # the "contrastive" row
     alphas: list = field(default_factory=list)  # α sweep (issue 7)
+    forms: list = field(default_factory=lambda: ["logprobs"])  # Eq. 7 on log-probs and/or raw logits (the paper)
     gcg: bool = False
     gcg_limit: int = 4
     gcg_steps: int = 50
@@ -109,6 +111,7 @@ class EvalConfig:
         self.alphas = [float(a) for a in self.alphas]
         if any(not a >= 0 for a in self.alphas + [self.alpha]):
             raise ValueError(f"alphas must be >= 0, got {self.alphas} / alpha={self.alpha}")
+        self.forms = [check_form(f) for f in (self.forms or ["logprobs"])]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -287,7 +290,7 @@ def _likelihood(system: System, prompts, references, config: EvalConfig, base_co
         return {"unavailable": "no reference continuations to score"}
     lps = continuation_logprobs(
         system.model, system.tokenizer, ctx, conts, base_model=system.base_model, alpha=system.alpha,
-        batch_size=config.generation.batch_size, prefill=prefill, system=system.system_prompt,
+        batch_size=config.generation.batch_size, prefill=prefill, system=system.system_prompt, form=system.form,
     )  # fmt: skip
     return {"reference": kind, **summarize_logprobs(lps)}
 

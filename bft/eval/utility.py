@@ -47,7 +47,7 @@ def perplexity(system: System, prompts: Sequence[str], responses: Sequence[str],
         raise ValueError("perplexity needs benign prompts with non-empty responses")
     logprobs = continuation_logprobs(
         system.model, system.tokenizer, [p for p, _ in pairs], [r for _, r in pairs], base_model=system.base_model,
-        alpha=system.alpha, batch_size=batch_size, system=system.system_prompt,
+        alpha=system.alpha, batch_size=batch_size, system=system.system_prompt, form=system.form,
     )  # fmt: skip
     total = sum(float(t.double().sum()) for t in logprobs)
     tokens = sum(int(t.numel()) for t in logprobs)
