@@ -225,12 +225,12 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, 
 def check_vocab(tokenizer, base_tokenizer, aligned_model=None, base_model=None) -> int:
     """Base and aligned must share one vocabulary (:func:`bft.hf.models.check_same_vocab`, which also checks that each
     lm_head covers it); returns V = len(tokenizer), the rows of every lm_head the loss reads."""
-    return models.check_same_vocab(base_tokenizer, tokenizer, base_model, aligned_model)
+    return models.check_same_vocab(tokenizer, base_tokenizer, aligned_model, base_model)  # aligned, then base
 
 
 def add_lora(model: nn.Module, config: Config) -> nn.Module:
     """Wrap ``model`` with LoRA adapters (peft); only the adapters train, the lm_head stays shared and frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     f = config.finetune
     lora_config = LoraConfig(
@@ -239,7 +239,7 @@ def add_lora(model: nn.Module, config: Config) -> nn.Module:
     )  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config)
+    peft_model = models.get_peft_model(model, lora_config)
     return peft_model
 
 
@@ -309,7 +309,7 @@ class BFTStudent(nn.Module):
              topk_ids=None, risk=None) -> dict:  # fmt: skip
         """The fused :func:`bft.bft_loss` on [B, L, H] hidden states and [V, H] heads, rows flattened (with the
         teacher cache's ``topk_ids`` [B·L, k] and ``risk`` [B·L] when given)."""
-        from bft import bft_loss
+        from bft.loss import bft_loss
 
         dtype = weight.dtype  # one dtype for all six tensors; frozen weights are cast only when they differ
         H = hidden.shape[-1]

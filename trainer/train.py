@@ -360,13 +360,13 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def save(out: Path, step: int, model, optimizer, scheduler, config: Config, micro_per_step: int, accelerator):
-    import bft
+    from bft import __version__ as bft_version
 
     state = {
         "step": step,
         "batches_consumed": step * micro_per_step,  # the data position: batch i is a pure function of (seed, i)
         "config": config.to_dict(),
-        "versions": {"bft": bft.__version__, "torch": torch.__version__},
+        "versions": {"bft": bft_version, "torch": torch.__version__},
     }
     ckpt.save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
                          keep=config.train.keep_checkpoints, accelerator=accelerator)  # fmt: skip
@@ -451,7 +451,7 @@ def gather_unsharded_student(config: Config, student, accelerator):
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
         if is_peft:
-            from peft import get_peft_model
+            from bft.hf.models import get_peft_model
 
             skeleton = get_peft_model(skeleton, live.peft_config[live.active_adapter])
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}  # BFTStudent.model.<name>

@@ -40,6 +40,7 @@ class ReproduceConfig:
     top_k: int = 100
     harmful_ratio: float = 0.4
     loss_overrides: dict = field(default_factory=dict)  # any other LossConfig key (alpha_base, l2_reg, ...)
+    teacher_cache: bool = True  # train the student from the exact frozen-teacher cache (docs/trainer.md)
     # stage 5
     prefill_ks: list = field(default_factory=lambda: [0, 4, 10, 20])
     eval_tokens: int = 48

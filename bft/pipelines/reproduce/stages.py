@@ -254,6 +254,8 @@ def bft_train_config(cfg: ReproduceConfig, data_dir: Path, base_dir: str, aligne
                   "max_grad_norm": 1.0},
         "train": {"max_steps": cfg.bft_steps, "seed": cfg.seed, "output_dir": str(out_dir),
                   "save_every": max(1, cfg.bft_steps // 4), "device": "cpu" if dev.type == "cpu" else None},
+        # the frozen models run once over the training rows (exact; bft cache), not at every step of every epoch
+        "teacher_cache": {"path": str(out_dir / "teacher_cache") if cfg.teacher_cache else None},
     }  # fmt: skip
 
 
