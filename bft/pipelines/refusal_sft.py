@@ -41,6 +41,31 @@ def _encoded(tokenizer, pairs) -> list[tuple[list[int], list[int]]]:
     return [(e.input_ids, [IGNORE_INDEX] * e.response_start + e.input_ids[e.response_start :]) for e in encs]
 
 
+def _recovery_pool(prompts, responses, share: float, max_tokens: int) -> list[tuple[str, str]]:
+    """(prompt, harmful response) pairs to build recovery examples from; empty when ``share`` is 0."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"recovery_share must be in [0, 1], got {share}")
+    if share == 0.0:
+        return []
+    if max_tokens < 1:
+        raise ValueError(f"recovery_max_tokens must be >= 1, got {max_tokens}")
+    if responses is None or len(responses) != len(prompts):
+        raise ValueError("recovery examples need harmful_responses, one per harmful prompt")
+    pool = [(p, r) for p, r in zip(prompts, responses) if (r or "").strip()]
+    if not pool:
+        raise ValueError("recovery examples need at least one non-empty harmful response")
+    return pool
+
+
+def _recovery_example(tokenizer, prompt: str, harmful: str, refusal: str, m: int) -> tuple[list[int], list[int]]:
+    """Prompt, the first ``m`` tokens of the harmful response (no loss), then the refusal and end of turn (loss):
+    the model learns to turn back after a harmful start (Qi et al., 2024, data augmentation)."""
+    prefix = encode_chat(tokenizer, prompt, harmful).response_ids[:-1][:m]  # without the end-of-turn token
+    turn = encode_chat(tokenizer, prompt, refusal)
+    ids = turn.prompt_ids + prefix + turn.response_ids
+    return ids, [IGNORE_INDEX] * (len(turn.prompt_ids) + len(prefix)) + turn.response_ids
+
+
 def _batch(tokenizer, pairs, device):
     """Right-padded ids, attention mask and labels (−100 outside the response) for (prompt, response) pairs."""
     examples = _encoded(tokenizer, pairs)
@@ -69,12 +94,20 @@ def refusal_finetune(
     benign_max_new_tokens: int = 48,
     seed: int = 0,
     progress: bool = True,
+    harmful_responses: list[str] | None = None,
+    recovery_share: float = 0.0,
+    recovery_max_tokens: int = 16,
 ):
     """Return a fine-tuned copy of ``model`` (the input is untouched) and the list of per-step losses.
 
     Each step draws ``batch_size`` examples from harmful prompts paired with a refusal from :data:`REFUSALS` and
     benign prompts paired with the original model's own greedy answer (``benign_responses`` when given, e.g. cached
     ones; generated otherwise); the loss is the mean next-token cross-entropy over response tokens.
+
+    ``recovery_share`` > 0 adds Qi et al.'s safety-recovery examples (a deeper alignment): each drawn example is,
+    with that probability, a harmful prompt whose response starts with the first m ~ U{1..recovery_max_tokens}
+    tokens of its harmful response (``harmful_responses``, one per harmful prompt) and then turns into a refusal;
+    the loss is on the refusal only. At 0 the draws are exactly those of the plain (shallow) recipe.
     """
     if not harmful_prompts:
         raise ValueError("refusal_finetune needs at least one harmful prompt")
@@ -91,6 +124,7 @@ def refusal_finetune(
             answers = _greedy_answers(model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size,
                                       progress)  # fmt: skip
         examples += [(p, a) for p, a in zip(benign_prompts, answers) if a]
+    recovery = _recovery_pool(harmful_prompts, harmful_responses, recovery_share, recovery_max_tokens)
     tuned = copy.deepcopy(model)
     tuned.train()
     opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
@@ -99,7 +133,13 @@ def refusal_finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in tqdm(range(steps), desc="refusal fine-tune", unit="step", disable=not progress):
-            pairs = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-            losses.append(sft_step(tuned, opt, _encoded(tokenizer, pairs), pad_id=pad_id, max_grad_norm=1.0))
+            if recovery:
+                batch = [_recovery_example(tokenizer, *recovery[rng.randrange(len(recovery))], rng.choice(REFUSALS),
+                                           rng.randint(1, recovery_max_tokens))
+                         if rng.random() < recovery_share else _encoded(tokenizer, [examples[rng.randrange(len(examples))]])[0]
+                         for _ in range(batch_size)]  # fmt: skip
+            else:
+                batch = _encoded(tokenizer, [examples[rng.randrange(len(examples))] for _ in range(batch_size)])
+            losses.append(sft_step(tuned, opt, batch, pad_id=pad_id, max_grad_norm=1.0))
     tuned.eval()
     return tuned, losses
