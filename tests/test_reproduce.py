@@ -31,7 +31,7 @@ def _tiny_config(model_dir, out, **overrides):
         out=str(out), model=model_dir, device="cpu", n_train=6, n_test=3, n_benign_train=4, n_benign_test=3,
         response_tokens=8, batch_size=4, align_steps=2, analysis_tokens=4, bft_steps=2, bft_batch_size=4,
         bft_max_length=512, top_k=10, prefill_ks=[0, 2], eval_tokens=4, alphas=[2.0], sweep_k=2, gsm8k_limit=2,
-        gsm8k_tokens=4,
+        gsm8k_tokens=4, forms=["logprobs"],
     )  # fmt: skip
     sizes.update(overrides)
     return ReproduceConfig(**sizes)
@@ -140,3 +140,29 @@ def test_two_fresh_runs_give_the_same_numbers(tiny_run, tiny_model_dir, tmp_path
     again = reproduce(_tiny_config(tiny_model_dir, tmp_path), log=lambda m: None)
     assert again["systems"] == summary["systems"]
     assert again["analysis"] == summary["analysis"]
+
+
+def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
+    """Both forms of Eq. 7 as system rows, two sampling seeds pooled, a Wilson interval on every ASR and a paired
+    test with a three-valued verdict on every reduction claim, harm judge first."""
+    from bft.eval.stats import wilson_interval
+    from bft.pipelines.reproduce import reproduce
+
+    cfg = _tiny_config(tiny_model_dir, tmp_path, forms=["logprobs", "logits"], eval_seeds=2, alphas=[])
+    summary = reproduce(cfg, log=lambda m: None)
+    assert {"contrastive α=1", "contrastive (logits) α=1"} <= set(summary["systems"])
+    assert summary["primary_judge"] == "harm"
+    seeds = [json.loads((tmp_path / "eval" / d / "results.json").read_text()) for d in ("main", "main_seed1")]
+    recs = [r for res in seeds for r in res["records"]["aligned"]["prefill"] if r["k"] == 2]
+    harmful = sum(bool(r["judgements"]["harm"]) for r in recs)
+    asr = summary["systems"]["aligned"]["asr"]["2"]
+    assert asr["n_rows"]["harm"] == len(recs) == 2 * cfg.n_test
+    assert asr["ci"]["harm"] == pytest.approx(list(wilson_interval(harmful, len(recs))))
+    for key in ("contrastive_cuts_prefill_asr_90pct", "contrastive_logits_cuts_prefill_asr_90pct",
+                "bft_cuts_prefill_asr_50pct"):  # fmt: skip
+        claim = summary["claims"][key]
+        assert set(claim["verdict"]) >= {"harm", "keyword"}
+        assert all(v.split(" (")[0] in ("reproduced", "not reproduced", "inconclusive")
+                   for v in claim["verdict"].values())  # fmt: skip
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| contrastive (logits) α=1 |" in report and "McNemar" in report and "2 sampling seeds" in report

@@ -51,6 +51,10 @@ class ReproduceConfig:
     top_p: float = 0.6
     alpha: float = 1.0
     alphas: list = field(default_factory=lambda: [0.5, 2.0, 5.0, 10.0])  # swept at k = sweep_k
+    forms: list = field(default_factory=lambda: ["logprobs", "logits"])  # Eq. 7 on log-probs / raw logits (paper)
+    eval_seeds: int = 1  # sampling seeds of every prefill attack (Qi et al. use 3); intervals pool them by prompt
+    # judges of every continuation; the first model judge is the primary measure (harm: calibrated, offline)
+    judges: list = field(default_factory=lambda: ["harm", "keyword"])
     sweep_k: int = 4
     gsm8k_limit: int = 8  # 0 skips GSM8K exact match (perplexity is always measured)
     gsm8k_tokens: int = 128
@@ -74,11 +78,14 @@ def quick_config(**overrides) -> ReproduceConfig:
 
 def validate(cfg: ReproduceConfig) -> None:
     for name in ("n_train", "n_test", "n_benign_train", "n_benign_test", "response_tokens", "batch_size",
-                 "align_steps", "analysis_tokens", "bft_steps", "eval_tokens", "top_k"):  # fmt: skip
+                 "align_steps", "analysis_tokens", "bft_steps", "eval_tokens", "top_k", "eval_seeds"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not any(k != 0 for k in cfg.prefill_ks):
         raise ValueError(f"prefill_ks needs at least one k > 0 (the attack), got {cfg.prefill_ks}")
+    for form in cfg.forms:
+        if form not in ("logprobs", "logits"):
+            raise ValueError(f"forms: each must be 'logprobs' or 'logits', got {form!r}")
     if not 0.0 <= cfg.harmful_ratio <= 1.0:
         raise ValueError(f"harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
 

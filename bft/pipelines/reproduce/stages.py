@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -16,7 +17,7 @@ import datasets
 
 from bft.analysis import analyze_pair, summarize, teacher_forced_records, write_analysis
 from bft.atomic import atomic_directory, atomic_write_json, atomic_write_jsonl
-from bft.eval.generation import GenerationSettings, System
+from bft.eval.generation import GenerationSettings, System, contrastive_name
 from bft.eval.judges import is_refusal
 from bft.eval.prefill import prefill_ids
 from bft.eval.runner import EvalConfig, load_results, run_eval
@@ -290,7 +291,8 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir
                 "alphas": cfg.alphas, "sweep_k": cfg.sweep_k, "gsm8k_limit": cfg.gsm8k_limit,
                 "gsm8k_tokens": cfg.gsm8k_tokens, "batch_size": cfg.batch_size,
                 "embedding_model": cfg.embedding_model, "sample": cfg.sample, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "seed": cfg.seed}  # fmt: skip
+                "top_p": cfg.top_p, "seed": cfg.seed, "forms": cfg.forms, "eval_seeds": cfg.eval_seeds,
+                "judges": cfg.judges}  # fmt: skip
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_test"]]
     utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_test"]]}
     if cfg.gsm8k_limit:
@@ -298,7 +300,7 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir
     utility = ["perplexity"] + (["gsm8k"] if cfg.gsm8k_limit and utility_rows["gsm8k"] else [])
     gen = GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, do_sample=cfg.sample,
                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)  # fmt: skip
-    common = dict(limit=None, seed=cfg.seed, generation=gen, judges=["keyword"], threeway=True,
+    common = dict(limit=None, seed=cfg.seed, generation=gen, judges=list(cfg.judges), threeway=True,
                   embedding_model=cfg.embedding_model, likelihood=True, likelihood_reference="dataset",
                   likelihood_tokens=cfg.eval_tokens, gsm8k_max_new_tokens=cfg.gsm8k_tokens)  # fmt: skip
     out = {}
@@ -308,15 +310,18 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir
         base, tok = _load(data["base_dir"], cfg)
         aligned, _ = _load(aligned_dir, cfg)
         student, _ = _load(student_dir, cfg)
-        systems = [
-            System("base", base, tok),
-            System("aligned", aligned, tok),
-            System(f"contrastive α={cfg.alpha:g}", aligned, tok, base_model=base, alpha=cfg.alpha),
-            System("bft student", student, tok),
-        ]
+        systems = [System("base", base, tok), System("aligned", aligned, tok)]
+        systems += [System(contrastive_name(cfg.alpha, form), aligned, tok, base_model=base, alpha=cfg.alpha, form=form)
+                    for form in cfg.forms]  # fmt: skip
+        systems.append(System("bft student", student, tok))
         main_cfg = EvalConfig(prefill_ks=cfg.prefill_ks, utility=utility, **common)
         log(f"[eval] prefill attacks k={cfg.prefill_ks} on {[s.name for s in systems]}")
         run_eval(systems, main_cfg, d / "main", rows=rows, utility_rows=utility_rows)
+        for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the (seed-dependent) attacks are rerun
+            seeded = dict(common, generation=dataclasses.replace(gen, seed=cfg.seed + 1000 * i), likelihood=False)
+            log(f"[eval] sampling seed {i + 1} of {cfg.eval_seeds}")
+            run_eval(systems, EvalConfig(prefill_ks=cfg.prefill_ks, utility=[], **seeded), d / f"main_seed{i}",
+                     rows=rows)  # fmt: skip
         sweep = [a for a in dict.fromkeys(cfg.alphas) if a != cfg.alpha]
         if sweep:
             sweep_systems = [System(f"contrastive α={a:g}", aligned, tok, base_model=base, alpha=a) for a in sweep]
@@ -326,6 +331,7 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir
         stages.finish("eval", settings, time.time() - t0)
     d = stages.dir("eval")
     out["main"] = load_results(d / "main")
+    out["seeds"] = [out["main"]] + [load_results(d / f"main_seed{i}") for i in range(1, cfg.eval_seeds)]
     if (d / "alpha_sweep").is_dir():
         out["alpha_sweep"] = load_results(d / "alpha_sweep")
     return out
