@@ -27,6 +27,9 @@ class ReproduceConfig:
     # stage 2: the shallow refusal SFT
     align_steps: int = 60
     align_lr: float = 5e-5
+    # the deeper analog: a share of Qi et al.'s safety-recovery examples in the refusal SFT (0 = the shallow one)
+    recovery_share: float = 0.0
+    recovery_max_tokens: int = 16
     # stage 3
     analysis_tokens: int = 32
     analysis_prefill_tokens: int = 4
@@ -83,6 +86,8 @@ def validate(cfg: ReproduceConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not any(k != 0 for k in cfg.prefill_ks):
         raise ValueError(f"prefill_ks needs at least one k > 0 (the attack), got {cfg.prefill_ks}")
+    if not 0.0 <= cfg.recovery_share <= 1.0:
+        raise ValueError(f"recovery_share must be in [0, 1], got {cfg.recovery_share}")
     for form in cfg.forms:
         if form not in ("logprobs", "logits"):
             raise ValueError(f"forms: each must be 'logprobs' or 'logits', got {form!r}")

@@ -34,6 +34,14 @@ def _verdict(holds) -> str:
     return {True: "reproduced", False: "NOT reproduced", None: "n/a"}[holds]
 
 
+def _aligned_recipe(cfg: dict) -> str:
+    share = cfg.get("recovery_share") or 0
+    if not share:
+        return "shallow refusal SFT"
+    return (f"refusal SFT with {100 * share:g}% safety-recovery examples (Qi et al.; harmful prefixes of up to "
+            f"{cfg.get('recovery_max_tokens')} tokens, then a refusal)")
+
+
 def _ci(asr: dict, judge: str) -> str:
     ci = (asr.get("ci") or {}).get(judge)
     return "" if not ci else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
@@ -45,7 +53,7 @@ def _header(summary: dict, environment: dict) -> list[str]:
     return [
         "# BFT in miniature: results",
         "",
-        f"Base: `{cfg['model']}`; aligned: the base after a shallow refusal SFT ({cfg['align_steps']} steps); BFT student: "
+        f"Base: `{cfg['model']}`; aligned: the base after a {_aligned_recipe(cfg)} ({cfg['align_steps']} steps); BFT student: "
         f"LoRA r={cfg['bft_lora_r']} on the aligned model, {cfg['bft_steps']} steps (λ = 1.2, τ = 2, k = {cfg['top_k']}). "
         f"Held-out harmful prompts: {summary['data']['harmful_test']} ({', '.join(f'{s} {n}' for s, n in summary['data']['test_sources'].items())}); "
         f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens, {seeds} sampling seed{'s' if seeds != 1 else ''}. "

@@ -181,6 +181,8 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
 def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, log) -> str:
     settings = {"align_steps": cfg.align_steps, "align_lr": cfg.align_lr, "batch_size": cfg.batch_size,
                 "seed": cfg.seed}  # fmt: skip
+    if cfg.recovery_share:  # the deeper analog (only then in the settings, so shallow caches stay valid)
+        settings.update(recovery_share=cfg.recovery_share, recovery_max_tokens=cfg.recovery_max_tokens)
     aligned_dir = stages.root / "models" / "aligned"
     if not (stages.cached("aligned", settings) and aligned_dir.is_dir()):
         t0 = time.time()
@@ -189,7 +191,8 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, log) -> 
         tuned, losses = refusal_finetune(
             base, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
             benign_responses=[r["response"] for r in data["benign_train"]], steps=cfg.align_steps, lr=cfg.align_lr,
-            batch_size=cfg.batch_size, seed=cfg.seed,
+            batch_size=cfg.batch_size, seed=cfg.seed, harmful_responses=[r["response"] for r in data["harmful_train"]],
+            recovery_share=cfg.recovery_share, recovery_max_tokens=cfg.recovery_max_tokens,
         )  # fmt: skip
         _save_model(tuned, tok, aligned_dir)
         atomic_write_json(d / "losses.json", losses, indent=1)
