@@ -148,7 +148,8 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     from bft.eval.stats import wilson_interval
     from bft.pipelines.reproduce import reproduce
 
-    cfg = _tiny_config(tiny_model_dir, tmp_path, forms=["logprobs", "logits"], eval_seeds=2, alphas=[])
+    cfg = _tiny_config(tiny_model_dir, tmp_path, forms=["logprobs", "logits"], eval_seeds=2, alphas=[],
+                       recovery_share=0.5, recovery_max_tokens=3)  # the deeper analog's recipe too
     summary = reproduce(cfg, log=lambda m: None)
     assert {"contrastive α=1", "contrastive (logits) α=1"} <= set(summary["systems"])
     assert summary["primary_judge"] == "harm"
@@ -166,3 +167,6 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
                    for v in claim["verdict"].values())  # fmt: skip
     report = (tmp_path / "REPORT.md").read_text()
     assert "| contrastive (logits) α=1 |" in report and "McNemar" in report and "2 sampling seeds" in report
+    assert "50% safety-recovery examples" in report
+    stage = json.loads((tmp_path / "aligned" / "stage.json").read_text())
+    assert stage["settings"]["recovery_share"] == 0.5
