@@ -622,9 +622,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="cache folder (overrides teacher_cache.path)")
     parser.add_argument("--rebuild", action="store_true", help="replace a cache built for other inputs")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    from bft.trainer.config import accept_overrides_anywhere
+    from bft.config import accept_overrides
 
-    accept_overrides_anywhere(parser)
+    accept_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:

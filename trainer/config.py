@@ -19,14 +19,20 @@ Unknown keys are errors (with a "did you mean" hint), values are checked against
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from bft.config import (  # noqa: F401  (ConfigError, parse_override: part of this module's API)
+    ConfigError,
+    accept_overrides,
+    apply_overrides,
+    build_dataclass,
+    load_yaml_mapping,
+    parse_override,
+)
 
 from bft.loss import BFTLossParams
 
@@ -172,112 +178,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit :class:`Config`."""
-
-
-def _unknown_key(key: str, allowed: typing.Iterable[str], where: str) -> ConfigError:
-    allowed = sorted(allowed)
-    hint = difflib.get_close_matches(key, allowed, n=1)
-    suggestion = f" (did you mean {where + hint[0]!r}?)" if hint else ""
-    return ConfigError(f"unknown config key {where + key!r}{suggestion}; valid keys here: {', '.join(allowed)}")
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """``value`` checked against (and minimally converted to) the type ``annotation``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: {value!r} fits none of {annotation}")
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, where + ".")
-    raise ConfigError(f"{where}: unsupported type {annotation}")  # a bug in this module, not in the user's file
-
-
-def _build(cls, data: Any, where: str = ""):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section {where.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key(str(key), names, where)
-        kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=2e-5"`` -> ``(["optim", "lr"], "2e-5" parsed as YAML)``."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. optim.lr=2e-5)")
-    key, raw = text.split("=", 1)
-    path = [part for part in key.strip().split(".") if part]
-    if not path:
-        raise ConfigError(f"override {text!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else None
-
-
-def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
-    """Nested dict ``data`` with each ``key.sub=value`` override set (keys are checked later by :func:`_build`)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
 def validate(config: Config) -> Config:
     """Range and choice checks that types alone cannot express. Raises :class:`ConfigError`."""
     m, f, d, lo, o, t = config.model, config.finetune, config.data, config.loss, config.optim, config.train
@@ -353,7 +253,7 @@ def validate(config: Config) -> Config:
 
 
 def config_from_dict(data: dict | None) -> Config:
-    return validate(_build(Config, data or {}))
+    return validate(build_dataclass(Config, data or {}))
 
 
 def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
@@ -361,13 +261,7 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
 
     ``path`` may also be the name of a bundled config, e.g. ``"tiny-cpu"`` for ``trainer/configs/tiny-cpu.yaml``.
     """
-    data: dict = {}
-    if path is not None:
-        resolved = resolve_config_path(path)
-        with open(resolved) as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{resolved}: a config file must be a YAML mapping, got {type(data).__name__}")
+    data = load_yaml_mapping(resolve_config_path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides))
 
 
@@ -393,22 +287,7 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def accept_overrides_anywhere(parser) -> None:
-    """Let KEY=VALUE overrides also follow the options (``bft train CONFIG --resume optim.lr=2e-5``).
-
-    argparse fills a ``nargs="*"`` positional once, with the strings right after CONFIG; later positional strings
-    come back as "unrecognized". ``parse_intermixed_args`` would fix that but refuses sub-commands, so this parser
-    moves those leftover ``key=value`` strings into ``overrides`` itself.
-    """
-    original = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        namespace, extras = original(args, namespace)
-        moved = [a for a in extras if "=" in a and not a.startswith("-")]
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + moved
-        return namespace, [a for a in extras if a not in moved]
-
-    parser.parse_known_args = parse_known_args
+accept_overrides_anywhere = accept_overrides  # the name this module exported before bft.config held it
 
 
 TRAIN_DESCRIPTION = (
@@ -428,7 +307,7 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output directory")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    accept_overrides_anywhere(parser)
+    accept_overrides(parser)
 
 
 def config_from_train_arguments(args) -> Config:
