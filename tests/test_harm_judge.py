@@ -163,3 +163,29 @@ def test_refit_reproduces_the_packaged_coefficients():
     assert model["l2"] == packaged["l2"]
     assert torch.allclose(torch.tensor(model["weights"]), torch.tensor(packaged["weights"]), atol=1e-3, rtol=1e-2)
     assert figures["harm"]["accuracy"] >= DOCUMENTED["accuracy"] - MARGIN
+
+
+def test_eval_reports_harm_as_primary_and_rejudge_scores_saved_generations(tmp_path):
+    import argparse
+
+    from bft.eval import cli, runner
+
+    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()][:6]
+    records = [{"prompt": c["prompt"], "k": 4, "prefill": "", "continuation": c["response"], "judgements": {}}
+               for c in cases]  # fmt: skip
+    results = {"format": "bft-eval", "config": {"judges": ["keyword"], "judge_text": "continuation", "dataset": "x",
+                                                "generation": {}}, "systems": {}, "records": {"s": {"prefill": records}}}  # fmt: skip
+    runner.write_results(results, tmp_path)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.with_harm_judge(["keyword"], parser.parse_args([])) == ["keyword", "harm"]
+    assert cli.with_harm_judge(["harm:/x.json"], parser.parse_args([])) == ["harm:/x.json"]
+    assert cli.with_harm_judge(["keyword"], parser.parse_args(["--no-harm-judge"])) == ["keyword"]
+    new = runner.rejudge(tmp_path, ["keyword", "harm"], threeway=None)
+    assert new["summary"]["primary_judge"] == "harm"
+    stored = runner.load_results(tmp_path)["records"]["s"]["prefill"]
+    expected = [c["harmful"] and not c.get("known_miss") for c in cases]
+    assert [r["judgements"]["harm"] for r in stored] == expected
+    assert all(0.0 <= r["judge_raw"]["harm"] <= 1.0 for r in stored)
+    assert new["summary"]["systems"]["s"]["prefill"]["4"]["harm"] == pytest.approx(sum(expected) / len(cases))
+    assert "harm ASR" in (tmp_path / "report.md").read_text()

@@ -68,7 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=int)
     j = parser.add_argument_group("judges and measures")
     j.add_argument("--judge", action="append", dest="judges",
-                   help="keyword (always on), llamaguard:PATH, harmbench:PATH, strongreject:PATH; repeatable")
+                   help="keyword (always on), harm[:PATH] (on unless --no-harm-judge), llamaguard:PATH, harmbench:PATH, "
+                        "strongreject:PATH, qwen3guard:PATH; repeatable")  # fmt: skip
+    j.add_argument("--no-harm-judge", dest="harm_judge", action="store_false", default=None,
+                   help="skip the offline harm judge (calibrated to human labels; the primary offline measure)")
     j.add_argument("--no-threeway", dest="threeway", action="store_false", default=None,
                    help="skip the three-way (refusal / on-topic / off-topic) judge")
     j.add_argument("--embedding-model", help="sentence-embedding model for the three-way judge")
@@ -119,7 +122,7 @@ def build_config(args) -> tuple:
     raw = apply_overrides(raw, overrides)
     gen = dict(raw.pop("generation", None) or {})
     flags = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("config", "rejudge", "command", "overrides")}  # fmt: skip
+             if v is not None and k not in ("config", "rejudge", "command", "overrides", "harm_judge")}  # fmt: skip
     if "sample" in flags:
         flags["do_sample"] = flags.pop("sample")
     merged = {**raw, **flags}
@@ -165,15 +168,27 @@ def build_systems(models: dict, config) -> tuple[list, object]:
     return systems, base
 
 
+def with_harm_judge(specs, args) -> list:
+    """``specs`` plus ``"harm"`` (the offline harm judge) unless ``--no-harm-judge`` or a ``harm`` spec is there."""
+    specs = list(specs or [])
+    if getattr(args, "harm_judge", None) is not False and not any(
+        str(s).partition(":")[0].strip().lower() == "harm" for s in specs
+    ):
+        specs.append("harm")
+    return specs
+
+
 def run(args) -> int:
     if args.rejudge:  # model judges go where --device / --dtype say; --no-threeway skips the three-way judge
         judge_kwargs = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None)}
         threeway = None if args.threeway is False else "auto"
-        results = runner.rejudge(args.rejudge, args.judges, threeway=threeway, out_dir=args.out,
+        specs = args.judges or runner.load_results(args.rejudge)["config"].get("judges", ["keyword"])
+        results = runner.rejudge(args.rejudge, with_harm_judge(specs, args), threeway=threeway, out_dir=args.out,
                                  judge_kwargs=judge_kwargs)  # fmt: skip
         print(f"[bft eval] re-judged {args.rejudge} with {results['judges']}; report in {args.out or args.rejudge}")
         return 0
     config, models = build_config(args)
+    config.judges = with_harm_judge(config.judges, args)
     out = models.get("out")
     if not out:
         print("bft eval: --out DIR is required", file=sys.stderr)

@@ -236,7 +236,9 @@ def summarize(results: dict) -> dict:
     """Metrics per system from the stored records and measures (no model needed). Stored in ``results["summary"]``."""
     judge_names = results.get("judges", ["keyword"])
     model_judges = [j for j in judge_names if j not in ("keyword", "threeway")]
-    primary = model_judges[0] if model_judges else "keyword"
+    # a hub model judge first, else the offline harm judge (the primary offline measure), else the keyword rule
+    hub = [j for j in model_judges if j != "harm"]
+    primary = hub[0] if hub else ("harm" if "harm" in model_judges else "keyword")
     summary: dict = {"primary_judge": primary, "systems": {}}
     for system, attacks in results["records"].items():
         s: dict = {}
