@@ -10,13 +10,7 @@ from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
 from bft.hf.testing import tiny_llama, tiny_llama_pair, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared, busy CPU run several times faster on one thread (no oversubscription)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ from bft.eval import model_judges as mj
 from bft.testing import tiny_llama, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared, busy CPU run several times faster on one thread (no oversubscription)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("text,verdict", [("safe", False), ("unsafe\nS1", True), (" Unsafe.", True),

@@ -13,13 +13,7 @@ from bft.eval.utility import UtilityUnavailable, extract_number, gsm8k_exact_mat
 from bft.hf.testing import tiny_llama_pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared, busy CPU run several times faster on one thread (no oversubscription)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("text,number", [("so the answer is 42.", "42"), ("#### 1,234", "1234"), ("3 then 7.0", "7"),

@@ -14,13 +14,7 @@ from bft.trainer.config import load_config
 from bft.trainer.train import METRIC_KEYS, read_metrics, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads are pure overhead, and they spin badly when the CPU is shared (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path, rows):

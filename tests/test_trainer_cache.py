@@ -21,12 +21,7 @@ from bft.trainer.train import read_metrics, train
 KEYS = ("loss", "kl", "completion", "risk", "grad_norm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fill(text: str, n: int) -> str:

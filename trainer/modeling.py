@@ -142,6 +142,22 @@ def load_tokenizers(config: Config):
     return tokenizer, base_tokenizer
 
 
+def _tiny_pair(m, tokenizer, device: torch.device, dtype: torch.dtype, attn: str):
+    """The tiny random (base, aligned) pair of ``model.base: tiny-random-base`` on ``device`` in ``dtype``."""
+    if m.frozen_quantization:
+        raise ValueError("the tiny random models cannot be quantized; set model.frozen_quantization: null")
+    from bft.hf.testing import tiny_llama_pair
+
+    base, aligned, _ = tiny_llama_pair(
+        seed=m.tiny_seed, tokenizer=tokenizer, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers
+    )
+    for model in (base, aligned):
+        model.to(device=device, dtype=dtype)
+        _set_attn_implementation(model, attn)
+        model.config.use_cache = False
+    return base, aligned
+
+
 def build_teachers(config: Config, tokenizer, base_tokenizer, device: torch.device) -> Trio:
     """The two frozen models alone, as the live run's teachers compute (for building the teacher cache): base, and
     aligned with ``model.frozen_quantization`` as in both modes (LoRA's teacher is its student's quantizable body
@@ -150,18 +166,9 @@ def build_teachers(config: Config, tokenizer, base_tokenizer, device: torch.devi
     dtype = torch_dtype(m.dtype)
     attn = resolve_attn_implementation(m.attn_implementation, dtype, device)
     if m.base == TINY_BASE:
-        if m.frozen_quantization:
-            raise ValueError("the tiny random models cannot be quantized; set model.frozen_quantization: null")
-        from bft.hf.testing import tiny_llama_pair
-
-        base, aligned, _ = tiny_llama_pair(
-            seed=m.tiny_seed, tokenizer=tokenizer, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers
-        )
-        for model in (base, aligned):
-            model.to(device=device, dtype=dtype)
-            _set_attn_implementation(model, attn)
-            model.config.use_cache = False
-            freeze(model)
+        base, aligned = _tiny_pair(m, tokenizer, device, dtype, attn)
+        freeze(base)
+        freeze(aligned)
     else:
         common = {"dtype": dtype, "attn_implementation": attn, "device": device,
                   "quantization": m.frozen_quantization, "trainable": False}  # fmt: skip
@@ -182,17 +189,7 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, 
     attn = resolve_attn_implementation(m.attn_implementation, dtype, device)
     lora = f.mode == "lora"
     if m.base == TINY_BASE:
-        if m.frozen_quantization:
-            raise ValueError("the tiny random models cannot be quantized; set model.frozen_quantization: null")
-        from bft.hf.testing import tiny_llama_pair
-
-        base, aligned, _ = tiny_llama_pair(
-            seed=m.tiny_seed, tokenizer=tokenizer, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers
-        )
-        for model in (base, aligned):
-            model.to(device=device, dtype=dtype)
-            _set_attn_implementation(model, attn)
-            model.config.use_cache = False
+        base, aligned = _tiny_pair(m, tokenizer, device, dtype, attn)
         freeze(base)
         student = aligned if lora or not frozen else copy.deepcopy(aligned)
         aligned = None if lora or not frozen else freeze(aligned)

@@ -30,6 +30,14 @@ def plot_analysis(result: dict, out_dir: str) -> list[str]:
     return [p for plot in (_fig1_profile, _fig2_tokens, _fig3_contrastive) for p in plot(plt, result, out_dir)]
 
 
+def _save(plt, fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fig1_profile(plt, result: dict, out_dir: str) -> list[str]:
     """Fig. 1: metrics vs position, every group under normal decoding."""
     summary, top_n = result["summary"], result["config"]["top_n"]
@@ -48,11 +56,7 @@ def _fig1_profile(plt, result: dict, out_dir: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Position-wise aligned vs base (normal decoding)")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "fig1_position_profile.png")
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, out_dir, "fig1_position_profile.png")]
 
 
 def _fig2_tokens(plt, result: dict, out_dir: str) -> list[str]:
@@ -68,11 +72,7 @@ def _fig2_tokens(plt, result: dict, out_dir: str) -> list[str]:
         ax.set_yticks(range(len(items)), [repr(it["token"]) for it in items], fontsize=8)
         ax.set_xlabel("positions where base-favored")
         ax.set_title(f"{key.split('/')[0]}: most frequent base-favored tokens\n(in aligned top-{top_n})", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "fig2_base_favored_tokens.png")
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, out_dir, "fig2_base_favored_tokens.png")]
 
 
 def _fig3_contrastive(plt, result: dict, out_dir: str) -> list[str]:
@@ -101,11 +101,7 @@ def _fig3_contrastive(plt, result: dict, out_dir: str) -> list[str]:
         ax.set_ylabel("nats")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "fig3_contrastive_kl.png")
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, out_dir, "fig3_contrastive_kl.png")]
 
 
 def write_analysis(result: dict, out_dir: str, *, plots: bool = True) -> dict[str, str]:
