@@ -1,20 +1,8 @@
-"""``bft train CONFIG [--max-steps N] [--output-dir DIR] [--resume] [key.sub=value ...]``.
+"""Deprecated alias of :mod:`bft.commands.train` (the ``bft train`` verb); kept for one release."""
 
-The arguments are defined in :mod:`bft.trainer.config` (``python trainer/train.py`` parses the same ones there);
-this module imports :mod:`bft.trainer.train` to run, and nothing imports this module but the ``bft`` console.
-"""
+import warnings
 
-from __future__ import annotations
+from bft.commands.train import DESCRIPTION, add_arguments, run  # noqa: F401
 
-import argparse
-
-from bft.trainer.config import TRAIN_DESCRIPTION as DESCRIPTION
-from bft.trainer.config import add_train_arguments as add_arguments
-
-__all__ = ["DESCRIPTION", "add_arguments", "run"]
-
-
-def run(args: argparse.Namespace) -> int:
-    from bft.trainer.train import run_from_arguments
-
-    return run_from_arguments(args)
+warnings.warn("bft.trainer.cli is deprecated: the command lives in bft.commands.train", DeprecationWarning,
+              stacklevel=2)  # fmt: skip
