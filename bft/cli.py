@@ -16,9 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("bft.commands.analyze", "position-wise base-favored token analysis of an aligned/base pair (JSON + plots)"),
     "generate": ("bft.commands.generate", "generate with contrastive decoding against the base model (paper Eq. 7)"),
     "train": ("bft.commands.train", "train a student with the BFT objective from a YAML config"),
-    "cache": ("bft.trainer.cache", "build the exact frozen-teacher cache of a training config (train with one model)"),
-    "judge": ("bft.eval.judge_cli", "fit the offline harm judge on human labels (PyRIT) and measure it held-out"),
-    "eval": ("bft.eval.cli", "prefill / fine-tuning / GCG attacks, judges and utility; JSON + Markdown + plots"),
+    "cache": ("bft.commands.cache", "build the exact frozen-teacher cache of a training config (train with one model)"),
+    "judge": ("bft.commands.judge", "fit the offline harm judge on human labels (PyRIT) and measure it held-out"),
+    "eval": ("bft.commands.eval", "prefill / fine-tuning / GCG attacks, judges and utility; JSON + Markdown + plots"),
     "reproduce": ("bft.commands.reproduce", "the paper in miniature on a real model, offline: analysis, attacks, BFT (cached)"),
     "demo": ("bft.commands.demo", "the quick reproduction (~10 min on 2 CPU cores): table, plots, report"),
 }

@@ -125,7 +125,7 @@ def test_config_validation():
 def test_cli_with_yaml_config(tmp_path, monkeypatch):
     import argparse
 
-    from bft.eval import cli
+    from bft.commands import eval as cli
 
     base, aligned, tok = tiny_llama_pair()
     for name, model in (("base", base), ("aligned", aligned)):
@@ -235,7 +235,7 @@ def test_every_config_key_has_a_flag_and_seed_reaches_both():
     import argparse
     from dataclasses import fields
 
-    from bft.eval import cli
+    from bft.commands import eval as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

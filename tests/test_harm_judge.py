@@ -156,7 +156,7 @@ def test_logistic_fit_is_deterministic_and_recovers_a_separable_rule():
 @pytest.mark.slow
 def test_refit_reproduces_the_packaged_coefficients():
     """The whole `bft judge fit` (embeds ~1,000 rows: minutes on 2 busy cores), against the committed file."""
-    from bft.eval.judge_cli import fit_and_measure
+    from bft.commands.judge import fit_and_measure
 
     model, figures = fit_and_measure(log=lambda s: None)
     packaged = load_model(DEFAULT_MODEL_PATH)
@@ -168,7 +168,8 @@ def test_refit_reproduces_the_packaged_coefficients():
 def test_eval_reports_harm_as_primary_and_rejudge_scores_saved_generations(tmp_path):
     import argparse
 
-    from bft.eval import cli, runner
+    from bft.commands import eval as cli
+    from bft.eval import runner
 
     cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()][:6]
     records = [{"prompt": c["prompt"], "k": 4, "prefill": "", "continuation": c["response"], "judgements": {}}

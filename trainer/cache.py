@@ -27,11 +27,9 @@ once per process, when a shard is first read (sizes at open), so a run does not 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -610,33 +608,3 @@ class TeacherCache:
             "topk_ids": ids.reshape(B * L, self.top_k).to(device),
             "risk": risk.reshape(B * L).to(device),
         }
-
-
-# ----------------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = DESCRIPTION
-    parser.add_argument("config", help="YAML config file, or a bundled config name such as tiny-cpu")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.max_length=1024")
-    parser.add_argument("--out", default=None, help="cache folder (overrides teacher_cache.path)")
-    parser.add_argument("--rebuild", action="store_true", help="replace a cache built for other inputs")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    from bft.config import accept_overrides
-
-    accept_overrides(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from bft.trainer.config import load_config, validate
-
-    config = load_config(args.config, args.overrides)
-    if args.out is not None:
-        config.teacher_cache.path = args.out
-    validate(config)
-    try:
-        build(config, rebuild=args.rebuild, progress=not args.no_progress)
-    except CacheError as e:
-        print(f"bft cache: {e}", file=sys.stderr)
-        return 2
-    return 0
