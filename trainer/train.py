@@ -34,7 +34,6 @@ if __name__ == "__main__":  # run as a script: keep trainer/ off sys.path so its
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 import torch
-
 from bft.trainer import cache as teacher_cache
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import Config, dump_config
@@ -54,6 +53,8 @@ from bft.trainer.modeling import (
     load_tokenizers,
     teacher_hidden_states,
 )
+
+from bft.hf.batching import pad_token_id
 
 METRIC_KEYS = ("step", "loss", "kl", "completion", "risk", "lr", "grad_norm", "tokens_per_s", "peak_memory",
                "epoch", "elapsed_s")  # fmt: skip
@@ -94,7 +95,102 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     # ---------------------------------------------------------------- tokenizers, then models
     tokenizer, base_tokenizer = load_tokenizers(config)
     check_vocab(tokenizer, base_tokenizer)  # cheap, before loading any weights
-    cache = None
+    trio, harmful, utility, cache, frozen_heads = _models_and_examples(
+        config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out, progress
+    )
+    if config.loss.top_k > trio.vocab_size:
+        raise ValueError(f"loss.top_k={config.loss.top_k} exceeds the vocabulary size V={trio.vocab_size}")
+    pad_id = pad_token_id(tokenizer)
+    batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=t.seed,
+                           pad_id=pad_id)  # fmt: skip
+    world = accelerator.num_processes
+    micro_per_step = o.grad_accum * world  # micro-batches consumed per optimizer step, all processes together
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.batches_per_epoch / micro_per_step))
+
+    # ---------------------------------------------------------------- optimizer, schedule, accelerate
+    student = BFTStudent(trio.student, loss_kwargs(config), trio.vocab_size)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = make_optimizer(o, params)
+    scheduler = make_scheduler(o, optimizer, total_steps)
+    student, optimizer = accelerator.prepare(student, optimizer)  # the scheduler is stepped once per optimizer step
+    # FSDP replaces each parameter by a sharded one (the optimizer is re-pointed by accelerate): clip those
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    step = _restore_or_start(resume_from, student, optimizer, scheduler, config, micro_per_step, accelerator, out)
+
+    # ---------------------------------------------------------------- the loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc="bft train", disable=not (progress and main), dynamic_ncols=True)
+    device = accelerator.device
+    peak = PeakMemory(device)
+    started = time.perf_counter()
+    metrics = None
+    while step < total_steps:
+        step_start = time.perf_counter()
+        indices = [(step * o.grad_accum + micro) * world + accelerator.process_index for micro in range(o.grad_accum)]
+        sums, grad_norm, lr = _optimizer_step(trio, student, optimizer, scheduler, params, batches, indices, cache,
+                                              frozen_heads, accelerator, o.max_grad_norm)  # fmt: skip
+        scheduler.step()
+        step += 1
+        sums = accelerator.reduce(sums, reduction="sum")
+        seconds = time.perf_counter() - step_start
+        metrics = _metrics_line(step, sums, micro_per_step, lr, grad_norm, seconds, peak, batches, started)
+        if main:
+            _log_step(out, writer, bar, metrics, lr, step == total_steps or step % t.log_every == 0)
+        bar.update(1)
+        if step % t.save_every == 0 or step == total_steps:
+            save(out, step, student, optimizer, scheduler, config, micro_per_step, accelerator)
+        for callback in callbacks:
+            callback(step, metrics)
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+    # ---------------------------------------------------------------- the final student, as a normal HF checkpoint
+    final_dir = save_final_student(config, trio, student, out / "final", accelerator)
+    return {"steps": step, "total_steps": total_steps, "output_dir": str(out), "final_dir": str(final_dir),
+            "last_metrics": metrics}  # fmt: skip
+
+
+def _optimizer_step(trio, student, optimizer, scheduler, params, batches, indices, cache, frozen_heads, accelerator,
+                    max_grad_norm):  # fmt: skip
+    """One optimizer step over the micro-batches ``indices`` (gradient accumulation through accelerate). Returns
+    the summed (loss, kl, n_valid, completion, n_harmful, risk, tokens), the gradient norm and the step's lr."""
+    device = accelerator.device
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    grad_norm = lr = None
+    for index in indices:
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batches[index].items()}
+        with accelerator.accumulate(student):
+            teacher = None
+            if cache is not None:
+                teacher = cache_teacher_inputs(cache, frozen_heads, batches.examples(index), batch, device)
+            result = micro_batch_loss(trio, student, batch, teacher)
+            accelerator.backward(result["loss"])
+            if accelerator.sync_gradients:
+                max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+                grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()  # a no-op until the last micro-batch of the step (accelerate)
+            optimizer.zero_grad(set_to_none=True)
+        valid = batch["valid"].reshape(-1)
+        harm = (batch["harmful"] & batch["valid"]).reshape(-1)
+        sums += torch.stack([
+            result["loss"].detach().double(), result["kl"].double().sum(), valid.sum().double(),
+            result["completion"].double()[harm].sum(), harm.sum().double(), result["risk"].double().sum(),
+            torch.tensor(float(batch["n_tokens"]), dtype=torch.float64, device=device),
+        ])  # fmt: skip
+    return sums, grad_norm, lr
+
+
+def _models_and_examples(config: Config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out,
+                         progress):  # fmt: skip
+    """The models (only the student and the heads when a teacher cache is used, built on first use) and the
+    encoded training examples: ``(trio, harmful, utility, cache, frozen_heads)``."""
+    d = config.data
+    main = accelerator.is_main_process
+    cache = frozen_heads = None
     if config.teacher_cache.path:  # the frozen teachers come from the cache: only the student is loaded
         cache_dir = Path(config.teacher_cache.path)
         if teacher_cache.cache_state(cache_dir) != "complete":  # first use (or an interrupted build): build it
@@ -119,24 +215,13 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
                                                     out / "harmful_responses.jsonl", accelerator=accelerator,
                                                     progress=progress)  # fmt: skip
         harmful, utility = encode_training_examples(config, tokenizer, harmful_pairs, utility_pairs)
-    if config.loss.top_k > trio.vocab_size:
-        raise ValueError(f"loss.top_k={config.loss.top_k} exceeds the vocabulary size V={trio.vocab_size}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=t.seed,
-                           pad_id=pad_id)  # fmt: skip
-    world = accelerator.num_processes
-    micro_per_step = o.grad_accum * world  # micro-batches consumed per optimizer step, all processes together
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.batches_per_epoch / micro_per_step))
+    return trio, harmful, utility, cache, frozen_heads
 
-    # ---------------------------------------------------------------- optimizer, schedule, accelerate
-    student = BFTStudent(trio.student, loss_kwargs(config), trio.vocab_size)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = make_optimizer(o, params)
-    scheduler = make_scheduler(o, optimizer, total_steps)
-    student, optimizer = accelerator.prepare(student, optimizer)  # the scheduler is stepped once per optimizer step
-    # FSDP replaces each parameter by a sharded one (the optimizer is re-pointed by accelerate): clip those
-    params = [p for p in student.parameters() if p.requires_grad]
 
+def _restore_or_start(resume_from, student, optimizer, scheduler, config: Config, micro_per_step: int, accelerator,
+                      out: Path) -> int:  # fmt: skip
+    """Load the checkpoint to resume from (returning its step), or start a fresh metrics file (step 0)."""
+    main = accelerator.is_main_process
     step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=student, optimizer=optimizer, scheduler=scheduler,
@@ -155,78 +240,36 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     if main:
         ckpt.atomic_write_text(out / "config.yaml", dump_config(config))
 
-    # ---------------------------------------------------------------- the loop
-    from tqdm.auto import tqdm
+    return step
 
-    bar = tqdm(total=total_steps, initial=step, desc="bft train", disable=not (progress and main), dynamic_ncols=True)
-    device = accelerator.device
-    peak = PeakMemory(device)
-    started = time.perf_counter()
-    metrics = None
-    while step < total_steps:
-        step_start = time.perf_counter()
-        sums = torch.zeros(7, dtype=torch.float64, device=device)  # loss, kl, n_valid, compl, n_harm, risk, tokens
-        grad_norm = None
-        for micro in range(o.grad_accum):
-            index = (step * o.grad_accum + micro) * world + accelerator.process_index
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batches[index].items()}
-            with accelerator.accumulate(student):
-                teacher = None
-                if cache is not None:
-                    teacher = cache_teacher_inputs(cache, frozen_heads, batches.examples(index), batch, device)
-                result = micro_batch_loss(trio, student, batch, teacher)
-                accelerator.backward(result["loss"])
-                if accelerator.sync_gradients:
-                    max_norm = o.max_grad_norm if o.max_grad_norm is not None else float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()  # a no-op until the last micro-batch of the step (accelerate)
-                optimizer.zero_grad(set_to_none=True)
-            valid = batch["valid"].reshape(-1)
-            harm = (batch["harmful"] & batch["valid"]).reshape(-1)
-            sums += torch.stack([
-                result["loss"].detach().double(), result["kl"].double().sum(), valid.sum().double(),
-                result["completion"].double()[harm].sum(), harm.sum().double(), result["risk"].double().sum(),
-                torch.tensor(float(batch["n_tokens"]), dtype=torch.float64, device=device),
-            ])  # fmt: skip
-        scheduler.step()
-        step += 1
-        sums = accelerator.reduce(sums, reduction="sum")
-        seconds = time.perf_counter() - step_start
-        metrics = {
-            "step": step,
-            "loss": float(sums[0] / micro_per_step),
-            "kl": float(sums[1] / sums[2]) if sums[2] > 0 else None,
-            "completion": float(sums[3] / sums[4]) if sums[4] > 0 else None,
-            "risk": float(sums[5] / sums[2]) if sums[2] > 0 else None,
-            "lr": float(lr),
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": float(sums[6]) / seconds,
-            "peak_memory": peak.read(),
-            "epoch": step * micro_per_step / batches.batches_per_epoch,
-            "elapsed_s": time.perf_counter() - started,
-        }
-        if main:
-            append_metrics(out / "metrics.jsonl", metrics)
-            if writer is not None:
-                for key in ("loss", "kl", "completion", "risk", "lr", "grad_norm", "tokens_per_s"):
-                    if metrics[key] is not None:
-                        writer.add_scalar(f"train/{key}", metrics[key], step)
-            if step % t.log_every == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl'] or 0:.4f}", lr=f"{lr:.2e}")
-        bar.update(1)
-        if step % t.save_every == 0 or step == total_steps:
-            save(out, step, student, optimizer, scheduler, config, micro_per_step, accelerator)
-        for callback in callbacks:
-            callback(step, metrics)
-    bar.close()
+
+def _metrics_line(step, sums, micro_per_step, lr, grad_norm, seconds, peak, batches, started) -> dict:
+    """One ``metrics.jsonl`` line from the step's summed (loss, kl, n_valid, completion, n_harmful, risk, tokens)."""
+    metrics = {
+        "step": step,
+        "loss": float(sums[0] / micro_per_step),
+        "kl": float(sums[1] / sums[2]) if sums[2] > 0 else None,
+        "completion": float(sums[3] / sums[4]) if sums[4] > 0 else None,
+        "risk": float(sums[5] / sums[2]) if sums[2] > 0 else None,
+        "lr": float(lr),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "tokens_per_s": float(sums[6]) / seconds,
+        "peak_memory": peak.read(),
+        "epoch": step * micro_per_step / batches.batches_per_epoch,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    return metrics
+
+
+def _log_step(out: Path, writer, bar, metrics: dict, lr: float, refresh_bar: bool) -> None:
+    """Append the metrics line, mirror it to TensorBoard, and refresh the progress bar's postfix."""
+    append_metrics(out / "metrics.jsonl", metrics)
     if writer is not None:
-        writer.close()
-
-    # ---------------------------------------------------------------- the final student, as a normal HF checkpoint
-    final_dir = save_final_student(config, trio, student, out / "final", accelerator)
-    return {"steps": step, "total_steps": total_steps, "output_dir": str(out), "final_dir": str(final_dir),
-            "last_metrics": metrics}  # fmt: skip
+        for key in ("loss", "kl", "completion", "risk", "lr", "grad_norm", "tokens_per_s"):
+            if metrics[key] is not None:
+                writer.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+    if refresh_bar:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl'] or 0:.4f}", lr=f"{lr:.2e}")
 
 
 # -------------------------------------------------------------------------------------------------------------
