@@ -427,20 +427,42 @@ def small_problems(draw):
 
 
 def _fuzz(problem, backend):
+    """The fast backend against fp64 truth, within a few times the fp32 reference's own error (CCE's criterion)
+    plus a small tolerance. Comparing with the fp32 reference alone failed where fp32 rounding itself is large
+    (N=3, H=6, V=35, seed 4488, top_k=1, reverse KL, λ=0, scale 30: dh of the reference is 1.2e-4 from fp64, the
+    torch backend 2.8e-4, on a dh of 0.011 — near one-hot softmaxes of logits ~±100)."""
     p = dict(problem)
     tensors, harmful, valid = make_case(p.pop("N"), p.pop("H"), p.pop("V"), seed=p.pop("seed"), scale=p.pop("scale"))
     ref = run(tensors, harmful, valid, "reference", **p)
+    truth = run(tensors, harmful, valid, "ref64", dtype=torch.float64, **p)
     fast = run(tensors, harmful, valid, backend, **p)
-    assert_matches(fast, ref, V=tensors[1].shape[0], delta=delta_logits(tensors), valid=valid, rtol=1e-3)
+    for key in ("loss", "kl", "completion", "alpha", "dh", "dw"):
+        scale = truth[key].abs().max().item() if truth[key].numel() else 0.0
+        err = (fast[key].cpu() - truth[key].cpu()).abs().max().item() if truth[key].numel() else 0.0
+        ref_err = (ref[key].cpu() - truth[key].cpu()).abs().max().item() if truth[key].numel() else 0.0
+        # two fp32 computations with different summation orders (chunks, kernels): each lands within a few times
+        # the other's rounding error of the truth
+        assert err <= 4 * ref_err + 2e-5 + 2e-4 * scale, f"{key}: error {err:.3g}, fp32 reference {ref_err:.3g}"
+    V = tensors[1].shape[0]
+    assert (fast["risk"].cpu() - ref["risk"].cpu()).abs().max().item() <= 2.0 / V + 1e-7
+    assert_topk_equivalent(fast["topk_ids"].cpu(), ref["topk_ids"].cpu(), delta_logits(tensors), valid.cpu())
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_regression_case_where_fp32_reference_rounds_most():
+    problem = {"N": 3, "H": 6, "V": 35, "seed": 4488, "top_k": 1, "kl": "reverse", "teacher_lambda": 0.0,
+               "temperature": 2.0, "scale": 30.0}  # fmt: skip
+    for backend in FAST:
+        _fuzz(problem, backend)
+
+
+# derandomized: the same examples in every run, so CI never depends on which cases a random draw finds
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(small_problems())
 def test_fuzz_torch_backend(problem):
     _fuzz(problem, "torch")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(small_problems())
 def test_fuzz_triton_backend(problem):
     _fuzz(problem, "triton")
