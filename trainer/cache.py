@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bft.atomic import atomic_write_json, atomic_write_npy
+from bft.hf.batching import pad_token_id
 
 #: Bump when what the cache holds, or how the loss reads it, changes: old caches are then refused as stale.
 OBJECTIVE_VERSION = 1
@@ -342,7 +343,7 @@ def build(config, *, rebuild: bool = False, progress: bool = True, accelerator=N
             log(f"teacher cache {root} is complete and up to date")
             return root
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     write_cache(root, trio, list(harmful) + list(utility), fp, dtype=torch_dtype(config.model.dtype),
                 top_k=config.loss.top_k, shard_bytes=int(config.teacher_cache.shard_mb * 2**20),
                 batch_size=config.data.batch_size, pad_id=pad_id, manifest=manifest, progress=progress, log=log)

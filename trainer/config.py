@@ -33,7 +33,6 @@ from bft.config import (  # noqa: F401  (ConfigError, parse_override: part of th
     load_yaml_mapping,
     parse_override,
 )
-
 from bft.loss import BFTLossParams
 
 _LOSS_DEFAULTS = BFTLossParams()  # the one set of loss defaults (bft.loss)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bft.hf.batching import pad_batch, pad_token_id
 from bft.hf.chat import encode_chat
 
 
@@ -123,16 +124,11 @@ class MixedBatches:
 
 def collate(examples: list[Example], pad_id: int) -> dict:
     """Right-pad a list of examples into the tensors described in :class:`MixedBatches`."""
-    length = max(len(e.input_ids) for e in examples)
-    B = len(examples)
-    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, length), dtype=torch.long)
-    valid = torch.zeros((B, length), dtype=torch.bool)
-    harmful = torch.zeros((B, length), dtype=torch.bool)
+    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_id, side="right")
+    valid = torch.zeros(input_ids.shape, dtype=torch.bool)
+    harmful = torch.zeros(input_ids.shape, dtype=torch.bool)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[row, :n] = 1
         valid[row, e.response_start - 1 : n - 1] = True  # hidden state t predicts token t + 1
         harmful[row, :n] = e.harmful
     return {
@@ -186,19 +182,15 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
 
     device = device or next(model.parameters()).device
     stop = end_of_turn_id(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+    pad_id = pad_token_id(tokenizer)
     out: list[str] = []
     was_training = model.training
     model.eval()
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generating harmful responses", disable=not progress):
         encoded = [encode_chat(tokenizer, p, system=system).input_ids for p in prompts[start : start + batch_size]]
-        length = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(encoded):
-            input_ids[row, length - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, length - len(ids) :] = 1
+        input_ids, attention_mask = pad_batch(encoded, pad_id, side="left")
+        length = input_ids.shape[1]
         generated = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, eos_token_id=stop, pad_token_id=pad_id,

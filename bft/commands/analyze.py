@@ -10,6 +10,7 @@ from bft.commands.generate import add_model_arguments
 from bft.hf.data import read_prompts, response_prefixes
 from bft.hf.models import load_pair
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--harmful", required=True, help="harmful prompts: dataset name (advbench...), path, or .txt")

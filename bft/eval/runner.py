@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Sequence
 
 from bft.atomic import atomic_write_bytes
+from bft.decoding.contrastive import check_form
 from bft.environment import package_versions
 from bft.eval import gcg, utility
 from bft.eval.deliberation import deliberation_table
 from bft.eval.finetune import FinetuneConfig, harmful_responses, lora_finetune, save_merged
 from bft.eval.gcg import GCGConfig
-from bft.decoding.contrastive import check_form
 from bft.eval.generation import GenerationSettings, System, generate_from_ids
 from bft.eval.judges import Judge, KeywordJudge, judge_from_spec
 from bft.eval.likelihood import continuation_logprobs, summarize_logprobs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from bft.decoding.contrastive import check_form
+
 __all__ = ["ReproduceConfig", "quick_config", "validate", "torch_device"]
 
 
@@ -89,8 +91,7 @@ def validate(cfg: ReproduceConfig) -> None:
     if not 0.0 <= cfg.recovery_share <= 1.0:
         raise ValueError(f"recovery_share must be in [0, 1], got {cfg.recovery_share}")
     for form in cfg.forms:
-        if form not in ("logprobs", "logits"):
-            raise ValueError(f"forms: each must be 'logprobs' or 'logits', got {form!r}")
+        check_form(form)
     if not 0.0 <= cfg.harmful_ratio <= 1.0:
         raise ValueError(f"harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
 

@@ -78,7 +78,7 @@ def _paired(seed_results: list[dict], reference: str, system: str, k, judges: li
     return out
 
 
-def _systems(cfg: ReproduceConfig, evals: dict) -> dict:
+def _systems(evals: dict) -> dict:
     """Per system: α and form, ASR per k under every judge (with Wilson intervals pooled over seeds), the
     likelihood of the reference harmful continuation and utility."""
     systems = {}
@@ -173,7 +173,7 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
     "not reproduced" when it excludes the paper's effect size, "inconclusive" otherwise (:mod:`bft.eval.stats`).
     """
     k_attack = cfg.sweep_k if cfg.sweep_k in cfg.prefill_ks else [k for k in cfg.prefill_ks if k != 0][0]
-    systems = _systems(cfg, evals)
+    systems = _systems(evals)
     seeds = evals.get("seeds", [evals["main"]])
     primary = evals["main"]["summary"].get("primary_judge", "keyword")  # the eval's: its first model judge
     judges = list(dict.fromkeys([primary] + [j for j in evals["main"].get("judges", []) if j != "threeway"]))
