@@ -28,10 +28,11 @@ def _tiny_config(model_dir, out, **overrides):
     from bft.pipelines.reproduce import ReproduceConfig
 
     sizes = dict(
-        out=str(out), model=model_dir, device="cpu", n_train=6, n_test=3, n_benign_train=4, n_benign_test=3,
-        response_tokens=8, batch_size=4, align_steps=2, analysis_tokens=4, bft_steps=2, bft_batch_size=4,
-        bft_max_length=512, top_k=10, prefill_ks=[0, 2], eval_tokens=4, alphas=[2.0], sweep_k=2, gsm8k_limit=2,
-        gsm8k_tokens=4, forms=["logprobs"],
+        out=str(out), model=model_dir, device="cpu", n_train=6, n_val=3, n_test=3, n_benign_train=4, n_benign_val=2,
+        n_benign_test=3, response_tokens=8, batch_size=4, align_steps=2, analogs={"shallow": 0.0},
+        qi_augmentation=False, analysis_tokens=4, bft_steps=2, bft_batch_size=4, bft_max_length=512, top_k=10,
+        prefill_ks=[0, 2], eval_tokens=4, alphas=[2.0], sweep_k=2, gsm8k_limit=2, gsm8k_tokens=4,
+        forms=["logprobs"], eval_seeds=1, long_k_prompts=None,
     )  # fmt: skip
     sizes.update(overrides)
     return ReproduceConfig(**sizes)
@@ -50,35 +51,40 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(tiny_run):
     cfg, out, summary, _ = tiny_run
-    for stage in ("data", "aligned", "analysis_aligned", "bft", "analysis_student", "eval"):
+    for stage in ("data", "aligned_r0", "shallow/analysis_aligned", "shallow/bft", "shallow/analysis_student",
+                  "shallow/eval"):  # fmt: skip
         assert (out / stage / "stage.json").is_file(), stage
-    assert (out / "models" / "aligned" / "config.json").is_file()
-    assert (out / "bft" / "final" / "config.json").is_file()
-    assert (out / "plots" / "kl_by_position.png").stat().st_size > 0
-    assert (out / "analysis_aligned" / "fig1_position_profile.png").is_file()
-    assert (out / "eval" / "main" / "results.json").is_file()
-    assert (out / "eval" / "alpha_sweep" / "results.json").is_file()
+    assert (out / "models" / "aligned_r0" / "config.json").is_file()
+    assert (out / "shallow" / "bft" / "final" / "config.json").is_file()
+    assert (out / "plots" / "kl_by_position_shallow.png").stat().st_size > 0
+    assert (out / "shallow" / "analysis_aligned" / "fig1_position_profile.png").is_file()
+    assert (out / "shallow" / "eval" / "main" / "results.json").is_file()
+    assert (out / "shallow" / "eval" / "alpha_sweep" / "results.json").is_file()
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["claims"].keys() == summary["claims"].keys()
+    assert on_disk["analogs"]["shallow"]["claims"].keys() == summary["analogs"]["shallow"]["claims"].keys()
     report = (out / "REPORT.md").read_text()
     for name in ("| base |", "| aligned |", "| contrastive α=1 |", "| bft student |", "| contrastive α=2 |"):
         assert name in report
-    assert "The paper's claims at this scale" in report
+    assert "The paper's claims at this scale" in report and "Verdicts at a glance" in report
 
 
-def test_train_and_test_prompts_are_disjoint(tiny_run):
+def test_train_validation_and_test_prompts_are_disjoint(tiny_run):
     _, out, summary, _ = tiny_run
     read = lambda name: [json.loads(x) for x in (out / "data" / name).read_text().splitlines() if x.strip()]  # noqa: E731
-    train, test = read("harmful_train.jsonl"), read("harmful_test.jsonl")
-    assert train and test
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
-    assert all(r["response"].strip() for r in train + test)  # the base model's own (non-refusal) responses
-    assert summary["data"]["harmful_test"] == len(test)
+    train, val, test = read("harmful_train.jsonl"), read("harmful_val.jsonl"), read("harmful_test.jsonl")
+    assert train and val and test
+    sets = [{r["prompt"] for r in part} for part in (train, val, test)]
+    assert not sets[0] & sets[1] and not sets[0] & sets[2] and not sets[1] & sets[2]
+    assert all(r["response"].strip() for r in train + val + test)  # the base model's own (non-refusal) responses
+    assert summary["data"]["harmful_test"] == len(test) and summary["data"]["harmful_val"] == len(val)
+    benign = [{r["prompt"] for r in read(f"benign_{p}.jsonl")} for p in ("train", "val", "test")]
+    assert not benign[0] & benign[1] and not benign[1] & benign[2]
 
 
 def test_summary_numbers_come_from_the_eval_records(tiny_run):
     _, out, summary, _ = tiny_run
-    results = json.loads((out / "eval" / "main" / "results.json").read_text())
+    summary = summary["analogs"]["shallow"]
+    results = json.loads((out / "shallow" / "eval" / "main" / "results.json").read_text())
     recs = [r for r in results["records"]["aligned"]["prefill"] if r["k"] == 2]
     keyword = sum(r["judgements"]["keyword"] for r in recs) / len(recs)
     assert summary["systems"]["aligned"]["asr"]["2"]["keyword"] == pytest.approx(keyword)
@@ -95,12 +101,12 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_r
     logs = []
     again = reproduce(cfg, log=logs.append)
     assert sum("cached" in line for line in logs) == 6, logs
-    assert again["systems"] == summary["systems"]
+    assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]
     # a change to the eval settings reruns only the eval
     logs = []
     reproduce(_tiny_config(tiny_model_dir, out, eval_tokens=3), log=logs.append)
     assert sum("cached" in line for line in logs) == 5, logs
-    assert any(line.startswith("[eval] running") for line in logs)
+    assert any(line.startswith("[shallow/eval] running") for line in logs)
 
 
 def test_bad_sizes_are_refused():
@@ -119,17 +125,17 @@ def test_interrupted_bft_stage_resumes_and_an_upstream_change_discards_its_check
 
     cfg = _tiny_config(tiny_model_dir, tmp_path, bft_steps=4)
     reproduce(cfg, log=lambda m: None)
-    bft_dir = tmp_path / "bft"
+    bft_dir = tmp_path / "shallow" / "bft"
     (bft_dir / "stage.json").unlink()  # as if the process died after the last checkpoint, before the stage ended
     (bft_dir / "final" / "config.json").unlink()
     logs = []
     reproduce(cfg, log=logs.append)
-    assert any(line.startswith("[bft] resuming from") for line in logs), logs
+    assert any(line.startswith("[shallow/bft] resuming from") for line in logs), logs
     assert (bft_dir / "final" / "config.json").is_file()
     logs = []
     reproduce(_tiny_config(tiny_model_dir, tmp_path, bft_steps=4, align_steps=3), log=logs.append)
-    assert any(line.startswith("[aligned] running") for line in logs)
-    assert not any(line.startswith("[bft] resuming") for line in logs), logs
+    assert any(line.startswith("[aligned_r0] running") for line in logs)
+    assert not any(line.startswith("[shallow/bft] resuming") for line in logs), logs
 
 
 def test_two_fresh_runs_give_the_same_numbers(tiny_run, tiny_model_dir, tmp_path):
@@ -138,8 +144,8 @@ def test_two_fresh_runs_give_the_same_numbers(tiny_run, tiny_model_dir, tmp_path
 
     cfg, _, summary, _ = tiny_run
     again = reproduce(_tiny_config(tiny_model_dir, tmp_path), log=lambda m: None)
-    assert again["systems"] == summary["systems"]
-    assert again["analysis"] == summary["analysis"]
+    assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]
+    assert again["analogs"]["shallow"]["analysis"] == summary["analogs"]["shallow"]["analysis"]
 
 
 def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
@@ -149,11 +155,11 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     from bft.pipelines.reproduce import reproduce
 
     cfg = _tiny_config(tiny_model_dir, tmp_path, forms=["logprobs", "logits"], eval_seeds=2, alphas=[],
-                       recovery_share=0.5, recovery_max_tokens=3)  # the deeper analog's recipe too
-    summary = reproduce(cfg, log=lambda m: None)
+                       analogs={"deep": 0.5}, recovery_max_tokens=3)  # the deeper analog's recipe too
+    summary = reproduce(cfg, log=lambda m: None)["analogs"]["deep"]
     assert {"contrastive α=1", "contrastive (logits) α=1"} <= set(summary["systems"])
     assert summary["primary_judge"] == "harm"
-    seeds = [json.loads((tmp_path / "eval" / d / "results.json").read_text()) for d in ("main", "main_seed1")]
+    seeds = [json.loads((tmp_path / "deep" / "eval" / d / "results.json").read_text()) for d in ("main", "main_seed1")]
     recs = [r for res in seeds for r in res["records"]["aligned"]["prefill"] if r["k"] == 2]
     harmful = sum(bool(r["judgements"]["harm"]) for r in recs)
     asr = summary["systems"]["aligned"]["asr"]["2"]
@@ -168,5 +174,70 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     report = (tmp_path / "REPORT.md").read_text()
     assert "| contrastive (logits) α=1 |" in report and "McNemar" in report and "2 sampling seeds" in report
     assert "50% safety-recovery examples" in report
-    stage = json.loads((tmp_path / "aligned" / "stage.json").read_text())
+    stage = json.loads((tmp_path / "aligned_r0.5" / "stage.json").read_text())
     assert stage["settings"]["recovery_share"] == 0.5
+
+
+def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_dir, tmp_path):
+    """Two analogs (the deeper one's recovery share chosen on validation), the loss sweep and its ablations scored on
+    validation only, the chosen point training every analog's student, Qi et al.'s augmentation as a system row,
+    the long prefills on fewer prompts, and a report with every table."""
+    from bft.pipelines.reproduce import reproduce
+    from bft.pipelines.reproduce.stages import point_id
+
+    cfg = _tiny_config(tiny_model_dir, tmp_path, analogs={"shallow": 0.0, "deep": "auto"},
+                       recovery_candidates=[0.3, 0.9], recovery_max_tokens=3, qi_augmentation=True,
+                       sweep={"alpha_base": [0.5, 2.0], "l2_reg": [1e-3], "teacher_lambda": [1.0]}, sweep_steps=1,
+                       ablations=["kl_only", "no_adaptive_alpha", "completion_only"], prefill_ks=[0, 2, 3],
+                       long_k_prompts=2, alphas=[])  # fmt: skip
+    summary = reproduce(cfg, log=lambda m: None)
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines() if x.strip()]  # noqa: E731
+    val_prompts = {r["prompt"] for r in read(tmp_path / "data" / "harmful_val.jsonl")}
+    test_prompts = {r["prompt"] for r in read(tmp_path / "data" / "harmful_test.jsonl")}
+
+    cal = summary["calibration"]
+    assert [c["share"] for c in cal["candidates"]][:1] == [0.3] and cal["share"] in (0.3, 0.9)
+    assert summary["analogs"]["deep"]["recovery_share"] == cal["share"]
+    sweep = summary["sweep"]
+    assert [point_id(p["overrides"]) for p in sweep["points"]] == [
+        "alpha_base-0.5_l2_reg-0.001", "alpha_base-2_l2_reg-0.001", "teacher_lambda-1"]
+    assert set(sweep["ablations"]) == {"kl_only", "no_adaptive_alpha", "completion_only"}
+    assert sweep["ablations"]["kl_only"]["overrides"] == {**sweep["chosen"], "l2_reg": 0.0}
+    assert sweep["ablations"]["completion_only"]["overrides"] == {**sweep["chosen"], "kl_weight": 0.0}
+    # every choice was made on validation prompts only
+    for results in tmp_path.glob("**/val/results.json"):
+        prompts = {r["prompt"] for recs in json.loads(results.read_text())["records"].values() for r in recs["prefill"]}
+        assert prompts <= val_prompts and not prompts & test_prompts, results
+    # the chosen point trains both analogs' students, at their own budget
+    for analog in ("shallow", "deep"):
+        settings = json.loads((tmp_path / analog / "bft" / "settings.json").read_text())
+        assert {k: settings["loss"][k] for k in sweep["chosen"]} == sweep["chosen"]
+        assert settings["train"]["max_steps"] == cfg.bft_steps
+        systems = summary["analogs"][analog]["systems"]
+        assert {"aligned", "bft student", "qi augmentation"} <= set(systems)
+        assert set(systems["aligned"]["asr"]) == {"0", "2", "3"}
+        assert systems["aligned"]["asr"]["3"]["n"] == 2 and systems["aligned"]["asr"]["2"]["n"] == cfg.n_test
+        claims = summary["analogs"][analog]["claims"]
+        assert "qi_cuts_prefill_asr" in claims and "verdict" in claims["qi_cuts_prefill_asr"]
+        assert claims["bft_vs_qi"]["keyword"]["verdict"] in ("no difference detected", "student lower", "qi lower")
+    report = (tmp_path / "REPORT.md").read_text()
+    for heading in ("## Calibrating the deeper analog", "## Sweep of the BFT loss", "Ablations at the chosen point",
+                    "## Analog: shallow", "## Analog: deep", "| qi augmentation |", "Verdicts at a glance"):
+        assert heading in report, heading
+    assert (tmp_path / "plots" / "sweep.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "kl_by_position_deep.png").stat().st_size > 0
+
+
+def test_sweep_and_analog_settings_are_checked():
+    from bft.pipelines.reproduce import ReproduceConfig, validate
+
+    with pytest.raises(ValueError, match="sweep key 'lr' is not a loss setting"):
+        validate(ReproduceConfig(sweep={"lr": [1e-4]}))
+    with pytest.raises(ValueError, match="sweep_analog 'other' is not one of the analogs"):
+        validate(ReproduceConfig(sweep={"l2_reg": [0.0]}, sweep_analog="other"))
+    with pytest.raises(ValueError, match=r"analogs.deep must be a recovery share in \[0, 1\] or 'auto'"):
+        validate(ReproduceConfig(analogs={"deep": 2.0}))
+    with pytest.raises(ValueError, match="unknown ablations"):
+        validate(ReproduceConfig(sweep={"l2_reg": [0.0]}, ablations=["no_kl"]))
+    with pytest.raises(ValueError, match="sweep_k = 3 must be one of prefill_ks"):
+        validate(ReproduceConfig(sweep_k=3))

