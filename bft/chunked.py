@@ -10,8 +10,8 @@ Two things differ from the reference in *how*, never in *what* (tests compare ev
 - TopK(Δ) with ties to the lower id: the reference runs a stable sort of all V entries of a row; here
   ``torch.topk`` finds the k-th largest value, the ids above it are taken, and the ids tied with it lowest first,
   which is the same set in O(V) (a full sort was ~40% of the backend's CPU time at V = 65,536).
-- gradients: forward KL τ(p_s − p_t); reverse KL τ·p_s·(log p_s − log p_t − KL/τ²); L2 2·l2_reg·α·s_v at the
-  k ids, scattered. Both are scaled by 1/#valid (``scale``) on the fly.
+- gradients: forward KL τ(p_s − p_t); reverse KL τ·p_s·(log p_s − log p_t − KL/τ²), times kl_weight; L2
+  2·l2_reg·α·s_v at the k ids, scattered. Both are scaled by 1/#valid (``scale``) on the fly.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def base_favored_rows(ah, aw, bh, bw, *, top_k: int, chunk_rows: int | None = No
 
 def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: bool, topk_ids=None, risk=None):
     """Per-row terms of :func:`bft.reference.bft_row_terms` for wide [C, V] logits and, if ``want_grad``,
-    ``g = scale·d(Σ_n row_loss_n)/ds`` (a fresh [C, V] block). Returns ``(terms dict, g or None)``.
+    ``g = scale·d(Σ_n row_loss_n)/ds`` (a fresh [C, V] block). Returns ``(terms dict, g or None)``; ``terms["kl"]``
+    is the unweighted KL_n (``params.kl_weight`` enters ``row_loss`` and ``g`` only).
 
     ``topk_ids`` [C, k] / ``risk`` [C] given (a teacher cache): the top-k of Δ and the count are skipped."""
     tau = float(params.temperature)
@@ -126,14 +127,14 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
     completion = params.l2_reg * s_ids.square().sum(-1)
     alpha = params.alpha_base * (1.0 + params.gamma * risk)
     weight = harmful.to(s.dtype) * alpha  # harmful_n·α_n
-    row_loss = kl + weight * completion
+    row_loss = params.kl_weight * kl + weight * completion
     terms = {"kl": kl, "completion": completion, "risk": risk, "alpha": alpha, "topk_ids": ids, "row_loss": row_loss}
     if not want_grad:
         return terms, None
     if params.kl == "forward":  # τ²·d/ds Σ p_t (log p_t − log_softmax(s/τ)) = τ(p_s − p_t)
-        g = log_ps.exp_().sub_(p).mul_(tau * scale)
+        g = log_ps.exp_().sub_(p).mul_(tau * scale * params.kl_weight)
     else:  # τ²·d/ds Σ p_s (log p_s − log p_t) = τ·p_s·(log p_s − log p_t − KL/τ²)
-        g = diff.sub_(kl_raw[:, None]).mul_(p).mul_(tau * scale)
+        g = diff.sub_(kl_raw[:, None]).mul_(p).mul_(tau * scale * params.kl_weight)
     g.scatter_add_(-1, ids, (2.0 * params.l2_reg * scale) * weight[:, None] * s_ids)
     return terms, g
 

@@ -30,6 +30,8 @@ the penalty / KL ratio at these defaults); scale ``l2_reg`` so that the ratio is
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -45,6 +47,7 @@ DEFAULT_TEACHER_LAMBDA = 1.2
 DEFAULT_ALPHA_BASE = 1.0
 DEFAULT_GAMMA = 1.0
 DEFAULT_L2_REG = 1e-4
+DEFAULT_KL_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class BFTLossParams:
     gamma: float = DEFAULT_GAMMA
     l2_reg: float = DEFAULT_L2_REG
     kl: str = "forward"
+    kl_weight: float = DEFAULT_KL_WEIGHT  # weight of KL_n in the loss (0: the completion-only ablation)
 
     def as_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -68,7 +72,7 @@ class BFTLossOutput:
     """What :func:`bft_loss` returns.
 
     loss:       scalar, differentiable w.r.t. student_hidden and student_weight.
-    kl:         [N] τ²-scaled KL per row (0 on invalid rows), detached.
+    kl:         [N] τ²-scaled KL per row, unweighted by kl_weight (0 on invalid rows), detached.
     completion: [N] l2_reg·Σ_{v∈M_n} s_v² per row, whether or not the row is harmful (0 on invalid rows).
     risk:       [N] base-favored density |B_n|/V (0 on invalid rows).
     alpha:      [N] α_n = alpha_base·(1 + γ·risk_n) (0 on invalid rows).
@@ -138,10 +142,17 @@ def _validate(tensors: dict[str, torch.Tensor], harmful, valid, params: BFTLossP
     for name in ("alpha_base", "gamma", "l2_reg"):
         if not getattr(params, name) >= 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(params, name)}")
+    _check_kl_weight(params.kl_weight)
     if params.kl not in KL_DIRECTIONS:
         raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {params.kl!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_kl_weight(w) -> None:
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"kl_weight must be a finite number >= 0 (1 = the full objective, 0 = completion only), "
+                         f"got {w!r}")  # fmt: skip
 
 
 def _validate_given(topk_ids, risk, valid: torch.Tensor, N: int, V: int, top_k: int, device: torch.device):
@@ -299,6 +310,7 @@ def bft_loss(
     gamma: float = DEFAULT_GAMMA,
     l2_reg: float = DEFAULT_L2_REG,
     kl: str = "forward",
+    kl_weight: float = DEFAULT_KL_WEIGHT,
     backend: str = "auto",
     chunk_rows: int | None = None,
     topk_ids: torch.Tensor | None = None,
@@ -313,7 +325,7 @@ def bft_loss(
         completion_n = l2_reg·Σ_{v ∈ TopK(Δ, k)} s_v²
         risk_n       = |{v : log_softmax(b)_v > log_softmax(a)_v}| / V
         α_n          = alpha_base·(1 + γ·risk_n)                   (no gradient)
-        loss         = Σ_{n valid} (KL_n + harmful_n·α_n·completion_n) / max(1, #valid)
+        loss         = Σ_{n valid} (kl_weight·KL_n + harmful_n·α_n·completion_n) / max(1, #valid)
 
     Args:
         student_hidden, aligned_hidden, base_hidden: [N, H*] final hidden states (H may differ per model).
@@ -323,6 +335,8 @@ def bft_loss(
         valid: [N] bool, rows that count at all (default: all).
         top_k: k of the base-favored set, 1 ≤ k ≤ V. Ties at the k-th place go to the lower id.
         temperature: τ > 0. teacher_lambda: λ (may exceed 1). kl: "forward" (default) or "reverse".
+        kl_weight: finite, >= 0, the weight of KL_n in the loss and its gradients (default 1; 0 = the "completion
+            only" ablation, no distillation). ``out.kl`` stays the unweighted KL_n.
         backend: "auto" | "reference" | "torch" | "triton".
         chunk_rows: rows per chunk for the torch/triton backends (default: sized from a memory budget).
         topk_ids, risk: [N, top_k] int32/int64 and [N] float, given together: the base-favored ids M_n (top-k of
@@ -344,7 +358,7 @@ def bft_loss(
     }
     params = BFTLossParams(
         top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl,
+        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight,
     )  # fmt: skip
     _validate(tensors, harmful, valid, params, backend)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
@@ -387,14 +401,16 @@ class BFTLoss(nn.Module):
         gamma: float = DEFAULT_GAMMA,
         l2_reg: float = DEFAULT_L2_REG,
         kl: str = "forward",
+        kl_weight: float = DEFAULT_KL_WEIGHT,
         backend: str = "auto",
         chunk_rows: int | None = None,
     ):
         super().__init__()
         self.params = BFTLossParams(
             top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-            alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl,
+            alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight,
         )  # fmt: skip
+        _check_kl_weight(kl_weight)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend

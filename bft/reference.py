@@ -14,7 +14,10 @@ Notation, per row n (one token position), with the three models' logits over a v
     completion_n = l2_reg·Σ_{v∈M_n} s_v²                               targeted L2 completion (Eq. 9, on the student)
     risk_n = |{v : log_softmax(b)_v > log_softmax(a)_v}| / V           base-favored density (Eq. 6, 10)
     α_n = alpha_base·(1 + γ·risk_n)                                    adaptive strength (Eq. 11), a constant
-    loss = Σ_{n valid} (KL_n + harmful_n·α_n·completion_n) / max(1, #valid)
+    loss = Σ_{n valid} (kl_weight·KL_n + harmful_n·α_n·completion_n) / max(1, #valid)
+
+kl_weight (default 1) weighs the distillation term in the loss and its gradient only; the reported per-row ``kl``
+stays the unweighted KL_n. kl_weight = 0 is the "completion only" ablation (no distillation).
 
 Direction of the KL. The paper's Eq. 14 writes KL(student ‖ teacher), but temperature-scaled distillation is
 almost always implemented as ``F.kl_div(log_softmax(s/τ), softmax(t/τ))``, which is KL(teacher ‖ student):
@@ -139,7 +142,7 @@ class BFTRowTerms:
     risk: torch.Tensor  # [N]
     alpha: torch.Tensor  # [N]
     topk_ids: torch.Tensor  # [N, k]
-    row_loss: torch.Tensor  # [N] = kl + harmful·alpha·completion
+    row_loss: torch.Tensor  # [N] = kl_weight·kl + harmful·alpha·completion
 
 
 def bft_row_terms(
@@ -157,12 +160,14 @@ def bft_row_terms(
     kl: str,
     topk_ids: torch.Tensor | None = None,
     risk: torch.Tensor | None = None,
+    kl_weight: float = 1.0,
 ) -> BFTRowTerms:
     """The objective's per-row terms from full-vocabulary logits s, a, b of shape [N, V] (already wide dtype).
 
     a and b are constants (no gradient); gradients flow to s only. α_n is detached (Eq. 11 is a weight).
     ``topk_ids`` [N, k] and ``risk`` [N], when given (both or neither), are M_n and risk_n computed beforehand from
     the same a and b (a teacher cache); they replace the top-k of Δ and the count, and nothing else changes.
+    ``kl_weight`` scales KL_n in ``row_loss`` only; ``kl`` is reported unweighted.
     """
     tau = float(temperature)
     a = a.detach()
@@ -188,7 +193,7 @@ def bft_row_terms(
         risk = risk.detach().to(s.dtype)
     alpha = (alpha_base * (1.0 + gamma * risk)).detach()
     completion = l2_reg * torch.gather(s, -1, ids).square().sum(-1)
-    row_loss = kl_n + harmful.to(s.dtype) * alpha * completion
+    row_loss = kl_weight * kl_n + harmful.to(s.dtype) * alpha * completion
     return BFTRowTerms(kl=kl_n, completion=completion, risk=risk, alpha=alpha, topk_ids=ids, row_loss=row_loss)
 
 
@@ -209,6 +214,7 @@ def bft_loss_reference(
     gamma: float,
     l2_reg: float,
     kl: str,
+    kl_weight: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
     topk_ids: torch.Tensor | None = None,
     risk: torch.Tensor | None = None,
@@ -229,7 +235,7 @@ def bft_loss_reference(
     terms = bft_row_terms(
         s, a, b, harmful,
         top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl,
+        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight,
         topk_ids=None if topk_ids is None else torch.where(valid[:, None], topk_ids.long(), 0),
         risk=None if risk is None else torch.where(valid, risk, 0),
     )  # fmt: skip

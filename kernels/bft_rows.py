@@ -13,6 +13,7 @@ Pass 2 — with the final log-sum-exps: the base-favored count #{v : b_v − lse
 gradient of the row's loss w.r.t. the student logits, pre-multiplied by ``grad_scale`` (1/#valid):
     forward KL:  ∂/∂s_v = τ (p_s,v − p_t,v)
     reverse KL:  ∂/∂s_v = τ p_s,v (log p_s,v − log p_t,v − KL_n/τ²)
+both times ``kl_weight`` (the weight of KL_n in row_loss; the stored ``kl`` is unweighted).
 Then the L2 completion term touches only the k top ids: completion = l2·Σ_{v∈M} s_v² and, for harmful rows,
 ∂/∂s_v += 2·l2·α_n·s_v at those ids — a sparse read-modify-write after a barrier, not another dense pass.
 """
@@ -40,7 +41,7 @@ def _bft_rows_kernel(
     s_ptr, a_ptr, b_ptr, g_ptr, harmful_ptr, ids_in_ptr, risk_in_ptr,
     kl_ptr, completion_ptr, count_ptr, risk_ptr, alpha_ptr, row_loss_ptr, keys_ptr,
     stride_logits, stride_g, V,
-    inv_tau, tau, lam, alpha_base, gamma, l2_reg, grad_scale,
+    inv_tau, tau, lam, alpha_base, gamma, l2_reg, kl_weight, grad_scale,
     K: tl.constexpr, K_PAD: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     GIVEN: tl.constexpr,
 ):  # fmt: skip
@@ -118,6 +119,7 @@ def _bft_rows_kernel(
     # ---- pass 2: base-favored count and the dense KL gradient -----------------------------------------------
     count = tl.zeros((), tl.int32)
     g_row = g_ptr + row * stride_g
+    kl_grad_scale = kl_weight * grad_scale  # exactly grad_scale at kl_weight = 1
     for v0 in range(0, V, BV):
         offs = v0 + tl.arange(0, BV)
         mask = offs < V
@@ -137,7 +139,7 @@ def _bft_rows_kernel(
                 g = tau * p_s * (log_ps - log_pt - kl_raw)
             else:
                 g = tau * (p_s - tl.exp(log_pt))
-            tl.store(g_row + offs, (g * grad_scale).to(g_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_row + offs, (g * kl_grad_scale).to(g_ptr.dtype.element_ty), mask=mask)
 
     # ---- the k base-favored ids: completion term and its sparse gradient ------------------------------------
     kmask = kpos < K
@@ -166,7 +168,7 @@ def _bft_rows_kernel(
     tl.store(count_ptr + row, count)
     tl.store(risk_ptr + row, risk)
     tl.store(alpha_ptr + row, alpha)
-    tl.store(row_loss_ptr + row, kl + harmful * alpha * completion)
+    tl.store(row_loss_ptr + row, kl_weight * kl + harmful * alpha * completion)
 
 
 def row_block_sizes(V: int, top_k: int, device: torch.device) -> tuple[int, int]:
@@ -180,10 +182,10 @@ def row_block_sizes(V: int, top_k: int, device: torch.device) -> tuple[int, int]
 
 
 def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-             grad_scale, topk_ids=None, risk=None) -> dict:  # fmt: skip
+             grad_scale, topk_ids=None, risk=None, kl_weight=1.0) -> dict:  # fmt: skip
     """Run kernel 2 on fp32 logit blocks S, A, B of shape [n, V]; writes d(loss)/d(s)·grad_scale into G
     (any float dtype, [n, V]) unless G is None. Returns per-row kl, completion, count, risk, alpha, row_loss,
-    topk_ids.
+    topk_ids. ``kl_weight`` scales KL_n in row_loss and its gradient; ``kl`` is returned unweighted.
 
     ``topk_ids`` [n, top_k] (int32/int64, distinct ids per row) and ``risk`` [n] (fp32), given together: the
     kernel is compiled without the running top-k and the base-favored count (and without the log-sum-exps of a and
@@ -208,7 +210,7 @@ def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_b
         risk = risk.to(torch.float32).contiguous()
     if n > 0:
         _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-                grad_scale, topk_ids, risk)  # fmt: skip
+                grad_scale, topk_ids, risk, kl_weight)  # fmt: skip
     keys = out.pop("topk_keys")
     if given:
         out["topk_ids"] = topk_ids.long()
@@ -220,7 +222,7 @@ def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_b
 
 
 def _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-            grad_scale, topk_ids, risk):  # fmt: skip
+            grad_scale, topk_ids, risk, kl_weight=1.0):  # fmt: skip
     n, dev = S.shape[0], S.device
     BV, K_PAD = row_block_sizes(V, top_k, dev)
     write_grad = G is not None
@@ -232,7 +234,7 @@ def _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alp
         out["kl"], out["completion"], out["count"], out["risk"], out["alpha"], out["row_loss"], keys,
         S.stride(0), g.stride(0), V,
         1.0 / temperature, float(temperature), float(teacher_lambda), float(alpha_base), float(gamma),
-        float(l2_reg), float(grad_scale),
+        float(l2_reg), float(kl_weight), float(grad_scale),
         K=top_k, K_PAD=K_PAD, BV=BV, REVERSE=(kl == "reverse"), WRITE_GRAD=write_grad, GIVEN=given,
         num_warps=8 if dev.type == "cuda" else 1,
     )  # fmt: skip
