@@ -19,6 +19,7 @@ Unknown keys are errors (with a "did you mean" hint), values are checked against
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,7 @@ class LossConfig:
     gamma: float = _LOSS_DEFAULTS.gamma
     l2_reg: float = _LOSS_DEFAULTS.l2_reg
     kl: str = _LOSS_DEFAULTS.kl
+    kl_weight: float = _LOSS_DEFAULTS.kl_weight  # weight of the KL term (0: completion only, no distillation)
     backend: str = "auto"
     chunk_rows: int | None = None
 
@@ -218,6 +220,9 @@ def validate(config: Config) -> Config:
     for name in ("alpha_base", "gamma", "l2_reg"):
         if getattr(lo, name) < 0:
             raise ConfigError(f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+    if not (math.isfinite(lo.kl_weight) and lo.kl_weight >= 0):
+        raise ConfigError(f"loss.kl_weight must be a finite number >= 0 (1 = the full objective, 0 = completion "
+                          f"only), got {lo.kl_weight}")  # fmt: skip
     choice("loss.kl", lo.kl, ("forward", "reverse"))
     choice("loss.backend", lo.backend, ("auto", "reference", "torch", "triton"))
     choice("optim.name", o.name, OPTIMIZERS)

@@ -317,7 +317,7 @@ def make_tensorboard_writer(out: Path):
 def loss_kwargs(config: Config) -> dict:
     """The keyword arguments of :func:`bft.bft_loss` that ``config.loss`` sets (what :class:`BFTStudent` passes)."""
     return {k: getattr(config.loss, k) for k in ("top_k", "temperature", "teacher_lambda", "alpha_base", "gamma",
-                                                 "l2_reg", "kl", "backend", "chunk_rows")}  # fmt: skip
+                                                 "l2_reg", "kl", "kl_weight", "backend", "chunk_rows")}  # fmt: skip
 
 
 def cache_teacher_inputs(cache, frozen_heads, examples, batch: dict, device) -> dict:
