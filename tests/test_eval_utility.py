@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -55,14 +56,10 @@ def test_gsm8k_exact_match_scores_generations(monkeypatch):
     assert [r["correct"] for r in out["records"]] == [True, False, False] and out["accuracy"] == pytest.approx(1 / 3)
 
 
-def test_lm_eval_skips_with_clear_message():
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        with pytest.raises(UtilityUnavailable, match="pip install lm-eval"):
-            run_lm_eval(None, None, ["arc_challenge"])
-    else:
-        pytest.skip("lm-eval installed; offline behaviour not testable here")
+def test_lm_eval_missing_gives_a_clear_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed (it is a dev dependency)
+    with pytest.raises(UtilityUnavailable, match="pip install lm-eval"):
+        run_lm_eval(None, None, ["arc_challenge"])
 
 
 def test_reasons_about_safety():
@@ -80,3 +77,64 @@ def test_deliberation_table():
     assert table["total_harmful"] == 2 and table["share_reasoning"] == 0.5
     with pytest.raises(ValueError):
         deliberation_table(["a"], [])
+
+
+def _local_mc_task(folder):
+    """A local lm-eval multiple-choice task over a JSON-lines file: runs offline."""
+    import json
+
+    docs = [{"question": "2 + 2 =", "choices": ["4", "5"], "answer": 0},
+            {"question": "The sky is", "choices": ["blue", "green", "loud"], "answer": 0},
+            {"question": "Ice is", "choices": ["hot", "cold"], "answer": 1}]  # fmt: skip
+    data = folder / "docs.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (folder / "bft_local_mc.yaml").write_text(
+        "task: bft_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return docs
+
+
+def test_lm_eval_harness_runs_a_local_task_offline_and_scores_what_the_model_prefers(tmp_path):
+    """lm-eval-harness end to end on an in-memory tiny model and a local task (no download): its accuracy equals
+    the share of questions whose gold choice has the highest summed log-likelihood, computed here independently."""
+    from bft.eval.utility import run_lm_eval
+    from bft.hf.testing import tiny_llama, tiny_tokenizer
+
+    docs = _local_mc_task(tmp_path)
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=0).eval()
+    scores = run_lm_eval(model, tok, ["bft_local_mc"], include_path=str(tmp_path), batch_size=2)
+    acc = scores["bft_local_mc"]["acc,none"]
+
+    def loglik(context, continuation):
+        whole = tok(context + continuation, add_special_tokens=False).input_ids
+        n_ctx = len(tok(context, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+        return sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
+
+    right = 0
+    for d in docs:
+        context = f"Question: {d['question']}\nAnswer:"
+        ll = [loglik(context, " " + c) for c in d["choices"]]
+        right += max(range(len(ll)), key=ll.__getitem__) == d["answer"]
+    assert acc == pytest.approx(right / len(docs))
+
+
+def test_lm_eval_through_bft_eval_with_a_local_task(tmp_path):
+    """``EvalConfig.lm_eval_tasks`` + ``lm_eval_include_path``: the scores land in the system's utility."""
+    from bft.eval.generation import System
+    from bft.eval.runner import EvalConfig, run_eval
+    from bft.hf.testing import tiny_llama, tiny_tokenizer
+
+    _local_mc_task(tmp_path)
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=0).eval()
+    cfg = EvalConfig(prefill_ks=[], utility=[], judges=[], threeway=False, likelihood=False,
+                     lm_eval_tasks=["bft_local_mc"], lm_eval_include_path=str(tmp_path))  # fmt: skip
+    res = run_eval([System("tiny", model, tok)], cfg, tmp_path / "out", rows=[{"prompt": "hi", "response": "yo"}])
+    lm = res["summary"]["systems"]["tiny"]["utility"]["lm_eval"]
+    assert 0.0 <= lm["bft_local_mc"]["acc,none"] <= 1.0

@@ -109,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     u.add_argument("--gsm8k-max-new-tokens", type=int, help="answer length budget for GSM8K (default 256)")
     u.add_argument("--lm-eval-tasks", type=_csv(str), help="lm-eval-harness tasks (optional extra)")
     u.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (default: all)")
+    u.add_argument("--lm-eval-include-path", help="folder of local lm-eval task YAMLs (offline tasks)")
 
 
 def build_config(args) -> tuple:

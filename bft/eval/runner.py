@@ -96,6 +96,7 @@ class EvalConfig:
     gsm8k_max_new_tokens: int = 256
     lm_eval_tasks: list = field(default_factory=list)
     lm_eval_limit: int | None = None
+    lm_eval_include_path: str | None = None  # a folder of local lm-eval task YAMLs (offline tasks)
 
     def __post_init__(self):
         if isinstance(self.generation, dict):
@@ -486,7 +487,8 @@ def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[s
         else:
             try:
                 out["lm_eval"] = utility.run_lm_eval(system.model, system.tokenizer, config.lm_eval_tasks,
-                                                     limit=config.lm_eval_limit)  # fmt: skip
+                                                     limit=config.lm_eval_limit,
+                                                     include_path=config.lm_eval_include_path)  # fmt: skip
             except utility.UtilityUnavailable as exc:
                 out["lm_eval"] = {"unavailable": str(exc)}
                 notes.append(f"{system.name}: lm-eval skipped: {exc}")

@@ -105,11 +105,14 @@ def gsm8k_exact_match(
     return {"accuracy": sum(r["correct"] for r in records) / len(records), "n": len(records), "records": records}
 
 
-def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8) -> dict:
+def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
+                include_path: str | None = None) -> dict:  # fmt: skip
     """lm-eval-harness on an in-memory HF model: ``{task: {metric: value}}``.
 
-    Raises :class:`UtilityUnavailable` when ``lm_eval`` is not installed (``pip install lm-eval``) or a task's data
-    cannot be loaded (offline). Contrastive decoding is not supported here (lm-eval scores plain models).
+    ``include_path``: a folder of task YAML files (lm-eval's ``TaskManager(include_path=...)``), e.g. a local task
+    over a JSON-lines file, which runs offline. Raises :class:`UtilityUnavailable` when ``lm_eval`` is not installed
+    (``pip install lm-eval``) or a task's data cannot be loaded (offline). Contrastive decoding is not supported here
+    (lm-eval scores plain models).
     """
     try:
         import lm_eval
@@ -117,8 +120,11 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, limit: int | None = N
     except ImportError as exc:
         raise UtilityUnavailable(f"lm-eval-harness is not installed ({exc}); `pip install lm-eval` to run {list(tasks)}")
     try:
+        from lm_eval.tasks import TaskManager
+
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+        manager = TaskManager(include_path=str(include_path)) if include_path else None
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
     except Exception as exc:  # dataset downloads fail offline with many exception types
         raise UtilityUnavailable(f"lm-eval-harness could not run {list(tasks)}: {type(exc).__name__}: {exc}") from exc
     results = out.get("results", {}) if isinstance(out, dict) else {}
