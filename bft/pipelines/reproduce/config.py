@@ -37,7 +37,7 @@ class ReproduceConfig:
     harmful_sources: list = field(default_factory=lambda: ["advbench", "harmbench"])
     benign_source: str = "gsm8k"
     n_train: int = 64  # harmful training prompts (refusal SFT and BFT)
-    n_val: int = 32  # validation harmful prompts: every choice (sweep point, recovery share) is made on these
+    n_val: int = 24  # validation harmful prompts: every choice (sweep point, recovery share) is made on these
     n_test: int = 64  # held-out harmful prompts (analysis and attacks), never used for choosing
     n_benign_train: int = 32
     n_benign_val: int = 8
@@ -60,7 +60,7 @@ class ReproduceConfig:
     # stage 3
     analysis_tokens: int = 24
     analysis_prefill_tokens: int = 4
-    analysis_prompts: int | None = 32  # test prompts of the position-wise analysis (None: all)
+    analysis_prompts: int | None = 24  # test prompts of the position-wise analysis (None: all)
     top_n: int = 100
     # stage 4: BFT (paper defaults for the loss: λ = 1.2, τ = 2, k = 100, harmful ratio 0.4)
     bft_steps: int = 48
@@ -84,7 +84,7 @@ class ReproduceConfig:
     sweep_max_ppl_increase: float = 0.10
     ablations: list = field(default_factory=lambda: list(ABLATIONS))
     # stage 5
-    prefill_ks: list = field(default_factory=lambda: [0, 4, 10, 20])
+    prefill_ks: list = field(default_factory=lambda: [0, 4])
     eval_tokens: int = 32
     # the prefill-attack protocol of Qi et al. (2024): seeded nucleus sampling. Under greedy decoding Eq. 7 can only
     # change a step whose aligned argmax is itself base-favored (it never raises a token), so greedy hides most of it
@@ -92,9 +92,9 @@ class ReproduceConfig:
     temperature: float = 0.9
     top_p: float = 0.6
     alpha: float = 1.0
-    alphas: list = field(default_factory=lambda: [5.0])  # swept at k = sweep_k
+    alphas: list = field(default_factory=list)  # swept at k = sweep_k
     forms: list = field(default_factory=lambda: ["logprobs", "logits"])  # Eq. 7 on log-probs / raw logits (paper)
-    eval_seeds: int = 2  # sampling seeds of every prefill attack (Qi et al. use 3); intervals pool them by prompt
+    eval_seeds: int = 1  # sampling seeds of every prefill attack (Qi et al. use 3); intervals pool them by prompt
     # judges of every continuation; the first model judge is the primary measure (harm: calibrated, offline)
     judges: list = field(default_factory=lambda: ["harm", "keyword"])
     sweep_k: int = 4  # the attack every choice and claim is made at (the paper's Table 1: 4 tokens)
