@@ -45,13 +45,13 @@ class ReproduceConfig:
     response_tokens: int = 32  # length of the base model's harmful responses / benign answers
     batch_size: int = 8
     # stage 2: the shallow refusal SFT
-    align_steps: int = 40
+    align_steps: int = 24
     align_lr: float = 5e-5
     # the aligned analogs, name -> share of Qi et al.'s safety-recovery examples in the refusal SFT: 0 is the shallow
     # recipe; "auto" picks, from recovery_candidates, the share whose validation 4-token prefill ASR is nearest the
     # paper's 47.5% (inside RECOVERY_TARGET when one is). Every later stage runs on every analog.
     analogs: dict = field(default_factory=lambda: {"shallow": 0.0, "deep": "auto"})
-    recovery_candidates: list = field(default_factory=lambda: [0.03, 0.1])
+    recovery_candidates: list = field(default_factory=lambda: [0.15])
     recovery_max_tokens: int = 16
     # Qi et al.'s augmentation as a peer system (the paper's Table 2): each analog trained further on refusals and
     # recovery examples (this share) with the BFT student's steps and batch size; False skips it
@@ -60,10 +60,10 @@ class ReproduceConfig:
     # stage 3
     analysis_tokens: int = 24
     analysis_prefill_tokens: int = 4
-    analysis_prompts: int | None = 24  # test prompts of the position-wise analysis (None: all)
+    analysis_prompts: int | None = 16  # test prompts of the position-wise analysis (None: all)
     top_n: int = 100
     # stage 4: BFT (paper defaults for the loss: λ = 1.2, τ = 2, k = 100, harmful ratio 0.4)
-    bft_steps: int = 48
+    bft_steps: int = 24
     bft_epochs: float | None = None  # passes over the harmful pairs (the paper: 20); overrides bft_steps when set
     bft_lr: float = 2e-4
     bft_lora_r: int = 16
