@@ -241,3 +241,17 @@ def test_sweep_and_analog_settings_are_checked():
         validate(ReproduceConfig(sweep={"l2_reg": [0.0]}, ablations=["no_kl"]))
     with pytest.raises(ValueError, match="sweep_k = 3 must be one of prefill_ks"):
         validate(ReproduceConfig(sweep_k=3))
+
+
+def test_rejudge_rescores_the_stored_attacks_and_the_report_is_rebuilt_from_cache(tiny_run):
+    """``bft reproduce --rejudge``: every stored results.json is judged again (no generation); the next run reuses
+    every stage and rebuilds the same numbers from the re-judged verdicts."""
+    from bft.pipelines.reproduce import rejudge_stored, reproduce
+
+    cfg, out, summary, _ = tiny_run
+    done = rejudge_stored(cfg, log=lambda m: None)
+    assert str(out / "shallow" / "eval" / "main") in done
+    logs = []
+    again = reproduce(cfg, log=logs.append)
+    assert sum("cached" in line for line in logs) == 6, logs
+    assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]

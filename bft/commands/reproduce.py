@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from bft.config import accept_overrides, apply_overrides, build_dataclass, load_yaml_mapping
-from bft.pipelines.reproduce import ReproduceConfig, paper_config, quick_config, reproduce, validate
+from bft.pipelines.reproduce import ReproduceConfig, paper_config, quick_config, rejudge_stored, reproduce, validate
 from bft.pipelines.reproduce.config import DEFAULT_SWEEP
 
 
@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: ~10 min on 2 CPU cores (the demo)")
     parser.add_argument("--paper", action="store_true",
                         help="the powered protocol (20 epochs, the sweep, 200 test prompts x 3 seeds): a GPU job")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="re-score every stored attack with the current judges (no generation), then rebuild the report")
     parser.add_argument("--sweep", action="store_true",
                         help="sweep the BFT loss on the validation split (alpha_base x l2_reg, lambda) and ablate")
     parser.add_argument("--model", help="base chat model: alias, hub id or local path (default smollm2, offline)")
@@ -64,6 +66,10 @@ def config_from_args(args) -> ReproduceConfig:
 def run(args) -> int:
     cfg = config_from_args(args)
     print(f"bft reproduce: {'quick' if cfg.quick else 'default'} mode, output in {cfg.out}", file=sys.stderr)
+    if getattr(args, "rejudge", False):
+        if not (Path(cfg.out) / "data" / "stage.json").is_file():
+            raise FileNotFoundError(f"--rejudge needs a finished run in {cfg.out}; none found")
+        rejudge_stored(cfg)
     summary = reproduce(cfg)
     print((Path(cfg.out) / "REPORT.md").read_text())
     print(f"Report: {Path(cfg.out) / 'REPORT.md'}; plots in {Path(cfg.out) / 'plots'} and each analog's folder; "

@@ -59,7 +59,7 @@ from bft.pipelines.reproduce.stages import (
 )
 from bft.pipelines.reproduce.summary import build_summary
 
-__all__ = ["ReproduceConfig", "quick_config", "paper_config", "validate", "reproduce"]
+__all__ = ["ReproduceConfig", "quick_config", "paper_config", "validate", "reproduce", "rejudge_stored"]
 
 
 def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
@@ -108,6 +108,27 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         plot_sweep(sweep, root / "plots" / "sweep.png")
     atomic_write_text(root / "REPORT.md", render_report(summary, environment))
     return summary
+
+
+def rejudge_stored(cfg: ReproduceConfig, *, log=None) -> list[str]:
+    """Re-score every stored attack of the run in ``cfg.out`` (test evals, validation scores) with the current
+    judges of ``cfg.judges`` — e.g. after the harm judge is refit — without generating anything. The stages stay
+    cached; the next :func:`reproduce` rebuilds the report from the new verdicts. Returns the folders re-judged.
+
+    The validation scores feed the calibration and the sweep's choice, so the next :func:`reproduce` recomputes
+    those choices from the new verdicts too, and trains whatever a changed choice needs.
+    """
+    from bft.eval.runner import rejudge
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    root = Path(cfg.out)
+    done = []
+    for results in sorted(root.rglob("results.json")):
+        folder = results.parent
+        log(f"[rejudge] {folder.relative_to(root)}")
+        rejudge(folder, list(cfg.judges))
+        done.append(str(folder))
+    return done
 
 
 def _stage_seconds(root: Path) -> dict:
