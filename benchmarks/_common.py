@@ -17,13 +17,17 @@ def write_json_atomic(path: Path, payload: dict) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
-def bft_inputs(N, H, V, *, dtype=torch.float32, device="cpu", seed=0, requires_grad=True):
-    """Student/aligned/base hidden states and heads with logits of realistic spread (std ≈ 3)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+def bft_inputs(N, H, V, *, dtype=torch.float32, device="cpu", seed=0, requires_grad=True, generator_device="cpu"):
+    """Student/aligned/base hidden states and heads with logits of realistic spread (std ≈ 3).
+
+    ``generator_device`` is where the random numbers are drawn: "cpu" (default) gives the same values on every
+    device; the device itself is much faster for GPU-sized heads (a [128256, 4096] draw takes seconds on a CPU)."""
+    gdev = torch.device(generator_device)
+    g = torch.Generator(device=gdev).manual_seed(seed)
     out = []
     for _ in range(3):
-        h = torch.randn(N, H, generator=g).to(device=device, dtype=dtype)
-        w = (torch.randn(V, H, generator=g) * (3.0 / H**0.5)).to(device=device, dtype=dtype)
+        h = torch.randn(N, H, generator=g, device=gdev).to(device=device, dtype=dtype)
+        w = (torch.randn(V, H, generator=g, device=gdev) * (3.0 / H**0.5)).to(device=device, dtype=dtype)
         out += [h, w]
     if requires_grad:
         out[0].requires_grad_(True)
