@@ -27,7 +27,7 @@ from bft.eval.runner import EvalConfig, load_results, run_eval
 from bft.hf import data as hf_data
 from bft.hf.models import load_model_and_tokenizer, save_pretrained
 from bft.pipelines.refusal_sft import refusal_finetune
-from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, analog_share, torch_device
+from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, torch_device
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import config_from_dict
 from bft.trainer.data import generate_responses
@@ -166,7 +166,7 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
         for r, resp in zip(train, responses):
             r["response"] = resp
         train = [r for r in train if r["response"].strip() and not is_refusal(r["response"])]
-        log(f"[data] base model writes harmful responses for the validation and test prompts")
+        log("[data] base model writes harmful responses for the validation and test prompts")
         (val, test), dropped = _harmful_responses(model, tok, cfg, pool, [cfg.n_val, cfg.n_test], log)
         n_benign = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
         benign = hf_data.load(cfg.benign_source, limit=n_benign, seed=cfg.seed).to_list()
