@@ -123,7 +123,7 @@ def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dic
     return train, test
 
 
-def _harmful_responses(model, tok, cfg: ReproduceConfig, pool: list[dict], wanted: list[int], log):
+def _harmful_responses(gen, cfg: ReproduceConfig, pool: list[dict], wanted: list[int], log):
     """Walk the shuffled held-out pool, keeping prompts whose base response is not a refusal (there is no harmful
     text to prefill with otherwise): the first ``wanted[0]`` go to the first part (validation), the next to the
     second (test). Returns the parts and the count of prompts dropped."""
@@ -131,9 +131,7 @@ def _harmful_responses(model, tok, cfg: ReproduceConfig, pool: list[dict], wante
     kept = []
     for start in range(0, len(pool), max(cfg.batch_size, 32)):
         chunk = pool[start : start + max(cfg.batch_size, 32)]
-        responses = generate_responses(model, tok, [r["prompt"] for r in chunk], max_new_tokens=cfg.response_tokens,
-                                       batch_size=cfg.batch_size, progress=True)  # fmt: skip
-        for r, resp in zip(chunk, responses):
+        for r, resp in zip(chunk, gen([r["prompt"] for r in chunk])):
             if resp.strip() and not is_refusal(resp):
                 kept.append({**r, "response": resp})
             else:
@@ -160,23 +158,22 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
         d = stages.start("data")
         train, pool = _split(_harmful_pool(cfg), cfg)
         model, tok = _load(cfg.model, cfg)
+        gen = lambda prompts: generate_responses(  # noqa: E731
+            model, tok, prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size, progress=True
+        )
         log(f"[data] base model writes harmful responses for {len(train)} train prompts")
-        responses = generate_responses(model, tok, [r["prompt"] for r in train], max_new_tokens=cfg.response_tokens,
-                                       batch_size=cfg.batch_size, progress=True)  # fmt: skip
-        for r, resp in zip(train, responses):
+        for r, resp in zip(train, gen([r["prompt"] for r in train])):
             r["response"] = resp
         train = [r for r in train if r["response"].strip() and not is_refusal(r["response"])]
         log("[data] base model writes harmful responses for the validation and test prompts")
-        (val, test), dropped = _harmful_responses(model, tok, cfg, pool, [cfg.n_val, cfg.n_test], log)
+        (val, test), dropped = _harmful_responses(gen, cfg, pool, [cfg.n_val, cfg.n_test], log)
         n_benign = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
         benign = hf_data.load(cfg.benign_source, limit=n_benign, seed=cfg.seed).to_list()
         benign_train = benign[: cfg.n_benign_train]
         benign_val = benign[cfg.n_benign_train : cfg.n_benign_train + cfg.n_benign_val]
         benign_test = benign[cfg.n_benign_train + cfg.n_benign_val :]
         log(f"[data] base model answers {len(benign_train)} benign prompts (utility data for SFT and BFT)")
-        answers = generate_responses(model, tok, [r["prompt"] for r in benign_train], max_new_tokens=cfg.response_tokens,
-                                     batch_size=cfg.batch_size, progress=True)  # fmt: skip
-        for r, resp in zip(benign_train, answers):
+        for r, resp in zip(benign_train, gen([r["prompt"] for r in benign_train])):
             r["reference_solution"] = r.get("response", "")
             r["response"] = resp
         benign_train = [r for r in benign_train if r["response"].strip()]
