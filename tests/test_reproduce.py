@@ -116,6 +116,8 @@ def test_bad_sizes_are_refused():
         validate(ReproduceConfig(prefill_ks=[0]))
     with pytest.raises(ValueError, match="n_test must be >= 1"):
         validate(ReproduceConfig(n_test=0))
+    with pytest.raises(ValueError, match="eval_batch_size must be >= 1"):
+        validate(ReproduceConfig(eval_batch_size=0))
 
 
 def test_interrupted_bft_stage_resumes_and_an_upstream_change_discards_its_checkpoints(tiny_model_dir, tmp_path):
@@ -154,7 +156,7 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     from bft.eval.stats import wilson_interval
     from bft.pipelines.reproduce import reproduce
 
-    cfg = _tiny_config(tiny_model_dir, tmp_path, forms=["logprobs", "logits"], eval_seeds=2, alphas=[],
+    cfg = _tiny_config(tiny_model_dir, tmp_path, forms=["logprobs", "logits"], eval_seeds=2, alphas=[], eval_batch_size=2,
                        analogs={"deep": 0.5}, recovery_max_tokens=3)  # the deeper analog's recipe too
     summary = reproduce(cfg, log=lambda m: None)["analogs"]["deep"]
     assert {"contrastive α=1", "contrastive (logits) α=1"} <= set(summary["systems"])
@@ -165,6 +167,9 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     asr = summary["systems"]["aligned"]["asr"]["2"]
     assert asr["n_rows"]["harm"] == len(recs) == 2 * cfg.n_test
     assert asr["ci"]["harm"] == pytest.approx(list(wilson_interval(harmful, len(recs))))
+    # the further seed reruns only the attack the claims are judged at; k = 0 has the first seed's rows alone
+    assert {r["k"] for r in seeds[1]["records"]["aligned"]["prefill"]} == {2}
+    assert summary["systems"]["aligned"]["asr"]["0"]["n_rows"]["harm"] == cfg.n_test
     for key in ("contrastive_cuts_prefill_asr_90pct", "contrastive_logits_cuts_prefill_asr_90pct",
                 "bft_cuts_prefill_asr_50pct"):  # fmt: skip
         claim = summary["claims"][key]
@@ -172,7 +177,7 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
         assert all(v.split(" (")[0] in ("reproduced", "not reproduced", "inconclusive")
                    for v in claim["verdict"].values())  # fmt: skip
     report = (tmp_path / "REPORT.md").read_text()
-    assert "| contrastive (logits) α=1 |" in report and "McNemar" in report and "2 sampling seeds" in report
+    assert "| contrastive (logits) α=1 |" in report and "McNemar" in report and "2 sampling seeds at k = 2" in report
     assert "50% safety-recovery examples" in report
     stage = json.loads((tmp_path / "aligned_r0.5" / "stage.json").read_text())
     assert stage["settings"]["recovery_share"] == 0.5

@@ -43,7 +43,9 @@ class ReproduceConfig:
     n_benign_val: int = 8
     n_benign_test: int = 16
     response_tokens: int = 32  # length of the base model's harmful responses / benign answers
-    batch_size: int = 8
+    batch_size: int = 8  # the refusal SFT's batch, and every generation's unless eval_batch_size is set
+    eval_batch_size: int | None = None  # rows per generation batch of the attacks and validation scoring (None:
+    # batch_size); it changes no training, and larger batches generate faster per row on a CPU
     # stage 2: the shallow refusal SFT
     align_steps: int = 24
     align_lr: float = 5e-5
@@ -94,7 +96,8 @@ class ReproduceConfig:
     alpha: float = 1.0
     alphas: list = field(default_factory=list)  # swept at k = sweep_k
     forms: list = field(default_factory=lambda: ["logprobs", "logits"])  # Eq. 7 on log-probs / raw logits (paper)
-    eval_seeds: int = 1  # sampling seeds of every prefill attack (Qi et al. use 3); intervals pool them by prompt
+    eval_seeds: int = 1  # sampling seeds of the sweep_k attack (Qi et al. use 3; k = 0 and the long k get the first
+    # seed only); intervals pool them by prompt
     # judges of every continuation; the first model judge is the primary measure (harm: calibrated, offline)
     judges: list = field(default_factory=lambda: ["harm", "keyword"])
     sweep_k: int = 4  # the attack every choice and claim is made at (the paper's Table 1: 4 tokens)
@@ -144,6 +147,8 @@ def validate(cfg: ReproduceConfig) -> None:
                  "align_steps", "analysis_tokens", "bft_steps", "eval_tokens", "top_k", "eval_seeds"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be >= 1 (or null: batch_size), got {cfg.eval_batch_size}")
     if not any(k != 0 for k in cfg.prefill_ks):
         raise ValueError(f"prefill_ks needs at least one k > 0 (the attack), got {cfg.prefill_ks}")
     if not cfg.analogs:

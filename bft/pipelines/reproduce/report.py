@@ -65,8 +65,10 @@ def _header(summary: dict, environment: dict) -> list[str]:
         f"k = {cfg['top_k']} unless the sweep chose otherwise). Prompts: {data['harmful_train']} harmful train, "
         f"{data.get('harmful_val', 'n/a')} validation (every choice is made there), {data['harmful_test']} test "
         f"({', '.join(f'{s} {n}' for s, n in data['test_sources'].items())}; only reported). Attacks: "
-        f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens, {seeds} sampling seed{'s' if seeds != 1 else ''}."
-        f"{long_note} Mode: {'quick' if cfg['quick'] else 'default'}.",
+        f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens, "
+        + (f"{seeds} sampling seeds at k = {cfg['sweep_k']} (pooled by prompt), one elsewhere." if seeds != 1
+           else "1 sampling seed.")
+        + f"{long_note} Mode: {'quick' if cfg['quick'] else 'default'}.",
         "",
         f"Machine: {environment.get('device')}; torch {environment.get('torch')}; the stages took "
         f"{environment.get('stages_min')} min when computed; this invocation {environment.get('elapsed_min')} min. "

@@ -360,13 +360,17 @@ def _saved_bft_settings(d: Path):
 
 
 def _generation(cfg: ReproduceConfig) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, do_sample=cfg.sample,
+    return GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=_eval_batch(cfg), do_sample=cfg.sample,
                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)  # fmt: skip
+
+
+def _eval_batch(cfg: ReproduceConfig) -> int:
+    return cfg.eval_batch_size or cfg.batch_size
 
 
 def _eval_settings(cfg: ReproduceConfig) -> dict:
     return {"prefill_ks": cfg.prefill_ks, "eval_tokens": cfg.eval_tokens, "sweep_k": cfg.sweep_k,
-            "batch_size": cfg.batch_size, "embedding_model": cfg.embedding_model, "sample": cfg.sample,
+            "batch_size": _eval_batch(cfg), "embedding_model": cfg.embedding_model, "sample": cfg.sample,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "judges": cfg.judges}  # fmt: skip
 
 
@@ -496,12 +500,15 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
 def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, models: dict, log,
                after: tuple) -> dict:  # fmt: skip
     """The test-split attacks on one analog's systems (``models``: aligned, bft student and, when trained, qi
-    augmentation; plus the base and the contrastive rows). The attack at k = 0 and ``sweep_k`` runs on every test
-    prompt with every sampling seed; the other k on the first ``long_k_prompts`` prompts with the first seed."""
+    augmentation; plus the base and the contrastive rows). The attacks at k = 0 and ``sweep_k`` run on every test
+    prompt, and ``sweep_k`` (where the claims are judged) again with every further sampling seed; the other k on the
+    first ``long_k_prompts`` prompts. k = 0 and the long k get the first seed only."""
     name = f"{analog}/eval"
     settings = {**_eval_settings(cfg), "alpha": cfg.alpha, "alphas": cfg.alphas, "gsm8k_limit": cfg.gsm8k_limit,
                 "gsm8k_tokens": cfg.gsm8k_tokens, "forms": cfg.forms, "eval_seeds": cfg.eval_seeds,
                 "long_k_prompts": cfg.long_k_prompts, "models": models}  # fmt: skip
+    if cfg.eval_seeds > 1:
+        settings["seed_ks"] = [cfg.sweep_k]
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_test"]]
     utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_test"]]}
     if cfg.gsm8k_limit:
@@ -533,7 +540,7 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str
         for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the (seed-dependent) attacks are rerun
             seeded = dict(common, generation=dataclasses.replace(gen, seed=cfg.seed + 1000 * i), likelihood=False)
             log(f"[{name}] sampling seed {i + 1} of {cfg.eval_seeds}")
-            run_eval(systems, EvalConfig(prefill_ks=short_ks, utility=[], **seeded), d / f"main_seed{i}",
+            run_eval(systems, EvalConfig(prefill_ks=[cfg.sweep_k], utility=[], **seeded), d / f"main_seed{i}",
                      rows=rows)  # fmt: skip
         if long_ks:
             log(f"[{name}] prefill attacks k={long_ks} on {min(len(rows), cfg.long_k_prompts)} prompts")
