@@ -209,6 +209,14 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
     assert set(sweep["ablations"]) == {"kl_only", "no_adaptive_alpha", "completion_only"}
     assert sweep["ablations"]["kl_only"]["overrides"] == {**sweep["chosen"], "l2_reg": 0.0}
     assert sweep["ablations"]["completion_only"]["overrides"] == {**sweep["chosen"], "kl_weight": 0.0}
+    # each point's two loss terms, from its own training log: completion = loss - kl_weight * KL
+    for name, p in [(point_id(p["overrides"]), p) for p in sweep["points"]] + [
+            (f"ablation_{n}", p) for n, p in sweep["ablations"].items()]:  # fmt: skip
+        log = read(tmp_path / "sweep" / name / "bft" / "metrics.jsonl")
+        w = p["overrides"].get("kl_weight", 1.0)
+        assert p["train_kl"] == pytest.approx(sum(r["kl"] for r in log) / len(log))
+        assert p["train_completion"] == pytest.approx(sum(r["loss"] - w * r["kl"] for r in log) / len(log))
+    assert sweep["ablations"]["kl_only"]["train_completion"] == pytest.approx(0.0, abs=1e-7)
     # every choice was made on validation prompts only
     for results in tmp_path.glob("**/val/results.json"):
         prompts = {r["prompt"] for recs in json.loads(results.read_text())["records"].values() for r in recs["prefill"]}
@@ -227,6 +235,7 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
         assert claims["bft_vs_qi"]["keyword"]["verdict"] in ("no difference detected", "student lower", "qi lower")
     report = (tmp_path / "REPORT.md").read_text()
     for heading in ("## Calibrating the deeper analog", "## Sweep of the BFT loss", "Ablations at the chosen point",
+                    "| completion/KL |",
                     "## Analog: shallow", "## Analog: deep", "| qi augmentation |", "Verdicts at a glance"):
         assert heading in report, heading
     assert (tmp_path / "plots" / "sweep.png").stat().st_size > 0

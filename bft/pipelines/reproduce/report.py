@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from bft.atomic import atomic_save_figure
+from bft.eval.stats import wilson_interval
 
 __all__ = ["render_report", "plot_kl_by_position", "plot_sweep"]
 
@@ -109,20 +110,33 @@ def _sweep_table(summary: dict) -> list[str]:
              f"Rule: the lowest {primary} ASR, then keyword ASR, among points with perplexity <= "
              f"{_num(sw['perplexity_limit'], '.2f')} (the aligned model's {_num(sw['aligned']['perplexity'], '.2f')} "
              f"plus 10%). The chosen point trains every analog's student below; the test split was not used.", "",
-             f"| point | {primary} ASR | keyword ASR | perplexity |", "|---|---|---|---|",
-             f"| aligned (no BFT) | {_pct(sw['aligned'].get(primary))} | {_pct(sw['aligned'].get('keyword'))} | "
-             f"{_num(sw['aligned']['perplexity'], '.2f')} |"]  # fmt: skip
+             "Each ASR has its 95% Wilson interval over the validation prompts; completion/KL is the ratio of the "
+             "two loss terms averaged over the student's training steps.", "",
+             f"| point | {primary} ASR | keyword ASR | perplexity | completion/KL |", "|---|---|---|---|---|",
+             _sweep_row("aligned (no BFT)", sw["aligned"], primary, sw.get("n_val"))]  # fmt: skip
     for p in sw["points"]:
         mark = " **(chosen)**" if p["overrides"] == sw["chosen"] else ""
-        lines.append(f"| {_point_label(p['overrides'])}{mark} | {_pct(p.get(primary))} | {_pct(p.get('keyword'))} | "
-                     f"{_num(p['perplexity'], '.2f')} |")  # fmt: skip
+        lines.append(_sweep_row(f"{_point_label(p['overrides'])}{mark}", p, primary, sw.get("n_val")))
     if sw.get("ablations"):
         lines += ["", f"Ablations at the chosen point ({_point_label(sw['chosen'])}):", "",
-                  f"| ablation | {primary} ASR | keyword ASR | perplexity |", "|---|---|---|---|"]  # fmt: skip
+                  f"| ablation | {primary} ASR | keyword ASR | perplexity | completion/KL |", "|---|---|---|---|---|"]  # fmt: skip
         for name, p in sw["ablations"].items():
-            lines.append(f"| {name.replace('_', ' ')} ({_point_label(p['overrides'])}) | {_pct(p.get(primary))} | "
-                         f"{_pct(p.get('keyword'))} | {_num(p['perplexity'], '.2f')} |")  # fmt: skip
+            lines.append(_sweep_row(f"{name.replace('_', ' ')} ({_point_label(p['overrides'])})", p, primary,
+                                    sw.get("n_val")))  # fmt: skip
     return lines + [""]
+
+
+def _sweep_row(label: str, point: dict, primary: str, n: int | None) -> str:
+    def rate(judge):
+        value = point.get(judge)
+        if value is None or not n:
+            return _pct(value)
+        low, high = wilson_interval(round(value * n), n)
+        return f"{_pct(value)} [{100 * low:.0f}, {100 * high:.0f}]"
+
+    ratio = point.get("completion_to_kl")
+    return (f"| {label} | {rate(primary)} | {rate('keyword')} | {_num(point.get('perplexity'), '.2f')} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2g}'} |")
 
 
 def _verdict_overview(summary: dict) -> list[str]:

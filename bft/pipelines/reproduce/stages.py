@@ -449,6 +449,18 @@ def sweep_points(cfg: ReproduceConfig) -> list[dict]:
     return list(unique.values())
 
 
+def training_terms(metrics_path: Path, kl_weight: float = 1.0) -> dict:
+    """The two terms of a student's loss over its training run (``metrics.jsonl`` of the trainer): the mean
+    τ²-scaled KL and the mean weighted completion term (loss − kl_weight·KL: α_n·l2_reg·Σ s_v² over the harmful
+    rows), and their ratio, the axis the sweep is meant to span (~0.1 to ~10)."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {"train_kl": None, "train_completion": None, "completion_to_kl": None}
+    kl = sum(r["kl"] for r in rows) / len(rows)
+    completion = sum(r["loss"] - kl_weight * r["kl"] for r in rows) / len(rows)
+    return {"train_kl": kl, "train_completion": completion, "completion_to_kl": completion / kl if kl > 0 else None}
+
+
 def point_id(overrides: dict) -> str:
     """A folder name for a set of loss overrides: ``alpha_base-1_l2_reg-0.0001`` (``default`` when empty)."""
     return "_".join(f"{k}-{v:g}" for k, v in sorted(overrides.items())) or "default"
@@ -470,7 +482,8 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
                             loss_overrides=overrides)  # fmt: skip
         val = stage_validation(cfg, stages, data, f"{folder}/val", {"student": student}, log,
                                after=after + (f"{folder}/bft",))["student"]  # fmt: skip
-        return {"overrides": overrides, **val}
+        terms = training_terms(Path(student).parent / "metrics.jsonl", overrides.get("kl_weight", 1.0))
+        return {"overrides": overrides, **val, **terms}
 
     points = [score(p, f"sweep/{point_id(p)}") for p in sweep_points(cfg)]
     primary = cfg.judges[0]
