@@ -35,7 +35,8 @@ from bft.hf.batching import eos_token_ids, pad_batch, pad_token_id, position_ids
 from bft.hf.chat import encode_chat, render_prompts
 from bft.reference import base_favored_tokens, topk_lowest_id_ties
 
-__all__ = ["METRICS", "position_metrics", "score_responses", "analyze_pair", "teacher_forced_records", "summarize"]
+__all__ = ["METRICS", "position_metrics", "score_responses", "analyze_pair", "teacher_forced_records",
+           "teacher_forced_logits", "summarize"]
 
 #: Per-position metrics recorded for every response position (see the module docstring).
 METRICS = ("kl", "js", "top_overlap", "bf_count", "bf_count_top", "kl_decoded")
@@ -306,11 +307,30 @@ def teacher_forced_records(
     :func:`analyze_pair`'s (``mode = "teacher_forced"``), so :func:`summarize` and the plots take them as they are.
     """
     top_k = _renamed_top_k(top_k, algorithm1_k)
+    records = []
+    for i, chunk, (a, b), lengths in teacher_forced_logits([aligned_model, base_model], tokenizer, rows,
+                                                           batch_size=batch_size, system=system,
+                                                           desc=f"teacher-forced {group}", progress=progress):  # fmt: skip
+        m = position_metrics(a, b, top_n=top_n, top_k=top_k)
+        offset = 0
+        for j, n in enumerate(lengths):
+            records.append(_record(group, "teacher_forced", i + j, chunk[j]["prompt"], "", chunk[j]["response"], m,
+                                   j, n, offset=offset))  # fmt: skip
+            offset += n
+    return records
+
+
+@torch.no_grad()
+def teacher_forced_logits(models: list, tokenizer, rows: list[dict], *, batch_size: int = 8, system: str | None = None,
+                          desc: str = "teacher-forced", progress: bool = True):  # fmt: skip
+    """For batches of ``rows`` (``{"prompt", "response"}``, empty responses skipped), every model's fp32 logits
+    [N, V] at the positions that predict the response tokens (rows of the batch concatenated; the closing
+    end-of-turn token excluded), on the CPU. Yields ``(first row index, kept rows, [logits per model], response
+    lengths)``. V is the tokenizer's vocabulary (padded lm_head rows dropped)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pad = pad_token_id(tokenizer, aligned_model)
-    records = []
-    for i in tqdm(range(0, len(rows), batch_size), desc=f"teacher-forced {group}", unit="batch", disable=not progress):
+    pad = pad_token_id(tokenizer, models[0])
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = [r for r in rows[i : i + batch_size] if (r.get("response") or "").strip()]
         if not chunk:
             continue
@@ -319,20 +339,13 @@ def teacher_forced_records(
         seqs = [e.input_ids[:-1] for e in encs]
         ids, mask = pad_batch(seqs, pad, side="right")
         logits = []
-        for model in (aligned_model, base_model):
+        for model in models:
             device = next(model.parameters()).device
             logits.append(model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits)
-        V = min(logits[0].shape[-1], logits[1].shape[-1], len(tokenizer))  # drop padded lm_head rows
+        V = min(min(x.shape[-1] for x in logits), len(tokenizer))  # drop padded lm_head rows
         spans = [(e.response_start - 1, len(x) - 1) for e, x in zip(encs, seqs)]  # logits that predict the response
-        a = torch.cat([logits[0][j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)])
-        b = torch.cat([logits[1][j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)])
-        m = position_metrics(a, b, top_n=top_n, top_k=top_k)
-        offset = 0
-        for j, (start, stop) in enumerate(spans):
-            records.append(_record(group, "teacher_forced", i + j, chunk[j]["prompt"], "", chunk[j]["response"], m,
-                                   j, stop - start, offset=offset))  # fmt: skip
-            offset += stop - start
-    return records
+        yield (i, chunk, [torch.cat([x[j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)]) for x in logits],
+               [t - s for s, t in spans])  # fmt: skip
 
 
 def _decoded_counts(tokenizer, counter: collections.Counter, n: int = 40) -> list[dict]:
