@@ -52,7 +52,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 def test_every_stage_writes_its_outputs(tiny_run):
     cfg, out, summary, _ = tiny_run
     for stage in ("data", "aligned_r0", "shallow/analysis_aligned", "shallow/bft", "shallow/analysis_student",
-                  "shallow/eval"):  # fmt: skip
+                  "shallow/pull", "shallow/eval"):  # fmt: skip
         assert (out / stage / "stage.json").is_file(), stage
     assert (out / "models" / "aligned_r0" / "config.json").is_file()
     assert (out / "shallow" / "bft" / "final" / "config.json").is_file()
@@ -100,12 +100,12 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_r
     cfg, out, summary, _ = tiny_run
     logs = []
     again = reproduce(cfg, log=logs.append)
-    assert sum("cached" in line for line in logs) == 6, logs
+    assert sum("cached" in line for line in logs) == 7, logs
     assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]
     # a change to the eval settings reruns only the eval
     logs = []
     reproduce(_tiny_config(tiny_model_dir, out, eval_tokens=3), log=logs.append)
-    assert sum("cached" in line for line in logs) == 5, logs
+    assert sum("cached" in line for line in logs) == 6, logs
     assert any(line.startswith("[shallow/eval] running") for line in logs)
 
 
@@ -217,6 +217,13 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
         assert p["train_kl"] == pytest.approx(sum(r["kl"] for r in log) / len(log))
         assert p["train_completion"] == pytest.approx(sum(r["loss"] - w * r["kl"] for r in log) / len(log))
     assert sweep["ablations"]["kl_only"]["train_completion"] == pytest.approx(0.0, abs=1e-7)
+    # which way the completion penalty pulls: per sweep point on validation, per analog on test
+    assert 0.0 <= sweep["aligned"]["share_negative"] <= 1.0 and sweep["aligned"]["mass_ratio"] == 1.0
+    assert all(p["mass_ratio"] > 0 for p in sweep["points"] + list(sweep["ablations"].values()))
+    for analog in ("shallow", "deep"):
+        pull = summary["analogs"][analog]["completion_pull"]
+        assert set(pull["students"]) == {"bft student", "qi augmentation"} and pull["top_k"] == cfg.top_k
+        assert 0.0 < pull["aligned"]["mass_aligned"] <= 1.0
     # every choice was made on validation prompts only
     for results in tmp_path.glob("**/val/results.json"):
         prompts = {r["prompt"] for recs in json.loads(results.read_text())["records"].values() for r in recs["prefill"]}
@@ -235,7 +242,7 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
         assert claims["bft_vs_qi"]["keyword"]["verdict"] in ("no difference detected", "student lower", "qi lower")
     report = (tmp_path / "REPORT.md").read_text()
     for heading in ("## Calibrating the deeper analog", "## Sweep of the BFT loss", "Ablations at the chosen point",
-                    "| completion/KL |",
+                    "| completion/KL |", "## Which way the completion penalty pulls", "| M mass × aligned |",
                     "## Analog: shallow", "## Analog: deep", "| qi augmentation |", "Verdicts at a glance"):
         assert heading in report, heading
     assert (tmp_path / "plots" / "sweep.png").stat().st_size > 0
@@ -268,5 +275,5 @@ def test_rejudge_rescores_the_stored_attacks_and_the_report_is_rebuilt_from_cach
     assert str(out / "shallow" / "eval" / "main") in done
     logs = []
     again = reproduce(cfg, log=logs.append)
-    assert sum("cached" in line for line in logs) == 6, logs
+    assert sum("cached" in line for line in logs) == 7, logs  # the eval too: rejudged in place
     assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]

@@ -52,6 +52,7 @@ from bft.pipelines.reproduce.stages import (
     stage_analysis,
     stage_bft,
     stage_calibrate,
+    stage_completion_pull,
     stage_data,
     stage_eval,
     stage_qi,
@@ -92,8 +93,12 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         models = {"aligned": aligned[a], "bft student": student}
         if cfg.qi_augmentation:
             models["qi augmentation"] = stage_qi(cfg, stages, data, a, aligned[a], aligned_name(share), log)
-        evals = stage_eval(cfg, stages, data, a, models, log, after=after + (f"{a}/bft", f"{a}/qi"))
-        analogs[a] = build_summary(cfg, data, analysis, student_analysis, evals, analog=a, share=share)
+        trained = after + (f"{a}/bft", f"{a}/qi")
+        pull = stage_completion_pull(cfg, stages, data, f"{a}/pull", aligned[a],
+                                     {n: p for n, p in models.items() if n != "aligned"}, "harmful_test", log,
+                                     after=trained)  # fmt: skip
+        evals = stage_eval(cfg, stages, data, a, models, log, after=trained)
+        analogs[a] = build_summary(cfg, data, analysis, student_analysis, evals, analog=a, share=share, pull=pull)
         plot_kl_by_position(analogs[a], root / "plots" / f"kl_by_position_{a}.png")
 
     summary = {"config": cfg.to_dict(), "data": data["stats"], "calibration": calibration, "sweep": sweep,

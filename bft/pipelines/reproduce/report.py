@@ -109,17 +109,24 @@ def _sweep_table(summary: dict) -> list[str]:
              f"prompts at k = {sw['k']} (one sampling seed) and the perplexity of the benign validation solutions. "
              f"Rule: the lowest {primary} ASR, then keyword ASR, among points with perplexity <= "
              f"{_num(sw['perplexity_limit'], '.2f')} (the aligned model's {_num(sw['aligned']['perplexity'], '.2f')} "
-             f"plus 10%). The chosen point trains every analog's student below; the test split was not used.", "",
+             f"plus 10%). The chosen point trains every analog's student below; the test split was not used."
+             + (f" At the students' start {_pct(sw['aligned']['share_negative'])} of the base-favored ids M have "
+                "negative logits along the validation harmful responses, which the L2 completion term raises."
+                if sw["aligned"].get("share_negative") is not None else ""), "",
              "Each ASR has its 95% Wilson interval over the validation prompts; completion/KL is the ratio of the "
-             "two loss terms averaged over the student's training steps.", "",
-             f"| point | {primary} ASR | keyword ASR | perplexity | completion/KL |", "|---|---|---|---|---|",
+             "two loss terms averaged over the student's training steps; M mass is the student's probability mass "
+             "on the base-favored ids M along the validation harmful responses, relative to the aligned model's "
+             "(> 1: training raised it; see 'Which way the completion penalty pulls').", "",
+             f"| point | {primary} ASR | keyword ASR | perplexity | completion/KL | M mass × aligned |",
+             "|---|---|---|---|---|---|",
              _sweep_row("aligned (no BFT)", sw["aligned"], primary, sw.get("n_val"))]  # fmt: skip
     for p in sw["points"]:
         mark = " **(chosen)**" if p["overrides"] == sw["chosen"] else ""
         lines.append(_sweep_row(f"{_point_label(p['overrides'])}{mark}", p, primary, sw.get("n_val")))
     if sw.get("ablations"):
         lines += ["", f"Ablations at the chosen point ({_point_label(sw['chosen'])}):", "",
-                  f"| ablation | {primary} ASR | keyword ASR | perplexity | completion/KL |", "|---|---|---|---|---|"]  # fmt: skip
+                  f"| ablation | {primary} ASR | keyword ASR | perplexity | completion/KL | M mass × aligned |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for name, p in sw["ablations"].items():
             lines.append(_sweep_row(f"{name.replace('_', ' ')} ({_point_label(p['overrides'])})", p, primary,
                                     sw.get("n_val")))  # fmt: skip
@@ -136,7 +143,7 @@ def _sweep_row(label: str, point: dict, primary: str, n: int | None) -> str:
 
     ratio = point.get("completion_to_kl")
     return (f"| {label} | {rate(primary)} | {rate('keyword')} | {_num(point.get('perplexity'), '.2f')} | "
-            f"{'n/a' if ratio is None else f'{ratio:.2g}'} |")
+            f"{'n/a' if ratio is None else f'{ratio:.2g}'} | {_num(point.get('mass_ratio'), '.2f')} |")
 
 
 def _verdict_overview(summary: dict) -> list[str]:
@@ -270,8 +277,35 @@ def _claims_table(summary: dict) -> list[str]:
     return lines
 
 
+def _pull_table(analog: dict) -> list[str]:
+    pull = analog.get("completion_pull")
+    if not pull:
+        return []
+    al = pull["aligned"]
+    lines = [
+        "",
+        "## Which way the completion penalty pulls (Eq. 9)",
+        "",
+        f"Eq. 9 penalizes λ_reg·Σ_{{v∈M}} s_v² on the student's raw logits, M = TopK(logits_base − logits_aligned, "
+        f"{pull['top_k']}). Its gradient moves every s_v towards 0: it lowers a positive logit and raises a negative "
+        "one, and a raised logit is a more probable token. Teacher-forced along the base model's harmful responses "
+        f"({pull['rows']} test prompts, {pull['positions']} positions), at the student's start (the aligned model): "
+        f"**{_pct(al['share_negative'])} of M have negative logits** ({_pct(al['share_below_mean'])} lie below the "
+        f"row's mean logit; mean logit over M {al['logit_m']:.2f}, over the vocabulary {al['logit_v']:.2f}). "
+        "Probability mass on M (lower = the base-favored tokens are suppressed):",
+        "",
+        "| model | mass on M | × aligned |",
+        "|---|---|---|",
+        f"| base | {al['mass_base']:.4f} | {al['mass_base'] / al['mass_aligned']:.2f} |",
+        f"| aligned | {al['mass_aligned']:.4f} | 1.00 |",
+    ]  # fmt: skip
+    for name, st in pull["students"].items():
+        lines.append(f"| {name} | {st['mass_student']:.4f} | {_num(st['mass_ratio'], '.2f')} |")
+    return lines
+
+
 def _analog_section(name: str, analog: dict) -> list[str]:
-    body = _attack_table(analog) + _profile_table(analog) + _claims_table(analog)
+    body = _attack_table(analog) + _profile_table(analog) + _pull_table(analog) + _claims_table(analog)
     body = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
     return [f"## Analog: {name} ({_aligned_recipe(analog['config'], analog['recovery_share'])})", ""] + body + [
         "", f"Mechanism plot: `plots/kl_by_position_{name}.png` (KL of the aligned model and of the BFT student to the "

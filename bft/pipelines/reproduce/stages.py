@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from bft.analysis import analyze_pair, summarize, teacher_forced_records, write_analysis
+from bft.analysis import analyze_pair, completion_pull, summarize, teacher_forced_records, write_analysis
 from bft.atomic import atomic_directory, atomic_write_json, atomic_write_jsonl
 from bft.eval.generation import GenerationSettings, System, contrastive_name
 from bft.eval.judges import is_refusal
@@ -34,7 +34,7 @@ from bft.trainer.data import generate_responses
 from bft.trainer.train import train
 
 __all__ = ["StageCache", "stage_data", "stage_aligned", "stage_calibrate", "stage_qi", "stage_analysis", "stage_sweep",
-           "stage_bft", "stage_validation", "stage_eval", "bft_train_config", "bft_steps", "sweep_points", "point_id",
+           "stage_bft", "stage_validation", "stage_eval", "stage_completion_pull", "bft_train_config", "bft_steps", "sweep_points", "point_id",
            "aligned_name"]  # fmt: skip
 
 
@@ -292,6 +292,29 @@ def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_d
     return json.loads((d / "analysis.json").read_text())
 
 
+def stage_completion_pull(cfg: ReproduceConfig, stages: StageCache, data: dict, name: str, aligned_dir: str,
+                          students: dict, split: str, log, after: tuple) -> dict:  # fmt: skip
+    """Which way the completion penalty pulls (:mod:`bft.analysis.completion`): along the base model's harmful
+    responses of ``split`` (its first ``analysis_prompts``), the share of M = TopK(Δ logits, top_k) whose aligned
+    logits are negative (the L2 term raises those), and M's probability mass under the aligned model, the base and
+    each of ``students`` (name -> model folder)."""
+    settings = {"aligned": aligned_dir, "students": students, "split": split, "n_prompts": cfg.analysis_prompts,
+                "top_k": cfg.top_k, "batch_size": cfg.batch_size}  # fmt: skip
+    d = stages.dir(name)
+    if not stages.cached(name, settings, after=after):
+        t0 = time.time()
+        d = stages.start(name)
+        aligned, tok = _load(aligned_dir, cfg)
+        base, _ = _load(data["base_dir"], cfg)
+        models = {n: _load(path, cfg)[0] for n, path in students.items()}
+        rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data[split][: cfg.analysis_prompts]]
+        result = completion_pull(aligned, base, tok, rows, top_k=cfg.top_k, students=models,
+                                 batch_size=cfg.batch_size)  # fmt: skip
+        atomic_write_json(d / "completion_pull.json", result, indent=1)
+        stages.finish(name, settings, time.time() - t0)
+    return json.loads((d / "completion_pull.json").read_text())
+
+
 def bft_steps(cfg: ReproduceConfig, data: dict) -> int:
     """The student's optimizer steps: ``bft_steps``, or ``bft_epochs`` passes over the harmful training pairs."""
     if cfg.bft_epochs is None:
@@ -483,7 +506,9 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
         val = stage_validation(cfg, stages, data, f"{folder}/val", {"student": student}, log,
                                after=after + (f"{folder}/bft",))["student"]  # fmt: skip
         terms = training_terms(Path(student).parent / "metrics.jsonl", overrides.get("kl_weight", 1.0))
-        return {"overrides": overrides, **val, **terms}
+        pull = stage_completion_pull(cfg, stages, data, f"{folder}/pull", aligned_dir, {"student": student},
+                                     "harmful_val", log, after=after + (f"{folder}/bft",))  # fmt: skip
+        return {"overrides": overrides, **val, **terms, "mass_ratio": pull["students"]["student"]["mass_ratio"]}
 
     points = [score(p, f"sweep/{point_id(p)}") for p in sweep_points(cfg)]
     primary = cfg.judges[0]
@@ -502,6 +527,8 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
     for name in cfg.ablations:
         overrides = {**chosen["overrides"], **ABLATIONS[name]}
         ablations[name] = score(overrides, f"sweep/ablation_{name}")
+    first_pull = stages.dir(f"sweep/{point_id(points[0]['overrides'])}/pull") / "completion_pull.json"
+    ref = {**ref, **json.loads(first_pull.read_text())["aligned"], "mass_ratio": 1.0}  # the students' start
     result = {"analog": cfg.sweep_analog, "steps": steps, "aligned": ref, "points": points,
               "chosen": chosen["overrides"], "rule": rule, "perplexity_limit": limit, "primary_judge": primary,
               "ablations": ablations, "n_val": len(data["harmful_val"]), "k": cfg.sweep_k}  # fmt: skip

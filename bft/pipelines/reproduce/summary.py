@@ -191,7 +191,7 @@ def _analysis_tables(analysis: dict, student_analysis: dict) -> dict:
 
 
 def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_analysis: dict, evals: dict, *,
-                  analog: str = "shallow", share: float = 0.0) -> dict:  # fmt: skip
+                  analog: str = "shallow", share: float = 0.0, pull: dict | None = None) -> dict:  # fmt: skip
     """Every number of the report, and the paper's claims checked against them.
 
     A reduction claim is judged on every measure, with the calibrated harm judge first: "reproduced" when the
@@ -243,6 +243,7 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
         "config": cfg.to_dict(),
         "data": data["stats"],
         "analysis": _analysis_tables(analysis, student_analysis),
+        "completion_pull": pull,
         "systems": systems,
         "claims": claims,
         "judges": judges,
