@@ -123,6 +123,11 @@ def _sweep_table(summary: dict) -> list[str]:
     for p in sw["points"]:
         mark = " **(chosen)**" if p["overrides"] == sw["chosen"] else ""
         lines.append(_sweep_row(f"{_point_label(p['overrides'])}{mark}", p, primary, sw.get("n_val")))
+    beat = [p for p in sw["points"] if any((p.get(j) is not None and sw["aligned"].get(j) is not None
+                                            and p[j] < sw["aligned"][j]) for j in dict.fromkeys([primary, "keyword"]))]  # fmt: skip
+    if not beat:
+        lines += ["", f"No sweep point lowered validation ASR below the aligned model's, under the {primary} judge or "
+                      "the keyword judge: the rule still picks a point, but nothing on validation favors training."]  # fmt: skip
     if sw.get("ablations"):
         lines += ["", f"Ablations at the chosen point ({_point_label(sw['chosen'])}):", "",
                   f"| ablation | {primary} ASR | keyword ASR | perplexity | completion/KL | M mass × aligned |",
