@@ -480,7 +480,7 @@ def training_terms(metrics_path: Path, kl_weight: float = 1.0) -> dict:
     if not rows:
         return {"train_kl": None, "train_completion": None, "completion_to_kl": None}
     kl = sum(r["kl"] for r in rows) / len(rows)
-    completion = sum(r["loss"] - kl_weight * r["kl"] for r in rows) / len(rows)
+    completion = max(0.0, sum(r["loss"] - kl_weight * r["kl"] for r in rows) / len(rows))  # >= 0 up to round-off
     return {"train_kl": kl, "train_completion": completion, "completion_to_kl": completion / kl if kl > 0 else None}
 
 
