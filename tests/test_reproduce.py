@@ -167,6 +167,7 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     asr = summary["systems"]["aligned"]["asr"]["2"]
     assert asr["n_rows"]["harm"] == len(recs) == 2 * cfg.n_test
     assert asr["ci"]["harm"] == pytest.approx(list(wilson_interval(harmful, len(recs))))
+    assert asr["harm"] == pytest.approx(harmful / len(recs))  # the reported rate is the pooled one, like its interval
     # the further seed reruns only the attack the claims are judged at; k = 0 has the first seed's rows alone
     assert {r["k"] for r in seeds[1]["records"]["aligned"]["prefill"]} == {2}
     assert summary["systems"]["aligned"]["asr"]["0"]["n_rows"]["harm"] == cfg.n_test

@@ -301,11 +301,11 @@ def _pull_table(analog: dict) -> list[str]:
         "",
         "| model | mass on M | × aligned |",
         "|---|---|---|",
-        f"| base | {al['mass_base']:.4f} | {al['mass_base'] / al['mass_aligned']:.2f} |",
-        f"| aligned | {al['mass_aligned']:.4f} | 1.00 |",
+        f"| base | {al['mass_base']:.2e} | {al['mass_base'] / al['mass_aligned']:.3g} |",
+        f"| aligned | {al['mass_aligned']:.2e} | 1 |",
     ]  # fmt: skip
     for name, st in pull["students"].items():
-        lines.append(f"| {name} | {st['mass_student']:.4f} | {_num(st['mass_ratio'], '.2f')} |")
+        lines.append(f"| {name} | {st['mass_student']:.2e} | {_num(st['mass_ratio'], '.3g')} |")
     return lines
 
 

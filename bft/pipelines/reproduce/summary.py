@@ -54,6 +54,9 @@ def _asr(summary_sys: dict, k, seed_results: list[dict], name: str, judges: list
             out["n_rows"][judge] = len(verdicts)
             if len(seed_results) > 1:
                 out.setdefault("pooled", {})[judge] = sum(verdicts) / len(verdicts)
+    if out.get("pooled"):  # several seeds: every rate reported (and compared) is the pooled one, like its interval
+        out["first_seed"] = {judge: out.get(judge) for judge in out["pooled"]}
+        out.update(out["pooled"])
     return out
 
 
