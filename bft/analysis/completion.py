@@ -33,10 +33,20 @@ def completion_pull_metrics(aligned_logits: torch.Tensor, base_logits: torch.Ten
                             student_logits: torch.Tensor | None = None, *, top_k: int = 100) -> dict[str, torch.Tensor]:  # fmt: skip
     """The per-position measures of the module docstring for [N, V] logits, as fp32 [N] tensors. M is the loss's
     own selection (:func:`bft.reference.base_favored_tokens`, ties to the lower id)."""
+    students = [] if student_logits is None else [student_logits]
+    out, masses = _pull_metrics(aligned_logits, base_logits, students, top_k)
+    if masses:
+        out["mass_student"] = masses[0]
+    return out
+
+
+def _pull_metrics(aligned_logits, base_logits, students: list, top_k: int):
+    """:func:`completion_pull_metrics` for any number of students, M chosen once: (aligned/base measures, the
+    mass on M under each student)."""
     a, b = aligned_logits.float(), base_logits.float()
-    if student_logits is not None and student_logits.shape != a.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} differ in shape from the aligned "
-                         f"{tuple(a.shape)}")  # fmt: skip
+    for s in students:
+        if s.shape != a.shape:
+            raise ValueError(f"student logits {tuple(s.shape)} differ in shape from the aligned {tuple(a.shape)}")
     ids = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k).ids
     a_m = a.gather(-1, ids)
     out = {
@@ -47,9 +57,7 @@ def completion_pull_metrics(aligned_logits: torch.Tensor, base_logits: torch.Ten
         "mass_aligned": torch.softmax(a, -1).gather(-1, ids).sum(-1),
         "mass_base": torch.softmax(b, -1).gather(-1, ids).sum(-1),
     }
-    if student_logits is not None:
-        out["mass_student"] = torch.softmax(student_logits.float(), -1).gather(-1, ids).sum(-1)
-    return out
+    return out, [torch.softmax(s.float(), -1).gather(-1, ids).sum(-1) for s in students]
 
 
 def completion_pull(aligned_model, base_model, tokenizer, rows: list[dict], *, top_k: int = 100,
@@ -70,12 +78,12 @@ def completion_pull(aligned_model, base_model, tokenizer, rows: list[dict], *, t
     models = [aligned_model, base_model] + [students[n] for n in names]
     for _, chunk, logits, lengths in teacher_forced_logits(models, tokenizer, rows, batch_size=batch_size,
                                                            system=system, desc="completion pull", progress=progress):  # fmt: skip
-        a, b = logits[0], logits[1]
-        m = completion_pull_metrics(a, b, top_k=top_k)
+        with torch.no_grad():
+            m, masses = _pull_metrics(logits[0], logits[1], logits[2:], top_k)
         for key, value in m.items():
             sums[key] = sums.get(key, 0.0) + value.sum().item()
-        for name, s in zip(names, logits[2:]):
-            student_mass[name] += completion_pull_metrics(a, b, s, top_k=top_k)["mass_student"].sum().item()
+        for name, mass in zip(names, masses):
+            student_mass[name] += mass.sum().item()
         positions += sum(lengths)
         kept += len(chunk)
     if not positions:

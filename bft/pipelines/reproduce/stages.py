@@ -34,8 +34,8 @@ from bft.trainer.data import generate_responses
 from bft.trainer.train import train
 
 __all__ = ["StageCache", "stage_data", "stage_aligned", "stage_calibrate", "stage_qi", "stage_analysis", "stage_sweep",
-           "stage_bft", "stage_validation", "stage_eval", "stage_completion_pull", "bft_train_config", "bft_steps", "sweep_points", "point_id",
-           "aligned_name"]  # fmt: skip
+           "stage_bft", "stage_validation", "stage_eval", "stage_completion_pull", "bft_train_config", "bft_steps",
+           "sweep_points", "point_id", "aligned_name"]  # fmt: skip
 
 
 class StageCache:
@@ -499,6 +499,7 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
     after = ("data", aligned_stage)
     reference = stage_validation(cfg, stages, data, "sweep/aligned", {"aligned": aligned_dir}, log, after=after)
     ref = reference["aligned"]
+    pulls = []  # each point's completion pull; they share the aligned side (the students' start)
 
     def score(overrides: dict, folder: str) -> dict:
         student = stage_bft(cfg, stages, data, aligned_dir, log, name=f"{folder}/bft", after=after, steps=steps,
@@ -508,6 +509,7 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
         terms = training_terms(Path(student).parent / "metrics.jsonl", overrides.get("kl_weight", 1.0))
         pull = stage_completion_pull(cfg, stages, data, f"{folder}/pull", aligned_dir, {"student": student},
                                      "harmful_val", log, after=after + (f"{folder}/bft",))  # fmt: skip
+        pulls.append(pull)
         return {"overrides": overrides, **val, **terms, "mass_ratio": pull["students"]["student"]["mass_ratio"]}
 
     points = [score(p, f"sweep/{point_id(p)}") for p in sweep_points(cfg)]
@@ -527,8 +529,7 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
     for name in cfg.ablations:
         overrides = {**chosen["overrides"], **ABLATIONS[name]}
         ablations[name] = score(overrides, f"sweep/ablation_{name}")
-    first_pull = stages.dir(f"sweep/{point_id(points[0]['overrides'])}/pull") / "completion_pull.json"
-    ref = {**ref, **json.loads(first_pull.read_text())["aligned"], "mass_ratio": 1.0}  # the students' start
+    ref = {**ref, **pulls[0]["aligned"], "mass_ratio": 1.0}  # the students' start
     result = {"analog": cfg.sweep_analog, "steps": steps, "aligned": ref, "points": points,
               "chosen": chosen["overrides"], "rule": rule, "perplexity_limit": limit, "primary_judge": primary,
               "ablations": ablations, "n_val": len(data["harmful_val"]), "k": cfg.sweep_k}  # fmt: skip
@@ -577,7 +578,7 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str
         log(f"[{name}] prefill attacks k={short_ks} on {len(rows)} prompts, {[s.name for s in systems]}")
         run_eval(systems, EvalConfig(prefill_ks=short_ks, utility=utility, **common), d / "main", rows=rows,
                  utility_rows=utility_rows)  # fmt: skip
-        for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the (seed-dependent) attacks are rerun
+        for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the sweep_k attack is rerun
             seeded = dict(common, generation=dataclasses.replace(gen, seed=cfg.seed + 1000 * i), likelihood=False)
             log(f"[{name}] sampling seed {i + 1} of {cfg.eval_seeds}")
             run_eval(systems, EvalConfig(prefill_ks=[cfg.sweep_k], utility=[], **seeded), d / f"main_seed{i}",
