@@ -59,6 +59,7 @@ class ReproduceConfig:
     # recovery examples (this share) with the BFT student's steps and batch size; False skips it
     qi_augmentation: bool = True
     qi_recovery_share: float = 1.0
+    qi_steps: int | None = None  # None: the BFT student's steps (the paper's equal budget); fewer is a stated reduction
     # stage 3
     analysis_tokens: int = 24
     analysis_prefill_tokens: int = 4
@@ -176,6 +177,8 @@ def validate(cfg: ReproduceConfig) -> None:
         unknown = [a for a in cfg.ablations if a not in ABLATIONS]
         if unknown:
             raise ValueError(f"unknown ablations {unknown}; choose from {list(ABLATIONS)}")
+    if cfg.qi_steps is not None and cfg.qi_steps < 1:
+        raise ValueError(f"qi_steps must be >= 1 (or null: the BFT student's steps), got {cfg.qi_steps}")
     if cfg.bft_epochs is not None and cfg.bft_epochs <= 0:
         raise ValueError(f"bft_epochs must be > 0, got {cfg.bft_epochs}")
     if cfg.sweep_k not in cfg.prefill_ks:

@@ -225,9 +225,10 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
 def stage_qi(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, aligned_dir: str, aligned_stage: str,
              log) -> str:  # fmt: skip
     """Qi et al.'s safety-recovery augmentation as a peer of BFT: the analog's aligned model trained further on the
-    refusal SFT's data with ``qi_recovery_share`` recovery examples, for the BFT student's steps and batch size."""
+    refusal SFT's data with ``qi_recovery_share`` recovery examples, for the BFT student's steps (or ``qi_steps``)
+    and batch size."""
     name, after = f"{analog}/qi", ("data", aligned_stage)
-    steps = bft_steps(cfg, data)
+    steps = cfg.qi_steps or bft_steps(cfg, data)
     settings = {"steps": steps, "lr": cfg.align_lr, "batch_size": cfg.bft_batch_size, "seed": cfg.seed,
                 "recovery_share": cfg.qi_recovery_share, "recovery_max_tokens": cfg.recovery_max_tokens,
                 "aligned": aligned_dir}  # fmt: skip
