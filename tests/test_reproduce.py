@@ -193,7 +193,7 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
 
     cfg = _tiny_config(tiny_model_dir, tmp_path, analogs={"shallow": 0.0, "deep": "auto"},
                        recovery_candidates=[0.3, 0.9], recovery_max_tokens=3, qi_augmentation=True,
-                       sweep={"alpha_base": [0.5, 2.0], "l2_reg": [1e-3], "teacher_lambda": [1.0]}, sweep_steps=1,
+                       qi_steps=1, sweep={"alpha_base": [0.5, 2.0], "l2_reg": [1e-3], "teacher_lambda": [1.0]}, sweep_steps=1,
                        ablations=["kl_only", "no_adaptive_alpha", "completion_only"], prefill_ks=[0, 2, 3],
                        long_k_prompts=2, alphas=[])  # fmt: skip
     summary = reproduce(cfg, log=lambda m: None)
@@ -237,6 +237,8 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
         assert settings["train"]["max_steps"] == cfg.bft_steps
         systems = summary["analogs"][analog]["systems"]
         assert {"aligned", "bft student", "qi augmentation"} <= set(systems)
+        # Qi's augmentation at its own (reduced) budget, stated in the report's header
+        assert len(json.loads((tmp_path / analog / "qi" / "losses.json").read_text())) == cfg.qi_steps == 1
         assert set(systems["aligned"]["asr"]) == {"0", "2", "3"}
         assert systems["aligned"]["asr"]["3"]["n"] == 2 and systems["aligned"]["asr"]["2"]["n"] == cfg.n_test
         claims = summary["analogs"][analog]["claims"]
@@ -245,7 +247,8 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
     report = (tmp_path / "REPORT.md").read_text()
     for heading in ("## Calibrating the deeper analog", "## Sweep of the BFT loss", "Ablations at the chosen point",
                     "| completion/KL |", "## Which way the completion penalty pulls", "| M mass × aligned |",
-                    "## Analog: shallow", "## Analog: deep", "| qi augmentation |", "Verdicts at a glance"):
+                    "## Analog: shallow", "## Analog: deep", "| qi augmentation |", "Verdicts at a glance",
+                    "1 steps (a reduction: fewer than the student's)"):
         assert heading in report, heading
     assert (tmp_path / "plots" / "sweep.png").stat().st_size > 0
     assert (tmp_path / "plots" / "kl_by_position_deep.png").stat().st_size > 0
@@ -260,6 +263,8 @@ def test_sweep_and_analog_settings_are_checked():
         validate(ReproduceConfig(sweep={"l2_reg": [0.0]}, sweep_analog="other"))
     with pytest.raises(ValueError, match=r"analogs.deep must be a recovery share in \[0, 1\] or 'auto'"):
         validate(ReproduceConfig(analogs={"deep": 2.0}))
+    with pytest.raises(ValueError, match="qi_steps must be >= 1"):
+        validate(ReproduceConfig(qi_steps=0))
     with pytest.raises(ValueError, match="unknown ablations"):
         validate(ReproduceConfig(sweep={"l2_reg": [0.0]}, ablations=["no_kl"]))
     with pytest.raises(ValueError, match="sweep_k = 3 must be one of prefill_ks"):

@@ -98,7 +98,7 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
                                      {n: p for n, p in models.items() if n != "aligned"}, "harmful_test", log,
                                      after=trained)  # fmt: skip
         evals = stage_eval(cfg, stages, data, a, models, log, after=trained)
-        analogs[a] = build_summary(cfg, data, analysis, student_analysis, evals, analog=a, share=share, pull=pull)
+        analogs[a] = build_summary(cfg, analysis, student_analysis, evals, analog=a, share=share, pull=pull)
         plot_kl_by_position(analogs[a], root / "plots" / f"kl_by_position_{a}.png")
 
     summary = {"config": cfg.to_dict(), "data": data["stats"], "calibration": calibration, "sweep": sweep,

@@ -54,6 +54,12 @@ def _header(summary: dict, environment: dict) -> list[str]:
                         for name, a in summary["analogs"].items())  # fmt: skip
     budget = (f"{cfg['bft_epochs']:g} epochs over the harmful pairs" if cfg.get("bft_epochs") is not None
               else f"{cfg['bft_steps']} steps")  # fmt: skip
+    qi = ""
+    if cfg.get("qi_augmentation"):
+        qi_budget = (f"{cfg['qi_steps']} steps (a reduction: fewer than the student's)" if cfg.get("qi_steps")
+                     else "the student's steps")  # fmt: skip
+        qi = (f" Qi et al.'s augmentation (the peer row): each aligned analog trained further by the refusal SFT with "
+              f"{100 * cfg.get('qi_recovery_share', 1.0):g}% safety-recovery examples, {qi_budget}.")
     long_k = cfg.get("long_k_prompts")
     other_ks = [str(k) for k in cfg["prefill_ks"] if k not in (0, cfg["sweep_k"])]
     long_note = (f" The attacks at k = {', '.join(other_ks)} use the first {long_k} test prompts and one seed."
@@ -63,7 +69,7 @@ def _header(summary: dict, environment: dict) -> list[str]:
         "",
         f"Base: `{cfg['model']}`. Aligned analogs (each the base after {cfg['align_steps']} steps of refusal SFT): "
         f"{analogs}. BFT student: LoRA r={cfg['bft_lora_r']} on each aligned analog, {budget} (λ = 1.2, τ = 2, "
-        f"k = {cfg['top_k']} unless the sweep chose otherwise). Prompts: {data['harmful_train']} harmful train, "
+        f"k = {cfg['top_k']} unless the sweep chose otherwise).{qi} Prompts: {data['harmful_train']} harmful train, "
         f"{data.get('harmful_val', 'n/a')} validation (every choice is made there), {data['harmful_test']} test "
         f"({', '.join(f'{s} {n}' for s, n in data['test_sources'].items())}; only reported). Attacks: "
         f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens, "
@@ -173,8 +179,8 @@ def _verdict_overview(summary: dict) -> list[str]:
     return lines + [""]
 
 
-def _attack_table(summary: dict) -> list[str]:
-    cfg, systems = summary["config"], summary["systems"]
+def _attack_table(summary: dict, cfg: dict) -> list[str]:
+    systems = summary["systems"]
     primary = summary.get("primary_judge", "keyword")
     ks = [str(k) for k in cfg["prefill_ks"]]
     lines = [
@@ -210,8 +216,7 @@ def _attack_table(summary: dict) -> list[str]:
     return lines
 
 
-def _profile_table(summary: dict) -> list[str]:
-    cfg = summary["config"]
+def _profile_table(summary: dict, cfg: dict) -> list[str]:
     an, st = summary["analysis"]["aligned_vs_base"], summary["analysis"]["student_vs_base"]
     lines = [
         "",
@@ -309,10 +314,11 @@ def _pull_table(analog: dict) -> list[str]:
     return lines
 
 
-def _analog_section(name: str, analog: dict) -> list[str]:
-    body = _attack_table(analog) + _profile_table(analog) + _pull_table(analog) + _claims_table(analog)
+def _analog_section(name: str, analog: dict, cfg: dict) -> list[str]:
+    """One analog's tables; ``cfg`` is the run's config (``summary["config"]``), shared by every analog."""
+    body = _attack_table(analog, cfg) + _profile_table(analog, cfg) + _pull_table(analog) + _claims_table(analog)
     body = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
-    return [f"## Analog: {name} ({_aligned_recipe(analog['config'], analog['recovery_share'])})", ""] + body + [
+    return [f"## Analog: {name} ({_aligned_recipe(cfg, analog['recovery_share'])})", ""] + body + [
         "", f"Mechanism plot: `plots/kl_by_position_{name}.png` (KL of the aligned model and of the BFT student to the "
         "base, by response position). Generations and verdicts: "
         f"`{name}/eval/main/results.json` (re-judge with `bft eval --rejudge`).", ""]  # fmt: skip
@@ -322,7 +328,7 @@ def render_report(summary: dict, environment: dict) -> str:
     lines = _header(summary, environment) + _verdict_overview(summary) + _calibration_table(summary)
     lines += _sweep_table(summary)
     for name, analog in summary["analogs"].items():
-        lines += _analog_section(name, analog)
+        lines += _analog_section(name, analog, summary["config"])
     lines += ["Plots: `plots/kl_by_position_<analog>.png` (Fig. 1/3 at this scale), `plots/sweep.png`, "
               "`<analog>/analysis_aligned/fig1_position_profile.png`, `<analog>/analysis_aligned/fig2_base_favored_tokens.png`, "
               "`<analog>/eval/main/asr_vs_k.png`, `<analog>/eval/alpha_sweep/alpha_sweep.png`.", ""]  # fmt: skip

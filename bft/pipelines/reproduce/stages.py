@@ -8,6 +8,7 @@ attacks) → ``sweep`` (BFT loss settings scored on validation, the chosen point
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -79,6 +80,16 @@ class StageCache:
 
     def finish(self, name: str, settings: dict, seconds: float) -> None:
         atomic_write_json(self.dir(name) / "stage.json", {"settings": settings, "seconds": round(seconds, 1)}, indent=1)
+
+    @contextlib.contextmanager
+    def computing(self, name: str, settings: dict, *, keep: bool = False):
+        """``with stages.computing(name, settings) as d:`` runs a stage's body in its clean folder ``d``
+        (:meth:`start`) and marks it done with its settings and time (:meth:`finish`) only when the body returns:
+        a stage that raises is computed again next time."""
+        t0 = time.time()
+        d = self.start(name, keep=keep)
+        yield d
+        self.finish(name, settings, time.time() - t0)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -153,42 +164,40 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
     d = stages.dir("data")
     base_dir = stages.root / "models" / "base"
     if not (stages.cached("data", settings) and base_dir.is_dir()):
-        t0 = time.time()
         stages.recomputed.add("data")
-        d = stages.start("data")
-        train, pool = _split(_harmful_pool(cfg), cfg)
-        model, tok = _load(cfg.model, cfg)
-        gen = lambda prompts: generate_responses(  # noqa: E731
-            model, tok, prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size, progress=True
-        )
-        log(f"[data] base model writes harmful responses for {len(train)} train prompts")
-        for r, resp in zip(train, gen([r["prompt"] for r in train])):
-            r["response"] = resp
-        train = [r for r in train if r["response"].strip() and not is_refusal(r["response"])]
-        log("[data] base model writes harmful responses for the validation and test prompts")
-        (val, test), dropped = _harmful_responses(gen, cfg, pool, [cfg.n_val, cfg.n_test], log)
-        n_benign = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
-        benign = hf_data.load(cfg.benign_source, limit=n_benign, seed=cfg.seed).to_list()
-        benign_train = benign[: cfg.n_benign_train]
-        benign_val = benign[cfg.n_benign_train : cfg.n_benign_train + cfg.n_benign_val]
-        benign_test = benign[cfg.n_benign_train + cfg.n_benign_val :]
-        log(f"[data] base model answers {len(benign_train)} benign prompts (utility data for SFT and BFT)")
-        for r, resp in zip(benign_train, gen([r["prompt"] for r in benign_train])):
-            r["reference_solution"] = r.get("response", "")
-            r["response"] = resp
-        benign_train = [r for r in benign_train if r["response"].strip()]
-        for name, part in (("harmful_train", train), ("harmful_val", val), ("harmful_test", test),
-                           ("benign_train", benign_train), ("benign_val", benign_val), ("benign_test", benign_test)):
-            atomic_write_jsonl(d / f"{name}.jsonl", part)
-        stats = {"harmful_train": len(train), "harmful_val": len(val), "harmful_test": len(test),
-                 "test_prompts_dropped_base_refused": dropped, "benign_train": len(benign_train),
-                 "benign_val": len(benign_val), "benign_test": len(benign_test),
-                 "test_sources": {s: sum(r["source"] == s for r in test) for s in cfg.harmful_sources}}  # fmt: skip
-        atomic_write_json(d / "stats.json", stats, indent=1)
-        base_dir.parent.mkdir(parents=True, exist_ok=True)
-        _save_model(model, tok, base_dir)
-        del model
-        stages.finish("data", settings, time.time() - t0)
+        with stages.computing("data", settings) as d:
+            train, pool = _split(_harmful_pool(cfg), cfg)
+            model, tok = _load(cfg.model, cfg)
+            gen = lambda prompts: generate_responses(  # noqa: E731
+                model, tok, prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size, progress=True
+            )
+            log(f"[data] base model writes harmful responses for {len(train)} train prompts")
+            for r, resp in zip(train, gen([r["prompt"] for r in train])):
+                r["response"] = resp
+            train = [r for r in train if r["response"].strip() and not is_refusal(r["response"])]
+            log("[data] base model writes harmful responses for the validation and test prompts")
+            (val, test), dropped = _harmful_responses(gen, cfg, pool, [cfg.n_val, cfg.n_test], log)
+            n_benign = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
+            benign = hf_data.load(cfg.benign_source, limit=n_benign, seed=cfg.seed).to_list()
+            benign_train = benign[: cfg.n_benign_train]
+            benign_val = benign[cfg.n_benign_train : cfg.n_benign_train + cfg.n_benign_val]
+            benign_test = benign[cfg.n_benign_train + cfg.n_benign_val :]
+            log(f"[data] base model answers {len(benign_train)} benign prompts (utility data for SFT and BFT)")
+            for r, resp in zip(benign_train, gen([r["prompt"] for r in benign_train])):
+                r["reference_solution"] = r.get("response", "")
+                r["response"] = resp
+            benign_train = [r for r in benign_train if r["response"].strip()]
+            for name, part in (("harmful_train", train), ("harmful_val", val), ("harmful_test", test),
+                               ("benign_train", benign_train), ("benign_val", benign_val), ("benign_test", benign_test)):
+                atomic_write_jsonl(d / f"{name}.jsonl", part)
+            stats = {"harmful_train": len(train), "harmful_val": len(val), "harmful_test": len(test),
+                     "test_prompts_dropped_base_refused": dropped, "benign_train": len(benign_train),
+                     "benign_val": len(benign_val), "benign_test": len(benign_test),
+                     "test_sources": {s: sum(r["source"] == s for r in test) for s in cfg.harmful_sources}}  # fmt: skip
+            atomic_write_json(d / "stats.json", stats, indent=1)
+            base_dir.parent.mkdir(parents=True, exist_ok=True)
+            _save_model(model, tok, base_dir)
+            del model
     out = {name: _read_jsonl(d / f"{name}.jsonl") for name in ("harmful_train", "harmful_val", "harmful_test",
                                                                 "benign_train", "benign_val", "benign_test")}
     return {**out, "stats": json.loads((d / "stats.json").read_text()), "base_dir": str(base_dir)}
@@ -206,19 +215,17 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
                 "seed": cfg.seed, "recovery_share": share, "recovery_max_tokens": cfg.recovery_max_tokens}  # fmt: skip
     aligned_dir = stages.root / "models" / name
     if not (stages.cached(name, settings, after=("data",)) and aligned_dir.is_dir()):
-        t0 = time.time()
-        d = stages.start(name)
-        base, tok = _load(data["base_dir"], cfg)
-        tuned, losses = refusal_finetune(
-            base, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
-            benign_responses=[r["response"] for r in data["benign_train"]], steps=cfg.align_steps, lr=cfg.align_lr,
-            batch_size=cfg.batch_size, seed=cfg.seed, harmful_responses=[r["response"] for r in data["harmful_train"]],
-            recovery_share=share, recovery_max_tokens=cfg.recovery_max_tokens,
-        )  # fmt: skip
-        _save_model(tuned, tok, aligned_dir)
-        atomic_write_json(d / "losses.json", losses, indent=1)
-        log(f"[{name}] refusal SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
-        stages.finish(name, settings, time.time() - t0)
+        with stages.computing(name, settings) as d:
+            base, tok = _load(data["base_dir"], cfg)
+            tuned, losses = refusal_finetune(
+                base, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
+                benign_responses=[r["response"] for r in data["benign_train"]], steps=cfg.align_steps, lr=cfg.align_lr,
+                batch_size=cfg.batch_size, seed=cfg.seed, harmful_responses=[r["response"] for r in data["harmful_train"]],
+                recovery_share=share, recovery_max_tokens=cfg.recovery_max_tokens,
+            )  # fmt: skip
+            _save_model(tuned, tok, aligned_dir)
+            atomic_write_json(d / "losses.json", losses, indent=1)
+            log(f"[{name}] refusal SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     return str(aligned_dir)
 
 
@@ -234,18 +241,16 @@ def stage_qi(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, 
                 "aligned": aligned_dir}  # fmt: skip
     out_dir = stages.root / "models" / f"qi_{analog}"
     if not (stages.cached(name, settings, after=after) and out_dir.is_dir()):
-        t0 = time.time()
-        d = stages.start(name)
-        aligned, tok = _load(aligned_dir, cfg)
-        tuned, losses = refusal_finetune(
-            aligned, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
-            benign_responses=[r["response"] for r in data["benign_train"]], steps=steps, lr=cfg.align_lr,
-            batch_size=cfg.bft_batch_size, seed=cfg.seed + 1, harmful_responses=[r["response"] for r in data["harmful_train"]],
-            recovery_share=cfg.qi_recovery_share, recovery_max_tokens=cfg.recovery_max_tokens,
-        )  # fmt: skip
-        _save_model(tuned, tok, out_dir)
-        atomic_write_json(d / "losses.json", losses, indent=1)
-        stages.finish(name, settings, time.time() - t0)
+        with stages.computing(name, settings) as d:
+            aligned, tok = _load(aligned_dir, cfg)
+            tuned, losses = refusal_finetune(
+                aligned, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
+                benign_responses=[r["response"] for r in data["benign_train"]], steps=steps, lr=cfg.align_lr,
+                batch_size=cfg.bft_batch_size, seed=cfg.seed + 1, harmful_responses=[r["response"] for r in data["harmful_train"]],
+                recovery_share=cfg.qi_recovery_share, recovery_max_tokens=cfg.recovery_max_tokens,
+            )  # fmt: skip
+            _save_model(tuned, tok, out_dir)
+            atomic_write_json(d / "losses.json", losses, indent=1)
     return str(out_dir)
 
 
@@ -273,23 +278,21 @@ def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_d
                 "n_prompts": cfg.analysis_prompts}  # fmt: skip
     d = stages.dir(stage)
     if not stages.cached(stage, settings, after=after):
-        t0 = time.time()
-        d = stages.start(stage)
-        model, tok = _load(model_dir, cfg)
-        base, _ = _load(data["base_dir"], cfg)
-        subset = {**data, "harmful_test": data["harmful_test"][: cfg.analysis_prompts]}
-        result = analyze_pair(
-            model, base, tok, _analysis_groups(cfg, subset, tok), max_new_tokens=cfg.analysis_tokens,
-            batch_size=cfg.batch_size, alpha=alpha, contrastive_groups=("harmful_prefill",), top_n=cfg.top_n,
-        )  # fmt: skip
-        for group, rows in (("harmful_response", subset["harmful_test"]), ("benign_response", data["benign_test"])):
-            result["records"] += teacher_forced_records(
-                model, base, tok, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], group=group,
-                batch_size=cfg.batch_size, top_n=cfg.top_n,
+        with stages.computing(stage, settings) as d:
+            model, tok = _load(model_dir, cfg)
+            base, _ = _load(data["base_dir"], cfg)
+            subset = {**data, "harmful_test": data["harmful_test"][: cfg.analysis_prompts]}
+            result = analyze_pair(
+                model, base, tok, _analysis_groups(cfg, subset, tok), max_new_tokens=cfg.analysis_tokens,
+                batch_size=cfg.batch_size, alpha=alpha, contrastive_groups=("harmful_prefill",), top_n=cfg.top_n,
             )  # fmt: skip
-        result["summary"] = summarize(result["records"])
-        write_analysis(result, str(d))
-        stages.finish(stage, settings, time.time() - t0)
+            for group, rows in (("harmful_response", subset["harmful_test"]), ("benign_response", data["benign_test"])):
+                result["records"] += teacher_forced_records(
+                    model, base, tok, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], group=group,
+                    batch_size=cfg.batch_size, top_n=cfg.top_n,
+                )  # fmt: skip
+            result["summary"] = summarize(result["records"])
+            write_analysis(result, str(d))
     return json.loads((d / "analysis.json").read_text())
 
 
@@ -303,16 +306,14 @@ def stage_completion_pull(cfg: ReproduceConfig, stages: StageCache, data: dict, 
                 "top_k": cfg.top_k, "batch_size": cfg.batch_size}  # fmt: skip
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after):
-        t0 = time.time()
-        d = stages.start(name)
-        aligned, tok = _load(aligned_dir, cfg)
-        base, _ = _load(data["base_dir"], cfg)
-        models = {n: _load(path, cfg)[0] for n, path in students.items()}
-        rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data[split][: cfg.analysis_prompts]]
-        result = completion_pull(aligned, base, tok, rows, top_k=cfg.top_k, students=models,
-                                 batch_size=cfg.batch_size)  # fmt: skip
-        atomic_write_json(d / "completion_pull.json", result, indent=1)
-        stages.finish(name, settings, time.time() - t0)
+        with stages.computing(name, settings) as d:
+            aligned, tok = _load(aligned_dir, cfg)
+            base, _ = _load(data["base_dir"], cfg)
+            models = {n: _load(path, cfg)[0] for n, path in students.items()}
+            rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data[split][: cfg.analysis_prompts]]
+            result = completion_pull(aligned, base, tok, rows, top_k=cfg.top_k, students=models,
+                                     batch_size=cfg.batch_size)  # fmt: skip
+            atomic_write_json(d / "completion_pull.json", result, indent=1)
     return json.loads((d / "completion_pull.json").read_text())
 
 
@@ -360,19 +361,17 @@ def stage_bft(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir:
     final = d / "final"
     upstream_recomputed = any(dep in stages.recomputed for dep in after)  # e.g. a new aligned model, same path
     if not stages.cached(name, settings, after=after):
-        t0 = time.time()
         if upstream_recomputed and cache_dir.exists() and cache_dir not in stages.fresh_caches:
             shutil.rmtree(cache_dir)  # built from the old models (the trainer would refuse it by its fingerprint)
         stages.fresh_caches.add(cache_dir)
         if d.exists() and (upstream_recomputed or json.loads(json.dumps(settings)) != _saved_bft_settings(d)):
             shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
-        d = stages.start(name, keep=True)
-        atomic_write_json(d / "settings.json", settings, indent=1)
-        resume = bool(ckpt.list_checkpoints(d))
-        if resume:
-            log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
-        train(config_from_dict(settings), resume=resume)
-        stages.finish(name, settings, time.time() - t0)
+        with stages.computing(name, settings, keep=True) as d:
+            atomic_write_json(d / "settings.json", settings, indent=1)
+            resume = bool(ckpt.list_checkpoints(d))
+            if resume:
+                log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
+            train(config_from_dict(settings), resume=resume)
     return str(final)
 
 
@@ -406,19 +405,17 @@ def stage_validation(cfg: ReproduceConfig, stages: StageCache, data: dict, name:
     settings = {**_eval_settings(cfg), "models": models}
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after):
-        t0 = time.time()
-        d = stages.start(name)
-        tok = None
-        systems = []
-        for system, path in models.items():
-            model, tok = _load(path, cfg)
-            systems.append(System(system, model, tok))
-        rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_val"]]
-        utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_val"]]}
-        ecfg = EvalConfig(prefill_ks=[cfg.sweep_k], utility=["perplexity"], limit=None, seed=cfg.seed,
-                          generation=_generation(cfg), judges=list(cfg.judges), threeway=False, likelihood=False)  # fmt: skip
-        run_eval(systems, ecfg, d, rows=rows, utility_rows=utility_rows)
-        stages.finish(name, settings, time.time() - t0)
+        with stages.computing(name, settings) as d:
+            tok = None
+            systems = []
+            for system, path in models.items():
+                model, tok = _load(path, cfg)
+                systems.append(System(system, model, tok))
+            rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_val"]]
+            utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_val"]]}
+            ecfg = EvalConfig(prefill_ks=[cfg.sweep_k], utility=["perplexity"], limit=None, seed=cfg.seed,
+                              generation=_generation(cfg), judges=list(cfg.judges), threeway=False, likelihood=False)  # fmt: skip
+            run_eval(systems, ecfg, d, rows=rows, utility_rows=utility_rows)
     res = load_results(d)
     out = {}
     for system, s in res["summary"]["systems"].items():
@@ -566,35 +563,33 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str
         short_ks, long_ks = list(cfg.prefill_ks), []
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after):
-        t0 = time.time()
-        d = stages.start(name)
-        base, tok = _load(data["base_dir"], cfg)
-        aligned, _ = _load(models["aligned"], cfg)
-        systems = [System("base", base, tok), System("aligned", aligned, tok)]
-        systems += [System(contrastive_name(cfg.alpha, form), aligned, tok, base_model=base, alpha=cfg.alpha, form=form)
-                    for form in cfg.forms]  # fmt: skip
-        for system, path in models.items():
-            if system != "aligned":
-                systems.append(System(system, _load(path, cfg)[0], tok))
-        log(f"[{name}] prefill attacks k={short_ks} on {len(rows)} prompts, {[s.name for s in systems]}")
-        run_eval(systems, EvalConfig(prefill_ks=short_ks, utility=utility, **common), d / "main", rows=rows,
-                 utility_rows=utility_rows)  # fmt: skip
-        for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the sweep_k attack is rerun
-            seeded = dict(common, generation=dataclasses.replace(gen, seed=cfg.seed + 1000 * i), likelihood=False)
-            log(f"[{name}] sampling seed {i + 1} of {cfg.eval_seeds}")
-            run_eval(systems, EvalConfig(prefill_ks=[cfg.sweep_k], utility=[], **seeded), d / f"main_seed{i}",
-                     rows=rows)  # fmt: skip
-        if long_ks:
-            log(f"[{name}] prefill attacks k={long_ks} on {min(len(rows), cfg.long_k_prompts)} prompts")
-            run_eval(systems, EvalConfig(prefill_ks=long_ks, utility=[], **dict(common, likelihood=False)),
-                     d / "long", rows=rows[: cfg.long_k_prompts])  # fmt: skip
-        sweep = [a for a in dict.fromkeys(cfg.alphas) if a != cfg.alpha]
-        if sweep:
-            sweep_systems = [System(f"contrastive α={a:g}", aligned, tok, base_model=base, alpha=a) for a in sweep]
-            sweep_cfg = EvalConfig(prefill_ks=[cfg.sweep_k], utility=["perplexity"], **common)
-            log(f"[{name}] α sweep {sweep} at k={cfg.sweep_k}")
-            run_eval(sweep_systems, sweep_cfg, d / "alpha_sweep", rows=rows, utility_rows=utility_rows)
-        stages.finish(name, settings, time.time() - t0)
+        with stages.computing(name, settings) as d:
+            base, tok = _load(data["base_dir"], cfg)
+            aligned, _ = _load(models["aligned"], cfg)
+            systems = [System("base", base, tok), System("aligned", aligned, tok)]
+            systems += [System(contrastive_name(cfg.alpha, form), aligned, tok, base_model=base, alpha=cfg.alpha, form=form)
+                        for form in cfg.forms]  # fmt: skip
+            for system, path in models.items():
+                if system != "aligned":
+                    systems.append(System(system, _load(path, cfg)[0], tok))
+            log(f"[{name}] prefill attacks k={short_ks} on {len(rows)} prompts, {[s.name for s in systems]}")
+            run_eval(systems, EvalConfig(prefill_ks=short_ks, utility=utility, **common), d / "main", rows=rows,
+                     utility_rows=utility_rows)  # fmt: skip
+            for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the sweep_k attack is rerun
+                seeded = dict(common, generation=dataclasses.replace(gen, seed=cfg.seed + 1000 * i), likelihood=False)
+                log(f"[{name}] sampling seed {i + 1} of {cfg.eval_seeds}")
+                run_eval(systems, EvalConfig(prefill_ks=[cfg.sweep_k], utility=[], **seeded), d / f"main_seed{i}",
+                         rows=rows)  # fmt: skip
+            if long_ks:
+                log(f"[{name}] prefill attacks k={long_ks} on {min(len(rows), cfg.long_k_prompts)} prompts")
+                run_eval(systems, EvalConfig(prefill_ks=long_ks, utility=[], **dict(common, likelihood=False)),
+                         d / "long", rows=rows[: cfg.long_k_prompts])  # fmt: skip
+            sweep = [a for a in dict.fromkeys(cfg.alphas) if a != cfg.alpha]
+            if sweep:
+                sweep_systems = [System(f"contrastive α={a:g}", aligned, tok, base_model=base, alpha=a) for a in sweep]
+                sweep_cfg = EvalConfig(prefill_ks=[cfg.sweep_k], utility=["perplexity"], **common)
+                log(f"[{name}] α sweep {sweep} at k={cfg.sweep_k}")
+                run_eval(sweep_systems, sweep_cfg, d / "alpha_sweep", rows=rows, utility_rows=utility_rows)
     out = {"main": load_results(d / "main")}
     out["seeds"] = [out["main"]] + [load_results(d / f"main_seed{i}") for i in range(1, cfg.eval_seeds)]
     if (d / "long").is_dir():

@@ -193,9 +193,9 @@ def _analysis_tables(analysis: dict, student_analysis: dict) -> dict:
     }  # fmt: skip
 
 
-def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_analysis: dict, evals: dict, *,
+def build_summary(cfg: ReproduceConfig, analysis: dict, student_analysis: dict, evals: dict, *,
                   analog: str = "shallow", share: float = 0.0, pull: dict | None = None) -> dict:  # fmt: skip
-    """Every number of the report, and the paper's claims checked against them.
+    """One analog's numbers for the report, and the paper's claims checked against them.
 
     A reduction claim is judged on every measure, with the calibrated harm judge first: "reproduced" when the
     95% interval of the relative ASR reduction (bootstrap over prompts, sampling seeds pooled) excludes zero,
@@ -243,8 +243,6 @@ def build_summary(cfg: ReproduceConfig, data: dict, analysis: dict, student_anal
     return {
         "analog": analog,
         "recovery_share": share,
-        "config": cfg.to_dict(),
-        "data": data["stats"],
         "analysis": _analysis_tables(analysis, student_analysis),
         "completion_pull": pull,
         "systems": systems,
