@@ -94,7 +94,7 @@ def test_summary_numbers_come_from_the_eval_records(tiny_run):
     assert set(summary["systems"]) == {"base", "aligned", "contrastive α=1", "bft student", "contrastive α=2"}
 
 
-def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_run, tiny_model_dir):
+def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_run, tiny_model_dir, monkeypatch):
     from bft.pipelines.reproduce import reproduce
 
     cfg, out, summary, _ = tiny_run
@@ -102,6 +102,13 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_r
     again = reproduce(cfg, log=logs.append)
     assert sum("cached" in line for line in logs) == 7, logs
     assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]
+    # the same run spelled as a relative path is the same run: nothing recomputed, the student kept
+    monkeypatch.chdir(out.parent)
+    logs = []
+    reproduce(_tiny_config(tiny_model_dir, out.name), log=logs.append)
+    assert sum("cached" in line for line in logs) == 7, logs
+    assert (out / "shallow" / "bft" / "final").is_dir()
+    monkeypatch.undo()
     # a change to the eval settings reruns only the eval
     logs = []
     reproduce(_tiny_config(tiny_model_dir, out, eval_tokens=3), log=logs.append)
@@ -248,7 +255,7 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
     for heading in ("## Calibrating the deeper analog", "## Sweep of the BFT loss", "Ablations at the chosen point",
                     "| completion/KL |", "## Which way the completion penalty pulls", "| M mass × aligned |",
                     "## Analog: shallow", "## Analog: deep", "| qi augmentation |", "Verdicts at a glance",
-                    "1 steps (a reduction: fewer than the student's)"):
+                    "1 step (qi_steps: a stated reduction from the paper's equal budget)"):
         assert heading in report, heading
     assert (tmp_path / "plots" / "sweep.png").stat().st_size > 0
     assert (tmp_path / "plots" / "kl_by_position_deep.png").stat().st_size > 0

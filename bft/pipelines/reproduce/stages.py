@@ -60,13 +60,33 @@ class StageCache:
         marker = self.dir(name) / "stage.json"
         if not any(dep in self.recomputed for dep in after) and marker.is_file():
             try:
-                if json.loads(marker.read_text())["settings"] == json.loads(json.dumps(settings)):
+                if self.comparable(json.loads(marker.read_text())["settings"]) == self.comparable(settings):
                     self.log(f"[{name}] cached: {self.dir(name)}")
                     return True
             except (json.JSONDecodeError, KeyError):
                 pass
         self.recomputed.add(name)
         return False
+
+    def comparable(self, settings):
+        """``settings`` as two runs compare them: JSON types, and every string that names a path under the root
+        written relative to it, so that ``--out runs/x`` and ``--out /abs/path/runs/x`` are the same run (before,
+        the second spelling found every stage changed and removed a trained student to retrain it)."""
+        root = self.root.resolve()
+
+        def walk(value):
+            if isinstance(value, dict):
+                return {k: walk(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            if isinstance(value, str) and "/" in value:
+                try:
+                    return "<run>/" + Path(value).resolve().relative_to(root).as_posix()
+                except (ValueError, OSError):
+                    return value
+            return value
+
+        return walk(json.loads(json.dumps(settings)))
 
     def start(self, name: str, *, keep: bool = False) -> Path:
         """A clean folder for a stage about to run (a half-written earlier attempt is removed unless ``keep``: a
@@ -364,7 +384,8 @@ def stage_bft(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir:
         if upstream_recomputed and cache_dir.exists() and cache_dir not in stages.fresh_caches:
             shutil.rmtree(cache_dir)  # built from the old models (the trainer would refuse it by its fingerprint)
         stages.fresh_caches.add(cache_dir)
-        if d.exists() and (upstream_recomputed or json.loads(json.dumps(settings)) != _saved_bft_settings(d)):
+        changed = stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))
+        if d.exists() and (upstream_recomputed or changed):
             shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
         with stages.computing(name, settings, keep=True) as d:
             atomic_write_json(d / "settings.json", settings, indent=1)
