@@ -56,8 +56,9 @@ def _header(summary: dict, environment: dict) -> list[str]:
               else f"{cfg['bft_steps']} steps")  # fmt: skip
     qi = ""
     if cfg.get("qi_augmentation"):
-        qi_budget = (f"{cfg['qi_steps']} steps (a reduction: fewer than the student's)" if cfg.get("qi_steps")
-                     else "the student's steps")  # fmt: skip
+        n = cfg.get("qi_steps")
+        qi_budget = (f"{n} step{'' if n == 1 else 's'} (qi_steps: a stated reduction from the paper's equal budget)"
+                     if n else "the student's steps")  # fmt: skip
         qi = (f" Qi et al.'s augmentation (the peer row): each aligned analog trained further by the refusal SFT with "
               f"{100 * cfg.get('qi_recovery_share', 1.0):g}% safety-recovery examples, {qi_budget}.")
     long_k = cfg.get("long_k_prompts")
@@ -329,9 +330,10 @@ def render_report(summary: dict, environment: dict) -> str:
     lines += _sweep_table(summary)
     for name, analog in summary["analogs"].items():
         lines += _analog_section(name, analog, summary["config"])
-    lines += ["Plots: `plots/kl_by_position_<analog>.png` (Fig. 1/3 at this scale), `plots/sweep.png`, "
+    sweep_plot = "`plots/sweep.png`, " if summary.get("sweep") else ""
+    lines += [f"Plots: `plots/kl_by_position_<analog>.png` (Fig. 1/3 at this scale), {sweep_plot}"
               "`<analog>/analysis_aligned/fig1_position_profile.png`, `<analog>/analysis_aligned/fig2_base_favored_tokens.png`, "
-              "`<analog>/eval/main/asr_vs_k.png`, `<analog>/eval/alpha_sweep/alpha_sweep.png`.", ""]  # fmt: skip
+              "`<analog>/eval/main/asr_vs_k.png`, `<analog>/eval/main/alpha_sweep.png`.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
