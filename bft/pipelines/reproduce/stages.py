@@ -384,8 +384,8 @@ def stage_bft(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir:
         if upstream_recomputed and cache_dir.exists() and cache_dir not in stages.fresh_caches:
             shutil.rmtree(cache_dir)  # built from the old models (the trainer would refuse it by its fingerprint)
         stages.fresh_caches.add(cache_dir)
-        changed = stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))
-        if d.exists() and (upstream_recomputed or changed):
+        if d.exists() and (upstream_recomputed
+                           or stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))):  # fmt: skip
             shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
         with stages.computing(name, settings, keep=True) as d:
             atomic_write_json(d / "settings.json", settings, indent=1)
