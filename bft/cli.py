@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("bft.commands.judge", "fit the offline harm judge on human labels (PyRIT) and measure it held-out"),
     "eval": ("bft.commands.eval", "prefill / fine-tuning / GCG attacks, judges and utility; JSON + Markdown + plots"),
     "reproduce": ("bft.commands.reproduce", "the paper in miniature on a real model, offline: analysis, attacks, BFT (cached)"),
+    "refusal-sft": ("bft.commands.refusal_sft", "fine-tune a copy of a chat model to refuse (a toy aligned/base pair)"),
     "demo": ("bft.commands.demo", "the quick reproduction (~10 min on 2 CPU cores): table, plots, report"),
 }
 

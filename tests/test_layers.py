@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"bft": ROOT / "bft", "bft.kernels": ROOT / "kernels", "bft.trainer": ROOT / "trainer"}
 
 DEPRECATED_ALIASES = {"bft.models", "bft.chat", "bft.data", "bft.testing", "bft.contrastive", "bft.reproduce",
-                      "bft.analysis_demo", "bft.trainer.cli", "bft.eval.cli", "bft.eval.judge_cli"}  # fmt: skip
+                      "bft.trainer.cli", "bft.eval.cli", "bft.eval.judge_cli"}  # fmt: skip
 
 LAYERS = [  # (layer, module prefixes), lowest first
     ("base", ("bft", "bft.atomic", "bft.environment")),

@@ -5,7 +5,7 @@ harmful prompts, while keeping its own greedy answers to benign prompts (self-di
 behaviour moves); the untouched original plays the "base" model. This mimics, at toy scale, what safety tuning
 does to an instruct model, and is how docs/analysis.md's SmolLM2 numbers were produced:
 
-    python -m bft.analysis_demo --model smollm2 --out /tmp/smollm2-refusal --steps 40   (bft.cli.refusal_sft)
+    bft refusal-sft --model smollm2 --out /tmp/smollm2-refusal --steps 40
     bft analyze --base smollm2 --aligned /tmp/smollm2-refusal --harmful advbench --benign gsm8k --out DIR
 
 Training prompts skip the first ``--skip`` prompts of each dataset so that they can be analyzed held out.
