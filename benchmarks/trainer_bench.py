@@ -141,7 +141,7 @@ def random_causal_lm(llama: dict, *, dtype: torch.dtype, device: torch.device, a
 def quantize_8bit_(model: nn.Module, device: torch.device) -> nn.Module:
     """Replace every ``nn.Linear`` but the lm_head by a frozen bitsandbytes ``Linear8bitLt`` (threshold 6.0, int8
     weights), in place — what ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True,
-    llm_int8_skip_modules=["lm_head"]))`` builds (``bft.models.load_model(quantization="8bit")``). Weights pass
+    llm_int8_skip_modules=["lm_head"]))`` builds (``bft.hf.models.load_model(quantization="8bit")``). Weights pass
     through the CPU once: bitsandbytes quantizes an ``Int8Params`` when it moves from CPU to the GPU."""
     bnb = require_bitsandbytes("8-bit frozen weights")
     head = model.get_output_embeddings()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bft.eval import model_judges as mj
-from bft.testing import tiny_llama, tiny_tokenizer
+from bft.hf.testing import tiny_llama, tiny_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

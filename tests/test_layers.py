@@ -11,9 +11,8 @@ Layers, lowest first; a module may import its own layer and the layers below it,
     pipelines bft.pipelines.*
     cli       bft.cli, bft.commands.*, bft.__main__       nothing imports them
 
-Also: no import cycles between modules, no private (``_name``) import from another module, and library code never
-imports the root ``bft`` package (its lazy names are for users). The deprecated aliases of old module paths are
-exempt: each re-exports its new home and is imported by nothing in the package.
+Also: every bft import names a module that exists, no import cycles between modules, no private (``_name``) import
+from another module, and library code never imports the root ``bft`` package (its lazy names are for users).
 """
 
 from __future__ import annotations
@@ -22,14 +21,9 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> folder, as pyproject.toml maps them
 PACKAGE_DIRS = {"bft": ROOT / "bft", "bft.kernels": ROOT / "kernels", "bft.trainer": ROOT / "trainer"}
-
-DEPRECATED_ALIASES = {"bft.models", "bft.chat", "bft.data", "bft.testing", "bft.contrastive", "bft.reproduce",
-                      "bft.trainer.cli", "bft.eval.cli", "bft.eval.judge_cli"}  # fmt: skip
 
 LAYERS = [  # (layer, module prefixes), lowest first
     ("base", ("bft", "bft.atomic", "bft.environment")),
@@ -105,8 +99,6 @@ def _imports(module: str, path: Path):
 
 def _edges():
     for module, path in sorted(MODULES.items()):
-        if module in DEPRECATED_ALIASES:
-            continue
         for target, names, line in _imports(module, path):
             if target != module:
                 yield module, target, names, f"{path.relative_to(ROOT)}:{line}"
@@ -114,16 +106,18 @@ def _edges():
 
 def test_every_module_has_a_layer():
     for module in MODULES:
-        if module not in DEPRECATED_ALIASES:
-            layer_of(module)
+        layer_of(module)
+
+
+def test_every_import_names_a_module_that_exists():
+    bad = [f"{where}: {source} imports {target}, which does not exist" for source, target, _, where in _edges()
+           if target not in MODULES]  # fmt: skip
+    assert not bad, "\n".join(bad)
 
 
 def test_imports_point_down_the_layers():
     bad = []
     for source, target, names, where in _edges():
-        if target in DEPRECATED_ALIASES:
-            bad.append(f"{where}: {source} imports the deprecated alias {target}")
-            continue
         s, t = layer_of(source), layer_of(target)
         if target == "bft" and source != "bft" and names != ["__version__"]:
             bad.append(f"{where}: {source} imports the root package's lazy API; import the defining module")
@@ -191,12 +185,3 @@ def test_no_import_cycles():
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
 
-
-@pytest.mark.parametrize("alias", sorted(DEPRECATED_ALIASES))
-def test_deprecated_aliases_still_import(alias):
-    import importlib
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        importlib.import_module(alias)

@@ -1,6 +1,6 @@
 """Working memory of the fused backends, checked against their plan on the CPU (no GPU needed).
 
-The allocations are read from the PyTorch profiler (:func:`bft.testing.peak_allocated_bytes`), autograd's
+The allocations are read from the PyTorch profiler (:func:`bft.hf.testing.peak_allocated_bytes`), autograd's
 backward included. With C rows per chunk, a [C, V] fp32 block is C·V·4 bytes; the plans are
 
     triton: 3 blocks (S, A, B) + the gradient G (fp32 on the CPU): one block, or a group of blocks when the head
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import bft
-from bft.testing import peak_allocated_bytes
+from bft.hf.testing import peak_allocated_bytes
 
 N, H, V, C, K = 48, 32, 3001, 8, 8  # V·H·4 = 3 blocks; N·V·4 = 6 blocks
 GROUP_CHUNKS = 2  # with dW, the triton driver keeps G for 2 chunks before its gradient GEMMs

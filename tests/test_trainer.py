@@ -24,7 +24,7 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
-    """Small harmful / utility JSONL files (what bft.data.load reads from a local path)."""
+    """Small harmful / utility JSONL files (what bft.hf.data.load reads from a local path)."""
     root = tmp_path_factory.mktemp("trainer-data")
     rng = random.Random(0)
     harmful = [{"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
@@ -54,7 +54,7 @@ def straight_run(data_files, tmp_path_factory):
 
 def fixed_batch_loss(student, data_files, config):
     """The BFT loss of ``student`` on the first 3 batches of the run's data (fixed, so before/after compare)."""
-    from bft.testing import tiny_llama_pair
+    from bft.hf.testing import tiny_llama_pair
     from bft.trainer.data import MixedBatches, encode_examples, load_pairs
     from bft.trainer.modeling import BFTStudent, frozen_hidden_states, lm_head_weight
 
@@ -81,7 +81,7 @@ def fixed_batch_loss(student, data_files, config):
 def test_tiny_cpu_trains_and_loss_goes_down(straight_run, data_files):
     from transformers import AutoModelForCausalLM
 
-    from bft.testing import tiny_llama_pair
+    from bft.hf.testing import tiny_llama_pair
 
     out, summary = straight_run
     assert summary["steps"] == 8
@@ -181,7 +181,7 @@ def test_lora_teacher_is_student_without_adapters_and_shares_the_head(data_files
 
     # teacher constant: the aligned hidden states of a batch seen again (batch index 0 vs a later pass over the same
     # rows) are those of the untouched aligned model, although the adapters have trained by then
-    from bft.testing import tiny_llama_pair
+    from bft.hf.testing import tiny_llama_pair
     from bft.trainer.modeling import frozen_hidden_states
 
     _, aligned, _ = tiny_llama_pair(seed=0)
@@ -199,7 +199,7 @@ def test_lora_teacher_is_student_without_adapters_and_shares_the_head(data_files
 def test_full_finetuning_trains_and_keeps_a_frozen_aligned_copy(data_files, tmp_path):
     from safetensors.torch import load_file
 
-    from bft.testing import tiny_llama_pair
+    from bft.hf.testing import tiny_llama_pair
 
     config = tiny_config(data_files, tmp_path, "finetune.mode=full", "train.max_steps=2", "optim.grad_accum=1",
                          "model.gradient_checkpointing=false")  # fmt: skip
@@ -246,7 +246,7 @@ def test_harmful_responses_generated_by_the_base_model(data_files, tmp_path):
 
 
 def _save_tiny(path, tokenizer, seed):
-    from bft.testing import tiny_llama
+    from bft.hf.testing import tiny_llama
 
     model = tiny_llama(tokenizer, seed=seed)
     model.save_pretrained(path)
@@ -255,7 +255,7 @@ def _save_tiny(path, tokenizer, seed):
 
 
 def test_different_tokenizers_fail_before_training(data_files, tmp_path):
-    from bft.testing import tiny_tokenizer
+    from bft.hf.testing import tiny_tokenizer
 
     aligned_tok = tiny_tokenizer()
     base_tok = tiny_tokenizer()
@@ -270,7 +270,7 @@ def test_different_tokenizers_fail_before_training(data_files, tmp_path):
 
 def test_local_model_directories_train(data_files, tmp_path):
     """The real loading path (from_pretrained on local directories) end to end."""
-    from bft.testing import tiny_tokenizer
+    from bft.hf.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     base = _save_tiny(tmp_path / "base", tok, seed=0)
@@ -361,15 +361,15 @@ def test_unavailable_optional_packages_fail_before_training(data_files, tmp_path
 def test_missing_offline_package_is_named_when_the_hub_is_unreachable(data_files, tmp_path, monkeypatch):
     """A named dataset falls back to the Hub when its offline package is missing; offline, the error must still say
     which package provides it (not only that the Hub could not be reached)."""
-    import bft.data
+    import bft.hf.data
 
-    real_package_dir = bft.data._package_dir
-    monkeypatch.setattr(bft.data, "_package_dir", lambda p: None if p == "pyrit" else real_package_dir(p))
+    real_package_dir = bft.hf.data._package_dir
+    monkeypatch.setattr(bft.hf.data, "_package_dir", lambda p: None if p == "pyrit" else real_package_dir(p))
 
     def no_network(dataset_id, config, split):
-        raise bft.data._hub_error(dataset_id, ConnectionError("network is unreachable"))
+        raise bft.hf.data._hub_error(dataset_id, ConnectionError("network is unreachable"))
 
-    monkeypatch.setattr(bft.data, "_load_hub", no_network)
+    monkeypatch.setattr(bft.hf.data, "_load_hub", no_network)
     config = tiny_config(data_files, tmp_path / "run", "data.harmful=advbench")
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps pyrit") as info:
         train(config, progress=False)
@@ -512,7 +512,7 @@ def test_one_process_checkpoint_has_the_layout_of_distributed_ones():
     same dicts (names, tensors, param groups), so a checkpoint resumes under either, and restoring them round-trips."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from bft.testing import tiny_llama_pair
+    from bft.hf.testing import tiny_llama_pair
     from bft.trainer import checkpoint as ckpt
     from bft.trainer.config import load_config
     from bft.trainer.modeling import BFTStudent, add_lora

@@ -1,6 +1,6 @@
 """Training data: chat-formatted harmful and utility examples, mixed per batch at a fixed harmful ratio.
 
-Each example is one (prompt, response) turn encoded with :func:`bft.chat.encode_chat`. The model's hidden state at
+Each example is one (prompt, response) turn encoded with :func:`bft.hf.chat.encode_chat`. The model's hidden state at
 position t predicts token t + 1, so the rows that the loss scores (``valid``) are the positions
 ``response_start - 1 ≤ t ≤ len - 2``: the last prompt token (predicting the first response token) through the
 second-to-last token (predicting the end-of-turn token). ``harmful`` marks every position of a harmful example;
@@ -141,7 +141,7 @@ def collate(examples: list[Example], pad_id: int) -> dict:
 
 
 def load_pairs(name_or_path: str, *, split=None, limit=None, seed: int = 0, columns=None, role: str):
-    """(prompt, response) pairs from :func:`bft.data.load`, with errors that name the dataset and its role."""
+    """(prompt, response) pairs from :func:`bft.hf.data.load`, with errors that name the dataset and its role."""
     from bft.hf.data import load
 
     try:

@@ -2,7 +2,6 @@
 
 The arguments are defined in :mod:`bft.trainer.config` (``python trainer/train.py`` parses the same ones there);
 this module imports :mod:`bft.trainer.train` to run, and nothing imports this module but the ``bft`` console.
-(It was ``bft.trainer.cli``, which stays as a deprecated alias.)
 """
 
 from __future__ import annotations

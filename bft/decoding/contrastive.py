@@ -28,7 +28,7 @@ Three entry points:
   the base model itself with its own KV cache (after the first call only the new tokens are fed).
 - :func:`contrastive_generate` — batched, left-padded greedy or sampled generation with both models cached.
 
-CLI: ``bft generate --aligned M --base M --alpha A --prompts FILE [--prefill TEXT]`` (:mod:`bft.cli.generate`).
+CLI: ``bft generate --aligned M --base M --alpha A --prompts FILE [--prefill TEXT]`` (:mod:`bft.commands.generate`).
 """
 
 from __future__ import annotations
