@@ -57,7 +57,7 @@ def test_position_metrics_match_direct_formulas(alpha):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(9, 300, generator=g) * 3
     b = a + torch.randn(9, 300, generator=g)
-    got = position_metrics(a, b, top_n=20, algorithm1_k=5, alpha=alpha, chunk_rows=4)  # chunking exercised
+    got = position_metrics(a, b, top_n=20, top_k=5, alpha=alpha, chunk_rows=4)  # chunking exercised
     assert set(METRICS) <= set(got)
     for i in range(9):
         want, fav_top = direct_metrics(a[i], b[i], 20, alpha)
@@ -78,7 +78,7 @@ def test_position_metrics_identical_models_and_bounds():
     assert torch.allclose(got["js"], torch.zeros(4), atol=1e-6)
     assert torch.equal(got["top_overlap"], torch.ones(4))
     assert torch.equal(got["bf_count"], torch.zeros(4))
-    far = position_metrics(torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]), top_n=1, algorithm1_k=1)
+    far = position_metrics(torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]), top_n=1, top_k=1)
     assert far["js"].item() == pytest.approx(math.log(2), rel=1e-5)  # JS ≤ ln 2, reached for disjoint supports
     assert far["top_overlap"].item() == 0.0
     with pytest.raises(ValueError, match="same"):

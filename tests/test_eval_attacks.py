@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bft.eval.generation import GenerationSettings, System, generate_from_ids, left_pad
+from bft.eval.generation import GenerationSettings, System, generate_from_ids
 from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
+from bft.hf.batching import pad_batch
 from bft.hf.testing import tiny_llama, tiny_llama_pair, tiny_tokenizer
 
 
@@ -36,11 +37,11 @@ def test_prefill_ids_are_the_first_k_response_tokens(pair):
     assert prefill_ids(tok, "Sure", 0) == []
 
 
-def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+def test_left_padding():
+    ids, mask = pad_batch([[5, 6, 7], [8]], 0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError):
-        left_pad([[1], []], 0)
+        pad_batch([[1], []], 0, side="left")
 
 
 def test_batched_generation_matches_one_at_a_time(pair):

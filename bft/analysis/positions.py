@@ -42,16 +42,6 @@ __all__ = ["METRICS", "position_metrics", "score_responses", "analyze_pair", "te
 METRICS = ("kl", "js", "top_overlap", "bf_count", "bf_count_top", "kl_decoded")
 
 
-def _renamed_top_k(top_k: int, algorithm1_k: int | None) -> int:
-    """``algorithm1_k`` is the deprecated name of ``top_k`` (the k of Algorithm 1's TopK(Δ), as in the loss)."""
-    if algorithm1_k is None:
-        return top_k
-    import warnings
-
-    warnings.warn("algorithm1_k= is deprecated: use top_k=", DeprecationWarning, stacklevel=3)
-    return algorithm1_k
-
-
 def _kl_from_logprobs(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) over the last dim from log-probs; terms with p = 0 contribute 0."""
     p = lp.exp()
@@ -65,7 +55,6 @@ def position_metrics(
     *,
     top_n: int = 100,
     top_k: int = 10,
-    algorithm1_k: int | None = None,
     alpha: float | None = None,
     chunk_rows: int = 256,
 ) -> dict[str, torch.Tensor]:
@@ -76,7 +65,6 @@ def position_metrics(
     [N, top_n] bool (which of them are base-favored) and ``algorithm1_ids`` [N, top_k] (top-k of Δ logits
     via :func:`bft.base_favored_tokens`). Everything is computed in fp32, ``chunk_rows`` rows at a time.
     """
-    top_k = _renamed_top_k(top_k, algorithm1_k)
     if aligned_logits.shape != base_logits.shape or aligned_logits.dim() != 2:
         raise ValueError(
             f"expected aligned and base logits of the same [N, V] shape, got {tuple(aligned_logits.shape)} and "
@@ -221,7 +209,6 @@ def analyze_pair(
     contrastive_groups: tuple[str, ...] = ("harmful",),
     top_n: int = 100,
     top_k: int = 10,
-    algorithm1_k: int | None = None,
     system: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -231,7 +218,6 @@ def analyze_pair(
     "" or absent). Every group is decoded normally (greedy, aligned model); the groups in ``contrastive_groups``
     are also decoded with Eq. 7 contrastive decoding at strength ``alpha`` (skipped when ``alpha`` is None or 0).
     """
-    top_k = _renamed_top_k(top_k, algorithm1_k)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -296,7 +282,6 @@ def teacher_forced_records(
     batch_size: int = 8,
     top_n: int = 100,
     top_k: int = 10,
-    algorithm1_k: int | None = None,
     system: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -306,7 +291,6 @@ def teacher_forced_records(
     Position t is the distribution over response token t (0 = the first response token). Records have the shape of
     :func:`analyze_pair`'s (``mode = "teacher_forced"``), so :func:`summarize` and the plots take them as they are.
     """
-    top_k = _renamed_top_k(top_k, algorithm1_k)
     records = []
     for i, chunk, (a, b), lengths in teacher_forced_logits([aligned_model, base_model], tokenizer, rows,
                                                            batch_size=batch_size, system=system,

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefill each harmful prompt with the first N words of its dataset response "
                              "(AdvBench targets: 'Sure, here is ...')")  # fmt: skip
     parser.add_argument("--top-n", type=int, default=100, help="size of the top-n sets (overlap, counts); paper: 100")
-    parser.add_argument("--top-k", "--algorithm1-k", dest="top_k", type=int, default=10,
+    parser.add_argument("--top-k", type=int, default=10,
                         help="Algorithm 1's k: top-k ids of base − aligned logits recorded per position")  # fmt: skip
     parser.add_argument("--system", default=None, help="system prompt for the chat template")
     parser.add_argument("--no-plots", action="store_true")

@@ -12,16 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 from bft.decoding import contrastive_generate
 from bft.decoding.contrastive import check_form
 from bft.hf import generation as hf_generation
-from bft.hf.batching import pad_batch
 from bft.hf.chat import encode_chat
 from bft.hf.generation import GenerationSettings
 
-__all__ = ["GenerationSettings", "System", "contrastive_name", "generate_from_ids", "left_pad"]
+__all__ = ["GenerationSettings", "System", "contrastive_name", "generate_from_ids"]
 
 
 @dataclass
@@ -88,12 +85,6 @@ def contrastive_name(alpha: float, form: str = "logprobs") -> str:
     """The table name of a contrastive system: ``contrastive α=1``, or ``contrastive (logits) α=1`` for the
     paper's logit form of Eq. 7."""
     return f"contrastive α={alpha:g}" if form == "logprobs" else f"contrastive ({form}) α={alpha:g}"
-
-
-def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into ``(input_ids, attention_mask)``: :func:`bft.hf.batching.pad_batch` with
-    ``side="left"`` (kept for one release)."""
-    return pad_batch(batch, pad_id, side="left")
 
 
 def generate_from_ids(
