@@ -48,6 +48,6 @@ test-latest:
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade --no-deps $(ASSETS_NO_DEPS)
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade $(ASSETS)
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q tests
-	{ sed -n '/^#/p' $(LOCK); $(LATEST)/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } \
+	{ sed -n '/^#/p' $(LOCK); $(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } \
 		> $(LOCK).new && mv $(LOCK).new $(LOCK)
 	@echo "requirements.lock rewritten from $(LATEST); review 'git diff $(LOCK)', then commit it"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import subprocess
+import zipfile
 import sys
 from pathlib import Path
 
@@ -117,3 +118,35 @@ def test_benchmark_script_imports_from_the_root():
     # A script puts its own folder first on sys.path, and the benchmarks add it again for their shared helpers.
     proc = _run([sys.executable, "benchmarks/trainer_bench.py", "--help"])
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_a_regular_install_has_only_bft_at_the_top(tmp_path):
+    """The wheel (a regular, non-editable install) holds bft with kernels/ and trainer/ under it, never `kernels`."""
+    wheels = tmp_path / "wheels"
+    build = _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)]
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    (wheel,) = wheels.glob("bft-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"bft"}
+    for path in ("bft/kernels/__init__.py", "bft/trainer/__init__.py", "bft/trainer/configs/tiny-cpu.yaml"):
+        assert path in names
+    # every package of the tree is in the wheel (setup.py finds them; none is listed by hand)
+    for init in [*ROOT.glob("bft/**/__init__.py"), *ROOT.glob("kernels/**/__init__.py"), *ROOT.glob("trainer/**/__init__.py")]:
+        relative = init.relative_to(ROOT).as_posix()
+        mounted = relative if relative.startswith("bft/") else "bft/" + relative
+        assert mounted in names, mounted
+
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", "import bft.kernels, bft.trainer; print(bft.kernels.__file__)"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert Path(proc.stdout.strip()).resolve() == (target / "bft" / "kernels" / "__init__.py").resolve()
