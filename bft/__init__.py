@@ -3,7 +3,8 @@
 Public API (imported lazily so that `import bft` stays cheap and never pulls transformers or triton
 until a name that needs them is used):
 
-- objective: :func:`bft_loss`, :class:`BFTLoss`, :class:`BFTLossOutput`, :func:`hybrid_teacher_logits`
+- objective: :func:`bft_loss`, :class:`BFTLoss`, :class:`BFTLossOutput`, :func:`hybrid_teacher_logits`,
+  :data:`COMPLETION_TERMS` (the names ``bft_loss(completion=...)`` accepts)
 - analysis:  :func:`base_favored_tokens`, :class:`BaseFavoredTokens`
 - decoding:  :func:`contrastive_logprobs`, :class:`ContrastiveLogitsProcessor`, :func:`contrastive_generate`
 """
@@ -19,6 +20,7 @@ _LAZY = {
     "bft_loss": "bft.loss",
     "BFTLoss": "bft.loss",
     "BFTLossOutput": "bft.loss",
+    "COMPLETION_TERMS": "bft.loss",
     "hybrid_teacher_logits": "bft.reference",
     "base_favored_tokens": "bft.reference",
     "BaseFavoredTokens": "bft.reference",

@@ -10,8 +10,9 @@ Two things differ from the reference in *how*, never in *what* (tests compare ev
 - TopK(Δ) with ties to the lower id: the reference runs a stable sort of all V entries of a row; here
   ``torch.topk`` finds the k-th largest value, the ids above it are taken, and the ids tied with it lowest first,
   which is the same set in O(V) (a full sort was ~40% of the backend's CPU time at V = 65,536).
-- gradients: forward KL τ(p_s − p_t); reverse KL τ·p_s·(log p_s − log p_t − KL/τ²), times kl_weight; L2
-  2·l2_reg·α·s_v at the k ids, scattered. Both are scaled by 1/#valid (``scale``) on the fly.
+- gradients: forward KL τ(p_s − p_t); reverse KL τ·p_s·(log p_s − log p_t − KL/τ²), times kl_weight; the
+  completion term's times harmful·α (:func:`completion_and_grad`: L2 2·l2_reg·s_v at the k ids, scattered; the
+  softmax terms dense). All are scaled by 1/#valid (``scale``) on the fly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from bft.reference import (
+    COMPLETION_TERMS,
     base_favored_density,
     hybrid_teacher_logits,
     topk_lowest_id_ties,
@@ -98,6 +100,49 @@ def base_favored_rows(ah, aw, bh, bw, *, top_k: int, chunk_rows: int | None = No
     return ids, risk
 
 
+def completion_and_grad(s: torch.Tensor, ids: torch.Tensor, *, completion: str, l2_reg: float, want_grad: bool):
+    """The completion term of :func:`bft.reference.completion_values` on wide [C, V] logits s and ids [C, k] (M),
+    and its gradient written out, as ``(value [C], add_grad)``: ``add_grad(g, scale, weight)`` adds
+    scale·weight[:, None]·∂value/∂s to the [C, V] block g in place (None unless ``want_grad``). With
+    π = softmax(s), P = Σ_{v∈M} π_v and Q = 1 − P:
+
+        "l2"            l2_reg·Σ_{v∈M} s_v²            ∂/∂s_j = 2·l2_reg·s_j on M, 0 off M (scattered to the k ids)
+        "mass"          P                              ∂/∂s_j = π_j·Q on M,  −P·π_j off M
+        "unlikelihood"  −log Q                         ∂/∂s_j = π_j on M,    −P·π_j/Q = −P·q_j off M
+
+    where q = softmax of s over the complement of M. P and Q come from log-sum-exps over M and over its complement
+    (never 1 − P), so −log Q and q are exact however close P is to 1.
+    """
+    s_ids = torch.gather(s, -1, ids)
+    if completion == "l2":
+        value = l2_reg * s_ids.square().sum(-1)
+
+        def add_l2(g, scale, weight):
+            g.scatter_add_(-1, ids, (2.0 * l2_reg * scale) * weight[:, None] * s_ids)
+
+        return value, add_l2 if want_grad else None
+    if completion not in ("mass", "unlikelihood"):
+        raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {completion!r}")
+    in_m = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, ids, True)
+    lse_c = torch.logsumexp(s.masked_fill(in_m, float("-inf")), dim=-1)  # the complement of M
+    lse_m = torch.logsumexp(s_ids, dim=-1)
+    lse = torch.logaddexp(lse_m, lse_c)
+    P = torch.exp(lse_m - lse)
+    value = P if completion == "mass" else lse - lse_c
+    if not want_grad:
+        return value, None
+
+    def add_softmax(g, scale, weight):
+        if completion == "mass":  # π_j·(1[j∈M] − P)
+            pi = torch.exp(s - lse[:, None])
+            dense = torch.where(in_m, pi * torch.exp(lse_c - lse)[:, None], -P[:, None] * pi)
+        else:  # π_j on M, −P·q_j off M
+            dense = torch.where(in_m, torch.exp(s - lse[:, None]), -P[:, None] * torch.exp(s - lse_c[:, None]))
+        g.add_(dense.mul_(scale * weight[:, None]))
+
+    return value, add_softmax
+
+
 def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: bool, topk_ids=None, risk=None):
     """Per-row terms of :func:`bft.reference.bft_row_terms` for wide [C, V] logits and, if ``want_grad``,
     ``g = scale·d(Σ_n row_loss_n)/ds`` (a fresh [C, V] block). Returns ``(terms dict, g or None)``; ``terms["kl"]``
@@ -123,8 +168,9 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
         ids, risk = favored_ids_and_risk(a, b, params.top_k, s.dtype)
     else:
         ids, risk = topk_ids.long(), risk.to(s.dtype)
-    s_ids = torch.gather(s, -1, ids)
-    completion = params.l2_reg * s_ids.square().sum(-1)
+    completion, add_completion_grad = completion_and_grad(
+        s, ids, completion=params.completion, l2_reg=params.l2_reg, want_grad=want_grad
+    )
     alpha = params.alpha_base * (1.0 + params.gamma * risk)
     weight = harmful.to(s.dtype) * alpha  # harmful_n·α_n
     row_loss = params.kl_weight * kl + weight * completion
@@ -135,7 +181,7 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
         g = log_ps.exp_().sub_(p).mul_(tau * scale * params.kl_weight)
     else:  # τ²·d/ds Σ p_s (log p_s − log p_t) = τ·p_s·(log p_s − log p_t − KL/τ²)
         g = diff.sub_(kl_raw[:, None]).mul_(p).mul_(tau * scale * params.kl_weight)
-    g.scatter_add_(-1, ids, (2.0 * params.l2_reg * scale) * weight[:, None] * s_ids)
+    add_completion_grad(g, scale, weight)
     return terms, g
 
 

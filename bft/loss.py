@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from bft.reference import KL_DIRECTIONS, bft_loss_reference
+from bft.reference import COMPLETION_TERMS, KL_DIRECTIONS, bft_loss_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -62,6 +62,7 @@ class BFTLossParams:
     l2_reg: float = DEFAULT_L2_REG
     kl: str = "forward"
     kl_weight: float = DEFAULT_KL_WEIGHT  # weight of KL_n in the loss (0: the completion-only ablation)
+    completion: str = "l2"  # the completion term, one of COMPLETION_TERMS ("l2": Eq. 9 as written)
 
     def as_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -73,7 +74,8 @@ class BFTLossOutput:
 
     loss:       scalar, differentiable w.r.t. student_hidden and student_weight.
     kl:         [N] τ²-scaled KL per row, unweighted by kl_weight (0 on invalid rows), detached.
-    completion: [N] l2_reg·Σ_{v∈M_n} s_v² per row, whether or not the row is harmful (0 on invalid rows).
+    completion: [N] the completion term per row (l2_reg·Σ_{v∈M_n} s_v² for "l2"), whether or not the row is
+                harmful (0 on invalid rows).
     risk:       [N] base-favored density |B_n|/V (0 on invalid rows).
     alpha:      [N] α_n = alpha_base·(1 + γ·risk_n) (0 on invalid rows).
     topk_ids:   [N, top_k] int64 top-k ids of base − aligned logits, ties to the lower id (−1 on invalid rows).
@@ -145,6 +147,11 @@ def _validate(tensors: dict[str, torch.Tensor], harmful, valid, params: BFTLossP
     _check_kl_weight(params.kl_weight)
     if params.kl not in KL_DIRECTIONS:
         raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {params.kl!r}")
+    if params.completion not in COMPLETION_TERMS:
+        raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {params.completion!r}")
+    if params.completion == "unlikelihood" and params.top_k >= V:
+        raise ValueError(f"completion='unlikelihood' needs top_k < V={V}: with M the whole vocabulary "
+                         "−log(1 − Σ_{v∈M} π(v)) is infinite")  # fmt: skip
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -311,6 +318,7 @@ def bft_loss(
     l2_reg: float = DEFAULT_L2_REG,
     kl: str = "forward",
     kl_weight: float = DEFAULT_KL_WEIGHT,
+    completion: str = "l2",
     backend: str = "auto",
     chunk_rows: int | None = None,
     topk_ids: torch.Tensor | None = None,
@@ -322,7 +330,9 @@ def bft_loss(
     teacher t = λ·a + (1 − λ)·b::
 
         KL_n         = τ²·KL(softmax(t/τ) ‖ softmax(s/τ))         (kl="forward"; "reverse" swaps the arguments)
-        completion_n = l2_reg·Σ_{v ∈ TopK(Δ, k)} s_v²
+        completion_n = l2_reg·Σ_{v ∈ M} s_v²                        (completion="l2", Eq. 9; M = TopK(Δ, k))
+                     = Σ_{v ∈ M} π_s(v)                            ("mass", π_s = softmax(s))
+                     = −log(1 − Σ_{v ∈ M} π_s(v))                  ("unlikelihood")
         risk_n       = |{v : log_softmax(b)_v > log_softmax(a)_v}| / V
         α_n          = alpha_base·(1 + γ·risk_n)                   (no gradient)
         loss         = Σ_{n valid} (kl_weight·KL_n + harmful_n·α_n·completion_n) / max(1, #valid)
@@ -337,6 +347,10 @@ def bft_loss(
         temperature: τ > 0. teacher_lambda: λ (may exceed 1). kl: "forward" (default) or "reverse".
         kl_weight: finite, >= 0, the weight of KL_n in the loss and its gradients (default 1; 0 = the "completion
             only" ablation, no distillation). ``out.kl`` stays the unweighted KL_n.
+        completion: the completion term, one of :data:`COMPLETION_TERMS`: "l2" (default, Eq. 9 as written: pulls
+            every s_v of M towards 0, raising the negative ones), "mass" or "unlikelihood" (both lower the student's
+            probability on M and ignore a constant added to a row; l2_reg scales "l2" only; "unlikelihood" needs
+            top_k < V).
         backend: "auto" | "reference" | "torch" | "triton".
         chunk_rows: rows per chunk for the torch/triton backends (default: sized from a memory budget).
         topk_ids, risk: [N, top_k] int32/int64 and [N] float, given together: the base-favored ids M_n (top-k of
@@ -358,7 +372,7 @@ def bft_loss(
     }
     params = BFTLossParams(
         top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight,
+        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight, completion=completion,
     )  # fmt: skip
     _validate(tensors, harmful, valid, params, backend)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
@@ -402,15 +416,18 @@ class BFTLoss(nn.Module):
         l2_reg: float = DEFAULT_L2_REG,
         kl: str = "forward",
         kl_weight: float = DEFAULT_KL_WEIGHT,
+        completion: str = "l2",
         backend: str = "auto",
         chunk_rows: int | None = None,
     ):
         super().__init__()
         self.params = BFTLossParams(
             top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-            alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight,
+            alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight, completion=completion,
         )  # fmt: skip
         _check_kl_weight(kl_weight)
+        if completion not in COMPLETION_TERMS:
+            raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {completion!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend

@@ -11,7 +11,9 @@ Notation, per row n (one token position), with the three models' logits over a v
     KL_n = τ²·KL(softmax(t/τ) ‖ softmax(s/τ))      kl="forward"        (Eq. 14, see below)
          = τ²·KL(softmax(s/τ) ‖ softmax(t/τ))      kl="reverse"
     M_n  = TopK(Δ, k)                                                  base-favored ids (Algorithm 1)
-    completion_n = l2_reg·Σ_{v∈M_n} s_v²                               targeted L2 completion (Eq. 9, on the student)
+    completion_n = l2_reg·Σ_{v∈M_n} s_v²                               completion="l2": Eq. 9 (on the student)
+                 = Σ_{v∈M_n} π_s(v)                                    completion="mass", π_s = softmax(s)
+                 = −log(1 − Σ_{v∈M_n} π_s(v))                          completion="unlikelihood"
     risk_n = |{v : log_softmax(b)_v > log_softmax(a)_v}| / V           base-favored density (Eq. 6, 10)
     α_n = alpha_base·(1 + γ·risk_n)                                    adaptive strength (Eq. 11), a constant
     loss = Σ_{n valid} (kl_weight·KL_n + harmful_n·α_n·completion_n) / max(1, #valid)
@@ -24,6 +26,18 @@ almost always implemented as ``F.kl_div(log_softmax(s/τ), softmax(t/τ))``, whi
 the mass-covering direction that makes the student match every mode of the teacher. We default to that
 (``kl="forward"``) and offer the paper's literal formula as ``kl="reverse"``.
 
+Completion terms (:data:`COMPLETION_TERMS`). "l2" is Eq. 9 as written and the default; its gradient 2·l2_reg·s_v
+pulls every s_v towards 0, so it *raises* a negative logit. "mass" and "unlikelihood" lower the student's
+probability on M and are unchanged when a constant is added to a row of s (π_s is temperature 1, whatever τ is);
+l2_reg scales "l2" only (it brings Σ s_v² ~ 10³-10⁴ to order 1), the other two are O(1) and weighted by α_n alone.
+With P = Σ_{v∈M} π_s(v) and Q = 1 − P = Σ_{v∉M} π_s(v), their gradients are
+
+    mass:          ∂/∂s_j = π_s(j)·(1[j∈M] − P)        = π_s(j)·Q on M,  −P·π_s(j) off M
+    unlikelihood:  ∂/∂s_j = π_s(j)·(1[j∈M] − P)/Q      = π_s(j)   on M,  −P·π_s(j)/Q off M
+
+"unlikelihood" is computed as logsumexp(s) − logsumexp_{v∉M}(s), which is exact however close P is to 1; it is
+infinite when M is the whole vocabulary, so it needs k < V.
+
 Ties in Δ at the k-th place: the lower vocabulary id wins (a stable descending sort). Every backend follows the
 same rule, so ``topk_ids`` is deterministic and comparable across backends.
 """
@@ -34,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-KL_DIRECTIONS = ("forward", "reverse")
+from bft.kernels.params import COMPLETION_TERMS, KL_DIRECTIONS  # the names every backend shares
 
 
 def hybrid_teacher_logits(aligned_logits: torch.Tensor, base_logits: torch.Tensor, teacher_lambda: float = 1.2):
@@ -145,6 +159,25 @@ class BFTRowTerms:
     row_loss: torch.Tensor  # [N] = kl_weight·kl + harmful·alpha·completion
 
 
+def completion_values(s: torch.Tensor, ids: torch.Tensor, *, completion: str = "l2", l2_reg: float = 1.0):
+    """The completion term of each row of wide [N, V] logits s on the ids ``ids`` [N, k] (M), differentiable in s.
+
+    With M = the k ids of a row and softmax at temperature 1::
+
+        "l2"            l2_reg·Σ_{v∈M} s_v²                  (Eq. 9 as written)
+        "mass"          Σ_{v∈M} softmax(s)_v
+        "unlikelihood"  −log(1 − Σ_{v∈M} softmax(s)_v) = logsumexp(s) − logsumexp_{v∉M}(s)   (needs k < V)
+    """
+    if completion == "l2":
+        return l2_reg * torch.gather(s, -1, ids).square().sum(-1)
+    if completion == "mass":
+        return torch.gather(torch.softmax(s, dim=-1), -1, ids).sum(-1)
+    if completion == "unlikelihood":
+        rest = s.scatter(-1, ids, float("-inf"))  # s with M removed
+        return torch.logsumexp(s, dim=-1) - torch.logsumexp(rest, dim=-1)
+    raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {completion!r}")
+
+
 def bft_row_terms(
     s: torch.Tensor,
     a: torch.Tensor,
@@ -161,13 +194,15 @@ def bft_row_terms(
     topk_ids: torch.Tensor | None = None,
     risk: torch.Tensor | None = None,
     kl_weight: float = 1.0,
+    completion: str = "l2",
 ) -> BFTRowTerms:
     """The objective's per-row terms from full-vocabulary logits s, a, b of shape [N, V] (already wide dtype).
 
     a and b are constants (no gradient); gradients flow to s only. α_n is detached (Eq. 11 is a weight).
     ``topk_ids`` [N, k] and ``risk`` [N], when given (both or neither), are M_n and risk_n computed beforehand from
     the same a and b (a teacher cache); they replace the top-k of Δ and the count, and nothing else changes.
-    ``kl_weight`` scales KL_n in ``row_loss`` only; ``kl`` is reported unweighted.
+    ``kl_weight`` scales KL_n in ``row_loss`` only; ``kl`` is reported unweighted. ``completion`` names the
+    completion term (:func:`completion_values`).
     """
     tau = float(temperature)
     a = a.detach()
@@ -192,9 +227,9 @@ def bft_row_terms(
         ids = topk_ids.long()
         risk = risk.detach().to(s.dtype)
     alpha = (alpha_base * (1.0 + gamma * risk)).detach()
-    completion = l2_reg * torch.gather(s, -1, ids).square().sum(-1)
-    row_loss = kl_weight * kl_n + harmful.to(s.dtype) * alpha * completion
-    return BFTRowTerms(kl=kl_n, completion=completion, risk=risk, alpha=alpha, topk_ids=ids, row_loss=row_loss)
+    completion_n = completion_values(s, ids, completion=completion, l2_reg=l2_reg)
+    row_loss = kl_weight * kl_n + harmful.to(s.dtype) * alpha * completion_n
+    return BFTRowTerms(kl=kl_n, completion=completion_n, risk=risk, alpha=alpha, topk_ids=ids, row_loss=row_loss)
 
 
 def bft_loss_reference(
@@ -215,6 +250,7 @@ def bft_loss_reference(
     l2_reg: float,
     kl: str,
     kl_weight: float = 1.0,
+    completion: str = "l2",
     compute_dtype: torch.dtype = torch.float32,
     topk_ids: torch.Tensor | None = None,
     risk: torch.Tensor | None = None,
@@ -235,7 +271,7 @@ def bft_loss_reference(
     terms = bft_row_terms(
         s, a, b, harmful,
         top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight,
+        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight, completion=completion,
         topk_ids=None if topk_ids is None else torch.where(valid[:, None], topk_ids.long(), 0),
         risk=None if risk is None else torch.where(valid, risk, 0),
     )  # fmt: skip

@@ -136,7 +136,7 @@ def bft_forward_backward_triton(
             s, a, b, g, harmful_i8[r0:r1],
             top_k=params.top_k, temperature=params.temperature, teacher_lambda=params.teacher_lambda,
             alpha_base=params.alpha_base, gamma=params.gamma, l2_reg=params.l2_reg, kl=params.kl, grad_scale=scale,
-            kl_weight=params.kl_weight,
+            kl_weight=params.kl_weight, completion=params.completion,
             topk_ids=None if topk_ids is None else topk_ids[r0:r1], risk=None if risk is None else risk[r0:r1],
         )  # fmt: skip
         out["loss_sum"] += rows["row_loss"].sum()

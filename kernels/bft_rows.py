@@ -16,6 +16,15 @@ gradient of the row's loss w.r.t. the student logits, pre-multiplied by ``grad_s
 both times ``kl_weight`` (the weight of KL_n in row_loss; the stored ``kl`` is unweighted).
 Then the L2 completion term touches only the k top ids: completion = l2·Σ_{v∈M} s_v² and, for harmful rows,
 ∂/∂s_v += 2·l2·α_n·s_v at those ids — a sparse read-modify-write after a barrier, not another dense pass.
+
+The softmax completion terms (``COMPLETION`` 1 = "mass" P = Σ_{v∈M} π_v, 2 = "unlikelihood" −log(1 − P), with
+π = softmax(s) at temperature 1) need lse(s) and the complement's mass Q = 1 − P, known only after M is. So once
+pass 1 has found M, the kernel keeps s at M in registers and writes −inf there in the row; pass 2 then computes
+the count and the online log-sum-exp over the complement of M (exact, with no 1 − P cancellation), and P, Q and
+lse(s) follow from it and the k kept values. α_n needs the count, so a pass 3 writes the gradient: the KL's plus
+the completion term's off M, −P·π_j ("mass") or −P·q_j ("unlikelihood", q = softmax over the complement), both
+times harmful_n·α_n; then the k lanes of M are overwritten with the KL gradient of the kept s plus π_j·Q ("mass")
+or π_j ("unlikelihood"), and s is restored at M. Without a gradient there is no pass 3.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .params import completion_code
 
 MAX_ID = 2**31 - 1
 
@@ -37,13 +48,26 @@ def _packed_keys(delta, offs, mask):
 
 
 @triton.jit
+def _kl_grad(s, a, b, inv_tau, tau, lam, lse_s, lse_t, kl_raw, REVERSE: tl.constexpr):
+    """∂KL_n/∂s_v (unscaled): τ(p_s − p_t) forward, τ·p_s·(log p_s − log p_t − KL/τ²) reverse."""
+    log_ps = s * inv_tau - lse_s
+    log_pt = (lam * a + (1.0 - lam) * b) * inv_tau - lse_t
+    p_s = tl.exp(log_ps)
+    if REVERSE:
+        g = tau * p_s * (log_ps - log_pt - kl_raw)
+    else:
+        g = tau * (p_s - tl.exp(log_pt))
+    return g
+
+
+@triton.jit
 def _bft_rows_kernel(
     s_ptr, a_ptr, b_ptr, g_ptr, harmful_ptr, ids_in_ptr, risk_in_ptr,
     kl_ptr, completion_ptr, count_ptr, risk_ptr, alpha_ptr, row_loss_ptr, keys_ptr,
     stride_logits, stride_g, V,
     inv_tau, tau, lam, alpha_base, gamma, l2_reg, kl_weight, grad_scale,
     K: tl.constexpr, K_PAD: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    GIVEN: tl.constexpr,
+    GIVEN: tl.constexpr, COMPLETION: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_logits
@@ -116,8 +140,24 @@ def _bft_rows_kernel(
     else:
         kl_raw = u / l_t - (lse_t - lse_s)
 
-    # ---- pass 2: base-favored count and the dense KL gradient -----------------------------------------------
+    # ---- the k base-favored ids M (known from here on) ---------------------------------------------------------
+    kmask = kpos < K
+    if GIVEN:
+        ids = tl.load(ids_in_ptr + row * K + kpos, mask=kmask, other=0).to(tl.int64)
+    else:
+        ids = tl.where(kmask, 2147483647 - (top & 2147483647), 0)  # unordered; the driver sorts the k keys
+    s_top = tl.load(s_row + ids, mask=kmask, other=0.0)
+    if COMPLETION != 0:
+        # softmax terms: s at M is kept in registers and hidden in the row (−inf) until the end, so that pass 2's
+        # log-sum-exp is over the complement of M exactly (no 1 − P cancellation) and pass 3 sees s = −inf there
+        tl.debug_barrier()  # pass 1's loads of the row are done
+        tl.store(s_row + ids, tl.full((K_PAD,), NEG_INF, tl.float32), mask=kmask)
+        tl.debug_barrier()
+
+    # ---- pass 2: base-favored count; the dense KL gradient ("l2") or lse over the complement of M (softmax) --
     count = tl.zeros((), tl.int32)
+    m_c = tl.full((), NEG_INF, tl.float32)
+    l_c = tl.zeros((), tl.float32)
     g_row = g_ptr + row * stride_g
     kl_grad_scale = kl_weight * grad_scale  # exactly grad_scale at kl_weight = 1
     for v0 in range(0, V, BV):
@@ -127,38 +167,82 @@ def _bft_rows_kernel(
             a = tl.load(a_row + offs, mask=mask, other=0.0)
             b = tl.load(b_row + offs, mask=mask, other=0.0)
             count += tl.sum((mask & ((b - lse_b) > (a - lse_a))).to(tl.int32), 0)
-        if WRITE_GRAD:
-            if GIVEN:
-                a = tl.load(a_row + offs, mask=mask, other=0.0)
-                b = tl.load(b_row + offs, mask=mask, other=0.0)
-            s = tl.load(s_row + offs, mask=mask, other=0.0)
-            log_ps = s * inv_tau - lse_s
-            log_pt = (lam * a + (1.0 - lam) * b) * inv_tau - lse_t
-            p_s = tl.exp(log_ps)
-            if REVERSE:
-                g = tau * p_s * (log_ps - log_pt - kl_raw)
-            else:
-                g = tau * (p_s - tl.exp(log_pt))
-            tl.store(g_row + offs, (g * kl_grad_scale).to(g_ptr.dtype.element_ty), mask=mask)
+        if COMPLETION == 0:
+            if WRITE_GRAD:
+                if GIVEN:
+                    a = tl.load(a_row + offs, mask=mask, other=0.0)
+                    b = tl.load(b_row + offs, mask=mask, other=0.0)
+                s = tl.load(s_row + offs, mask=mask, other=0.0)
+                g = _kl_grad(s, a, b, inv_tau, tau, lam, lse_s, lse_t, kl_raw, REVERSE)
+                tl.store(g_row + offs, (g * kl_grad_scale).to(g_ptr.dtype.element_ty), mask=mask)
+        else:
+            s = tl.load(s_row + offs, mask=mask, other=NEG_INF)  # −inf on M and past V
+            m_c_new = tl.maximum(m_c, tl.max(s, 0))
+            keep = s > NEG_INF
+            shift = tl.where(m_c_new > NEG_INF, m_c_new, 0.0)  # all −inf so far: nothing to rescale
+            l_c = l_c * tl.exp(m_c - shift) + tl.sum(tl.where(keep, tl.exp(s - shift), 0.0), 0)
+            m_c = m_c_new
 
-    # ---- the k base-favored ids: completion term and its sparse gradient ------------------------------------
-    kmask = kpos < K
     if GIVEN:
-        ids = tl.load(ids_in_ptr + row * K + kpos, mask=kmask, other=0).to(tl.int64)
         risk = tl.load(risk_in_ptr + row)
         count = count - 1  # not counted
     else:
-        ids = tl.where(kmask, 2147483647 - (top & 2147483647), 0)  # unordered; the driver sorts the k keys
         risk = (count.to(tl.float64) / V).to(tl.float32)  # correctly rounded, as bft.reference.base_favored_density
-    s_top = tl.load(s_row + ids, mask=kmask, other=0.0)
-    completion = l2_reg * tl.sum(s_top * s_top, 0)
     alpha = alpha_base * (1.0 + gamma * risk)
     harmful = tl.load(harmful_ptr + row).to(tl.float32)
-    if WRITE_GRAD:
-        tl.debug_barrier()  # the dense stores above must land before we add to k of them
-        g_old = tl.load(g_row + ids, mask=kmask, other=0.0).to(tl.float32)
-        g_new = g_old + (2.0 * l2_reg * grad_scale) * harmful * alpha * s_top
-        tl.store(g_row + ids, g_new.to(g_ptr.dtype.element_ty), mask=kmask)
+    weight = harmful * alpha  # harmful_n·α_n
+
+    # ---- the completion term on M and its gradient --------------------------------------------------------------
+    if COMPLETION == 0:  # "l2": l2·Σ_{v∈M} s_v², gradient 2·l2·s_v on the k ids only (a sparse read-modify-write)
+        completion = l2_reg * tl.sum(s_top * s_top, 0)
+        if WRITE_GRAD:
+            tl.debug_barrier()  # the dense stores above must land before we add to k of them
+            g_old = tl.load(g_row + ids, mask=kmask, other=0.0).to(tl.float32)
+            g_new = g_old + (2.0 * l2_reg * grad_scale) * weight * s_top
+            tl.store(g_row + ids, g_new.to(g_ptr.dtype.element_ty), mask=kmask)
+    else:
+        # P = Σ_{v∈M} π_v and Q = 1 − P from log-sum-exps over M (registers) and over its complement (pass 2)
+        lse_c = m_c + tl.log(l_c)  # −inf when M is the whole vocabulary
+        m_m = tl.max(tl.where(kmask, s_top, NEG_INF), 0)
+        lse_m = m_m + tl.log(tl.sum(tl.where(kmask, tl.exp(s_top - m_m), 0.0), 0))
+        m_all = tl.maximum(lse_m, lse_c)
+        lse = m_all + tl.log(tl.exp(lse_m - m_all) + tl.exp(lse_c - m_all))  # lse(s), temperature 1
+        P = tl.exp(lse_m - lse)
+        Q = tl.exp(lse_c - lse)
+        if COMPLETION == 1:  # "mass": P
+            completion = P
+        else:  # "unlikelihood": −log Q
+            completion = lse - lse_c
+        if WRITE_GRAD:
+            # pass 3: KL gradient plus the completion term's off M: −P·π_j ("mass"), −P·q_j ("unlikelihood", q the
+            # softmax over the complement); s = −inf on M, so those lanes get junk that the sparse store replaces
+            c_scale = grad_scale * weight
+            for v0 in range(0, V, BV):
+                offs = v0 + tl.arange(0, BV)
+                mask = offs < V
+                s = tl.load(s_row + offs, mask=mask, other=0.0)
+                a = tl.load(a_row + offs, mask=mask, other=0.0)
+                b = tl.load(b_row + offs, mask=mask, other=0.0)
+                s_kl = tl.where(s > NEG_INF, s, 0.0)  # finite junk on M (0·inf would be NaN in the reverse KL)
+                g = _kl_grad(s_kl, a, b, inv_tau, tau, lam, lse_s, lse_t, kl_raw, REVERSE) * kl_grad_scale
+                if COMPLETION == 1:
+                    g = g - (c_scale * P) * tl.exp(s - lse)
+                else:
+                    g = g - (c_scale * P) * tl.exp(s - lse_c)
+                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+            tl.debug_barrier()  # pass 3's stores (and loads of the row) are done before M's lanes are rewritten
+            # on M: the KL gradient from the kept s, plus π_j·Q ("mass") or π_j ("unlikelihood")
+            a_top = tl.load(a_row + ids, mask=kmask, other=0.0)
+            b_top = tl.load(b_row + ids, mask=kmask, other=0.0)
+            g_top = _kl_grad(s_top, a_top, b_top, inv_tau, tau, lam, lse_s, lse_t, kl_raw, REVERSE) * kl_grad_scale
+            if COMPLETION == 1:
+                g_top = g_top + c_scale * tl.exp(s_top - lse) * Q
+            else:
+                g_top = g_top + c_scale * tl.exp(s_top - lse)
+            tl.store(g_row + ids, g_top.to(g_ptr.dtype.element_ty), mask=kmask)
+        else:
+            tl.debug_barrier()  # pass 2's loads of the row are done before M's lanes are restored
+        tl.store(s_row + ids, s_top, mask=kmask)  # the row as it was given
 
     kl = kl_raw * tau * tau
     if not GIVEN:
@@ -168,7 +252,7 @@ def _bft_rows_kernel(
     tl.store(count_ptr + row, count)
     tl.store(risk_ptr + row, risk)
     tl.store(alpha_ptr + row, alpha)
-    tl.store(row_loss_ptr + row, kl_weight * kl + harmful * alpha * completion)
+    tl.store(row_loss_ptr + row, kl_weight * kl + weight * completion)
 
 
 def row_block_sizes(V: int, top_k: int, device: torch.device) -> tuple[int, int]:
@@ -182,7 +266,7 @@ def row_block_sizes(V: int, top_k: int, device: torch.device) -> tuple[int, int]
 
 
 def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-             grad_scale, topk_ids=None, risk=None, kl_weight=1.0) -> dict:  # fmt: skip
+             grad_scale, topk_ids=None, risk=None, kl_weight=1.0, completion="l2") -> dict:  # fmt: skip
     """Run kernel 2 on fp32 logit blocks S, A, B of shape [n, V]; writes d(loss)/d(s)·grad_scale into G
     (any float dtype, [n, V]) unless G is None. Returns per-row kl, completion, count, risk, alpha, row_loss,
     topk_ids. ``kl_weight`` scales KL_n in row_loss and its gradient; ``kl`` is returned unweighted.
@@ -210,7 +294,7 @@ def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_b
         risk = risk.to(torch.float32).contiguous()
     if n > 0:
         _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-                grad_scale, topk_ids, risk, kl_weight)  # fmt: skip
+                grad_scale, topk_ids, risk, kl_weight, completion_code(completion))  # fmt: skip
     keys = out.pop("topk_keys")
     if given:
         out["topk_ids"] = topk_ids.long()
@@ -222,7 +306,7 @@ def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_b
 
 
 def _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-            grad_scale, topk_ids, risk, kl_weight=1.0):  # fmt: skip
+            grad_scale, topk_ids, risk, kl_weight=1.0, completion=0):  # fmt: skip
     n, dev = S.shape[0], S.device
     BV, K_PAD = row_block_sizes(V, top_k, dev)
     write_grad = G is not None
@@ -236,5 +320,5 @@ def _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alp
         1.0 / temperature, float(temperature), float(teacher_lambda), float(alpha_base), float(gamma),
         float(l2_reg), float(kl_weight), float(grad_scale),
         K=top_k, K_PAD=K_PAD, BV=BV, REVERSE=(kl == "reverse"), WRITE_GRAD=write_grad, GIVEN=given,
-        num_warps=8 if dev.type == "cuda" else 1,
+        COMPLETION=completion, num_warps=8 if dev.type == "cuda" else 1,
     )  # fmt: skip
