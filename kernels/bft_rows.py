@@ -202,7 +202,7 @@ def _bft_rows_kernel(
             tl.store(g_row + ids, g_new.to(g_ptr.dtype.element_ty), mask=kmask)
     else:
         # P = Σ_{v∈M} π_v and Q = 1 − P from log-sum-exps over M (registers) and over its complement (pass 2)
-        lse_c = m_c + tl.log(l_c)  # −inf when M is the whole vocabulary
+        lse_c = m_c + tl.log(tl.maximum(l_c, 1e-30))  # l_c ≥ 1 unless M is the whole vocabulary: then −inf
         m_m = tl.max(tl.where(kmask, s_top, NEG_INF), 0)
         lse_m = m_m + tl.log(tl.sum(tl.where(kmask, tl.exp(s_top - m_m), 0.0), 0))
         m_all = tl.maximum(lse_m, lse_c)
