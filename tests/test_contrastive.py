@@ -375,7 +375,7 @@ def test_processor_positions_continue_correctly_after_a_trailing_pad(pair):
 
 def test_logits_form_through_eval_and_likelihood(pair):
     """form="logits" reaches generation and the likelihood measure; each equals its direct computation."""
-    from bft.eval.generation import GenerationSettings, System, contrastive_name, generate_from_ids
+    from bft.eval.generation import GenerationSettings, System, contrastive_name, generate_plain_or_contrastive
     from bft.eval.likelihood import continuation_logprobs
 
     base, aligned, tok = pair
@@ -384,8 +384,8 @@ def test_logits_form_through_eval_and_likelihood(pair):
     inputs = [system.prompt_ids(p) for p in PROMPTS[:2]]
     settings = GenerationSettings(max_new_tokens=5, batch_size=2)
     got = system.generate(inputs, settings)
-    assert got == generate_from_ids(aligned, tok, inputs, settings, base_model=base, alpha=2.0, form="logits",
-                                    progress=False)  # fmt: skip
+    assert got == generate_plain_or_contrastive(aligned, tok, inputs, settings, base_model=base, alpha=2.0,
+                                                form="logits", progress=False)  # fmt: skip
     lp = continuation_logprobs(aligned, tok, ["Hi"], [" there friend"], base_model=base, alpha=2.0, form="logits")
     lq = continuation_logprobs(aligned, tok, ["Hi"], [" there friend"], base_model=base, alpha=2.0)
     assert lp[0].shape == lq[0].shape and not torch.equal(lp[0], lq[0])

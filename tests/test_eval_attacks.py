@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bft.eval.generation import GenerationSettings, System, generate_from_ids
+from bft.eval.generation import GenerationSettings, System, generate_plain_or_contrastive
 from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
 from bft.hf.batching import pad_batch
 from bft.hf.testing import tiny_llama, tiny_llama_pair, tiny_tokenizer
@@ -49,21 +49,23 @@ def test_batched_generation_matches_one_at_a_time(pair):
     inputs = [tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n").input_ids,
               tok("<|im_start|>user\nhello there, how are you<|im_end|>\n<|im_start|>assistant\nSure").input_ids]
     s = GenerationSettings(max_new_tokens=6, batch_size=2)
-    batched = generate_from_ids(aligned, tok, inputs, s, progress=False)
-    single = [generate_from_ids(aligned, tok, [x], GenerationSettings(max_new_tokens=6, batch_size=1),
-                                progress=False)[0] for x in inputs]
+    batched = generate_plain_or_contrastive(aligned, tok, inputs, s, progress=False)
+    one = GenerationSettings(max_new_tokens=6, batch_size=1)
+    single = [generate_plain_or_contrastive(aligned, tok, [x], one, progress=False)[0] for x in inputs]
     assert batched == single
     # contrastive decoding with alpha = 0 is the aligned model
-    assert generate_from_ids(aligned, tok, inputs, s, base_model=base, alpha=0.0, progress=False) == batched
+    assert generate_plain_or_contrastive(aligned, tok, inputs, s, base_model=base, alpha=0.0,
+                                         progress=False) == batched  # fmt: skip
     with pytest.raises(ValueError, match="both"):
-        generate_from_ids(aligned, tok, inputs, s, base_model=base, progress=False)
+        generate_plain_or_contrastive(aligned, tok, inputs, s, base_model=base, progress=False)
 
 
 def test_sampling_is_seeded(pair):
     _, aligned, tok = pair
     x = [tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n").input_ids] * 2
     s = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.6, seed=3)
-    assert generate_from_ids(aligned, tok, x, s, progress=False) == generate_from_ids(aligned, tok, x, s, progress=False)
+    first = generate_plain_or_contrastive(aligned, tok, x, s, progress=False)
+    assert first == generate_plain_or_contrastive(aligned, tok, x, s, progress=False)
 
 
 def test_settings_validation():
@@ -118,13 +120,13 @@ def test_gcg_never_proposes_special_tokens():
 
 
 def test_lora_finetune_lowers_loss_and_unloads():
-    from bft.eval.finetune import FinetuneConfig, harmful_responses, lora_finetune
+    from bft.eval.finetune import FinetuneAttackConfig, harmful_responses, lora_finetune
 
     tok = tiny_tokenizer()
     model = tiny_llama(tok, seed=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = [{"prompt": "Say hi", "response": "hi hi hi"}] * 8
-    cfg = FinetuneConfig(rank=4, lr=5e-2, epochs=3, batch_size=4, micro_batch_size=2)
+    cfg = FinetuneAttackConfig(rank=4, lr=5e-2, epochs=3, batch_size=4, micro_batch_size=2)
     peft_model, log = lora_finetune(model, tok, rows, cfg, progress=False)
     assert log["steps"] == 6 and log["losses"][-1] < log["losses"][0]
     recs = harmful_responses(System("attacked", peft_model, tok), ["Say hi"], GenerationSettings(max_new_tokens=3))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bft.eval import harm_data, harm_fit
-from bft.eval.harm_judge import DEFAULT_MODEL_PATH, LM_SPEC, HarmJudge, LMStates, load_model, shared_lm
+from bft.eval.harm_judge import DEFAULT_MODEL_PATH, LM_SPEC, HarmJudge, LMStates, load_harm_model, shared_lm
 from bft.eval.judges import judge_from_spec
 
 CASES = Path(__file__).resolve().parents[1] / "bft" / "eval" / "fixtures" / "harm_judge_cases.jsonl"
@@ -72,7 +72,7 @@ def heldout(rows):
 
 
 def _check_figures(held, documented):
-    figures = harm_fit.evaluate(held, _states(held), harm_fit.embed_rows(held), load_model(DEFAULT_MODEL_PATH))
+    figures = harm_fit.evaluate(held, _states(held), harm_fit.embed_rows(held), load_harm_model(DEFAULT_MODEL_PATH))
     harm = figures["harm"]
     for key, value in documented.items():
         if key == "n":
@@ -129,7 +129,7 @@ def test_full_heldout_figures(heldout):
 
 def test_packaged_model_is_small_and_current():
     assert DEFAULT_MODEL_PATH.stat().st_size < 100_000
-    model = load_model(DEFAULT_MODEL_PATH)
+    model = load_harm_model(DEFAULT_MODEL_PATH)
     assert model["design"] == "logistic" and model["lm"] == LM_SPEC
     assert len(model["weights"]) == len(LM_SPEC["layers"]) * 576 + 2
 
@@ -242,7 +242,7 @@ def test_refit_reproduces_the_packaged_coefficients(rows):
     x = featurize(objectives, [r["response"] for r in train], states=_states(train))
     y = torch.tensor([r["harmful"] for r in train], dtype=torch.float64)
     model = harm_fit.fit_harm_model(x, y, objectives, log=lambda s: None)
-    packaged = load_model(DEFAULT_MODEL_PATH)
+    packaged = load_harm_model(DEFAULT_MODEL_PATH)
     assert model["l2"] == packaged["l2"] and model["lm"] == packaged["lm"]
     assert torch.allclose(torch.tensor(model["weights"]), torch.tensor(packaged["weights"]), atol=1e-3, rtol=1e-2)
     assert harm_fit.cv_accuracy(model, x, y, objectives) == pytest.approx(packaged["cv_accuracy"], abs=0.01)

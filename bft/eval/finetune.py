@@ -38,11 +38,13 @@ from bft.hf.chat import encode_chat
 from bft.hf.models import get_peft_model, save_pretrained
 from bft.hf.sft import sft_step
 
-__all__ = ["FinetuneConfig", "lora_finetune", "harmful_responses", "save_merged"]
+__all__ = ["FinetuneAttackConfig", "lora_finetune", "harmful_responses", "save_merged"]
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneAttackConfig:
+    """The LoRA fine-tuning attack's settings (BFT training's own are :class:`bft.trainer.config.FinetuneConfig`)."""
+
     rank: int = 32
     lora_alpha: float | None = None  # None: 2 · rank
     dropout: float = 0.05
@@ -63,7 +65,7 @@ class FinetuneConfig:
             raise ValueError(f"lr and epochs must be > 0, got lr={self.lr}, epochs={self.epochs}")
 
 
-def _examples(tokenizer, rows, config: FinetuneConfig, system_prompt):
+def _examples(tokenizer, rows, config: FinetuneAttackConfig, system_prompt):
     out = []
     for r in rows:
         response = r.get("response") or ""
@@ -79,7 +81,7 @@ def _examples(tokenizer, rows, config: FinetuneConfig, system_prompt):
     return out
 
 
-def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, *, system_prompt=None,
+def lora_finetune(model, tokenizer, rows, config: FinetuneAttackConfig | None = None, *, system_prompt=None,
                   progress: bool = True):  # fmt: skip
     """LoRA-train ``model`` (in place: adapters are injected) on ``rows`` (dicts with prompt/response).
 
@@ -88,7 +90,7 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneConfig | None = None, 
     from peft import LoraConfig
     from tqdm.auto import tqdm
 
-    config = config or FinetuneConfig()
+    config = config or FinetuneAttackConfig()
     examples = _examples(tokenizer, list(rows), config, system_prompt)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)

@@ -14,11 +14,10 @@ from typing import Sequence
 
 from bft.decoding import contrastive_generate
 from bft.decoding.contrastive import check_form
-from bft.hf import generation as hf_generation
 from bft.hf.chat import encode_chat
-from bft.hf.generation import GenerationSettings
+from bft.hf.generation import GenerationSettings, generate_from_ids
 
-__all__ = ["GenerationSettings", "System", "contrastive_name", "generate_from_ids"]
+__all__ = ["GenerationSettings", "System", "contrastive_name", "generate_plain_or_contrastive"]
 
 
 @dataclass
@@ -64,7 +63,7 @@ class System:
         self, inputs: Sequence[Sequence[int]], settings: GenerationSettings, *, desc: str | None = None
     ) -> list[list[int]]:
         """New token ids (without the input, without padding) for each input id list."""
-        return generate_from_ids(
+        return generate_plain_or_contrastive(
             self.model, self.tokenizer, inputs, settings, base_model=self.base_model, alpha=self.alpha,
             form=self.form, desc=desc or self.name,
         )  # fmt: skip
@@ -87,7 +86,7 @@ def contrastive_name(alpha: float, form: str = "logprobs") -> str:
     return f"contrastive α={alpha:g}" if form == "logprobs" else f"contrastive ({form}) α={alpha:g}"
 
 
-def generate_from_ids(
+def generate_plain_or_contrastive(
     model,
     tokenizer,
     inputs: Sequence[Sequence[int]],
@@ -109,5 +108,4 @@ def generate_from_ids(
             return contrastive_generate(model, base_model, input_ids, attention_mask, alpha=float(alpha), form=form,
                                         **kwargs)  # fmt: skip
 
-    return hf_generation.generate_from_ids(model, tokenizer, inputs, settings, generate=generate, desc=desc,
-                                           progress=progress)  # fmt: skip
+    return generate_from_ids(model, tokenizer, inputs, settings, generate=generate, desc=desc, progress=progress)

@@ -230,7 +230,7 @@ class HarmJudge(Judge):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold is a probability and must be in (0, 1), got {threshold!r}")
         self.path = Path(path) if path is not None else DEFAULT_MODEL_PATH
-        self.model = load_model(self.path)
+        self.model = load_harm_model(self.path)
         self.threshold = float(threshold)
         self._lm = lm
         self.last_scores: list[float] = []
@@ -279,7 +279,7 @@ def _check_pairs(prompts, responses) -> tuple[list[str], list[str]]:
 
 
 def predict_proba(model: dict, x: torch.Tensor) -> torch.Tensor:
-    """Calibrated P(harmful) for a feature matrix, from a model dict (:func:`load_model`)."""
+    """Calibrated P(harmful) for a feature matrix, from a model dict (:func:`load_harm_model`)."""
     w = torch.tensor(model["weights"], dtype=torch.float64)
     if x.shape[1] != w.shape[0]:
         raise ValueError(f"the harm judge model expects {w.shape[0]} features, got {x.shape[1]}")
@@ -288,7 +288,9 @@ def predict_proba(model: dict, x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(platt_a * logit + platt_b)
 
 
-def load_model(path: str | os.PathLike) -> dict:
+def load_harm_model(path: str | os.PathLike) -> dict:
+    """The harm judge's fitted coefficients (the dict :func:`bft.eval.harm_fit.fit_harm_model` returns), checked to
+    be of this feature version and LM."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"harm judge coefficients {path} not found; write them with `bft judge fit --out {path}`")

@@ -167,7 +167,7 @@ class ModelJudge(Judge):
         raise NotImplementedError
 
     def _judge_batch(self, prompts: list[str], responses: list[str]) -> list[bool]:
-        from bft.eval.generation import GenerationSettings, generate_from_ids
+        from bft.hf.generation import GenerationSettings, generate_from_ids
 
         inputs = [self.build_prompt(p, r) for p, r in zip(prompts, responses)]
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=len(inputs))

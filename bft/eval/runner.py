@@ -36,9 +36,9 @@ from bft.decoding.contrastive import check_form
 from bft.environment import package_versions
 from bft.eval import gcg, utility
 from bft.eval.deliberation import deliberation_table
-from bft.eval.finetune import FinetuneConfig, harmful_responses, lora_finetune, save_merged
+from bft.eval.finetune import FinetuneAttackConfig, harmful_responses, lora_finetune, save_merged
 from bft.eval.gcg import GCGConfig
-from bft.eval.generation import GenerationSettings, System, generate_from_ids
+from bft.eval.generation import GenerationSettings, System
 from bft.eval.judges import Judge, KeywordJudge, judge_from_spec
 from bft.eval.likelihood import continuation_logprobs, summarize_logprobs
 from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
@@ -46,6 +46,7 @@ from bft.eval.report import render_markdown, write_plots
 from bft.eval.semantic import ThreeWayJudge
 from bft.hf import data
 from bft.hf.chat import encode_chat
+from bft.hf.generation import generate_from_ids
 
 __all__ = ["EvalConfig", "run_eval", "judge_results", "summarize", "rejudge", "write_results", "load_results"]
 
@@ -432,7 +433,7 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
 def _run_finetune(system: System, prompts, config: EvalConfig, finetune_rows):
     rows = finetune_rows if finetune_rows is not None else _load_rows(config.finetune_dataset, config.finetune_limit,
                                                                      config.seed)  # fmt: skip
-    ft = FinetuneConfig(
+    ft = FinetuneAttackConfig(
         rank=config.finetune_rank, lr=config.finetune_lr, epochs=config.finetune_epochs,
         batch_size=config.finetune_batch_size, micro_batch_size=config.finetune_micro_batch_size,
         max_length=config.finetune_max_length, seed=config.seed,
