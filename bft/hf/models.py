@@ -493,7 +493,7 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 def load_pair(aligned: str, base: str, *, gguf_file=None, base_gguf_file=None, device=None, dtype=None):
     """Load the aligned and base models (the aligned model's tokenizer is used for both) and check with
-    :func:`bft.hf.check_same_vocab` that their vocabularies match before anything runs."""
+    :func:`check_same_vocab` that their vocabularies match before anything runs."""
     aligned_model, tokenizer = load_model_and_tokenizer(aligned, gguf_file=gguf_file, device=device,
                                                                dtype=dtype)  # fmt: skip
     base_model, base_tokenizer = load_model_and_tokenizer(base, gguf_file=base_gguf_file, device=device,
