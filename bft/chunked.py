@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from bft.kernels.chunking import grad_hidden_sliced, logits_sliced, rows_per_block
 from bft.reference import (
     COMPLETION_TERMS,
     base_favored_density,
@@ -29,17 +30,10 @@ from bft.reference import (
 
 # Bytes of one fp32 [C, V] block; a chunk holds about a dozen such blocks (logits, softmaxes, their gradients).
 DEFAULT_BLOCK_BYTES = 32 * 2**20
-VOCAB_SLICE_BYTES = 64 * 2**20
 
 
 def default_chunk_rows(V: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
-    return max(1, block_bytes // (4 * V))
-
-
-def _vocab_slices(V: int, H: int):
-    step = max(1, VOCAB_SLICE_BYTES // (4 * max(1, H)))
-    for v0 in range(0, V, step):
-        yield v0, min(V, v0 + step)
+    return rows_per_block(V, block_bytes)
 
 
 def logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -48,20 +42,14 @@ def logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     h = hidden.to(dtype)
     if weight.dtype == dtype:
         return h @ weight.T
-    out = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
-    for v0, v1 in _vocab_slices(weight.shape[0], weight.shape[1]):
-        out[:, v0:v1] = h @ weight[v0:v1].to(dtype).T
-    return out
+    return logits_sliced(h, weight, torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device))
 
 
 def _grad_hidden(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``g @ weight`` in g's dtype, upcasting W a slice at a time."""
     if weight.dtype == g.dtype:
         return g @ weight
-    out = torch.zeros(g.shape[0], weight.shape[1], dtype=g.dtype, device=g.device)
-    for v0, v1 in _vocab_slices(weight.shape[0], weight.shape[1]):
-        out += g[:, v0:v1] @ weight[v0:v1].to(g.dtype)
-    return out
+    return grad_hidden_sliced(g, weight, torch.empty(g.shape[0], weight.shape[1], dtype=g.dtype, device=g.device))
 
 
 def topk_ids_lowest_id_ties(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -30,42 +30,43 @@ the penalty / KL ratio at these defaults); scale ``l2_reg`` so that the ratio is
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from bft.reference import COMPLETION_TERMS, KL_DIRECTIONS, bft_loss_reference
+from bft.kernels.params import (  # noqa: F401  (the settings' one home; re-exported as part of this module's API)
+    COMPLETION_TERMS,
+    DEFAULT_ALPHA_BASE,
+    DEFAULT_GAMMA,
+    DEFAULT_KL_WEIGHT,
+    DEFAULT_L2_REG,
+    DEFAULT_TEACHER_LAMBDA,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    KL_DIRECTIONS,
+    BFTLossParams,
+)
+from bft.reference import bft_loss_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
-DEFAULT_TOP_K = 100
-DEFAULT_TEMPERATURE = 2.0
-DEFAULT_TEACHER_LAMBDA = 1.2
-DEFAULT_ALPHA_BASE = 1.0
-DEFAULT_GAMMA = 1.0
-DEFAULT_L2_REG = 1e-4
-DEFAULT_KL_WEIGHT = 1.0
+#: the loose keywords of :func:`bft_loss` / :class:`BFTLoss` that build a :class:`BFTLossParams`, with its defaults
+_PARAM_DEFAULTS = BFTLossParams().as_kwargs()
 
 
-@dataclass(frozen=True)
-class BFTLossParams:
-    """Scalar hyper-parameters of the objective (see :mod:`bft.reference` for the equations)."""
-
-    top_k: int = DEFAULT_TOP_K
-    temperature: float = DEFAULT_TEMPERATURE
-    teacher_lambda: float = DEFAULT_TEACHER_LAMBDA
-    alpha_base: float = DEFAULT_ALPHA_BASE
-    gamma: float = DEFAULT_GAMMA
-    l2_reg: float = DEFAULT_L2_REG
-    kl: str = "forward"
-    kl_weight: float = DEFAULT_KL_WEIGHT  # weight of KL_n in the loss (0: the completion-only ablation)
-    completion: str = "l2"  # the completion term, one of COMPLETION_TERMS ("l2": Eq. 9 as written)
-
-    def as_kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+def resolve_params(params: BFTLossParams | None, loose: dict) -> BFTLossParams:
+    """``params``, or a :class:`BFTLossParams` built (and validated) from the loose keywords. Passing both is an
+    error unless every loose keyword is at its default (so a call can never silently drop a setting)."""
+    if params is None:
+        return BFTLossParams(**loose)
+    if not isinstance(params, BFTLossParams):
+        raise ValueError(f"params must be a bft.loss.BFTLossParams, got {type(params).__name__}")
+    changed = sorted(k for k, v in loose.items() if v != _PARAM_DEFAULTS[k])
+    if changed:
+        raise ValueError(f"pass the loss settings either as params= or as keywords, not both (got params and "
+                         f"{', '.join(changed)})")  # fmt: skip
+    return params
 
 
 @dataclass
@@ -135,31 +136,9 @@ def _validate(tensors: dict[str, torch.Tensor], harmful, valid, params: BFTLossP
             raise ValueError(f"{name} must be a bool tensor of shape [N={N}], got {got}")
         if tuple(mask.shape) != (N,):
             raise ValueError(f"{name} must have shape [N={N}], got {tuple(mask.shape)}")
-    if isinstance(params.top_k, bool) or not isinstance(params.top_k, int):
-        raise ValueError(f"top_k must be an int, got {params.top_k!r}")
-    if not 1 <= params.top_k <= V:
-        raise ValueError(f"top_k={params.top_k} must be in [1, V={V}]")
-    if not params.temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {params.temperature}")
-    for name in ("alpha_base", "gamma", "l2_reg"):
-        if not getattr(params, name) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(params, name)}")
-    _check_kl_weight(params.kl_weight)
-    if params.kl not in KL_DIRECTIONS:
-        raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {params.kl!r}")
-    if params.completion not in COMPLETION_TERMS:
-        raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {params.completion!r}")
-    if params.completion == "unlikelihood" and params.top_k >= V:
-        raise ValueError(f"completion='unlikelihood' needs top_k < V={V}: with M the whole vocabulary "
-                         "−log(1 − Σ_{v∈M} π(v)) is infinite")  # fmt: skip
+    params.check_vocab(V)  # the rest of params was validated when it was built
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _check_kl_weight(w) -> None:
-    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
-        raise ValueError(f"kl_weight must be a finite number >= 0 (1 = the full objective, 0 = completion only), "
-                         f"got {w!r}")  # fmt: skip
 
 
 def _validate_given(topk_ids, risk, valid: torch.Tensor, N: int, V: int, top_k: int, device: torch.device):
@@ -310,6 +289,7 @@ def bft_loss(
     *,
     harmful: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    params: BFTLossParams | None = None,
     top_k: int = DEFAULT_TOP_K,
     temperature: float = DEFAULT_TEMPERATURE,
     teacher_lambda: float = DEFAULT_TEACHER_LAMBDA,
@@ -343,6 +323,8 @@ def bft_loss(
             same tensor as ``aligned_weight`` (a LoRA student sharing its head); the aligned branch stays constant.
         harmful: [N] bool, rows that get the completion penalty (default: none).
         valid: [N] bool, rows that count at all (default: all).
+        params: the objective's settings as one :class:`BFTLossParams` (what the trainer passes), instead of the
+            keywords top_k ... completion below (which must then stay at their defaults).
         top_k: k of the base-favored set, 1 ≤ k ≤ V. Ties at the k-th place go to the lower id.
         temperature: τ > 0. teacher_lambda: λ (may exceed 1). kl: "forward" (default) or "reverse".
         kl_weight: finite, >= 0, the weight of KL_n in the loss and its gradients (default 1; 0 = the "completion
@@ -370,10 +352,10 @@ def bft_loss(
         "base_hidden": base_hidden,
         "base_weight": base_weight,
     }
-    params = BFTLossParams(
-        top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight, completion=completion,
-    )  # fmt: skip
+    params = resolve_params(params, {
+        "top_k": top_k, "temperature": temperature, "teacher_lambda": teacher_lambda, "alpha_base": alpha_base,
+        "gamma": gamma, "l2_reg": l2_reg, "kl": kl, "kl_weight": kl_weight, "completion": completion,
+    })  # fmt: skip
     _validate(tensors, harmful, valid, params, backend)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
@@ -382,11 +364,11 @@ def bft_loss(
     harmful = torch.zeros(N, dtype=torch.bool, device=dev) if harmful is None else harmful.to(dev)
     valid = torch.ones(N, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
     backend = resolve_backend(backend, dev)
-    _validate_given(topk_ids, risk, valid, N, student_weight.shape[0], top_k, dev)
+    _validate_given(topk_ids, risk, valid, N, student_weight.shape[0], params.top_k, dev)
 
     if backend == "reference":
-        loss, rows = bft_loss_reference(**tensors, harmful=harmful, valid=valid, **params.as_kwargs(),
-                                        topk_ids=topk_ids, risk=risk)  # fmt: skip
+        loss, rows = bft_loss_reference(**tensors, harmful=harmful, valid=valid, params=params, topk_ids=topk_ids,
+                                        risk=risk)  # fmt: skip
         return BFTLossOutput(
             loss=loss, kl=rows.kl, completion=rows.completion, risk=rows.risk, alpha=rows.alpha,
             topk_ids=rows.topk_ids,
@@ -399,14 +381,16 @@ def bft_loss(
 
 
 class BFTLoss(nn.Module):
-    """:func:`bft_loss` as a module holding its hyper-parameters.
+    """:func:`bft_loss` as a module holding its settings: one :class:`BFTLossParams` (``params``, or built from the
+    same keywords as :func:`bft_loss`), the backend and the chunk size.
 
     ``BFTLoss(top_k=100)(student_hidden, student_weight, aligned_hidden, aligned_weight, base_hidden, base_weight,
-    harmful=..., valid=...)`` returns a :class:`BFTLossOutput`.
+    harmful=..., valid=..., topk_ids=..., risk=...)`` returns a :class:`BFTLossOutput`.
     """
 
     def __init__(
         self,
+        params: BFTLossParams | None = None,
         *,
         top_k: int = DEFAULT_TOP_K,
         temperature: float = DEFAULT_TEMPERATURE,
@@ -421,23 +405,23 @@ class BFTLoss(nn.Module):
         chunk_rows: int | None = None,
     ):
         super().__init__()
-        self.params = BFTLossParams(
-            top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-            alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight, completion=completion,
-        )  # fmt: skip
-        _check_kl_weight(kl_weight)
-        if completion not in COMPLETION_TERMS:
-            raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {completion!r}")
+        self.params = resolve_params(params, {
+            "top_k": top_k, "temperature": temperature, "teacher_lambda": teacher_lambda, "alpha_base": alpha_base,
+            "gamma": gamma, "l2_reg": l2_reg, "kl": kl, "kl_weight": kl_weight, "completion": completion,
+        })  # fmt: skip
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.chunk_rows = chunk_rows
 
     def forward(self, student_hidden, student_weight, aligned_hidden, aligned_weight, base_hidden, base_weight, *,
-                harmful=None, valid=None) -> BFTLossOutput:  # fmt: skip
+                harmful=None, valid=None, topk_ids=None, risk=None) -> BFTLossOutput:  # fmt: skip
+        """:func:`bft_loss` with this module's settings; ``topk_ids`` / ``risk``: given base-favored ids and density
+        (a teacher cache), as there."""
         return bft_loss(
             student_hidden, student_weight, aligned_hidden, aligned_weight, base_hidden, base_weight,
-            harmful=harmful, valid=valid, backend=self.backend, chunk_rows=self.chunk_rows, **self.params.as_kwargs(),
+            harmful=harmful, valid=valid, params=self.params, backend=self.backend, chunk_rows=self.chunk_rows,
+            topk_ids=topk_ids, risk=risk,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

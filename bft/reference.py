@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bft.kernels.params import COMPLETION_TERMS, KL_DIRECTIONS  # the names every backend shares
+from bft.kernels.params import COMPLETION_TERMS, KL_DIRECTIONS, BFTLossParams  # the settings every backend shares
 
 
 def hybrid_teacher_logits(aligned_logits: torch.Tensor, base_logits: torch.Tensor, teacher_lambda: float = 1.2):
@@ -242,18 +242,11 @@ def bft_loss_reference(
     *,
     harmful: torch.Tensor,
     valid: torch.Tensor,
-    top_k: int,
-    temperature: float,
-    teacher_lambda: float,
-    alpha_base: float,
-    gamma: float,
-    l2_reg: float,
-    kl: str,
-    kl_weight: float = 1.0,
-    completion: str = "l2",
+    params: BFTLossParams | None = None,
     compute_dtype: torch.dtype = torch.float32,
     topk_ids: torch.Tensor | None = None,
     risk: torch.Tensor | None = None,
+    **settings,
 ):
     """The whole objective on full [N, V] logits, differentiable through autograd. The test oracle.
 
@@ -261,8 +254,14 @@ def bft_loss_reference(
     must match; tests also run it in fp64 (the truth) and in bf16 (what naive same-dtype torch would do).
     Returns ``(loss, BFTRowTerms)``; invalid rows report kl = completion = risk = alpha = 0 and topk_ids = −1.
     ``topk_ids`` [N, k] / ``risk`` [N]: given base-favored ids and density (see :func:`bft_row_terms`); their
-    values on invalid rows are not read. Inputs are assumed validated (see :func:`bft.loss.bft_loss`).
+    values on invalid rows are not read. The objective's settings: ``params`` (a :class:`BFTLossParams`), or its
+    fields as keywords (``top_k=7, temperature=2.0, ...``; missing ones take its defaults). Tensors are assumed
+    validated (see :func:`bft.loss.bft_loss`).
     """
+    if params is None:
+        params = BFTLossParams(**settings)
+    elif settings:
+        raise ValueError(f"pass params= or the settings as keywords, not both (got params and {sorted(settings)})")
     cd = compute_dtype
     s = student_hidden.to(cd) @ student_weight.to(cd).T
     with torch.no_grad():
@@ -270,8 +269,7 @@ def bft_loss_reference(
         b = base_hidden.detach().to(cd) @ base_weight.detach().to(cd).T
     terms = bft_row_terms(
         s, a, b, harmful,
-        top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda,
-        alpha_base=alpha_base, gamma=gamma, l2_reg=l2_reg, kl=kl, kl_weight=kl_weight, completion=completion,
+        **params.as_kwargs(),
         topk_ids=None if topk_ids is None else torch.where(valid[:, None], topk_ids.long(), 0),
         risk=None if risk is None else torch.where(valid, risk, 0),
     )  # fmt: skip

@@ -17,9 +17,7 @@ import torch
 
 from .bft_logits import mm_fp32_out, three_logits
 from .bft_rows import bft_rows
-
-# bytes of the fp32 slice of a 16-bit head upcast at a time in the CPU fallback of dH = G W
-VOCAB_SLICE_BYTES = 64 * 2**20
+from .chunking import grad_hidden_sliced, rows_per_block
 
 # fp32 bytes of one [C, V] logit block; a chunk holds 3 of them (S, A, B) plus its rows of the gradient block G.
 #
@@ -36,7 +34,7 @@ DEFAULT_GROUP_BYTES = 512 * 2**20  # G of one group, in the gradient dtype (only
 
 
 def default_chunk_rows(N: int, V: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
-    rows = max(1, block_bytes // (4 * V))
+    rows = rows_per_block(V, block_bytes)
     if rows >= 64:
         rows = rows // 64 * 64  # GEMM-friendly
     return min(max(N, 1), rows)
@@ -60,12 +58,7 @@ def _grad_hidden(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         return out
     if G.dtype == W.dtype == torch.float32:
         return torch.mm(G, W, out=out)
-    G = G.float()
-    out.zero_()
-    step = max(1, VOCAB_SLICE_BYTES // (4 * max(1, W.shape[1])))
-    for v0 in range(0, W.shape[0], step):
-        out += G[:, v0 : v0 + step] @ W[v0 : v0 + step].float()
-    return out
+    return grad_hidden_sliced(G.float(), W, out)
 
 
 def _accumulate_grad_weight(dW: torch.Tensor, G: torch.Tensor, Hs: torch.Tensor) -> None:
@@ -133,10 +126,7 @@ def bft_forward_backward_triton(
         g = G[r0 - g0 : r1 - g0] if want_grad else None
         three_logits(sh[r0:r1], sw, ah[r0:r1], aw, bh[r0:r1], bw, s, a, b, gemm=gemm)
         rows = bft_rows(
-            s, a, b, g, harmful_i8[r0:r1],
-            top_k=params.top_k, temperature=params.temperature, teacher_lambda=params.teacher_lambda,
-            alpha_base=params.alpha_base, gamma=params.gamma, l2_reg=params.l2_reg, kl=params.kl, grad_scale=scale,
-            kl_weight=params.kl_weight, completion=params.completion,
+            s, a, b, g, harmful_i8[r0:r1], params=params, grad_scale=scale,
             topk_ids=None if topk_ids is None else topk_ids[r0:r1], risk=None if risk is None else risk[r0:r1],
         )  # fmt: skip
         out["loss_sum"] += rows["row_loss"].sum()

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .params import completion_code
+from .params import BFTLossParams
 
 MAX_ID = 2**31 - 1
 
@@ -265,17 +265,22 @@ def row_block_sizes(V: int, top_k: int, device: torch.device) -> tuple[int, int]
     return max(bv, k_pad), k_pad
 
 
-def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-             grad_scale, topk_ids=None, risk=None, kl_weight=1.0, completion="l2") -> dict:  # fmt: skip
+def bft_rows(S, A, B, G, harmful, *, params, grad_scale, topk_ids=None, risk=None) -> dict:
     """Run kernel 2 on fp32 logit blocks S, A, B of shape [n, V]; writes d(loss)/d(s)·grad_scale into G
     (any float dtype, [n, V]) unless G is None. Returns per-row kl, completion, count, risk, alpha, row_loss,
-    topk_ids. ``kl_weight`` scales KL_n in row_loss and its gradient; ``kl`` is returned unweighted.
+    topk_ids. ``params``: the objective's settings (:class:`bft.kernels.params.BFTLossParams`); ``kl_weight``
+    scales KL_n in row_loss and its gradient, ``kl`` is returned unweighted. ``params.completion`` selects the
+    compiled completion term; the softmax terms ("mass", "unlikelihood") write −inf into S at M while the kernel
+    runs and restore it.
 
     ``topk_ids`` [n, top_k] (int32/int64, distinct ids per row) and ``risk`` [n] (fp32), given together: the
     kernel is compiled without the running top-k and the base-favored count (and without the log-sum-exps of a and
     b that the count needs) and uses them; ``count`` is then −1 and ``topk_ids`` / ``risk`` are returned as given.
     """
-    n, V = S.shape
+    if not isinstance(params, BFTLossParams):
+        raise ValueError(f"bft_rows: params must be a bft.kernels.params.BFTLossParams, got {type(params).__name__}")
+    top_k = params.top_k
+    n = S.shape[0]
     dev = S.device
     given = topk_ids is not None
     if given != (risk is not None):
@@ -293,8 +298,7 @@ def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_b
         topk_ids = topk_ids.contiguous()
         risk = risk.to(torch.float32).contiguous()
     if n > 0:
-        _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-                grad_scale, topk_ids, risk, kl_weight, completion_code(completion))  # fmt: skip
+        _launch(S, A, B, G, harmful, out, params, grad_scale, topk_ids, risk)
     keys = out.pop("topk_keys")
     if given:
         out["topk_ids"] = topk_ids.long()
@@ -305,10 +309,9 @@ def bft_rows(S, A, B, G, harmful, *, top_k, temperature, teacher_lambda, alpha_b
     return out
 
 
-def _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl,
-            grad_scale, topk_ids, risk, kl_weight=1.0, completion=0):  # fmt: skip
-    n, dev = S.shape[0], S.device
-    BV, K_PAD = row_block_sizes(V, top_k, dev)
+def _launch(S, A, B, G, harmful, out, params, grad_scale, topk_ids, risk):
+    (n, V), dev, p = S.shape, S.device, params
+    BV, K_PAD = row_block_sizes(V, p.top_k, dev)
     write_grad = G is not None
     given = topk_ids is not None
     g = G if write_grad else S  # an unused pointer when no gradient is wanted
@@ -317,8 +320,8 @@ def _launch(S, A, B, G, harmful, out, V, top_k, temperature, teacher_lambda, alp
         S, A, B, g, harmful, topk_ids if given else out["count"], risk if given else out["risk"],
         out["kl"], out["completion"], out["count"], out["risk"], out["alpha"], out["row_loss"], keys,
         S.stride(0), g.stride(0), V,
-        1.0 / temperature, float(temperature), float(teacher_lambda), float(alpha_base), float(gamma),
-        float(l2_reg), float(kl_weight), float(grad_scale),
-        K=top_k, K_PAD=K_PAD, BV=BV, REVERSE=(kl == "reverse"), WRITE_GRAD=write_grad, GIVEN=given,
-        COMPLETION=completion, num_warps=8 if dev.type == "cuda" else 1,
+        1.0 / p.temperature, float(p.temperature), float(p.teacher_lambda), float(p.alpha_base), float(p.gamma),
+        float(p.l2_reg), float(p.kl_weight), float(grad_scale),
+        K=p.top_k, K_PAD=K_PAD, BV=BV, REVERSE=(p.kl == "reverse"), WRITE_GRAD=write_grad, GIVEN=given,
+        COMPLETION=p.completion_code, num_warps=8 if dev.type == "cuda" else 1,
     )  # fmt: skip

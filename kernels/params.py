@@ -1,12 +1,18 @@
-"""The names every backend of the BFT objective agrees on, at the lowest layer (the standard library only).
+"""The settings of the BFT objective, declared and validated once, at the lowest layer (the standard library only).
 
-The reference (:mod:`bft.reference`), the chunked torch backend (:mod:`bft.chunked`) and the Triton row kernel
-(:mod:`bft.kernels.bft_rows`, which compiles one variant per term: its ``COMPLETION`` constexpr is the term's index
-here) all read these tuples, so a name means the same term everywhere. The equations are in
-:mod:`bft.reference` and docs/loss.md.
+:class:`BFTLossParams` is the one object that carries them: the trainer's YAML ``loss:`` section builds it
+(:class:`bft.trainer.config.LossConfig` adds how the loss runs), :func:`bft.bft_loss` / :class:`bft.BFTLoss` take it
+(``params=``), and it travels unchanged to every backend: the reference (:mod:`bft.reference`), the chunked torch
+backend (:mod:`bft.chunked`) and the Triton driver down to the row kernel's launch (:mod:`bft.kernels.bft_rows`,
+which compiles one variant per completion term: its ``COMPLETION`` constexpr is the term's index in
+:data:`COMPLETION_TERMS`). The equations are in :mod:`bft.reference` and docs/loss.md.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
 
 #: KL directions: "forward" = τ²·KL(teacher ‖ student) (the default), "reverse" = τ²·KL(student ‖ teacher) (Eq. 14)
 KL_DIRECTIONS = ("forward", "reverse")
@@ -17,9 +23,86 @@ KL_DIRECTIONS = ("forward", "reverse")
 #:   "unlikelihood"  −log(1 − Σ_{v∈M} π(v))    the same, with a gradient that does not vanish as π(M) → 1
 COMPLETION_TERMS = ("l2", "mass", "unlikelihood")
 
+DEFAULT_TOP_K = 100
+DEFAULT_TEMPERATURE = 2.0
+DEFAULT_TEACHER_LAMBDA = 1.2
+DEFAULT_ALPHA_BASE = 1.0
+DEFAULT_GAMMA = 1.0
+DEFAULT_L2_REG = 1e-4
+DEFAULT_KL_WEIGHT = 1.0
 
-def completion_code(completion: str) -> int:
-    """The row kernel's ``COMPLETION`` constexpr for a term name (its index in :data:`COMPLETION_TERMS`)."""
-    if completion not in COMPLETION_TERMS:
-        raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {completion!r}")
-    return COMPLETION_TERMS.index(completion)
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class BFTLossParams:
+    """The objective's settings (paper defaults: k = 100, τ = 2, λ = 1.2; alpha_base, gamma and l2_reg are bft's
+    choices, docs/loss.md). Validated on construction: a bad value raises ``ValueError`` naming the field and, for a
+    choice, the valid ones. What depends on the vocabulary size is checked by :meth:`check_vocab`.
+
+    top_k:          k of M = TopK(b − a, k), an int >= 1 (and <= V)
+    temperature:    τ > 0 of the KL term
+    teacher_lambda: λ of the hybrid teacher λ·a + (1 − λ)·b (may exceed 1)
+    alpha_base:     α_n = alpha_base·(1 + gamma·risk_n), the completion term's weight on harmful rows; >= 0
+    gamma:          >= 0
+    l2_reg:         scale of the "l2" completion term (the others are O(1) and ignore it); >= 0
+    kl:             one of :data:`KL_DIRECTIONS`
+    kl_weight:      weight of KL_n in the loss, finite >= 0 (0: the completion-only ablation)
+    completion:     one of :data:`COMPLETION_TERMS` ("l2": Eq. 9 as written)
+    """
+
+    top_k: int = DEFAULT_TOP_K
+    temperature: float = DEFAULT_TEMPERATURE
+    teacher_lambda: float = DEFAULT_TEACHER_LAMBDA
+    alpha_base: float = DEFAULT_ALPHA_BASE
+    gamma: float = DEFAULT_GAMMA
+    l2_reg: float = DEFAULT_L2_REG
+    kl: str = "forward"
+    kl_weight: float = DEFAULT_KL_WEIGHT
+    completion: str = "l2"
+
+    def __post_init__(self):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an int, got {self.top_k!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not (_real(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature!r}")
+        if not (_real(self.teacher_lambda) and math.isfinite(self.teacher_lambda)):
+            raise ValueError(f"teacher_lambda must be a finite number, got {self.teacher_lambda!r}")
+        for name in ("alpha_base", "gamma", "l2_reg"):
+            value = getattr(self, name)
+            if not (_real(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {value!r}")
+        if not (_real(self.kl_weight) and math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a finite number >= 0 (1 = the full objective, 0 = completion "
+                             f"only), got {self.kl_weight!r}")  # fmt: skip
+        if self.kl not in KL_DIRECTIONS:
+            raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {self.kl!r}")
+        if self.completion not in COMPLETION_TERMS:
+            raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {self.completion!r}")
+
+    def check_vocab(self, V: int) -> None:
+        """The checks that need the vocabulary size V."""
+        if not 1 <= self.top_k <= V:
+            raise ValueError(f"top_k={self.top_k} must be in [1, V={V}]")
+        if self.completion == "unlikelihood" and self.top_k >= V:
+            raise ValueError(f"completion='unlikelihood' needs top_k < V={V}: with M the whole vocabulary "
+                             "−log(1 − Σ_{v∈M} π(v)) is infinite")  # fmt: skip
+
+    def as_kwargs(self) -> dict:
+        """The objective's settings by name (this class's fields only, also on a subclass such as the trainer's)."""
+        return {f.name: getattr(self, f.name) for f in fields(BFTLossParams)}
+
+    def teacher_cache_fields(self) -> dict:
+        """The settings a frozen-teacher cache's contents depend on: it stores M = TopK(b − a, k) and risk (which
+        depends on no setting), so only top_k. The completion term, τ, λ, α, l2_reg, the KL direction and weight are
+        all applied to the cached ids at training time and may change under one cache."""
+        return {"top_k": self.top_k}
+
+    @property
+    def completion_code(self) -> int:
+        """The row kernel's ``COMPLETION`` constexpr (the term's index in :data:`COMPLETION_TERMS`)."""
+        return COMPLETION_TERMS.index(self.completion)

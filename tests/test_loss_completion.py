@@ -170,14 +170,15 @@ def test_without_gradients_the_values_are_the_same(completion):
 def test_triton_row_kernel_leaves_the_student_logits_as_given(completion, with_grad):
     """The softmax terms hide s at M (−inf) inside the kernel while it runs; the block S must come back intact."""
     from bft.kernels.bft_rows import bft_rows
+    from bft.kernels.params import BFTLossParams
 
     tensors, harmful, _ = make_case(5, 8, 130, seed=4, p_harmful=1.0)
     S, A, B = (h @ w.T for h, w in zip(tensors[::2], tensors[1::2]))
     S, A, B, h8 = on("triton", S, A, B, harmful.to(torch.int8))
     before = S.clone()
     G = torch.zeros_like(S) if with_grad else None
-    out = bft_rows(S, A, B, G, h8, top_k=6, temperature=2.0, teacher_lambda=1.2, alpha_base=1.0, gamma=1.0,
-                   l2_reg=0.01, kl="reverse", grad_scale=0.2, completion=completion)  # fmt: skip
+    params = BFTLossParams(top_k=6, l2_reg=0.01, kl="reverse", completion=completion)
+    out = bft_rows(S, A, B, G, h8, params=params, grad_scale=0.2)
     assert torch.equal(S, before)
     assert torch.isfinite(out["completion"]).all() and (G is None or torch.isfinite(G).all())
 
@@ -400,3 +401,61 @@ def test_an_unknown_term_is_refused_naming_the_valid_ones():
             bft.bft_loss(*tensors, top_k=3, completion="logit", backend=backend)
     with pytest.raises(ValueError, match="completion must be one of"):
         bft.BFTLoss(completion="L2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one settings object: bft.loss.BFTLossParams, from bft_loss / BFTLoss down to the row kernel
+
+
+def test_params_object_equals_the_keywords_and_refuses_both():
+    from bft.loss import BFTLossParams
+
+    tensors, harmful, valid = make_case(5, 8, 90, seed=6)
+    params = BFTLossParams(top_k=6, temperature=1.5, kl="reverse", completion="unlikelihood", alpha_base=0.7)
+    for backend in ("reference", "torch"):
+        a = bft.bft_loss(*tensors, harmful=harmful, valid=valid, params=params, backend=backend)
+        b = bft.bft_loss(*tensors, harmful=harmful, valid=valid, backend=backend, **params.as_kwargs())
+        assert torch.equal(a.loss, b.loss) and torch.equal(a.completion, b.completion)
+    with pytest.raises(ValueError, match="either as params= or as keywords, not both.*completion"):
+        bft.bft_loss(*tensors, params=params, completion="mass")
+    with pytest.raises(ValueError, match="either as params= or as keywords"):
+        bft.BFTLoss(params, top_k=3)
+    with pytest.raises(ValueError, match="params must be a bft.loss.BFTLossParams"):
+        bft.bft_loss(*tensors, params=params.as_kwargs())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"completion": "l1"}, r"completion must be one of \('l2', 'mass', 'unlikelihood'\), got 'l1'"),
+        ({"kl": "both"}, r"kl must be one of \('forward', 'reverse'\)"),
+        ({"top_k": 0}, "top_k must be >= 1, got 0"),
+        ({"top_k": True}, "top_k must be an int"),
+        ({"temperature": float("inf")}, "temperature must be > 0 and finite"),
+        ({"teacher_lambda": float("nan")}, "teacher_lambda must be a finite number"),
+        ({"l2_reg": -1e-4}, "l2_reg must be >= 0"),
+        ({"kl_weight": float("nan")}, "kl_weight must be a finite number >= 0"),
+    ],
+)
+def test_params_are_validated_when_built(change, message):
+    from bft.loss import BFTLossParams
+
+    with pytest.raises(ValueError, match=message):
+        BFTLossParams(**change)
+    with pytest.raises(AttributeError):  # frozen: one object, unchanged on its way down
+        BFTLossParams().completion = "mass"
+
+
+def test_module_forward_takes_given_ids_and_risk():
+    """BFTLoss.forward passes the teacher cache's ids and risk on (it used to drop them)."""
+    tensors, harmful, valid = make_case(6, 8, 80, seed=9)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(80, generator=g)[:4] for _ in range(6)])
+    risk = torch.rand(6, generator=g)
+    module = bft.BFTLoss(top_k=4, completion="mass", backend="torch")
+    out = module(*tensors, harmful=harmful, valid=valid, topk_ids=ids, risk=risk)
+    want = bft.bft_loss(*tensors, harmful=harmful, valid=valid, top_k=4, completion="mass", backend="reference",
+                        topk_ids=ids, risk=risk)  # fmt: skip
+    assert torch.equal(out.topk_ids[valid], ids[valid])
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-7)
+    assert "completion=mass" in repr(module)

@@ -147,14 +147,14 @@ def test_triton_row_kernel_given_variant_skips_the_count_and_the_topk():
     """Kernel 2 compiled with GIVEN: no base-favored count (reported −1) and the ids come back as given, while the
     per-row terms equal those of the variant that finds them."""
     from bft.kernels.bft_rows import bft_rows
+    from bft.kernels.params import BFTLossParams
 
     tensors, harmful, _ = make_case(5, 8, 130, seed=4, p_harmful=1.0)
     ah, aw, bh, bw = tensors[2:]
     ids, risk = given_for(tensors, torch.ones(5, dtype=torch.bool), 6, garbage=False)
     S, A, B = tensors[0] @ tensors[1].T, ah @ aw.T, bh @ bw.T
     S, A, B, h8, ids, risk = on("triton", S, A, B, harmful.to(torch.int8), ids, risk)
-    kw = {"top_k": 6, "temperature": 2.0, "teacher_lambda": 1.2, "alpha_base": 1.0, "gamma": 1.0, "l2_reg": 0.01, "kl": "forward",
-              "grad_scale": 0.2}  # fmt: skip
+    kw = {"params": BFTLossParams(top_k=6, l2_reg=0.01), "grad_scale": 0.2}
     G_own, G_given = torch.zeros_like(S), torch.zeros_like(S)
     own = bft_rows(S, A, B, G_own, h8, **kw)
     given = bft_rows(S, A, B, G_given, h8, topk_ids=ids, risk=risk, **kw)

@@ -40,13 +40,12 @@ def inputs(dtype, need_dw):
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch):
     """Vocabulary slices and backward's conversion slices as small relative to these shapes as they are at scale."""
-    import bft.chunked
     import bft.loss
 
     import bft.kernels.bft_loss
+    import bft.kernels.chunking
 
-    monkeypatch.setattr(bft.chunked, "VOCAB_SLICE_BYTES", 16 * 1024)
-    monkeypatch.setattr(bft.kernels.bft_loss, "VOCAB_SLICE_BYTES", 16 * 1024)  # the triton driver's own (a leaf)
+    monkeypatch.setattr(bft.kernels.chunking, "VOCAB_SLICE_BYTES", 16 * 1024)  # both backends' (defined once)
     monkeypatch.setattr(bft.loss, "_BACKWARD_SLICE_BYTES", 16 * 1024)
     monkeypatch.setattr(bft.kernels.bft_loss, "DEFAULT_GROUP_BYTES", GROUP_CHUNKS * C * V * 4)  # fp32 G on the CPU
 

@@ -1,0 +1,41 @@
+"""Row chunks and vocabulary slices of the fused backends, defined once (torch only).
+
+Both the chunked torch backend (:mod:`bft.chunked`) and the Triton driver (:mod:`bft.kernels.bft_loss`) hold
+only [C, V] logit blocks of C rows, sized from a byte budget (:func:`rows_per_block`), and never a whole fp32 copy
+of a 16-bit [V, H] head: GEMMs against a head upcast it one vocabulary slice of at most :data:`VOCAB_SLICE_BYTES`
+at a time (:func:`vocab_slices`, :func:`logits_sliced`, :func:`grad_hidden_sliced`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: fp32 bytes of the slice of a [V, H] head upcast at a time (tests shrink it to force many slices)
+VOCAB_SLICE_BYTES = 64 * 2**20
+
+
+def rows_per_block(V: int, block_bytes: int) -> int:
+    """Rows C of an fp32 [C, V] block of at most ``block_bytes`` (at least 1)."""
+    return max(1, block_bytes // (4 * max(1, V)))
+
+
+def vocab_slices(V: int, H: int):
+    """[v0, v1) ranges covering the V rows of a [V, H] head, each at most :data:`VOCAB_SLICE_BYTES` in fp32."""
+    step = max(1, VOCAB_SLICE_BYTES // (4 * max(1, H)))
+    for v0 in range(0, V, step):
+        yield v0, min(V, v0 + step)
+
+
+def logits_sliced(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = hidden @ weight.T`` with ``hidden`` already in ``out``'s dtype, ``weight`` upcast a slice at a time."""
+    for v0, v1 in vocab_slices(weight.shape[0], weight.shape[1]):
+        out[:, v0:v1] = hidden @ weight[v0:v1].to(out.dtype).T
+    return out
+
+
+def grad_hidden_sliced(g: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = g @ weight`` (g: [C, V] in ``out``'s dtype), ``weight`` upcast a slice at a time."""
+    out.zero_()
+    for v0, v1 in vocab_slices(weight.shape[0], weight.shape[1]):
+        out += g[:, v0:v1] @ weight[v0:v1].to(out.dtype)
+    return out
