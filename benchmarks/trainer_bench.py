@@ -73,7 +73,7 @@ from bft.trainer.modeling import (  # noqa: E402
     resolve_attn_implementation,
     torch_dtype,
 )
-from bft.trainer.train import cache_teacher_inputs, loss_kwargs, make_optimizer, micro_batch_loss  # noqa: E402
+from bft.trainer.train import cache_teacher_inputs, loss_module, make_optimizer, micro_batch_loss  # noqa: E402
 
 #: Llama shapes. "llama-3.1-8b" is Meta-Llama-3.1-8B; "small" keeps its proportions (GQA 4:1, MLP 3.5x, lm_head
 #: ~7% of the weights) at 31M parameters so a CPU step takes about a second; "tiny" is for --quick and tests.
@@ -244,7 +244,7 @@ class Steps:
 
     def __init__(self, trio: Trio, config: Config):
         self.trio = trio
-        self.student = BFTStudent(trio.student, loss_kwargs(config), trio.vocab_size)
+        self.student = BFTStudent(trio.student, loss_module(config), trio.vocab_size)
         self.student_model = self.student.model
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config.optim, self.params)

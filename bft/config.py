@@ -5,7 +5,8 @@ defaults. :func:`build_dataclass` fills one from a mapping: unknown keys are err
 values are checked against the field types (and minimally converted: YAML 1.1 reads ``1e-5`` as a string, a float
 field accepts it). :func:`apply_overrides` sets command-line ``key.sub=value`` strings (values parsed as YAML) into
 the mapping first, and :func:`load_yaml_mapping` reads a file. Range checks stay with each config's own
-``validate``.
+``validate``, or with a dataclass that checks itself on construction: its ``ValueError`` ("completion must be one
+of ...") becomes a :class:`ConfigError` prefixed with the section ("loss.completion must be one of ...").
 """
 
 from __future__ import annotations
@@ -106,7 +107,12 @@ def build_dataclass(cls, data: Any, where: str = ""):
         if key not in names:
             raise _unknown_key(str(key), names, where)
         kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a dataclass that validates itself: its message names the field first
+        raise ConfigError(f"{where}{error}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -144,10 +144,10 @@ def test_module_and_params_carry_kl_weight():
 
 def test_trainer_config_kl_weight_is_validated_and_forwarded():
     from bft.trainer.config import ConfigError, load_config
-    from bft.trainer.train import loss_kwargs
+    from bft.trainer.train import loss_module
 
     assert load_config("tiny-cpu").loss.kl_weight == 1.0
-    assert loss_kwargs(load_config("tiny-cpu", ["loss.kl_weight=0"]))["kl_weight"] == 0.0
+    assert loss_module(load_config("tiny-cpu", ["loss.kl_weight=0"])).params.kl_weight == 0.0
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(ConfigError, match="loss.kl_weight must be a finite number >= 0"):
             load_config("tiny-cpu", [f"loss.kl_weight={bad}"])
@@ -158,15 +158,15 @@ def test_trainer_student_loss_uses_kl_weight():
 
     from bft.trainer.config import load_config
     from bft.trainer.modeling import BFTStudent
-    from bft.trainer.train import loss_kwargs
+    from bft.trainer.train import loss_module
 
     tensors, _, valid = make_case(6, 8, 30, seed=17)
     sh, sw, ah, aw, bh, bw = tensors
     harmful = torch.zeros(6, dtype=torch.bool)
 
     def loss(kl_weight):
-        kwargs = loss_kwargs(load_config("tiny-cpu", ["loss.top_k=3", f"loss.kl_weight={kl_weight}"]))
-        student = BFTStudent(nn.Identity(), kwargs, 30)
+        objective = loss_module(load_config("tiny-cpu", ["loss.top_k=3", f"loss.kl_weight={kl_weight}"]))
+        student = BFTStudent(nn.Identity(), objective, 30)
         out = student.loss(sh.view(2, 3, 8), sw, ah.view(2, 3, 8), aw, bh.view(2, 3, 8), bw, harmful.view(2, 3),
                            valid.view(2, 3))  # fmt: skip
         return out["loss"].item(), out["kl"]

@@ -163,7 +163,9 @@ def fingerprint(config, tokenizer, harmful, utility) -> dict:
         "data.max_length": d.max_length,
         "data.system": d.system,
         "data.examples": examples_digest(list(harmful) + list(utility)),
-        "loss.top_k": config.loss.top_k,
+        # the loss settings the stored ids and risk depend on (top_k only): a cache built under one completion
+        # term, τ, λ, α or KL setting serves every other
+        **{f"loss.{name}": value for name, value in config.loss.teacher_cache_fields().items()},
     }
 
 

@@ -6,7 +6,7 @@ it changes)::
     model:     which base / aligned models, their dtype, quantization of the frozen weights, attention, checkpointing
     finetune:  full fine-tuning or LoRA (rank, alpha, targets) and how the final student is saved
     data:      harmful and utility datasets, the harmful ratio per batch, batch size, max length
-    loss:      the BFT hyper-parameters (paper defaults: λ = 1.2, τ = 2, k = 100)
+    loss:      the BFT hyper-parameters (paper defaults: λ = 1.2, τ = 2, k = 100), the completion term, the backend
     optim:     optimizer (AdamW / 8-bit / paged), lr (paper: 1e-5), schedule, clipping, gradient accumulation
     train:     epochs / max_steps, seed, output directory, checkpointing, logging
     teacher_cache: where the exact frozen-teacher cache lives (``bft cache``), when training from one
@@ -19,7 +19,6 @@ Unknown keys are errors (with a "did you mean" hint), values are checked against
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +33,7 @@ from bft.config import (  # noqa: F401  (ConfigError, parse_override: part of th
     load_yaml_mapping,
     parse_override,
 )
-from bft.loss import BFTLossParams
-
-_LOSS_DEFAULTS = BFTLossParams()  # the one set of loss defaults (bft.loss)
+from bft.loss import BACKENDS, BFTLossParams
 
 FINETUNE_MODES = ("lora", "full")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -106,21 +103,26 @@ class DataConfig:
     system: str | None = None  # optional system prompt for the chat template
 
 
-@dataclass
-class LossConfig:
-    """Hyper-parameters of :func:`bft.bft_loss`; the defaults are :class:`bft.loss.BFTLossParams`'s (paper
-    defaults; alpha_base / gamma / l2_reg are bft's choices)."""
+@dataclass(frozen=True)
+class LossConfig(BFTLossParams):
+    """The ``loss:`` section: the objective's settings, declared, defaulted and validated once in
+    :class:`bft.loss.BFTLossParams` (top_k, temperature, teacher_lambda, alpha_base, gamma, l2_reg, kl, kl_weight,
+    completion), plus how :func:`bft.bft_loss` runs. :attr:`params` is what travels to the loss."""
 
-    top_k: int = _LOSS_DEFAULTS.top_k
-    temperature: float = _LOSS_DEFAULTS.temperature
-    teacher_lambda: float = _LOSS_DEFAULTS.teacher_lambda
-    alpha_base: float = _LOSS_DEFAULTS.alpha_base
-    gamma: float = _LOSS_DEFAULTS.gamma
-    l2_reg: float = _LOSS_DEFAULTS.l2_reg
-    kl: str = _LOSS_DEFAULTS.kl
-    kl_weight: float = _LOSS_DEFAULTS.kl_weight  # weight of the KL term (0: completion only, no distillation)
-    backend: str = "auto"
-    chunk_rows: int | None = None
+    backend: str = "auto"  # one of bft.loss.BACKENDS
+    chunk_rows: int | None = None  # rows per chunk of the fused backends (None: from their memory budgets)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1 or null, got {self.chunk_rows}")
+
+    @property
+    def params(self) -> BFTLossParams:
+        """The objective's settings alone, as :func:`bft.bft_loss` takes them."""
+        return BFTLossParams(**self.as_kwargs())
 
 
 @dataclass
@@ -213,18 +215,8 @@ def validate(config: Config) -> Config:
     for name in ("harmful_limit", "utility_limit"):
         if getattr(d, name) is not None and getattr(d, name) < 1:
             raise ConfigError(f"data.{name} must be >= 1 or null, got {getattr(d, name)}")
-    if lo.top_k < 1:
-        raise ConfigError(f"loss.top_k must be >= 1, got {lo.top_k}")
-    if lo.temperature <= 0:
-        raise ConfigError(f"loss.temperature must be > 0, got {lo.temperature}")
-    for name in ("alpha_base", "gamma", "l2_reg"):
-        if getattr(lo, name) < 0:
-            raise ConfigError(f"loss.{name} must be >= 0, got {getattr(lo, name)}")
-    if not (math.isfinite(lo.kl_weight) and lo.kl_weight >= 0):
-        raise ConfigError(f"loss.kl_weight must be a finite number >= 0 (1 = the full objective, 0 = completion "
-                          f"only), got {lo.kl_weight}")  # fmt: skip
-    choice("loss.kl", lo.kl, ("forward", "reverse"))
-    choice("loss.backend", lo.backend, ("auto", "reference", "torch", "triton"))
+    if not isinstance(lo, LossConfig):  # built elsewhere than build_dataclass (which validates it on construction)
+        raise ConfigError(f"config.loss must be a LossConfig, got {type(lo).__name__}")
     choice("optim.name", o.name, OPTIMIZERS)
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")

@@ -264,12 +264,17 @@ class BFTStudent(nn.Module):
     wrappers make them whole: DDP sees the lm_head used, and FSDP has the root's parameters (embeddings, final norm,
     lm_head) unsharded and each decoder layer gathers its own. Returns a dict with the scalar ``loss`` and the
     detached per-row terms of :class:`bft.BFTLossOutput`.
+
+    ``objective``: the :class:`bft.BFTLoss` to apply (:func:`bft.trainer.train.loss_module` builds it from the
+    config's one :class:`bft.loss.BFTLossParams`), or a mapping of its keyword arguments.
     """
 
-    def __init__(self, model: nn.Module, loss_kwargs: dict, vocab_size: int):
+    def __init__(self, model: nn.Module, objective, vocab_size: int):
+        from bft.loss import BFTLoss
+
         super().__init__()
         self.model = model
-        self.loss_kwargs = dict(loss_kwargs)
+        self.objective = objective if isinstance(objective, BFTLoss) else BFTLoss(**dict(objective))
         self.vocab_size = vocab_size
 
     @property
@@ -304,17 +309,16 @@ class BFTStudent(nn.Module):
 
     def loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid,
              topk_ids=None, risk=None) -> dict:  # fmt: skip
-        """The fused :func:`bft.bft_loss` on [B, L, H] hidden states and [V, H] heads, rows flattened (with the
-        teacher cache's ``topk_ids`` [B·L, k] and ``risk`` [B·L] when given)."""
-        from bft.loss import bft_loss
-
+        """The fused :func:`bft.bft_loss` (this student's :class:`bft.BFTLoss`) on [B, L, H] hidden states and
+        [V, H] heads, rows flattened (with the teacher cache's ``topk_ids`` [B·L, k] and ``risk`` [B·L] when
+        given)."""
         dtype = weight.dtype  # one dtype for all six tensors; frozen weights are cast only when they differ
         H = hidden.shape[-1]
-        out = bft_loss(
+        out = self.objective(
             hidden.reshape(-1, H).to(dtype), weight,
             aligned_hidden.reshape(-1, aligned_hidden.shape[-1]).to(dtype), aligned_weight.to(dtype),
             base_hidden.reshape(-1, base_hidden.shape[-1]).to(dtype), base_weight.to(dtype),
-            harmful=harmful.reshape(-1), valid=valid.reshape(-1), topk_ids=topk_ids, risk=risk, **self.loss_kwargs,
+            harmful=harmful.reshape(-1), valid=valid.reshape(-1), topk_ids=topk_ids, risk=risk,
         )  # fmt: skip
         return {"loss": out.loss, "kl": out.kl, "completion": out.completion, "risk": out.risk, "alpha": out.alpha}
 

@@ -98,8 +98,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     trio, harmful, utility, cache, frozen_heads = _models_and_examples(
         config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out, progress
     )
-    if config.loss.top_k > trio.vocab_size:
-        raise ValueError(f"loss.top_k={config.loss.top_k} exceeds the vocabulary size V={trio.vocab_size}")
+    check_loss_vocab(config, trio.vocab_size)
     pad_id = pad_token_id(tokenizer)
     batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=t.seed,
                            pad_id=pad_id)  # fmt: skip
@@ -108,7 +107,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.batches_per_epoch / micro_per_step))
 
     # ---------------------------------------------------------------- optimizer, schedule, accelerate
-    student = BFTStudent(trio.student, loss_kwargs(config), trio.vocab_size)
+    student = BFTStudent(trio.student, loss_module(config), trio.vocab_size)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = make_optimizer(o, params)
     scheduler = make_scheduler(o, optimizer, total_steps)
@@ -314,10 +313,21 @@ def make_tensorboard_writer(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def loss_kwargs(config: Config) -> dict:
-    """The keyword arguments of :func:`bft.bft_loss` that ``config.loss`` sets (what :class:`BFTStudent` passes)."""
-    return {k: getattr(config.loss, k) for k in ("top_k", "temperature", "teacher_lambda", "alpha_base", "gamma",
-                                                 "l2_reg", "kl", "kl_weight", "backend", "chunk_rows")}  # fmt: skip
+def check_loss_vocab(config: Config, V: int) -> None:
+    """The loss settings' checks that need the vocabulary size (top_k <= V; "unlikelihood" needs top_k < V), before
+    any step runs. Raises ``ValueError`` naming the ``loss.`` key."""
+    try:
+        config.loss.check_vocab(V)
+    except ValueError as error:
+        raise ValueError(f"loss.{error}") from None
+
+
+def loss_module(config: Config):
+    """The :class:`bft.BFTLoss` that ``config.loss`` describes: its one :class:`bft.loss.BFTLossParams` (already
+    validated) with the backend and chunk size (what :class:`BFTStudent` applies)."""
+    from bft.loss import BFTLoss
+
+    return BFTLoss(config.loss.params, backend=config.loss.backend, chunk_rows=config.loss.chunk_rows)
 
 
 def cache_teacher_inputs(cache, frozen_heads, examples, batch: dict, device) -> dict:

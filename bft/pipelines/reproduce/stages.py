@@ -27,12 +27,15 @@ from bft.eval.prefill import prefill_ids
 from bft.eval.runner import EvalConfig, load_results, run_eval
 from bft.hf import data as hf_data
 from bft.hf.models import load_model_and_tokenizer, save_pretrained
+from bft.loss import BFTLossParams
 from bft.pipelines.refusal_sft import refusal_finetune
 from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, torch_device
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import config_from_dict
 from bft.trainer.data import generate_responses
 from bft.trainer.train import train
+
+_LOSS_DEFAULTS = BFTLossParams()
 
 __all__ = ["StageCache", "stage_data", "stage_aligned", "stage_calibrate", "stage_qi", "stage_analysis", "stage_sweep",
            "stage_bft", "stage_validation", "stage_eval", "stage_completion_pull", "bft_train_config", "bft_steps",
@@ -361,7 +364,9 @@ def bft_train_config(cfg: ReproduceConfig, data_dir: Path, base_dir: str, aligne
         "data": {"harmful": str(data_dir / "harmful_train.jsonl"), "harmful_response": "dataset",
                  "utility": str(data_dir / "benign_train.jsonl"), "harmful_ratio": cfg.harmful_ratio,
                  "batch_size": cfg.bft_batch_size, "max_length": cfg.bft_max_length},
-        "loss": {"top_k": cfg.top_k, "temperature": 2.0, "teacher_lambda": 1.2, **loss},
+        # τ and λ written out (the paper's, BFTLossParams' defaults) so that earlier runs' saved settings still match
+        "loss": {"top_k": cfg.top_k, "temperature": _LOSS_DEFAULTS.temperature,
+                 "teacher_lambda": _LOSS_DEFAULTS.teacher_lambda, **loss},
         "optim": {"name": "adamw", "lr": cfg.bft_lr, "scheduler": "cosine", "warmup_steps": max(1, steps // 10),
                   "max_grad_norm": 1.0},
         "train": {"max_steps": steps, "seed": cfg.seed, "output_dir": str(out_dir),
