@@ -53,13 +53,14 @@ def small_slices(monkeypatch):
 @pytest.mark.parametrize("need_dw", [True, False], ids=["head-trains", "head-frozen"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("backend", "blocks"), [("triton", 3), ("torch", 12)])
-def test_working_memory_follows_the_plan(backend, blocks, dtype, need_dw):
+def test_working_memory_follows_the_plan(backend, blocks, dtype, need_dw, completion="l2"):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU memory of the triton backend needs the interpreter (on a GPU, benchmarks/loss_gpu.py)")
     tensors, harmful = inputs(dtype, need_dw)
 
     def step():
-        bft.bft_loss(*tensors, harmful=harmful, backend=backend, top_k=K, chunk_rows=C).loss.backward()
+        bft.bft_loss(*tensors, harmful=harmful, backend=backend, top_k=K, chunk_rows=C,
+                     completion=completion).loss.backward()  # fmt: skip
         for t in tensors[:2]:
             t.grad = None
 
@@ -74,6 +75,14 @@ def test_working_memory_follows_the_plan(backend, blocks, dtype, need_dw):
     plan = blocks * block + dw_accumulator + dw_output + per_row
     assert peak <= plan + block // 2, f"peak {peak} B > plan {plan} B (+ half a block {block // 2} B)"
     assert peak >= (3 if backend == "triton" else 4) * block  # the measurement sees the chunk's blocks at all
+
+
+@pytest.mark.parametrize("completion", ["mass", "unlikelihood"])
+@pytest.mark.parametrize(("backend", "blocks"), [("triton", 3), ("torch", 12)])
+def test_softmax_completion_terms_keep_the_plan(backend, blocks, completion):
+    """The softmax completion terms add no block: the row kernel hides s at M in place, and the torch backend's
+    masks and dense gradient fit among its dozen blocks."""
+    test_working_memory_follows_the_plan(backend, blocks, torch.float32, False, completion=completion)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
