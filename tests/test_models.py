@@ -236,7 +236,9 @@ def test_hidden_states_times_head_equals_logits(tok):
 
 
 def test_peft_lora_hidden_states_and_trainable_head(tok):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from bft.hf.models import get_peft_model
 
     model = get_peft_model(
         tiny_llama(tok),
@@ -259,7 +261,9 @@ def test_peft_lora_hidden_states_and_trainable_head(tok):
 
 
 def test_lora_on_lm_head_is_refused(tok):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from bft.hf.models import get_peft_model
 
     model = get_peft_model(tiny_llama(tok), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="lm_head carries a LoRA adapter"):

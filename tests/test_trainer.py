@@ -190,9 +190,9 @@ def test_lora_teacher_is_student_without_adapters_and_shares_the_head(data_files
         expected = frozen_hidden_states(aligned, s["input_ids"], mask)
         torch.testing.assert_close(s["aligned_hidden"], expected, rtol=1e-5, atol=1e-5)
     # the adapter checkpoint loads onto the aligned model
-    from peft import PeftModel
+    from bft.hf.models import load_peft_adapter
 
-    adapted = PeftModel.from_pretrained(aligned, tmp_path / "final")
+    adapted = load_peft_adapter(aligned, tmp_path / "final")
     assert any("lora_" in name for name, _ in adapted.named_parameters())
 
 

@@ -22,6 +22,7 @@ trained on the wrong logits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -527,11 +528,26 @@ def output_cache(output):
     return output.cache if has_cache else output.past_key_values
 
 
-def get_peft_model(model, lora_config):
-    """``peft.get_peft_model``, without the FutureWarning that peft ≤ 0.21 triggers by reading transformers'
-    deprecated ``is_gradient_checkpointing`` (the value is the same as ``is_activation_checkpointing``)."""
-    import peft
-
+@contextlib.contextmanager
+def _without_peft_checkpointing_notice():
+    """peft ≤ 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` (the same value as
+    ``is_activation_checkpointing``) whenever it wraps a model: a FutureWarning that the user cannot act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def get_peft_model(model, lora_config):
+    """``peft.get_peft_model`` without peft's checkpointing FutureWarning."""
+    import peft
+
+    with _without_peft_checkpointing_notice():
         return peft.get_peft_model(model, lora_config)
+
+
+def load_peft_adapter(model, adapter_dir, **kwargs):
+    """``peft.PeftModel.from_pretrained(model, adapter_dir)`` without peft's checkpointing FutureWarning."""
+    import peft
+
+    with _without_peft_checkpointing_notice():
+        return peft.PeftModel.from_pretrained(model, adapter_dir, **kwargs)
