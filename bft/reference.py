@@ -114,20 +114,14 @@ class BaseFavoredTokens:
 
 
 def base_favored_tokens(
-    *, aligned_logits: torch.Tensor, base_logits: torch.Tensor, top_k: int = 100, k: int | None = None
+    *, aligned_logits: torch.Tensor, base_logits: torch.Tensor, top_k: int = 100
 ) -> BaseFavoredTokens:
     """Base-favored tokens of Algorithm 1 and their count (Eq. 6), over the last dim of [..., V] logits.
 
     ``ids`` are the top-``top_k`` of Δ = base − aligned *logits* (Algorithm 1, as in the paper); ``count`` uses
     *probabilities*: v is base-favored when π_base(v) > π_aligned(v), i.e. log_softmax(base)_v >
-    log_softmax(aligned)_v. Accumulates in fp32 whatever the input dtype. ``k`` is the deprecated name of
-    ``top_k`` (one release).
+    log_softmax(aligned)_v. Accumulates in fp32 whatever the input dtype.
     """
-    if k is not None:
-        import warnings
-
-        warnings.warn("base_favored_tokens(k=) is deprecated: use top_k=", DeprecationWarning, stacklevel=2)
-        top_k = k
     k = top_k
     if base_logits.shape != aligned_logits.shape:
         raise ValueError(

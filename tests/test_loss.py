@@ -543,21 +543,21 @@ def test_bad_input_gets_a_clear_error(name):
 
 def test_base_favored_tokens_use_probabilities_for_the_count():
     aligned = torch.randn(3, 40)
-    out = bft.base_favored_tokens(base_logits=aligned.clone(), aligned_logits=aligned, k=4)
+    out = bft.base_favored_tokens(base_logits=aligned.clone(), aligned_logits=aligned, top_k=4)
     assert (out.count == 0).all()  # π_base = π_aligned: nothing is base-favored
     assert torch.equal(out.ids, torch.arange(4).expand(3, 4))  # Δ ties everywhere: lowest ids first
     shifted = aligned.double() + 5.0  # same distribution up to rounding, though every logit is larger
-    out = bft.base_favored_tokens(base_logits=shifted, aligned_logits=aligned.double(), k=4)
+    out = bft.base_favored_tokens(base_logits=shifted, aligned_logits=aligned.double(), top_k=4)
     assert (out.delta == 5.0).all()  # every logit is larger, yet the count (probabilities) is not "all"
     assert (out.count < 40).all()
     base = aligned.clone()
     base[:, 7] += 3.0  # one token gains probability, all others lose a little
-    out = bft.base_favored_tokens(base_logits=base, aligned_logits=aligned, k=1)
+    out = bft.base_favored_tokens(base_logits=base, aligned_logits=aligned, top_k=1)
     assert (out.count == 1).all() and (out.ids[:, 0] == 7).all()
-    with pytest.raises(ValueError, match="k=41"):
-        bft.base_favored_tokens(base_logits=base, aligned_logits=aligned, k=41)
+    with pytest.raises(ValueError, match="top_k=41"):
+        bft.base_favored_tokens(base_logits=base, aligned_logits=aligned, top_k=41)
     with pytest.raises(ValueError, match="differ in shape"):
-        bft.base_favored_tokens(base_logits=base[:, :39], aligned_logits=aligned, k=1)
+        bft.base_favored_tokens(base_logits=base[:, :39], aligned_logits=aligned, top_k=1)
 
 
 def test_hybrid_teacher_extrapolates_in_fp32():

@@ -143,7 +143,7 @@ def fingerprint(config, tokenizer, harmful, utility) -> dict:
         out = {"source": getattr(d, role), "split": getattr(d, f"{role}_split"), "limit": limit,
                "columns": getattr(d, f"{role}_columns")}  # fmt: skip
         if limit is not None:
-            out["selection_seed"] = t_seed  # bft.data.load picks `limit` rows with the run's seed
+            out["selection_seed"] = t_seed  # bft.hf.data.load picks `limit` rows with the run's seed
         if role == "harmful":
             out["response"] = d.harmful_response
             if d.harmful_response == "generate":

@@ -48,7 +48,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")  # fmt: skip
 
-#: Model names that build the tiny random models of :mod:`bft.testing` instead of loading anything.
+#: Model names that build the tiny random models of :mod:`bft.hf.testing` instead of loading anything.
 TINY_BASE = "tiny-random-base"
 TINY_ALIGNED = "tiny-random-aligned"
 
@@ -87,7 +87,7 @@ class FinetuneConfig:
 class DataConfig:
     """Harmful (prompt, response) pairs and utility data, mixed per batch at ``harmful_ratio``."""
 
-    harmful: str = "advbench"  # bft.data.load name (advbench, harmbench, hexphi path, ...) or a local file
+    harmful: str = "advbench"  # bft.hf.data.load name (advbench, harmbench, hexphi path, ...) or a local file
     harmful_split: str | None = None
     harmful_limit: int | None = None
     harmful_columns: dict[str, str] | None = None  # e.g. {"prompt": "instruction", "response": "output"}

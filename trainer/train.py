@@ -525,15 +525,15 @@ def merge_into_fresh_copy(config: Config, student_model):
     """Merge LoRA adapters trained on a quantized model into an unquantized copy of the aligned model (on CPU)."""
     import tempfile
 
+    from bft.hf.models import load_peft_adapter
     from bft.trainer.modeling import load_causal_lm, torch_dtype
-    from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         student_model.save_pretrained(adapter_dir)
         fresh = load_causal_lm(config.model.aligned, gguf_file=config.model.aligned_gguf_file,
                                dtype=torch_dtype(config.model.dtype), quantization=None, attn_implementation="sdpa",
                                device=torch.device("cpu"), trainable=False)  # fmt: skip
-        return PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
+        return load_peft_adapter(fresh, adapter_dir).merge_and_unload()
 
 
 def run_from_arguments(args) -> int:
