@@ -43,6 +43,9 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
 SAVE_FORMATS = ("merged", "adapter")
 HARMFUL_RESPONSES = ("dataset", "generate")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+#: What drives the optimizer steps (``train.engine``): bft's own loop (trainer/train.py), or TRL's ``SFTTrainer``
+#: subclass :class:`bft.integrations.trl.BFTTrainer` (``pip install 'bft[trl]'``); the same per-micro-batch step.
+ENGINES = ("bft", "trl")
 #: ``transformers.get_scheduler`` names that run from (warmup steps, total steps) alone; the others need extra
 #: arguments (min_lr, decay steps) or a metric at every step, which the trainer does not pass.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -165,6 +168,7 @@ class TrainConfig:
     tensorboard: bool = False
     mixed_precision: str = "no"  # accelerate autocast: "no" | "bf16" | "fp16" (with dtype float32 master weights)
     device: str | None = None  # None: accelerate's choice (CUDA when available); "cpu" forces CPU
+    engine: str = "bft"  # one of ENGINES: "bft" (trainer/train.py) or "trl" (TRL's trainer, bft.integrations.trl)
 
 
 @dataclass
@@ -238,6 +242,7 @@ def validate(config: Config) -> Config:
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    choice("train.engine", t.engine, ENGINES)
     if not config.teacher_cache.shard_mb > 0:
         raise ConfigError(f"teacher_cache.shard_mb must be > 0, got {config.teacher_cache.shard_mb}")
     if config.teacher_cache.path == "":
@@ -303,6 +308,9 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output directory")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--engine", default=None, metavar="{bft,trl}",
+                        help="what runs the steps (overrides train.engine): bft's loop, or TRL's trainer "
+                             "(pip install 'bft[trl]')")  # fmt: skip
     accept_overrides(parser)
 
 
@@ -313,4 +321,6 @@ def config_from_train_arguments(args) -> Config:
         config.train.max_steps = args.max_steps
     if args.output_dir is not None:
         config.train.output_dir = args.output_dir
+    if getattr(args, "engine", None) is not None:
+        config.train.engine = args.engine
     return validate(config)

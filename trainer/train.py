@@ -27,6 +27,7 @@ import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: keep trainer/ off sys.path so its modules never shadow top-level ones
@@ -45,6 +46,7 @@ from bft.trainer.data import (
 )
 from bft.trainer.modeling import (
     BFTStudent,
+    Trio,
     build_trio,
     check_quantization_available,
     check_vocab,
@@ -69,7 +71,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    t, d, o = config.train, config.data, config.optim
+    t, o = config.train, config.optim
     out = Path(t.output_dir)
 
     # ---------------------------------------------------------------- set up: checks that need nothing loaded
@@ -84,27 +86,16 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     if not resume and ckpt.list_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose "
                          "another --output-dir")  # fmt: skip
+    check_engine(config)
     check_quantization_available(config.model.frozen_quantization)
     check_optimizer_available(o.name)
     writer = make_tensorboard_writer(out) if t.tensorboard and main else None
     set_seed(t.seed)
 
-    # ---------------------------------------------------------------- data (before any model is loaded)
-    harmful_pairs, utility_pairs = load_training_pairs(config)
-
-    # ---------------------------------------------------------------- tokenizers, then models
-    tokenizer, base_tokenizer = load_tokenizers(config)
-    check_vocab(tokenizer, base_tokenizer)  # cheap, before loading any weights
-    trio, harmful, utility, cache, frozen_heads = _models_and_examples(
-        config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out, progress
-    )
-    check_loss_vocab(config, trio.vocab_size)
-    pad_id = pad_token_id(tokenizer)
-    batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=t.seed,
-                           pad_id=pad_id)  # fmt: skip
+    # ---------------------------------------------------------------- data, tokenizers, models, batches
+    run = prepare_run(config, accelerator, out, progress)
+    trio, batches, total_steps, micro_per_step = run.trio, run.batches, run.total_steps, run.micro_per_step
     world = accelerator.num_processes
-    micro_per_step = o.grad_accum * world  # micro-batches consumed per optimizer step, all processes together
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.batches_per_epoch / micro_per_step))
 
     # ---------------------------------------------------------------- optimizer, schedule, accelerate
     student = BFTStudent(trio.student, loss_module(config), trio.vocab_size)
@@ -128,13 +119,13 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     while step < total_steps:
         step_start = time.perf_counter()
         indices = [(step * o.grad_accum + micro) * world + accelerator.process_index for micro in range(o.grad_accum)]
-        sums, grad_norm, lr = _optimizer_step(trio, student, optimizer, scheduler, params, batches, indices, cache,
-                                              frozen_heads, accelerator, o.max_grad_norm)  # fmt: skip
+        sums, grad_norm, lr = _optimizer_step(run, student, optimizer, scheduler, params, indices, accelerator,
+                                              o.max_grad_norm)  # fmt: skip
         scheduler.step()
         step += 1
         sums = accelerator.reduce(sums, reduction="sum")
         seconds = time.perf_counter() - step_start
-        metrics = _metrics_line(step, sums, micro_per_step, lr, grad_norm, seconds, peak, batches, started)
+        metrics = metrics_line(step, sums, micro_per_step, lr, grad_norm, seconds, peak, batches, started)
         if main:
             _log_step(out, writer, bar, metrics, lr, step == total_steps or step % t.log_every == 0)
         bar.update(1)
@@ -152,20 +143,16 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
             "last_metrics": metrics}  # fmt: skip
 
 
-def _optimizer_step(trio, student, optimizer, scheduler, params, batches, indices, cache, frozen_heads, accelerator,
-                    max_grad_norm):  # fmt: skip
+def _optimizer_step(run, student, optimizer, scheduler, params, indices, accelerator, max_grad_norm):
     """One optimizer step over the micro-batches ``indices`` (gradient accumulation through accelerate). Returns
     the summed (loss, kl, n_valid, completion, n_harmful, risk, tokens), the gradient norm and the step's lr."""
     device = accelerator.device
     sums = torch.zeros(7, dtype=torch.float64, device=device)
     grad_norm = lr = None
     for index in indices:
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batches[index].items()}
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in run.batches[index].items()}
         with accelerator.accumulate(student):
-            teacher = None
-            if cache is not None:
-                teacher = cache_teacher_inputs(cache, frozen_heads, batches.examples(index), batch, device)
-            result = micro_batch_loss(trio, student, batch, teacher)
+            result, micro_sums = micro_batch_step(run, student, batch, index)
             accelerator.backward(result["loss"])
             if accelerator.sync_gradients:
                 max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
@@ -173,14 +160,61 @@ def _optimizer_step(trio, student, optimizer, scheduler, params, batches, indice
             lr = scheduler.get_last_lr()[0]
             optimizer.step()  # a no-op until the last micro-batch of the step (accelerate)
             optimizer.zero_grad(set_to_none=True)
-        valid = batch["valid"].reshape(-1)
-        harm = (batch["harmful"] & batch["valid"]).reshape(-1)
-        sums += torch.stack([
-            result["loss"].detach().double(), result["kl"].double().sum(), valid.sum().double(),
-            result["completion"].double()[harm].sum(), harm.sum().double(), result["risk"].double().sum(),
-            torch.tensor(float(batch["n_tokens"]), dtype=torch.float64, device=device),
-        ])  # fmt: skip
+        sums += micro_sums
     return sums, grad_norm, lr
+
+
+@dataclass
+class Run:
+    """What a run trains on, whichever engine drives the steps (``train.engine``: bft's loop here, or TRL's
+    trainer in :mod:`bft.integrations.trl`): the models, the mixed batches, the teacher cache (``None`` when the
+    frozen forwards run live) and the run's length."""
+
+    trio: Trio
+    batches: MixedBatches
+    cache: object | None
+    frozen_heads: tuple | None
+    total_steps: int
+    micro_per_step: int  # micro-batches per optimizer step, all processes together (grad_accum × processes)
+
+
+def prepare_run(config: Config, accelerator, out: Path, progress: bool = True) -> Run:
+    """Data, tokenizers, models (or the teacher cache) and batches of a run, in the order the recipe needs them.
+    ``accelerator``: an ``accelerate.Accelerator`` or ``PartialState`` (device, process index and count)."""
+    d, t, o = config.data, config.train, config.optim
+    harmful_pairs, utility_pairs = load_training_pairs(config)  # data before any model is loaded
+    tokenizer, base_tokenizer = load_tokenizers(config)
+    check_vocab(tokenizer, base_tokenizer)  # cheap, before loading any weights
+    trio, harmful, utility, cache, frozen_heads = _models_and_examples(
+        config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out, progress
+    )
+    check_loss_vocab(config, trio.vocab_size)
+    batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=t.seed,
+                           pad_id=pad_token_id(tokenizer))  # fmt: skip
+    micro_per_step = o.grad_accum * accelerator.num_processes
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.batches_per_epoch / micro_per_step))
+    return Run(trio, batches, cache, frozen_heads, total_steps, micro_per_step)
+
+
+def micro_batch_step(run: Run, student, batch: dict, index: int) -> tuple[dict, torch.Tensor]:
+    """The per-micro-batch step of both engines (bft's loop and :class:`bft.integrations.trl.BFTTrainer`): the
+    frozen forwards under ``no_grad`` — or their outputs read from the teacher cache — then the student's forward
+    and the fused loss (:func:`micro_batch_loss`). ``batch`` is ``run.batches[index]`` on the device. Returns the
+    student's output dict (``loss`` is what to backpropagate, before any gradient-accumulation scaling) and the
+    micro-batch's float64 sums (loss, kl, n_valid, completion, n_harmful, risk, tokens) for :func:`metrics_line`."""
+    device = batch["input_ids"].device
+    teacher = None
+    if run.cache is not None:
+        teacher = cache_teacher_inputs(run.cache, run.frozen_heads, run.batches.examples(index), batch, device)
+    result = micro_batch_loss(run.trio, student, batch, teacher)
+    valid = batch["valid"].reshape(-1)
+    harm = (batch["harmful"] & batch["valid"]).reshape(-1)
+    sums = torch.stack([
+        result["loss"].detach().double(), result["kl"].double().sum(), valid.sum().double(),
+        result["completion"].double()[harm].sum(), harm.sum().double(), result["risk"].double().sum(),
+        torch.tensor(float(batch["n_tokens"]), dtype=torch.float64, device=device),
+    ])  # fmt: skip
+    return result, sums
 
 
 def _models_and_examples(config: Config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out,
@@ -242,7 +276,7 @@ def _restore_or_start(resume_from, student, optimizer, scheduler, config: Config
     return step
 
 
-def _metrics_line(step, sums, micro_per_step, lr, grad_norm, seconds, peak, batches, started) -> dict:
+def metrics_line(step, sums, micro_per_step, lr, grad_norm, seconds, peak, batches, started) -> dict:
     """One ``metrics.jsonl`` line from the step's summed (loss, kl, n_valid, completion, n_harmful, risk, tokens)."""
     metrics = {
         "step": step,
@@ -294,6 +328,14 @@ def check_distributed_type(accelerator, config: Config) -> None:
         raise ValueError(f"optim.name={config.optim.name!r} with FSDP is not supported: bitsandbytes optimizers do "
                          "not take FSDP's sharded parameters. Use optim.name: adamw (FSDP already shards its "
                          "state across the GPUs)")  # fmt: skip
+
+
+def check_engine(config: Config) -> None:
+    """This loop is ``train.engine: bft``; ``trl`` runs through ``bft train`` (``bft.commands.train``), which hands
+    the config to :func:`bft.integrations.trl.train` (trainer/ does not import the integrations)."""
+    if config.train.engine != "bft":
+        raise ValueError(f"train.engine={config.train.engine!r}: run it with `bft train CONFIG --engine "
+                         f"{config.train.engine}` (or bft.integrations.trl.train); this loop is engine 'bft'")  # fmt: skip
 
 
 def check_optimizer_available(name: str) -> None:
