@@ -22,8 +22,10 @@ import torch
 from bft.kernels.chunking import grad_hidden_sliced, logits_sliced, rows_per_block
 from bft.reference import (
     COMPLETION_TERMS,
+    DEFAULT_SELECTION_TOP_P,
     base_favored_density,
     hybrid_teacher_logits,
+    select_base_favored,
     topk_lowest_id_ties,
     topk_mask_lowest_id_ties,
 )
@@ -66,25 +68,33 @@ def topk_ids_lowest_id_ties(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.gather(ids, -1, order)
 
 
-def favored_ids_and_risk(a: torch.Tensor, b: torch.Tensor, top_k: int, dtype: torch.dtype = torch.float32):
-    """(TopK(b − a) ids with ties to the lower id, risk = base-favored density) of wide [C, V] logits, in the
-    order and rounding the loss uses them."""
+def favored_ids_and_risk(a: torch.Tensor, b: torch.Tensor, top_k: int, dtype: torch.dtype = torch.float32,
+                         selection: str = "vocab", selection_top_p: float = DEFAULT_SELECTION_TOP_P):  # fmt: skip
+    """(M's ids with ties to the lower id, risk = base-favored density) of wide [C, V] logits, in the order and
+    rounding the loss uses them. M = TopK(b − a) over the vocabulary (``selection="vocab"``, in linear time) or over
+    the base model's plausible tokens (:func:`bft.reference.select_base_favored`, the reference's own function)."""
     count = (torch.log_softmax(b, dim=-1) > torch.log_softmax(a, dim=-1)).sum(-1)
-    ids = topk_ids_lowest_id_ties(b - a, top_k)
+    if selection == "vocab":
+        ids = topk_ids_lowest_id_ties(b - a, top_k)
+    else:
+        ids = select_base_favored(b - a, b, top_k, selection, selection_top_p)
     return ids, base_favored_density(count, a.shape[-1], dtype)
 
 
-def base_favored_rows(ah, aw, bh, bw, *, top_k: int, chunk_rows: int | None = None):
+def base_favored_rows(ah, aw, bh, bw, *, top_k: int, chunk_rows: int | None = None, selection: str = "vocab",
+                      selection_top_p: float = DEFAULT_SELECTION_TOP_P):  # fmt: skip
     """The base-favored ids [N, k] (int64) and risk [N] (fp32) of the aligned / base hidden states and heads: what
-    :func:`bft.bft_loss` computes for itself when it is not given ``topk_ids`` and ``risk``. Logits in fp32, a row
-    chunk at a time (the teacher cache stores these)."""
+    :func:`bft.bft_loss` computes for itself when it is not given ``topk_ids`` and ``risk`` (M chosen by
+    ``selection``, :func:`favored_ids_and_risk`). Logits in fp32, a row chunk at a time (the teacher cache stores
+    these)."""
     N, V = ah.shape[0], aw.shape[0]
     C = chunk_rows or default_chunk_rows(V)
     ids = torch.empty(N, top_k, dtype=torch.int64, device=ah.device)
     risk = torch.empty(N, dtype=torch.float32, device=ah.device)
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
-        ids[r0:r1], risk[r0:r1] = favored_ids_and_risk(logits_fp32(ah[r0:r1], aw), logits_fp32(bh[r0:r1], bw), top_k)
+        ids[r0:r1], risk[r0:r1] = favored_ids_and_risk(logits_fp32(ah[r0:r1], aw), logits_fp32(bh[r0:r1], bw), top_k,
+                                                       selection=selection, selection_top_p=selection_top_p)
     return ids, risk
 
 
@@ -153,7 +163,7 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
     kl = kl_raw * tau * tau
 
     if topk_ids is None:
-        ids, risk = favored_ids_and_risk(a, b, params.top_k, s.dtype)
+        ids, risk = favored_ids_and_risk(a, b, params.top_k, s.dtype, params.selection, params.selection_top_p)
     else:
         ids, risk = topk_ids.long(), risk.to(s.dtype)
     completion, add_completion_grad = completion_and_grad(

@@ -41,10 +41,12 @@ from bft.kernels.params import (  # noqa: F401  (the settings' one home; re-expo
     DEFAULT_GAMMA,
     DEFAULT_KL_WEIGHT,
     DEFAULT_L2_REG,
+    DEFAULT_SELECTION_TOP_P,
     DEFAULT_TEACHER_LAMBDA,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     KL_DIRECTIONS,
+    SELECTION_RULES,
     BFTLossParams,
 )
 from bft.reference import bft_loss_reference
@@ -227,6 +229,26 @@ def _scaled_gradient(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtyp
     return out
 
 
+def _selected_rows(tensors, valid, params: BFTLossParams):
+    """M and risk of the valid rows under ``params.selection`` (:func:`bft.chunked.base_favored_rows`, the
+    reference's selection a row chunk at a time), given to the Triton backend as ``topk_ids`` / ``risk``: its row
+    kernel keeps a running top-k over the whole vocabulary, which a rule that needs the base's sorted distribution
+    cannot stream. Costs the two frozen logit GEMMs once more."""
+    from bft.chunked import base_favored_rows
+
+    N, dev = valid.shape[0], valid.device
+    idx = valid.nonzero().squeeze(1)
+    ids = torch.zeros(N, params.top_k, dtype=torch.int64, device=dev)
+    risk = torch.zeros(N, dtype=torch.float32, device=dev)
+    with torch.no_grad():
+        ids[idx], risk[idx] = base_favored_rows(
+            tensors["aligned_hidden"].detach().index_select(0, idx), tensors["aligned_weight"].detach(),
+            tensors["base_hidden"].detach().index_select(0, idx), tensors["base_weight"].detach(),
+            top_k=params.top_k, selection=params.selection, selection_top_p=params.selection_top_p,
+        )  # fmt: skip
+    return ids, risk
+
+
 def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, topk_ids=None, risk=None, **impl_kwargs):
     """Compact the valid rows, run a grads-in-forward implementation, scatter the results back to N rows."""
     sh = tensors["student_hidden"]
@@ -299,6 +321,8 @@ def bft_loss(
     kl: str = "forward",
     kl_weight: float = DEFAULT_KL_WEIGHT,
     completion: str = "l2",
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
     backend: str = "auto",
     chunk_rows: int | None = None,
     topk_ids: torch.Tensor | None = None,
@@ -333,6 +357,11 @@ def bft_loss(
             every s_v of M towards 0, raising the negative ones), "mass" or "unlikelihood" (both lower the student's
             probability on M and ignore a constant added to a row; l2_reg scales "l2" only; "unlikelihood" needs
             top_k < V).
+        selection: where M is chosen, one of :data:`SELECTION_RULES`: "vocab" (default, TopK(Δ, k) over the whole
+            vocabulary, Algorithm 1 as written) or "base_topp" (TopK(Δ, k) over the base model's top-p nucleus,
+            grown to k tokens; docs/loss.md#where-m-is-chosen). The reference and torch backends select in place;
+            for "triton" the ids are computed first (:func:`bft.chunked.base_favored_rows`) and given to the kernel.
+        selection_top_p: p of "base_topp", in (0, 1].
         backend: "auto" | "reference" | "torch" | "triton".
         chunk_rows: rows per chunk for the torch/triton backends (default: sized from a memory budget).
         topk_ids, risk: [N, top_k] int32/int64 and [N] float, given together: the base-favored ids M_n (top-k of
@@ -355,6 +384,7 @@ def bft_loss(
     params = resolve_params(params, {
         "top_k": top_k, "temperature": temperature, "teacher_lambda": teacher_lambda, "alpha_base": alpha_base,
         "gamma": gamma, "l2_reg": l2_reg, "kl": kl, "kl_weight": kl_weight, "completion": completion,
+        "selection": selection, "selection_top_p": selection_top_p,
     })  # fmt: skip
     _validate(tensors, harmful, valid, params, backend)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
@@ -365,6 +395,8 @@ def bft_loss(
     valid = torch.ones(N, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
     backend = resolve_backend(backend, dev)
     _validate_given(topk_ids, risk, valid, N, student_weight.shape[0], params.top_k, dev)
+    if backend == "triton" and params.selection != "vocab" and topk_ids is None:
+        topk_ids, risk = _selected_rows(tensors, valid, params)  # the row kernel ranks the whole vocabulary only
 
     if backend == "reference":
         loss, rows = bft_loss_reference(**tensors, harmful=harmful, valid=valid, params=params, topk_ids=topk_ids,
@@ -401,6 +433,8 @@ class BFTLoss(nn.Module):
         kl: str = "forward",
         kl_weight: float = DEFAULT_KL_WEIGHT,
         completion: str = "l2",
+        selection: str = "vocab",
+        selection_top_p: float = DEFAULT_SELECTION_TOP_P,
         backend: str = "auto",
         chunk_rows: int | None = None,
     ):
@@ -408,6 +442,7 @@ class BFTLoss(nn.Module):
         self.params = resolve_params(params, {
             "top_k": top_k, "temperature": temperature, "teacher_lambda": teacher_lambda, "alpha_base": alpha_base,
             "gamma": gamma, "l2_reg": l2_reg, "kl": kl, "kl_weight": kl_weight, "completion": completion,
+        "selection": selection, "selection_top_p": selection_top_p,
         })  # fmt: skip
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

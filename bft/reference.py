@@ -10,7 +10,8 @@ Notation, per row n (one token position), with the three models' logits over a v
     t = λ·a + (1 − λ)·b                                                hybrid teacher (Eq. 12), λ may be > 1
     KL_n = τ²·KL(softmax(t/τ) ‖ softmax(s/τ))      kl="forward"        (Eq. 14, see below)
          = τ²·KL(softmax(s/τ) ‖ softmax(t/τ))      kl="reverse"
-    M_n  = TopK(Δ, k)                                                  base-favored ids (Algorithm 1)
+    M_n  = TopK(Δ, k)                                                  base-favored ids (Algorithm 1), selection="vocab"
+         = TopK(Δ restricted to Plaus_p(b), k)                         selection="base_topp" (see below)
     completion_n = l2_reg·Σ_{v∈M_n} s_v²                               completion="l2": Eq. 9 (on the student)
                  = Σ_{v∈M_n} π_s(v)                                    completion="mass", π_s = softmax(s)
                  = −log(1 − Σ_{v∈M_n} π_s(v))                          completion="unlikelihood"
@@ -38,6 +39,16 @@ With P = Σ_{v∈M} π_s(v) and Q = 1 − P = Σ_{v∉M} π_s(v), their gradient
 "unlikelihood" is computed as logsumexp(s) − logsumexp_{v∉M}(s), which is exact however close P is to 1; it is
 infinite when M is the whole vocabulary, so it needs k < V.
 
+Where M is chosen (:data:`SELECTION_RULES`). "vocab" ranks the whole vocabulary by Δ, as Algorithm 1 does; on a
+real pair that is mostly tokens neither model would sample. "base_topp" ranks only the tokens the base model finds
+plausible: with the base's tokens in descending π_b order (equal logits: lower id first),
+
+    Plaus_p(b) = the first max(k, n_p) tokens,  n_p = #{r : Σ_{r' < r} π_b(r') < p}   (the top-p nucleus, p =
+                 selection_top_p: every token whose preceding mass is below p, so the one that crosses p is in)
+
+grown to k tokens in π_b order when the nucleus is smaller, so M always has k ids and every id of M is plausible.
+risk counts over the whole vocabulary under either rule.
+
 Ties in Δ at the k-th place: the lower vocabulary id wins (a stable descending sort). Every backend follows the
 same rule, so ``topk_ids`` is deterministic and comparable across backends.
 """
@@ -48,7 +59,13 @@ from dataclasses import dataclass
 
 import torch
 
-from bft.kernels.params import COMPLETION_TERMS, KL_DIRECTIONS, BFTLossParams  # the settings every backend shares
+from bft.kernels.params import (  # the settings every backend shares
+    COMPLETION_TERMS,
+    DEFAULT_SELECTION_TOP_P,
+    KL_DIRECTIONS,
+    SELECTION_RULES,
+    BFTLossParams,
+)
 
 
 def hybrid_teacher_logits(aligned_logits: torch.Tensor, base_logits: torch.Tensor, teacher_lambda: float = 1.2):
@@ -89,6 +106,36 @@ def topk_mask_lowest_id_ties(values: torch.Tensor, k: int) -> tuple[torch.Tensor
     return above | (tied & (tied.cumsum(-1) <= room)), kth
 
 
+def plausible_to_base(base_logits: torch.Tensor, top_p: float, k: int) -> torch.Tensor:
+    """Plaus_p(b) of the module docstring as a boolean mask [..., V]: the base model's top-p nucleus (tokens in
+    descending π_b order, equal logits lower id first, kept while the mass before them is < p), grown in that order
+    to at least k tokens. Computed in the logits' dtype (fp32 or wider)."""
+    order = torch.sort(base_logits, dim=-1, descending=True, stable=True).indices
+    p_sorted = torch.softmax(base_logits, dim=-1).gather(-1, order)
+    cum = torch.cumsum(p_sorted, dim=-1)
+    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)  # the mass ranked above each token
+    n_p = (before < top_p).sum(-1, keepdim=True)
+    size = n_p.clamp(min=k)
+    ranks = torch.arange(base_logits.shape[-1], device=base_logits.device)
+    keep_sorted = ranks < size
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def select_base_favored(delta: torch.Tensor, base_logits: torch.Tensor, k: int, selection: str = "vocab",
+                        top_p: float = DEFAULT_SELECTION_TOP_P) -> torch.Tensor:  # fmt: skip
+    """M: the ids [..., k] of the k largest Δ = b − a (ties to the lower id) among the tokens ``selection`` allows:
+    all of them ("vocab") or :func:`plausible_to_base` ("base_topp"). Ranked by (allowed, Δ, −id), so a plausible
+    token always outranks an implausible one, whatever Δ holds (also ±inf)."""
+    if selection == "vocab":
+        return topk_lowest_id_ties(delta, k)
+    if selection != "base_topp":
+        raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
+    allowed = plausible_to_base(base_logits, top_p, k)
+    by_delta = torch.sort(delta, dim=-1, descending=True, stable=True).indices
+    first = torch.sort(allowed.gather(-1, by_delta).to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return by_delta.gather(-1, first[..., :k])
+
+
 def base_favored_density(count: torch.Tensor, V: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """risk = count / V (Eq. 10), correctly rounded to ``dtype`` on every device.
 
@@ -114,11 +161,14 @@ class BaseFavoredTokens:
 
 
 def base_favored_tokens(
-    *, aligned_logits: torch.Tensor, base_logits: torch.Tensor, top_k: int = 100
+    *, aligned_logits: torch.Tensor, base_logits: torch.Tensor, top_k: int = 100, selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
 ) -> BaseFavoredTokens:
     """Base-favored tokens of Algorithm 1 and their count (Eq. 6), over the last dim of [..., V] logits.
 
-    ``ids`` are the top-``top_k`` of Δ = base − aligned *logits* (Algorithm 1, as in the paper); ``count`` uses
+    ``ids`` are the top-``top_k`` of Δ = base − aligned *logits* (Algorithm 1, as in the paper), over the whole
+    vocabulary (``selection="vocab"``) or the base model's plausible tokens (``"base_topp"``,
+    :func:`select_base_favored`); ``count`` uses
     *probabilities*: v is base-favored when π_base(v) > π_aligned(v), i.e. log_softmax(base)_v >
     log_softmax(aligned)_v. Accumulates in fp32 whatever the input dtype.
     """
@@ -136,7 +186,7 @@ def base_favored_tokens(
     b = base_logits.to(dtype)
     a = aligned_logits.to(dtype)
     delta = b - a
-    ids = topk_lowest_id_ties(delta, k)
+    ids = select_base_favored(delta, b, k, selection, selection_top_p)
     count = (torch.log_softmax(b, dim=-1) > torch.log_softmax(a, dim=-1)).sum(-1)
     return BaseFavoredTokens(ids=ids, count=count, delta=torch.gather(delta, -1, ids))
 
@@ -189,6 +239,8 @@ def bft_row_terms(
     risk: torch.Tensor | None = None,
     kl_weight: float = 1.0,
     completion: str = "l2",
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
 ) -> BFTRowTerms:
     """The objective's per-row terms from full-vocabulary logits s, a, b of shape [N, V] (already wide dtype).
 
@@ -196,7 +248,8 @@ def bft_row_terms(
     ``topk_ids`` [N, k] and ``risk`` [N], when given (both or neither), are M_n and risk_n computed beforehand from
     the same a and b (a teacher cache); they replace the top-k of Δ and the count, and nothing else changes.
     ``kl_weight`` scales KL_n in ``row_loss`` only; ``kl`` is reported unweighted. ``completion`` names the
-    completion term (:func:`completion_values`).
+    completion term (:func:`completion_values`); ``selection`` / ``selection_top_p`` where M is chosen
+    (:func:`select_base_favored`; not read when ``topk_ids`` is given).
     """
     tau = float(temperature)
     a = a.detach()
@@ -214,7 +267,8 @@ def bft_row_terms(
     kl_n = kl_n * tau * tau
 
     if topk_ids is None:
-        favored = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k)
+        favored = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k, selection=selection,
+                                      selection_top_p=selection_top_p)  # fmt: skip
         ids = favored.ids
         risk = base_favored_density(favored.count, V, s.dtype)
     else:

@@ -84,6 +84,10 @@ def bft_forward_backward_triton(
     """
     N, V = sh.shape[0], sw.shape[0]
     dev = sh.device
+    if params.selection != "vocab" and topk_ids is None:
+        raise ValueError(f"selection={params.selection!r} needs precomputed top-k ids on the triton backend (its row "
+                         "kernel ranks the whole vocabulary): call bft.bft_loss (which computes them), build a "
+                         "teacher cache (bft cache) or pass topk_ids= and risk=")  # fmt: skip
     if dev.type != "cuda":
         import os
 

@@ -23,6 +23,12 @@ KL_DIRECTIONS = ("forward", "reverse")
 #:   "unlikelihood"  −log(1 − Σ_{v∈M} π(v))    the same, with a gradient that does not vanish as π(M) → 1
 COMPLETION_TERMS = ("l2", "mass", "unlikelihood")
 
+#: Where M is chosen (docs/loss.md#where-m-is-chosen), with π_b = softmax(b) the base model's distribution:
+#:   "vocab"      M = TopK(b − a, k) over the whole vocabulary (Algorithm 1 as written; the default)
+#:   "base_topp"  M = TopK(b − a, k) over the base model's plausible tokens: its top-p nucleus (the fewest most
+#:                probable tokens whose mass reaches selection_top_p), grown in π_b order to k tokens if smaller
+SELECTION_RULES = ("vocab", "base_topp")
+
 DEFAULT_TOP_K = 100
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_TEACHER_LAMBDA = 1.2
@@ -30,6 +36,7 @@ DEFAULT_ALPHA_BASE = 1.0
 DEFAULT_GAMMA = 1.0
 DEFAULT_L2_REG = 1e-4
 DEFAULT_KL_WEIGHT = 1.0
+DEFAULT_SELECTION_TOP_P = 0.9
 
 
 def _real(x) -> bool:
@@ -51,6 +58,8 @@ class BFTLossParams:
     kl:             one of :data:`KL_DIRECTIONS`
     kl_weight:      weight of KL_n in the loss, finite >= 0 (0: the completion-only ablation)
     completion:     one of :data:`COMPLETION_TERMS` ("l2": Eq. 9 as written)
+    selection:      where M is chosen, one of :data:`SELECTION_RULES` ("vocab": the whole vocabulary, as written)
+    selection_top_p: p of selection="base_topp", in (0, 1] (read by that rule only)
     """
 
     top_k: int = DEFAULT_TOP_K
@@ -62,6 +71,8 @@ class BFTLossParams:
     kl: str = "forward"
     kl_weight: float = DEFAULT_KL_WEIGHT
     completion: str = "l2"
+    selection: str = "vocab"
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P
 
     def __post_init__(self):
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
@@ -83,6 +94,10 @@ class BFTLossParams:
             raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {self.kl!r}")
         if self.completion not in COMPLETION_TERMS:
             raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {self.completion!r}")
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(f"selection must be one of {SELECTION_RULES}, got {self.selection!r}")
+        if not (_real(self.selection_top_p) and 0 < self.selection_top_p <= 1):
+            raise ValueError(f"selection_top_p must be in (0, 1], got {self.selection_top_p!r}")
 
     def check_vocab(self, V: int) -> None:
         """The checks that need the vocabulary size V."""
@@ -97,10 +112,14 @@ class BFTLossParams:
         return {f.name: getattr(self, f.name) for f in fields(BFTLossParams)}
 
     def teacher_cache_fields(self) -> dict:
-        """The settings a frozen-teacher cache's contents depend on: it stores M = TopK(b − a, k) and risk (which
-        depends on no setting), so only top_k. The completion term, τ, λ, α, l2_reg, the KL direction and weight are
-        all applied to the cached ids at training time and may change under one cache."""
-        return {"top_k": self.top_k}
+        """The settings a frozen-teacher cache's contents depend on: it stores M and risk (which depends on no
+        setting), so top_k and the selection rule. The completion term, τ, λ, α, l2_reg, the KL direction and weight
+        are all applied to the cached ids at training time and may change under one cache. Under the default
+        selection ("vocab") the rule is left out, so a cache built before the rule existed stays valid; any other
+        rule adds ``selection`` and its parameter, so a cache built under one rule is refused under another."""
+        if self.selection == "vocab":
+            return {"top_k": self.top_k}
+        return {"top_k": self.top_k, "selection": self.selection, "selection_top_p": self.selection_top_p}
 
     @property
     def completion_code(self) -> int:

@@ -160,6 +160,7 @@ STALE = {
     "max_length": ("data.max_length=60", "data.max_length"),
     "model": ("model.tiny_seed=1", "model.base"),
     "top_k": ("loss.top_k=12", "loss.top_k"),
+    "selection": ("loss.selection=base_topp", "loss.selection"),  # the ids were chosen over the whole vocabulary
 }
 
 
@@ -170,6 +171,22 @@ def test_a_stale_cache_is_refused_before_training(runs, data_files, tmp_path, ch
     with pytest.raises(tc.CacheError, match=rf"other inputs than this config \(.*{named}"):
         train(cfg, progress=False)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_cache_built_under_base_topp_holds_its_ids_trains_as_the_live_run_and_is_refused_under_vocab(
+        runs, data_files, tmp_path):  # fmt: skip
+    import numpy as np
+
+    rule = ("loss.selection=base_topp", "loss.selection_top_p=0.5")
+    train(config(data_files, tmp_path / "live", *rule), progress=False)
+    train(config(data_files, tmp_path / "cached", f"teacher_cache.path={tmp_path / 'cache'}", *rule), progress=False)
+    assert_same_runs(tmp_path / "live", tmp_path / "cached")
+    ids = np.load(first_shard_file(tmp_path / "cache", "topk_ids"))
+    assert not np.array_equal(ids, np.load(first_shard_file(runs["lora"] / "cache", "topk_ids")))  # not "vocab"'s
+    for other in ((), ("loss.selection=base_topp", "loss.selection_top_p=0.6")):
+        cfg = config(data_files, tmp_path / "out", f"teacher_cache.path={tmp_path / 'cache'}", *other)
+        with pytest.raises(tc.CacheError, match=r"other inputs than this config \(.*loss.selection"):
+            train(cfg, progress=False)
 
 
 @pytest.fixture

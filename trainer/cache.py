@@ -38,6 +38,7 @@ import torch
 
 from bft.atomic import atomic_write_json, atomic_write_npy
 from bft.hf.batching import pad_token_id
+from bft.kernels.params import DEFAULT_SELECTION_TOP_P
 
 #: Bump when what the cache holds, or how the loss reads it, changes: old caches are then refused as stale.
 OBJECTIVE_VERSION = 1
@@ -163,8 +164,8 @@ def fingerprint(config, tokenizer, harmful, utility) -> dict:
         "data.max_length": d.max_length,
         "data.system": d.system,
         "data.examples": examples_digest(list(harmful) + list(utility)),
-        # the loss settings the stored ids and risk depend on (top_k only): a cache built under one completion
-        # term, τ, λ, α or KL setting serves every other
+        # the loss settings the stored ids and risk depend on (top_k, and the selection rule unless it is the
+        # default "vocab"): a cache built under one completion term, τ, λ, α or KL setting serves every other
         **{f"loss.{name}": value for name, value in config.loss.teacher_cache_fields().items()},
     }
 
@@ -347,17 +348,20 @@ def build(config, *, rebuild: bool = False, progress: bool = True, accelerator=N
 
     pad_id = pad_token_id(tokenizer)
     write_cache(root, trio, list(harmful) + list(utility), fp, dtype=torch_dtype(config.model.dtype),
-                top_k=config.loss.top_k, shard_bytes=int(config.teacher_cache.shard_mb * 2**20),
+                top_k=config.loss.top_k, selection=config.loss.selection, selection_top_p=config.loss.selection_top_p,
+                shard_bytes=int(config.teacher_cache.shard_mb * 2**20),
                 batch_size=config.data.batch_size, pad_id=pad_id, manifest=manifest, progress=progress, log=log)
     del trio
     return root
 
 
 def write_cache(root: Path, trio, examples, fp: dict, *, dtype: torch.dtype, top_k: int, shard_bytes: int,
-                batch_size: int, pad_id: int, manifest: dict | None = None, progress: bool = True, log=print) -> dict:
+                batch_size: int, pad_id: int, manifest: dict | None = None, progress: bool = True, log=print,
+                selection: str = "vocab", selection_top_p: float = DEFAULT_SELECTION_TOP_P) -> dict:  # fmt: skip
     """Run the frozen models of ``trio`` over ``examples`` and write the cache into ``root`` (shards atomically,
     the manifest after each shard, ``complete`` at the end); shards already recorded in ``manifest`` with intact
-    files are kept. Returns the manifest."""
+    files are kept. The stored ids are M under ``selection`` (``loss.selection``; its parameter
+    ``selection_top_p``), :func:`bft.chunked.base_favored_rows`. Returns the manifest."""
     from tqdm.auto import tqdm
 
     from bft.chunked import base_favored_rows
@@ -399,7 +403,8 @@ def write_cache(root: Path, trio, examples, fp: dict, *, dtype: torch.dtype, top
         group = [by_key[key] for key in layout.keys[start:end]]
         rows = teacher_rows(trio, group, pad_id, batch_size, on_rows=bar.update)
         ha, hb = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
-        ids, risk = base_favored_rows(ha.to(dtype), head_a, hb.to(dtype), head_b, top_k=k)
+        ids, risk = base_favored_rows(ha.to(dtype), head_a, hb.to(dtype), head_b, top_k=k, selection=selection,
+                                      selection_top_p=selection_top_p)  # fmt: skip
         arrays = {"h_aligned": ha.to(dtype), "h_base": hb.to(dtype), "topk_ids": ids.to(torch.int32), "risk": risk}
         files = {}
         for name in ARRAYS:
