@@ -83,3 +83,57 @@ def test_model_average_equals_per_row_direct_forwards(pair):
     assert student["mass_ratio"] == pytest.approx(student["mass_student"] / out["aligned"]["mass_aligned"])
     with pytest.raises(ValueError, match="non-empty responses"):
         completion_pull(aligned, base, tok, [rows[1]], progress=False)
+
+
+def test_log_prob_changes_split_by_the_sign_of_the_starting_logit():
+    # row 0 of the hand-made rows: M = {2, 1}, a = -3 and -1 (both negative); row 1: M = {1, 4}, a = 1 and 4
+    a = torch.tensor([[2.0, -1.0, -3.0, 0.5, 1.0], [3.0, 1.0, 0.0, -2.0, 4.0]])
+    b = torch.tensor([[2.0, 1.0, 0.0, 0.5, 1.0], [3.0, 4.0, 0.0, -2.0, 4.5]])
+    s = a + torch.tensor([[0.0, 1.0, 2.0, 0.0, 0.0], [0.5, -1.0, 0.0, 0.0, 0.0]])
+    m = completion_pull_metrics(a, b, s, top_k=2)
+    change = torch.log_softmax(s.double(), -1) - torch.log_softmax(a.double(), -1)
+    assert m["count_neg"].tolist() == [2.0, 0.0] and m["count_pos"].tolist() == [0.0, 2.0]
+    assert m["dlogp_neg_sum"].tolist() == pytest.approx([float(change[0, 1] + change[0, 2]), 0.0], abs=1e-6)
+    assert m["dlogp_pos_sum"].tolist() == pytest.approx([0.0, float(change[1, 1] + change[1, 4])], abs=1e-6)
+    # the selection rule reaches M: under "base_topp" with p small, M is grown from the base's most probable ids
+    topp = completion_pull_metrics(a, b, s, top_k=2, selection="base_topp", selection_top_p=0.01)
+    p_base = torch.softmax(b.double(), -1)
+    assert topp["mass_base"].tolist() == pytest.approx(p_base.topk(2).values.sum(-1).tolist(), rel=1e-6)
+
+
+class _Shifted(torch.nn.Module):
+    """A model whose logits are another model's with ``delta`` added where ``where(logits)`` holds."""
+
+    def __init__(self, model, delta: float, where):
+        super().__init__()
+        self.model, self.delta, self.where = model, delta, where
+
+    def forward(self, **kw):
+        from types import SimpleNamespace
+
+        logits = self.model(**kw).logits
+        return SimpleNamespace(logits=logits + self.delta * self.where(logits).to(logits.dtype))
+
+
+def test_the_sign_of_the_change_is_known_by_construction(pair):
+    """A student that raises every negative logit of the aligned model by δ (what "l2" does to M's negative ids,
+    caricatured): at each position log π(v) changes by δ − log(1 − q + q·e^δ) > 0 where a_v < 0 and by
+    −log(1 − q + q·e^δ) < 0 elsewhere (q = the aligned mass on negative logits), so the two means have known signs;
+    the mirror student (raising the non-negative logits) flips both."""
+    base, aligned, tok = pair
+    rows = [{"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
+            {"prompt": "Hi", "response": "Hello! How can I help you today?"}]  # fmt: skip
+    students = {"raise_neg": _Shifted(aligned, 2.0, lambda x: x < 0), "raise_pos": _Shifted(aligned, 2.0, lambda x: x >= 0),
+                "same": aligned}  # fmt: skip
+    out = completion_pull(aligned, base, tok, rows, top_k=20, students=students, batch_size=2, progress=False)
+    neg, pos, same = (out["students"][n] for n in ("raise_neg", "raise_pos", "same"))
+    assert neg["count_neg"] > 0 and neg["count_pos"] > 0  # both signs present in M on this pair
+    assert neg["count_neg"] + neg["count_pos"] == 20 * out["positions"] and neg["count_neg"] == pos["count_neg"]
+    assert neg["dlogp_neg"] > 0 > neg["dlogp_pos"]
+    assert pos["dlogp_pos"] > 0 > pos["dlogp_neg"]
+    assert same["dlogp_neg"] == pytest.approx(0.0, abs=1e-6) and same["dlogp_pos"] == pytest.approx(0.0, abs=1e-6)
+    assert same["mass_ratio"] == pytest.approx(1.0, rel=1e-5) and "selection" not in out
+    topp = completion_pull(aligned, base, tok, rows, top_k=20, students=students, batch_size=2, progress=False,
+                           selection="base_topp", selection_top_p=0.5)  # fmt: skip
+    assert topp["selection"] == {"rule": "base_topp", "top_p": 0.5}
+    assert topp["aligned"]["mass_base"] > out["aligned"]["mass_base"]  # M drawn from the base's likely tokens

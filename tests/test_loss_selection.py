@@ -14,10 +14,10 @@ import math
 
 import pytest
 import torch
+from bft.kernels.params import SELECTION_RULES, BFTLossParams
 from test_loss import assert_matches, cce_violations, delta_logits, make_case, run
 
 import bft
-from bft.kernels.params import SELECTION_RULES, BFTLossParams
 from bft.reference import base_favored_tokens, plausible_to_base, select_base_favored
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,8 +50,9 @@ def rows(N, V, *, seed, integer=False, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     if integer:  # exact ties in b and in Δ = b − a
         return (torch.randint(-2, 3, (N, V), generator=g).double(), torch.randint(-2, 3, (N, V), generator=g).double())
-    return torch.randn(N, V, generator=g, dtype=torch.float64) * scale, torch.randn(N, V, generator=g,
-                                                                                 dtype=torch.float64) * scale
+    return torch.randn(N, V, generator=g, dtype=torch.float64) * scale, torch.randn(
+        N, V, generator=g, dtype=torch.float64
+    ) * scale
 
 
 @pytest.mark.parametrize("N, V, k, p, integer", [
@@ -181,9 +182,10 @@ def test_the_teacher_cache_fields_name_the_rule():
 
 
 def test_trainer_config_and_the_command_line_set_the_rule(capsys):
-    from bft.cli import console_main
     from bft.trainer.config import ConfigError, load_config
     from bft.trainer.train import loss_module
+
+    from bft.cli import console_main
 
     assert load_config("tiny-cpu").loss.selection == "vocab"
     config = load_config("tiny-cpu", ["loss.selection=base_topp", "loss.selection_top_p=0.75", "loss.completion=mass"])
@@ -198,10 +200,9 @@ def test_trainer_config_and_the_command_line_set_the_rule(capsys):
 
 
 def test_the_teacher_cache_fingerprint_names_the_rule():
-    from test_loss_kl_weight import _FakeTokenizer
-
     from bft.trainer import cache
     from bft.trainer.config import load_config
+    from test_loss_kl_weight import _FakeTokenizer
 
     def fp(*overrides):
         return cache.fingerprint(load_config("tiny-cpu", list(overrides)), _FakeTokenizer(), [], [])
@@ -209,6 +210,9 @@ def test_the_teacher_cache_fingerprint_names_the_rule():
     assert "loss.selection" not in fp() and fp() == fp("loss.selection_top_p=0.5")  # "vocab" reads no p
     topp = fp("loss.selection=base_topp", "loss.selection_top_p=0.5")
     assert cache.fingerprint_differences(fp(), topp) == [
-        "loss.selection: cache null vs config \"base_topp\"", "loss.selection_top_p: cache null vs config 0.5"]
+        'loss.selection: cache null vs config "base_topp"',
+        "loss.selection_top_p: cache null vs config 0.5",
+    ]
     assert cache.fingerprint_differences(topp, fp("loss.selection=base_topp")) == [
-        "loss.selection_top_p: cache 0.5 vs config 0.9"]
+        "loss.selection_top_p: cache 0.5 vs config 0.9"
+    ]

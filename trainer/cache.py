@@ -38,7 +38,7 @@ import torch
 
 from bft.atomic import atomic_write_json, atomic_write_npy
 from bft.hf.batching import pad_token_id
-from bft.kernels.params import DEFAULT_SELECTION_TOP_P
+from bft.reference import DEFAULT_SELECTION_TOP_P
 
 #: Bump when what the cache holds, or how the loss reads it, changes: old caches are then refused as stale.
 OBJECTIVE_VERSION = 1
