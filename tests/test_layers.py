@@ -8,6 +8,7 @@ Layers, lowest first; a module may import its own layer and the layers below it,
     hf        bft.hf.*                             models, chat, data, batching, generation
     decoding  bft.decoding.*                       Eq. 7
     apps      bft.analysis.*, bft.eval.*, bft.trainer.*   peers: none imports another
+              (bft.integrations.* is in the trainer's layer: it imports bft.trainer, which never imports it)
     pipelines bft.pipelines.*
     cli       bft.cli, bft.commands.*, bft.__main__       nothing imports them
 
@@ -33,7 +34,7 @@ LAYERS = [  # (layer, module prefixes), lowest first
     ("decoding", ("bft.decoding",)),
     ("analysis", ("bft.analysis",)),
     ("eval", ("bft.eval",)),
-    ("trainer", ("bft.trainer",)),
+    ("trainer", ("bft.trainer", "bft.integrations")),
     ("pipelines", ("bft.pipelines",)),
     ("cli", ("bft.cli", "bft.commands", "bft.__main__")),
 ]
@@ -185,3 +186,10 @@ def test_no_import_cycles():
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
 
+
+
+def test_the_trainer_never_imports_the_integrations():
+    """bft.integrations shares the trainer's layer but the imports point one way: integrations -> trainer."""
+    bad = [f"{where}: {source} imports {target}" for source, target, _, where in _edges()
+           if source.startswith("bft.trainer") and target.startswith("bft.integrations")]  # fmt: skip
+    assert not bad, "\n".join(bad)
