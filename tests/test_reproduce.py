@@ -215,7 +215,7 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
     assert [point_id(p["overrides"]) for p in sweep["points"]] == [
         "alpha_base-0.5_l2_reg-0.001", "alpha_base-2_l2_reg-0.001", "teacher_lambda-1"]
     assert set(sweep["ablations"]) == {"kl_only", "no_adaptive_alpha", "completion_only"}
-    assert sweep["ablations"]["kl_only"]["overrides"] == {**sweep["chosen"], "l2_reg": 0.0}
+    assert sweep["ablations"]["kl_only"]["overrides"] == {**sweep["chosen"], "alpha_base": 0.0}
     assert sweep["ablations"]["completion_only"]["overrides"] == {**sweep["chosen"], "kl_weight": 0.0}
     # each point's two loss terms, from its own training log: completion = loss - kl_weight * KL
     for name, p in [(point_id(p["overrides"]), p) for p in sweep["points"]] + [
@@ -291,3 +291,72 @@ def test_rejudge_rescores_the_stored_attacks_and_the_report_is_rebuilt_from_cach
     again = reproduce(cfg, log=logs.append)
     assert sum("cached" in line for line in logs) == 7, logs  # the eval too: rejudged in place
     assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]
+
+
+def test_the_sweep_takes_completion_terms_and_selection_rules_and_refuses_l2_reg_for_the_other_terms():
+    from bft.pipelines.reproduce import ReproduceConfig, validate
+    from bft.pipelines.reproduce.config import DEFAULT_SWEEP, default_sweep
+    from bft.pipelines.reproduce.stages import point_id, sweep_points
+
+    cfg = ReproduceConfig(sweep={"completion": ["mass", "unlikelihood"], "selection": ["base_topp"],
+                                 "selection_top_p": [0.5]})  # fmt: skip
+    validate(cfg)
+    assert [point_id(p) for p in sweep_points(cfg)] == [
+        "completion-mass", "completion-unlikelihood", "selection-base_topp", "selection_top_p-0.5"]
+    with pytest.raises(ValueError, match=r"^sweep.completion: completion must be one of \('l2', 'mass', "
+                                         r"'unlikelihood'\), got 'l1'"):  # fmt: skip
+        validate(ReproduceConfig(sweep={"completion": ["mass", "l1"]}))
+    with pytest.raises(ValueError, match=r"^sweep.selection: selection must be one of \('vocab', 'base_topp'\)"):
+        validate(ReproduceConfig(sweep={"selection": ["nucleus"]}))
+    with pytest.raises(ValueError, match=r"^sweep.l2_reg scales completion='l2' only and this run's completion is "
+                                         r"'mass'"):  # fmt: skip
+        validate(ReproduceConfig(sweep={"l2_reg": [1e-4]}, loss_overrides={"completion": "mass"}))
+    assert default_sweep() == DEFAULT_SWEEP and "l2_reg" not in default_sweep("unlikelihood")
+    with pytest.raises(ValueError, match=r"^loss_overrides: selection must be one of \('vocab', 'base_topp'\)"):
+        validate(ReproduceConfig(loss_overrides={"selection": "nucleus"}))
+
+
+def test_bft_reproduce_maps_the_default_sweep_and_refuses_an_unknown_term_in_one_line(capsys):
+    import argparse
+
+    from bft.cli import console_main
+    from bft.commands.reproduce import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--sweep", "loss_overrides.completion=mass"]))
+    assert "l2_reg" not in cfg.sweep and cfg.sweep["alpha_base"] == [0.3, 1.0, 3.0]
+    cfg = config_from_args(parser.parse_args(["--paper", "loss_overrides.completion=unlikelihood"]))
+    assert "l2_reg" not in cfg.sweep
+    assert "l2_reg" in config_from_args(parser.parse_args(["--sweep"])).sweep
+    assert console_main(["reproduce", "loss_overrides.completion=logits"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "completion must be one of ('l2', 'mass', 'unlikelihood'), got 'logits'" in err
+
+
+@pytest.mark.parametrize("completion", ["l2", "mass", "unlikelihood"])
+def test_the_kl_only_ablation_removes_every_completion_term(completion):
+    """kl_only at a point with any completion term leaves the KL alone: the loss and gradients equal those of the
+    same rows with no harmful row (l2_reg = 0, the old ablation, left "mass" and "unlikelihood" on)."""
+    import bft
+    from bft.pipelines.reproduce.config import ABLATIONS
+
+    g = torch.Generator().manual_seed(0)
+    sh, sw = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
+    rest = [torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(6, 8, generator=g),
+            torch.randn(40, 8, generator=g)]  # fmt: skip
+    harmful = torch.ones(6, dtype=torch.bool)
+
+    def loss(overrides, harmful):
+        x = sh.clone().requires_grad_(True)
+        out = bft.bft_loss(x, sw, *rest, harmful=harmful, top_k=5, completion=completion, backend="reference",
+                           **overrides)  # fmt: skip
+        out.loss.backward()
+        return out.loss.detach(), x.grad
+
+    kl_loss, kl_grad = loss({}, torch.zeros(6, dtype=torch.bool))
+    got_loss, got_grad = loss(ABLATIONS["kl_only"], harmful)
+    torch.testing.assert_close(got_loss, kl_loss)
+    torch.testing.assert_close(got_grad, kl_grad)
+    full_loss, _ = loss({}, harmful)
+    assert full_loss > kl_loss  # the term is really there without the ablation

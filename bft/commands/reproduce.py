@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bft.config import accept_overrides, apply_overrides, build_dataclass, load_yaml_mapping
 from bft.pipelines.reproduce import ReproduceConfig, paper_config, quick_config, rejudge_stored, reproduce, validate
-from bft.pipelines.reproduce.config import DEFAULT_SWEEP
+from bft.pipelines.reproduce.config import DEFAULT_SWEEP, default_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,10 +54,13 @@ def config_from_args(args) -> ReproduceConfig:
     paper = bool(getattr(args, "paper", False))
     if quick and paper:
         raise ValueError("--quick and --paper are two different sizes; choose one")
+    completion = (data.get("loss_overrides") or {}).get("completion", "l2")
     if getattr(args, "sweep", False) and "sweep" not in data:
-        data["sweep"] = dict(DEFAULT_SWEEP)
+        data["sweep"] = default_sweep(completion)
     data["out"] = args.out or data.get("out") or ("runs/demo" if quick else "runs/reproduce")
     base = quick_config() if quick else paper_config() if paper else ReproduceConfig()
+    if "sweep" not in data and base.sweep == DEFAULT_SWEEP:  # --paper's sweep: no l2_reg axis for another term
+        data["sweep"] = default_sweep(completion)
     cfg = build_dataclass(ReproduceConfig, {**base.to_dict(), **data})
     validate(cfg)
     return cfg

@@ -96,7 +96,7 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         trained = after + (f"{a}/bft", f"{a}/qi")
         pull = stage_completion_pull(cfg, stages, data, f"{a}/pull", aligned[a],
                                      {n: p for n, p in models.items() if n != "aligned"}, "harmful_test", log,
-                                     after=trained)  # fmt: skip
+                                     after=trained, loss=loss)  # fmt: skip
         evals = stage_eval(cfg, stages, data, a, models, log, after=trained)
         analogs[a] = build_summary(cfg, analysis, student_analysis, evals, analog=a, share=share, pull=pull)
         plot_kl_by_position(analogs[a], root / "plots" / f"kl_by_position_{a}.png")

@@ -8,21 +8,36 @@ from dataclasses import dataclass, field
 from bft.decoding.contrastive import check_form
 
 __all__ = ["ReproduceConfig", "quick_config", "paper_config", "DEFAULT_SWEEP", "ABLATIONS", "RECOVERY_TARGET",
-           "validate", "torch_device", "analog_share"]
+           "validate", "torch_device", "analog_share", "default_sweep", "loss_params"]
 
 #: ``bft reproduce --sweep``: the grid of BFT loss settings tried on the validation split. alpha_base × l2_reg spans
 #: the completion/KL ratio from about 0.1 to 10 at this scale (the completion term is α·l2_reg·Σ s_v² over k = 100
 #: student logits of magnitude ~10-30, the τ²-scaled KL ~0.5-3 nats); λ is swept at the default alpha_base and l2_reg.
 DEFAULT_SWEEP = {"alpha_base": [0.3, 1.0, 3.0], "l2_reg": [1e-5, 1e-4, 1e-3], "teacher_lambda": [1.0, 1.2, 1.5]}
 
-#: The ablations at the chosen sweep point: the loss overrides that remove one part of the objective.
-ABLATIONS = {"kl_only": {"l2_reg": 0.0}, "no_adaptive_alpha": {"gamma": 0.0}, "completion_only": {"kl_weight": 0.0}}
+
+def default_sweep(completion: str = "l2") -> dict:
+    """:data:`DEFAULT_SWEEP` for a run whose completion term is ``completion``: without the l2_reg axis unless it
+    is "l2" (l2_reg scales that term only; alpha_base is every term's weight)."""
+    sweep = {k: list(v) for k, v in DEFAULT_SWEEP.items()}
+    if completion != "l2":
+        del sweep["l2_reg"]
+    return sweep
+
+
+#: The ablations at the chosen sweep point: the loss overrides that remove one part of the objective. ``kl_only``
+#: sets α_n = alpha_base·(1 + γ·risk_n) to 0, which removes every completion term (l2_reg = 0 removed "l2" only:
+#: "mass" and "unlikelihood" ignore l2_reg).
+ABLATIONS = {"kl_only": {"alpha_base": 0.0}, "no_adaptive_alpha": {"gamma": 0.0}, "completion_only": {"kl_weight": 0.0}}
 
 #: The band of 4-token prefill (keyword) ASR the deeper analog is calibrated into on the validation split, and its
 #: centre: Llama-3.1-8B-Instruct's 47.5% (the paper's Table 1 baseline).
 RECOVERY_TARGET = (0.35, 0.60, 0.475)
 
-SWEEP_KEYS = ("alpha_base", "l2_reg", "teacher_lambda", "gamma", "temperature", "top_k", "kl_weight")
+#: the loss settings a sweep may vary (each value is checked as a bft.loss.BFTLossParams field); "completion" and
+#: "selection" take names (bft.COMPLETION_TERMS, bft.kernels.params.SELECTION_RULES)
+SWEEP_KEYS = ("alpha_base", "l2_reg", "teacher_lambda", "gamma", "temperature", "top_k", "kl_weight", "completion",
+              "selection", "selection_top_p")  # fmt: skip
 
 
 @dataclass
@@ -166,6 +181,10 @@ def validate(cfg: ReproduceConfig) -> None:
     for share in cfg.recovery_candidates + [cfg.qi_recovery_share]:
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"recovery shares must be in [0, 1], got {share}")
+    try:
+        loss_params(cfg.loss_overrides)
+    except ValueError as e:
+        raise ValueError(f"loss_overrides: {e}") from None
     if cfg.sweep:
         if cfg.sweep_analog not in cfg.analogs:
             raise ValueError(f"sweep_analog {cfg.sweep_analog!r} is not one of the analogs {list(cfg.analogs)}")
@@ -174,6 +193,15 @@ def validate(cfg: ReproduceConfig) -> None:
                 raise ValueError(f"sweep key {key!r} is not a loss setting; choose from {list(SWEEP_KEYS)}")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"sweep.{key} must be a non-empty list, got {values!r}")
+            for value in values:
+                try:
+                    loss_params({**cfg.loss_overrides, key: value})
+                except ValueError as e:
+                    raise ValueError(f"sweep.{key}: {e}") from None
+        completion = loss_params(cfg.loss_overrides).completion
+        if "l2_reg" in cfg.sweep and completion != "l2":
+            raise ValueError(f"sweep.l2_reg scales completion='l2' only and this run's completion is {completion!r}: "
+                             "sweep alpha_base instead (the weight of every completion term)")  # fmt: skip
         unknown = [a for a in cfg.ablations if a not in ABLATIONS]
         if unknown:
             raise ValueError(f"unknown ablations {unknown}; choose from {list(ABLATIONS)}")
@@ -187,6 +215,17 @@ def validate(cfg: ReproduceConfig) -> None:
         check_form(form)
     if not 0.0 <= cfg.harmful_ratio <= 1.0:
         raise ValueError(f"harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
+
+
+def loss_params(loss: dict):
+    """The :class:`bft.loss.BFTLossParams` of loss overrides (keys that are not objective settings, such as
+    ``backend``, are left out); a bad value is its ValueError, naming the valid choices."""
+    from dataclasses import fields
+
+    from bft.kernels.params import BFTLossParams
+
+    names = {f.name for f in fields(BFTLossParams)}
+    return BFTLossParams(**{k: v for k, v in loss.items() if k in names})
 
 
 def torch_device(cfg: ReproduceConfig):

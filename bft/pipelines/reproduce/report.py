@@ -103,7 +103,8 @@ def _calibration_table(summary: dict) -> list[str]:
 
 
 def _point_label(overrides: dict) -> str:
-    return ", ".join(f"{k} = {v:g}" for k, v in overrides.items()) or "defaults"
+    return ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) else f"{k} = {v}"
+                     for k, v in overrides.items()) or "defaults"  # fmt: skip
 
 
 def _sweep_table(summary: dict) -> list[str]:

@@ -29,7 +29,7 @@ from bft.hf import data as hf_data
 from bft.hf.models import load_model_and_tokenizer, save_pretrained
 from bft.loss import BFTLossParams
 from bft.pipelines.refusal_sft import refusal_finetune
-from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, torch_device
+from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, loss_params, torch_device
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import config_from_dict
 from bft.trainer.data import generate_responses
@@ -320,13 +320,18 @@ def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_d
 
 
 def stage_completion_pull(cfg: ReproduceConfig, stages: StageCache, data: dict, name: str, aligned_dir: str,
-                          students: dict, split: str, log, after: tuple) -> dict:  # fmt: skip
+                          students: dict, split: str, log, after: tuple, loss: dict | None = None) -> dict:  # fmt: skip
     """Which way the completion penalty pulls (:mod:`bft.analysis.completion`): along the base model's harmful
     responses of ``split`` (its first ``analysis_prompts``), the share of M = TopK(Δ logits, top_k) whose aligned
-    logits are negative (the L2 term raises those), and M's probability mass under the aligned model, the base and
-    each of ``students`` (name -> model folder)."""
+    logits are negative (the L2 term raises those), M's probability mass under the aligned model, the base and
+    each of ``students`` (name -> model folder), and each student's change of log π on M split by the sign of the
+    aligned logit. M is chosen by the students' selection rule (``loss``: their loss overrides, over
+    ``cfg.loss_overrides``)."""
+    params = loss_params({**cfg.loss_overrides, **(loss or {})})
     settings = {"aligned": aligned_dir, "students": students, "split": split, "n_prompts": cfg.analysis_prompts,
                 "top_k": cfg.top_k, "batch_size": cfg.batch_size}  # fmt: skip
+    if params.selection != "vocab":  # (the default leaves the stage's settings, and so its cache, as they were)
+        settings["selection"] = {"rule": params.selection, "top_p": params.selection_top_p}
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after):
         with stages.computing(name, settings) as d:
@@ -335,7 +340,8 @@ def stage_completion_pull(cfg: ReproduceConfig, stages: StageCache, data: dict, 
             models = {n: _load(path, cfg)[0] for n, path in students.items()}
             rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data[split][: cfg.analysis_prompts]]
             result = completion_pull(aligned, base, tok, rows, top_k=cfg.top_k, students=models,
-                                     batch_size=cfg.batch_size)  # fmt: skip
+                                     batch_size=cfg.batch_size, selection=params.selection,
+                                     selection_top_p=params.selection_top_p)  # fmt: skip
             atomic_write_json(d / "completion_pull.json", result, indent=1)
     return json.loads((d / "completion_pull.json").read_text())
 
@@ -509,8 +515,10 @@ def training_terms(metrics_path: Path, kl_weight: float = 1.0) -> dict:
 
 
 def point_id(overrides: dict) -> str:
-    """A folder name for a set of loss overrides: ``alpha_base-1_l2_reg-0.0001`` (``default`` when empty)."""
-    return "_".join(f"{k}-{v:g}" for k, v in sorted(overrides.items())) or "default"
+    """A folder name for a set of loss overrides: ``alpha_base-1_l2_reg-0.0001``, ``completion-mass`` (``default``
+    when empty)."""
+    return "_".join(f"{k}-{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}"
+                    for k, v in sorted(overrides.items())) or "default"  # fmt: skip
 
 
 def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str,
@@ -532,7 +540,7 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
                                after=after + (f"{folder}/bft",))["student"]  # fmt: skip
         terms = training_terms(Path(student).parent / "metrics.jsonl", overrides.get("kl_weight", 1.0))
         pull = stage_completion_pull(cfg, stages, data, f"{folder}/pull", aligned_dir, {"student": student},
-                                     "harmful_val", log, after=after + (f"{folder}/bft",))  # fmt: skip
+                                     "harmful_val", log, after=after + (f"{folder}/bft",), loss=overrides)  # fmt: skip
         pulls.append(pull)
         return {"overrides": overrides, **val, **terms, "mass_ratio": pull["students"]["student"]["mass_ratio"]}
 
