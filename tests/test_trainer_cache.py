@@ -1,5 +1,6 @@
-"""The exact frozen-teacher cache (trainer/cache.py): a run from the cache equals the live run, and a cache that does
-not fit the run is refused before any training (CPU, tiny models, a few steps).
+"""The exact frozen-teacher cache (trainer/cache.py, cache_store.py, cache_fingerprint.py): a run from the cache
+equals the live run, and a cache that does not fit the run is refused before any training (CPU, tiny models, a
+few steps).
 
 The data are examples of one token length: batches then hold no padding, so the live path's frozen forwards give
 each example the same bits whatever batch it is in (a padded forward's rows depend on the padded length at the
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from bft.trainer import cache as tc
+from bft.trainer import cache_store
 from bft.trainer.config import load_config
 from bft.trainer.train import read_metrics, train
 
@@ -244,7 +246,7 @@ def test_a_cache_for_other_rows_is_refused(cache_copy, data_files):
 def test_an_interrupted_build_is_never_read_and_resumes(data_files, tmp_path, monkeypatch, capsys):
     cache_dir = tmp_path / "cache"
     cfg = config(data_files, tmp_path / "out", f"teacher_cache.path={cache_dir}", "teacher_cache.shard_mb=0.004")
-    real = tc.atomic_write_npy
+    real = cache_store.atomic_write_npy
     calls = []
 
     def crash_in_second_shard(path, array):
@@ -253,7 +255,7 @@ def test_an_interrupted_build_is_never_read_and_resumes(data_files, tmp_path, mo
             raise KeyboardInterrupt
         return real(path, array)
 
-    monkeypatch.setattr(tc, "atomic_write_npy", crash_in_second_shard)
+    monkeypatch.setattr(cache_store, "atomic_write_npy", crash_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         tc.build(cfg, progress=False)
     assert tc.cache_state(cache_dir) == "incomplete"
@@ -262,7 +264,7 @@ def test_an_interrupted_build_is_never_read_and_resumes(data_files, tmp_path, mo
         tc.TeacherCache(cache_dir, fp)
     first = first_shard_file(cache_dir).stat().st_mtime_ns
 
-    monkeypatch.setattr(tc, "atomic_write_npy", real)
+    monkeypatch.setattr(cache_store, "atomic_write_npy", real)
     tc.build(cfg, progress=False)
     assert tc.cache_state(cache_dir) == "complete"
     assert first_shard_file(cache_dir).stat().st_mtime_ns == first  # the finished shard was not rewritten
