@@ -360,3 +360,36 @@ def test_the_kl_only_ablation_removes_every_completion_term(completion):
     torch.testing.assert_close(got_grad, kl_grad)
     full_loss, _ = loss({}, harmful)
     assert full_loss > kl_loss  # the term is really there without the ablation
+
+
+def test_stop_after_sweep_scores_the_sweep_and_stops(tiny_model_dir, tmp_path, capsys):
+    """``stop_after: sweep``: data, the aligned analog and every sweep point (student, validation, completion pull)
+    are computed; no analysis, student, test eval or report. A bad value or one without a sweep is refused."""
+    import argparse
+
+    from bft.commands.reproduce import add_arguments, run
+    from bft.pipelines.reproduce import ReproduceConfig, reproduce, validate
+
+    cfg = _tiny_config(tiny_model_dir, tmp_path, sweep={"completion": ["l2", "mass"]}, sweep_steps=1, ablations=[],
+                       stop_after="sweep")  # fmt: skip
+    validate(cfg)
+    summary = reproduce(cfg, log=lambda m: None)
+    assert summary["stopped_after"] == "sweep" and "analogs" not in summary
+    assert [p["overrides"] for p in summary["sweep"]["points"]] == [{"completion": "l2"}, {"completion": "mass"}]
+    for point in ("completion-l2", "completion-mass"):
+        pull = json.loads((tmp_path / "sweep" / point / "pull" / "completion_pull.json").read_text())
+        assert set(pull["students"]) == {"student"}
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_after"] == "sweep"
+    assert not (tmp_path / "shallow").exists() and not (tmp_path / "REPORT.md").exists()
+    assert (tmp_path / "plots" / "sweep.png").stat().st_size > 0
+    # the command says where the results are (every stage cached now) instead of printing a report
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    assert run(parser.parse_args(["--config", str(cfg_file)])) == 0
+    assert "Stopped after the sweep (stop_after)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"stop_after must be one of \[None, 'sweep'\], got 'eval'"):
+        validate(ReproduceConfig(stop_after="eval"))
+    with pytest.raises(ValueError, match="stop_after: sweep needs a sweep"):
+        validate(ReproduceConfig(stop_after="sweep"))

@@ -74,6 +74,12 @@ def run(args) -> int:
             raise FileNotFoundError(f"--rejudge needs a finished run in {cfg.out}; none found")
         rejudge_stored(cfg)
     summary = reproduce(cfg)
+    if summary.get("stopped_after"):
+        print(f"Stopped after the {summary['stopped_after']} (stop_after): the sweep's table and choice in "
+              f"{Path(cfg.out) / 'sweep' / 'chosen.json'}, each point's completion pull in "
+              f"{Path(cfg.out) / 'sweep' / '<point>' / 'pull'}; numbers in {Path(cfg.out) / 'summary.json'} "
+              f"(this invocation {summary['environment']['elapsed_min']} min)")
+        return 0
     print((Path(cfg.out) / "REPORT.md").read_text())
     print(f"Report: {Path(cfg.out) / 'REPORT.md'}; plots in {Path(cfg.out) / 'plots'} and each analog's folder; "
           f"numbers in {Path(cfg.out) / 'summary.json'} (this invocation {summary['environment']['elapsed_min']} min)")

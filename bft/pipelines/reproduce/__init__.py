@@ -12,7 +12,8 @@ reads was recomputed (an interrupted run resumes stage by stage; an interrupted 
                     deeper one's s is chosen by ``calibrate`` so that it recovers from a 4-token prefill about as
                     often as Llama-3.1-8B-Instruct (validation keyword ASR near 47.5%).
 3. ``sweep``        (``--sweep``) BFT students at a grid of loss settings, scored on validation; the chosen point
-                    and the ablations at it (KL only, completion only, no adaptive α).
+                    and the ablations at it (KL only, completion only, no adaptive α). ``stop_after: sweep``
+                    ends the run here (summary.json holds the sweep; no REPORT.md).
 4. per analog ``A``: ``A/analysis_aligned`` (position-wise KL(aligned ‖ base), base-favored counts; paper Fig.
                     1-3), ``A/bft`` (the student at the chosen point, LoRA, from the teacher cache), ``A/qi`` (Qi et
                     al.'s augmentation at the student's budget: the peer of the paper's Table 2),
@@ -81,6 +82,13 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     if cfg.sweep:
         a = cfg.sweep_analog
         sweep = stage_sweep(cfg, stages, data, aligned[a], aligned_name(shares[a]), log)
+    if cfg.stop_after == "sweep":  # the sweep's table is the result: no analysis, students or test evals
+        summary = {"config": cfg.to_dict(), "data": data["stats"], "calibration": calibration, "sweep": sweep,
+                   "stopped_after": "sweep", "environment": _environment(cfg, root, started)}  # fmt: skip
+        atomic_write_json(root / "summary.json", summary, indent=1)
+        plot_sweep(sweep, root / "plots" / "sweep.png")
+        log(f"[reproduce] stopped after the sweep (stop_after: sweep): {root / 'sweep' / 'chosen.json'}")
+        return summary
     loss = sweep["chosen"] if sweep else {}
     analogs = {}
     for a, share in shares.items():
@@ -103,10 +111,7 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
 
     summary = {"config": cfg.to_dict(), "data": data["stats"], "calibration": calibration, "sweep": sweep,
                "analogs": analogs, "primary_judge": next(iter(analogs.values()))["primary_judge"]}  # fmt: skip
-    stage_seconds = _stage_seconds(root)
-    environment = {"device": _device_name(cfg), "elapsed_min": round((time.time() - started) / 60, 1),
-                   "stages_min": round(sum(v or 0 for v in stage_seconds.values()) / 60, 1),
-                   "stage_seconds": stage_seconds, **package_versions()}  # fmt: skip
+    environment = _environment(cfg, root, started)
     summary["environment"] = environment
     atomic_write_json(root / "summary.json", summary, indent=1)
     if sweep:
@@ -134,6 +139,13 @@ def rejudge_stored(cfg: ReproduceConfig, *, log=None) -> list[str]:
         rejudge(folder, list(cfg.judges))
         done.append(str(folder))
     return done
+
+
+def _environment(cfg: ReproduceConfig, root: Path, started: float) -> dict:
+    stage_seconds = _stage_seconds(root)
+    return {"device": _device_name(cfg), "elapsed_min": round((time.time() - started) / 60, 1),
+            "stages_min": round(sum(v or 0 for v in stage_seconds.values()) / 60, 1),
+            "stage_seconds": stage_seconds, **package_versions()}  # fmt: skip
 
 
 def _stage_seconds(root: Path) -> dict:

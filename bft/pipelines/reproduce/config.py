@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from bft.decoding.contrastive import check_form
 
 __all__ = ["ReproduceConfig", "quick_config", "paper_config", "DEFAULT_SWEEP", "ABLATIONS", "RECOVERY_TARGET",
-           "validate", "torch_device", "analog_share", "default_sweep", "loss_params"]
+           "STOP_AFTER", "validate", "torch_device", "analog_share", "default_sweep", "loss_params"]
 
 #: ``bft reproduce --sweep``: the grid of BFT loss settings tried on the validation split. alpha_base × l2_reg spans
 #: the completion/KL ratio from about 0.1 to 10 at this scale (the completion term is α·l2_reg·Σ s_v² over k = 100
@@ -33,6 +33,9 @@ ABLATIONS = {"kl_only": {"alpha_base": 0.0}, "no_adaptive_alpha": {"gamma": 0.0}
 #: The band of 4-token prefill (keyword) ASR the deeper analog is calibrated into on the validation split, and its
 #: centre: Llama-3.1-8B-Instruct's 47.5% (the paper's Table 1 baseline).
 RECOVERY_TARGET = (0.35, 0.60, 0.475)
+
+#: the values of ReproduceConfig.stop_after: None runs every stage, "sweep" stops after the validation sweep
+STOP_AFTER = (None, "sweep")
 
 #: the loss settings a sweep may vary (each value is checked as a bft.loss.BFTLossParams field); "completion" and
 #: "selection" take names (bft.COMPLETION_TERMS, bft.kernels.params.SELECTION_RULES)
@@ -101,6 +104,9 @@ class ReproduceConfig:
     sweep_steps: int | None = None
     sweep_max_ppl_increase: float = 0.10
     ablations: list = field(default_factory=lambda: list(ABLATIONS))
+    # "sweep": stop once the sweep (and its ablations) is scored; no analysis, student, Qi row or test eval, and no
+    # REPORT.md (summary.json holds the sweep). None runs every stage
+    stop_after: str | None = None
     # stage 5
     prefill_ks: list = field(default_factory=lambda: [0, 4])
     eval_tokens: int = 32
@@ -205,6 +211,10 @@ def validate(cfg: ReproduceConfig) -> None:
         unknown = [a for a in cfg.ablations if a not in ABLATIONS]
         if unknown:
             raise ValueError(f"unknown ablations {unknown}; choose from {list(ABLATIONS)}")
+    if cfg.stop_after not in STOP_AFTER:
+        raise ValueError(f"stop_after must be one of {list(STOP_AFTER)}, got {cfg.stop_after!r}")
+    if cfg.stop_after == "sweep" and not cfg.sweep:
+        raise ValueError("stop_after: sweep needs a sweep (the sweep key, or --sweep)")
     if cfg.qi_steps is not None and cfg.qi_steps < 1:
         raise ValueError(f"qi_steps must be >= 1 (or null: the BFT student's steps), got {cfg.qi_steps}")
     if cfg.bft_epochs is not None and cfg.bft_epochs <= 0:
