@@ -8,6 +8,8 @@
 # `timeout` with its own budget, and goes on when one fails or times out:
 #   a  pytest of the loss (tests/test_loss.py, test_loss_given.py, test_loss_kl_weight.py) with CUDA, junit XML
 #   b  benchmarks/loss_gpu.py at N = 8192, every row (slow rows included)
+#   f  benchmarks/trl_peer.py --device cuda: bft's KL-only loss (torch, triton) vs TRL's chunked divergence (the
+#      hybrid teacher as one concatenated head) vs naive full logits, N = 2048 and 8192; runs before c
 #   c  benchmarks/loss_gpu.py over N = 1024 2048 4096 16384: the triton, triton-given, floor and Liger rows
 #   d  benchmarks/trainer_bench.py --device cuda: lora (with its cached-teacher measurement), lora-8bit,
 #      full-adam8bit, one mode per step
@@ -18,14 +20,14 @@
 # 600 s per call) after GPU_RUN_RESERVE_S (default 15 s, for packing); its timeout is its maximum or what is left.
 #
 # $OUT (what comes back: at most 8 files) gets, as each step finishes: steps.jsonl (one line per step: status,
-# rc, seconds), junit_loss.xml, loss_gpu_8192.json, loss_gpu_sweep.json, results.tgz (everything the steps wrote,
+# rc, seconds), junit_loss.xml, loss_gpu_8192.json, trl_peer_gpu.json, loss_gpu_sweep.json, results.tgz (everything the steps wrote,
 # CSVs, PNGs and trainer JSONs too, model weights left out; rebuilt after every step) and log.txt (all output).
 #
 # Dry runs on a machine without a GPU (the control flow; nothing is installed into the environment):
 #   GPU_RUN_DRY=1     loss_gpu.py runs for real with --device cpu --tiny (TRITON_INTERPRET=1), the trainer steps
 #                     check their flags with trainer_bench.parse_args, pytest and reproduce are stand-ins
 #   GPU_RUN_DRY=stub  every command is a quick stand-in that writes what the real one would (tests use this)
-# Other knobs: GPU_RUN_STEPS (default "a b c d e": the steps to run, e.g. "d" for a second call on the still-warm
+# Other knobs: GPU_RUN_STEPS (default "a b c d e f": the steps to run, e.g. "d" for a second call on the still-warm
 # machine), GPU_RUN_TRAINER_MODES (default "lora lora-8bit full-adam8bit"), GPU_RUN_TRAINER_MAX_BATCH (default 16),
 # OUT (default /tmp/gpu_run_out), GPU_RUN_WORK (default /tmp/gpu_run), GPU_RUN_WHEELS (default .whl), PYTHON.
 # A step is stopped with SIGINT at its timeout (pytest still writes its junit XML), SIGKILL 10 s later.
@@ -40,7 +42,7 @@ WHEELS=${GPU_RUN_WHEELS:-.whl}
 BUDGET=${GPU_RUN_BUDGET_S:-570}
 RESERVE=${GPU_RUN_RESERVE_S:-15}
 MAX_BATCH=${GPU_RUN_TRAINER_MAX_BATCH:-16}
-SELECTED=" ${GPU_RUN_STEPS:-a b c d e} "
+SELECTED=" ${GPU_RUN_STEPS:-a b c d e f} "
 TRAINER_MODES=${GPU_RUN_TRAINER_MODES:-lora lora-8bit full-adam8bit}
 PY=${PYTHON:-python3}
 START=$(date +%s)
@@ -155,6 +157,14 @@ copy "$WORK/junit_loss.xml"
 # b, c: the loss benchmark (loss_gpu.py writes its JSON and CSV after every row, so a timeout keeps what ran)
 
 LOSS="$PY benchmarks/loss_gpu.py"
+trl_peer() {  # f: bft vs TRL's chunked divergence (KL only, the hybrid teacher as one head) vs naive, before c
+    if [ "$DRY" = 0 ]; then
+        step f-trl-peer 30 100 $PY benchmarks/trl_peer.py --device cuda --out "$WORK/trl_peer_gpu.json"
+    else  # the interpreter runs the triton rows on tiny shapes
+        step f-trl-peer 1 120 $PY benchmarks/trl_peer.py --device cpu --tiny --out "$WORK/trl_peer_gpu.json"
+    fi
+    copy "$WORK/trl_peer_gpu.json"
+}
 SWEEP_ROWS="triton triton-given triton-frozen-head triton-given-frozen-head floor floor-frozen-head liger-jsd liger-chunked-jsd floor-liger"
 if [ "$DRY" = 0 ]; then
     B_ARGS="--N 8192 --skip-slow-above 8192"
@@ -165,13 +175,15 @@ else
 fi
 if [ "$DRY" = stub ]; then
     step b-loss-8192 1 30 stub "$WORK/loss_gpu_8192.json" "$WORK/loss_gpu_8192.csv"
+    step f-trl-peer 1 30 stub "$WORK/trl_peer_gpu.json"
     step c-loss-sweep 1 30 stub "$WORK/loss_gpu_sweep.json" "$WORK/loss_gpu_sweep.csv"
 else
     step b-loss-8192 60 220 $LOSS $B_ARGS --out "$WORK/loss_gpu_8192.json"
     copy "$WORK/loss_gpu_8192.json"
+    trl_peer
     step c-loss-sweep 40 130 $LOSS $C_ARGS --out "$WORK/loss_gpu_sweep.json"
 fi
-copy "$WORK/loss_gpu_8192.json" "$WORK/loss_gpu_sweep.json"
+copy "$WORK/loss_gpu_8192.json" "$WORK/trl_peer_gpu.json" "$WORK/loss_gpu_sweep.json"
 
 # ---------------------------------------------------------------------------------------------------------------
 # d: the trainer, one mode per step (lora includes the cached-teacher measurement; the 8-bit modes need bitsandbytes)

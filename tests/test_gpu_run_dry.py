@@ -88,7 +88,7 @@ def _gpu_run(tmp_path, **env):
     return out, {s["step"]: s for s in steps}, proc.stdout
 
 
-STEPS = ["setup", "a-pytest-loss", "b-loss-8192", "c-loss-sweep", "d-trainer-lora", "d-trainer-lora-8bit",
+STEPS = ["setup", "a-pytest-loss", "b-loss-8192", "f-trl-peer", "c-loss-sweep", "d-trainer-lora", "d-trainer-lora-8bit",
          "d-trainer-full-adam8bit", "e-reproduce-paper"]  # fmt: skip
 
 
@@ -101,7 +101,7 @@ def test_gpu_run_stub_writes_every_step_under_out(tmp_path):
     assert steps["e-reproduce-paper"]["status"] in ("ok", "skipped")  # skipped where the smollm2 model is missing
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8  # what the device tool brings back
-    assert {"log.txt", "steps.jsonl", "results.tgz", "junit_loss.xml", "loss_gpu_8192.json",
+    assert {"log.txt", "steps.jsonl", "results.tgz", "junit_loss.xml", "loss_gpu_8192.json", "trl_peer_gpu.json",
             "loss_gpu_sweep.json"} <= set(files)  # fmt: skip
     with tarfile.open(out / "results.tgz") as tar:
         packed = {Path(n).name for n in tar.getnames()}
@@ -130,6 +130,6 @@ def test_gpu_run_budget_and_failures(tmp_path):
     # a second call on the still-warm machine: only the trainer, one mode
     _, steps, _ = _gpu_run(tmp_path / "again", GPU_RUN_STEPS="d", GPU_RUN_TRAINER_MODES="lora")
     assert [s for s in steps if steps[s]["status"] == "ok"] == ["setup", "d-trainer-lora"]
-    for name in ("a-pytest-loss", "b-loss-8192", "c-loss-sweep"):
+    for name in ("a-pytest-loss", "b-loss-8192", "f-trl-peer", "c-loss-sweep"):
         assert steps[name]["status"] == "skipped" and "not selected" in steps[name]["reason"]
     assert "d-trainer-lora-8bit" not in steps

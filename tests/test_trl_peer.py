@@ -127,3 +127,31 @@ def test_reduction_over_valid_rows_and_wider_base_head():
     loss_items, _, _ = _chunked_divergence_loss(sh[None], th[None], sw, tw, valid[None].long(), beta=0.0,
                                                 temperature=TAU, num_items_in_batch=10)  # fmt: skip
     _close(TAU**2 * loss_items, out.loss.detach() * int(valid.sum()) / 10)
+
+
+def test_benchmark_script_tiny_dry_run(tmp_path):
+    """benchmarks/trl_peer.py --tiny: every row runs (triton under the interpreter), the compared rows pass the
+    correctness check against naive before timing, the JSON names the device."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("trl_peer_dry", bench / "trl_peer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "trl_peer.json"
+    module.main(["--tiny", "--shapes", "8,16,128", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["device"] and payload["dry_run"] and payload["versions"]["trl"]
+    (shape,) = payload["shapes"]
+    impls = shape["impls"]
+    assert list(impls) == module.ORDER
+    for name in module.COMPARED:
+        if impls[name]["status"] == "skipped":  # bft-triton without the interpreter or a GPU
+            continue
+        assert impls[name]["status"] == "ok" and impls[name]["check"]["agree"], (name, impls[name])
+        assert impls[name]["seconds"] > 0
+    assert impls["trl-chunked"]["check"]["loss_rel"] < 1e-5
