@@ -23,6 +23,7 @@ extra.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -198,7 +199,8 @@ class BFTTrainer(SFTTrainer):
             self._started = time.perf_counter()
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        result, sums = micro_batch_step(self.bft_run, self.bft_student, inputs, int(inputs["index"]))
+        with _student_through(model, self.bft_student) as student:
+            result, sums = micro_batch_step(self.bft_run, student, inputs, int(inputs["index"]))
         if self.model.training:
             self._sums = sums if self._sums is None else self._sums + sums
             self._lr = self.lr_scheduler.get_last_lr()[0]  # the lr this optimizer step uses (bft's loop reads it so)
@@ -219,6 +221,27 @@ class BFTTrainer(SFTTrainer):
             for callback in self.step_callbacks:
                 callback(metrics["step"], metrics)
         super().log(logs, start_time)
+
+
+@contextlib.contextmanager
+def _student_through(model, bft_student: BFTStudent):
+    """The module to call for the student's forward: ``bft_student`` itself, or — when the trainer's ``model`` is a
+    ``DistributedDataParallel`` around the student — that wrapper with the :class:`BFTStudent` put in as its module
+    for the call. DDP all-reduces the gradients only of a backward that follows its own forward (its reducer is
+    armed there); a forward around the bare student, as bft_student's alone, leaves every process with its own
+    gradients and the replicas drift apart. bft's loop wraps BFTStudent itself (accelerator.prepare); here TRL's
+    Trainer wraps the HF student, so the BFTStudent (same parameters, the loss inside) stands in for the call."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel) or model.module is not bft_student.model:
+        yield bft_student
+        return
+    inner = model.module
+    model.module = bft_student  # the same parameters: DDP's buckets and hooks are keyed by them
+    try:
+        yield model
+    finally:
+        model.module = inner
 
 
 def _latest_trl_checkpoint(folder: Path) -> Path | None:
