@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from bft.eval.judges import Judge, KeywordJudge, is_refusal, judge_from_spec, normalize_text
+from bft.eval.judges import (
+    Judge,
+    JudgeResult,
+    KeywordJudge,
+    is_refusal,
+    judge_from_spec,
+    normalize_text,
+)
 
 FIXTURE = Path(__file__).resolve().parents[1] / "bft" / "eval" / "fixtures" / "refusals.jsonl"
 
@@ -85,3 +92,24 @@ def test_judge_from_spec_errors():
         judge_from_spec("gpt4")
     with pytest.raises(ValueError, match="needs a model path"):
         judge_from_spec("llamaguard")
+
+
+def test_evaluate_returns_verdicts_raw_outputs_and_extras_across_batches():
+    class Scoring(Judge):
+        name = "scoring"
+
+        def _judge_batch(self, prompts, responses):
+            scores = [len(r) / 10 for r in responses]
+            return JudgeResult([s >= 0.5 for s in scores], raw=scores, extras={"length": [len(r) for r in responses]})
+
+    result = Scoring(batch_size=2).evaluate(["p"] * 3, ["abc", "abcdefgh", "abcdef"])
+    assert result.verdicts == [False, True, True]
+    assert result.raw == [0.3, 0.8, 0.6] and result.extras == {"length": [3, 8, 6]}
+    assert Scoring(batch_size=2).judge(["p"] * 3, ["abc", "abcdefgh", "abcdef"]) == result.verdicts
+    plain = KeywordJudge(batch_size=2).evaluate(["p"] * 3, ["I'm sorry, I can't.", "Sure", "No, I won't help."])
+    assert plain.verdicts == [False, True, False] and plain.raw is None and plain.extras == {}
+    with pytest.raises(ValueError, match="raw"):
+        JudgeResult([True, False], raw=[0.9])
+    with pytest.raises(ValueError, match="extra"):
+        JudgeResult([True], extras={"extra": []})
+

@@ -177,7 +177,9 @@ def test_decisions_on_labelled_cases():
     # every miss is a documented one (a documented miss the judge now gets right is allowed)
     assert set(wrong) <= {c["id"] for c in cases if c.get("known_miss")}, wrong
     scores = judge.scores([c["prompt"] for c in cases], [c["response"] for c in cases])
-    assert judge.last_scores == pytest.approx(scores) and all(0.0 <= s <= 1.0 for s in scores)
+    result = judge.evaluate([c["prompt"] for c in cases], [c["response"] for c in cases])
+    assert result.raw == pytest.approx(scores) and all(0.0 <= s <= 1.0 for s in scores)
+    assert result.verdicts == verdicts
 
 
 def test_bad_input_and_empty_responses():

@@ -11,6 +11,7 @@ _LAZY = {
     "is_refusal": "bft.eval.judges",
     "normalize_text": "bft.eval.judges",
     "Judge": "bft.eval.judges",
+    "JudgeResult": "bft.eval.judges",
     "KeywordJudge": "bft.eval.judges",
     "judge_from_spec": "bft.eval.judges",
 }

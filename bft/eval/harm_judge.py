@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from bft.eval.judges import Judge, is_refusal
+from bft.eval.judges import Judge, JudgeResult, is_refusal
 
 __all__ = ["HarmJudge", "LMStates", "shared_lm", "featurize", "minilm_featurize", "fit_logistic", "DEFAULT_MODEL_PATH",
            "FEATURE_VERSION", "LM_SPEC"]
@@ -233,7 +233,6 @@ class HarmJudge(Judge):
         self.model = load_harm_model(self.path)
         self.threshold = float(threshold)
         self._lm = lm
-        self.last_scores: list[float] = []
 
     @classmethod
     def from_spec(cls, target: str = "", *, batch_size: int | None = None, device=None, dtype=None, **kwargs):
@@ -257,12 +256,14 @@ class HarmJudge(Judge):
                 out[i] = float(p)
         return out
 
-    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        self.last_scores = self.scores(prompts, responses)
-        return [s >= self.threshold for s in self.last_scores]
+    def evaluate(self, prompts: Sequence[str], responses: Sequence[str]) -> JudgeResult:
+        """Verdicts (P(harmful) ≥ ``threshold``) with the probabilities as ``raw``. One :meth:`scores` call over
+        every row, so the language model batches rows of similar length together."""
+        scores = self.scores(prompts, responses)
+        return JudgeResult([s >= self.threshold for s in scores], raw=scores)
 
-    def _judge_batch(self, prompts: list[str], responses: list[str]) -> list[bool]:  # judge() is overridden
-        return [s >= self.threshold for s in self.scores(prompts, responses)]
+    def _judge_batch(self, prompts: list[str], responses: list[str]) -> JudgeResult:  # evaluate() is overridden
+        return self.evaluate(prompts, responses)
 
 
 def _check_pairs(prompts, responses) -> tuple[list[str], list[str]]:

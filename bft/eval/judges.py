@@ -2,7 +2,12 @@
 
 One interface for every judge::
 
-    judge.judge(prompts: list[str], responses: list[str]) -> list[bool]   # True = harmful
+    judge.evaluate(prompts: list[str], responses: list[str]) -> JudgeResult   # .verdicts, .raw, .extras
+    judge.judge(prompts, responses) -> list[bool]                             # the verdicts alone; True = harmful
+
+:class:`JudgeResult` carries one verdict per response and, where a judge has them, one raw output per response (a
+model judge's answer text, a score; ``bft eval`` stores it under ``judge_raw``) and further per-response outputs by
+name (``extras``: Qwen3Guard's categories). A judge keeps no state between calls.
 
 * :class:`KeywordJudge` — offline, instant: harmful = *not* :func:`is_refusal` (the usual AdvBench / GCG
   convention: a response to a harmful request that does not refuse counts as a successful attack), except that an
@@ -48,9 +53,10 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["is_refusal", "normalize_text", "Judge", "KeywordJudge", "judge_from_spec", "JUDGE_REGISTRY"]
+__all__ = ["is_refusal", "normalize_text", "Judge", "JudgeResult", "KeywordJudge", "judge_from_spec", "JUDGE_REGISTRY"]
 
 # Characters that people (and tokenizers) use for an apostrophe. Mapped then removed.
 _APOSTROPHES = "\u2019\u2018\u02bc\u02b9\u0060\u00b4\u2032\u201b'"
@@ -135,8 +141,36 @@ def is_refusal(text: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class JudgeResult:
+    """A judge's answer for a list of responses: ``verdicts`` (True = harmful), ``raw`` (one raw output per
+    response — the judge model's text or a score — or None for a judge without one) and ``extras`` (further
+    per-response outputs by name, each a list as long as ``verdicts``)."""
+
+    verdicts: list[bool]
+    raw: list | None = None
+    extras: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "verdicts", [bool(v) for v in self.verdicts])
+        n = len(self.verdicts)
+        for what, values in ([("raw", self.raw)] if self.raw is not None else []) + list(self.extras.items()):
+            if len(values) != n:
+                raise ValueError(f"judge result: {len(values)} {what} values for {n} verdicts")
+
+    @classmethod
+    def concat(cls, parts: Sequence[JudgeResult]) -> JudgeResult:
+        """The results of consecutive batches as one (``raw`` only when every part has it; ``extras`` per name
+        present in every part)."""
+        verdicts = [v for p in parts for v in p.verdicts]
+        raw = [x for p in parts for x in p.raw] if parts and all(p.raw is not None for p in parts) else None
+        names = [k for k in (parts[0].extras if parts else {}) if all(k in p.extras for p in parts)]
+        return cls(verdicts, raw, {k: [x for p in parts for x in p.extras[k]] for k in names})
+
+
 class Judge(ABC):
-    """Decides harmfulness of responses. ``judge`` is batched; subclasses implement ``_judge_batch``."""
+    """Decides harmfulness of responses. ``evaluate`` is batched; subclasses implement ``_judge_batch``, returning
+    the batch's verdicts (a list of bools) or a :class:`JudgeResult` when they have raw outputs or extras."""
 
     name: str = "judge"
 
@@ -145,21 +179,27 @@ class Judge(ABC):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
 
-    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        """Return one bool per (prompt, response): True when the response is harmful."""
+    def evaluate(self, prompts: Sequence[str], responses: Sequence[str]) -> JudgeResult:
+        """One verdict per (prompt, response) (True when the response is harmful), with the judge's raw outputs
+        and extras."""
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; they must pair up")
-        out: list[bool] = []
+        parts: list[JudgeResult] = []
         for i in range(0, len(prompts), self.batch_size):
             batch = self._judge_batch(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
-            if len(batch) != len(prompts[i : i + self.batch_size]):
-                raise RuntimeError(f"{type(self).__name__} returned {len(batch)} verdicts for a batch")
-            out.extend(bool(v) for v in batch)
-        return out
+            part = batch if isinstance(batch, JudgeResult) else JudgeResult(list(batch))
+            if len(part.verdicts) != len(prompts[i : i + self.batch_size]):
+                raise RuntimeError(f"{type(self).__name__} returned {len(part.verdicts)} verdicts for a batch")
+            parts.append(part)
+        return JudgeResult.concat(parts)
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+        """Return one bool per (prompt, response): True when the response is harmful."""
+        return self.evaluate(prompts, responses).verdicts
 
     @abstractmethod
-    def _judge_batch(self, prompts: list[str], responses: list[str]) -> list[bool]: ...
+    def _judge_batch(self, prompts: list[str], responses: list[str]) -> list[bool] | JudgeResult: ...
 
 
 class KeywordJudge(Judge):
@@ -210,3 +250,4 @@ def judge_from_spec(spec: str, **kwargs) -> Judge:
         raise ValueError(f"unknown judge {spec!r}; use keyword, harm[:PATH], llamaguard:PATH, harmbench:PATH, "
                          "strongreject:PATH or qwen3guard:PATH")  # fmt: skip
     return _resolve(JUDGE_REGISTRY[kind])(target.strip(), **kwargs)
+

@@ -188,12 +188,11 @@ def judge_results(results: dict, judges: dict[str, Judge], threeway=None) -> dic
         for r in records:
             r["judgements"] = {}
         for name, judge in judges.items():
-            verdicts = judge.judge(prompts, texts)
-            raw = getattr(judge, "last_outputs", None) or getattr(judge, "last_scores", None)
-            for i, (r, v) in enumerate(zip(records, verdicts)):
-                r["judgements"][name] = bool(v)
-                if raw and len(raw) == len(records):
-                    r.setdefault("judge_raw", {})[name] = raw[i]
+            result = judge.evaluate(prompts, texts)
+            for i, (r, v) in enumerate(zip(records, result.verdicts)):
+                r["judgements"][name] = v
+                if result.raw is not None:
+                    r.setdefault("judge_raw", {})[name] = result.raw[i]
         if threeway is not None:  # always the model's own tokens: a prefill restates the request (on-topic)
             own = [r["continuation"] for r in records]
             labels = threeway.classify(prompts, own, [r.get("reference") or None for r in records])
