@@ -172,6 +172,8 @@ class RecordingThreeWay(StandInThreeWay):
 def test_gcg_and_finetune_attacks_end_to_end(tmp_path, monkeypatch):
     """GCG (shared by the systems of one model) and the LoRA attack → HRR, saved model, original model untouched."""
     from bft.eval import gcg, runner
+    from bft.eval.finetune import FinetuneAttackConfig
+    from bft.eval.gcg import GCGConfig
     from bft.hf.models import load_model_and_tokenizer
 
     base, aligned, tok = tiny_llama_pair()
@@ -181,9 +183,9 @@ def test_gcg_and_finetune_attacks_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(gcg, "run_gcg", lambda *a, **kw: calls.append(a[2]) or real_gcg(*a, **kw, progress=False))
     monkeypatch.setattr(runner, "build_judges", lambda specs, **kw: kwargs.update(kw) or {"keyword": runner.KeywordJudge()})
     cfg = EvalConfig(prefill_ks=[4], judge_text="full", generation=GenerationSettings(max_new_tokens=4, batch_size=4),
-                     likelihood=False, utility=[], gcg=True, gcg_limit=2, gcg_steps=1, gcg_search_width=8, gcg_topk=8,
-                     gcg_suffix="! ! !", finetune=True, finetune_rank=2, finetune_batch_size=2,
-                     finetune_micro_batch_size=2, finetune_save=str(tmp_path / "attacked"))
+                     likelihood=False, utility=[], gcg=GCGConfig(steps=1, search_width=8, topk=8, suffix_init="! ! !"),
+                     gcg_limit=2, finetune=FinetuneAttackConfig(rank=2, batch_size=2, micro_batch_size=2),
+                     finetune_save=str(tmp_path / "attacked"))
     systems = [System("baseline", aligned, tok), System("contrastive α=1", aligned, tok, base_model=base, alpha=1.0),
                System("contrastive α=2", aligned, tok, base_model=base, alpha=2.0)]
     threeway = RecordingThreeWay()
@@ -244,3 +246,39 @@ def test_every_config_key_has_a_flag_and_seed_reaches_both():
     assert {f.name for f in fields(GenerationSettings)} - {"do_sample"} <= dests
     config, _ = cli.build_config(parser.parse_args(["--aligned", "x", "--seed", "3", "--lm-eval-limit", "5"]))
     assert config.seed == 3 and config.generation.seed == 3 and config.lm_eval_limit == 5
+
+
+#: the flat config keys results.json has always held (readers and YAML files use them)
+STORED_KEYS = {"dataset", "limit", "seed", "prefill_ks", "prefill_text", "judge_text", "generation", "judges",
+               "threeway", "embedding_model", "likelihood", "likelihood_reference", "likelihood_tokens", "alpha",
+               "alphas", "forms", "gcg", "gcg_limit", "gcg_steps", "gcg_search_width", "gcg_topk", "gcg_suffix",
+               "finetune", "finetune_dataset", "finetune_limit", "finetune_rank", "finetune_lr", "finetune_epochs",
+               "finetune_batch_size", "finetune_micro_batch_size", "finetune_max_length", "finetune_save", "utility",
+               "perplexity_dataset", "utility_split", "utility_limit", "gsm8k_max_new_tokens", "lm_eval_tasks",
+               "lm_eval_limit", "lm_eval_include_path"}
+
+
+def test_config_nests_the_attack_settings_and_keeps_the_flat_keys():
+    from bft.config import ConfigError
+    from bft.eval.finetune import FinetuneAttackConfig
+    from bft.eval.gcg import GCGConfig
+
+    cfg = EvalConfig.from_dict({"seed": 3, "gcg": True, "gcg_steps": 7, "gcg_suffix": "x y", "finetune": True,
+                                "finetune_rank": 4, "finetune_save": "out"})  # fmt: skip
+    assert cfg.gcg == GCGConfig(steps=7, search_width=128, topk=64, suffix_init="x y", seed=3)
+    assert cfg.finetune == FinetuneAttackConfig(rank=4, seed=3) and cfg.finetune_save == "out"
+    flat = cfg.to_dict()
+    assert STORED_KEYS <= set(flat) and flat["gcg"] is True and flat["gcg_steps"] == 7 and flat["gcg_suffix"] == "x y"
+    assert EvalConfig.from_dict(json.loads(json.dumps(flat))) == cfg  # what results.json holds reads back
+    off = EvalConfig().to_dict()
+    assert off["gcg"] is False and off["gcg_steps"] == 50 and off["finetune"] is False and off["finetune_rank"] == 32
+    assert EvalConfig.from_dict(off).gcg is None and EvalConfig(seed=5, gcg=GCGConfig()).gcg.seed == 5
+    with pytest.raises(ConfigError, match="gcg_steps must be >= 1"):
+        EvalConfig.from_dict({"gcg": True, "gcg_steps": 0})
+    with pytest.raises(ConfigError, match="gcg_suffix must be a string"):
+        EvalConfig.from_dict({"gcg": True, "gcg_suffix": 3})
+    with pytest.raises(ConfigError, match="finetune_rank must be an integer"):
+        EvalConfig.from_dict({"finetune_rank": "big"})
+    with pytest.raises(ConfigError, match="did you mean 'gcg_steps'"):
+        EvalConfig.from_dict({"gcg_step": 3})
+

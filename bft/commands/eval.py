@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import fields
 
-from bft.config import accept_overrides, apply_overrides, build_dataclass, load_yaml_mapping
+from bft.config import accept_overrides, apply_overrides, load_yaml_mapping
 from bft.eval import runner
 from bft.eval.generation import GenerationSettings, System, contrastive_name
 from bft.eval.runner import EvalConfig
@@ -136,7 +136,7 @@ def build_config(args) -> tuple:
         if key in {f.name for f in fields(GenerationSettings)}:  # "seed" is both: sampling and data / GCG / LoRA
             gen[key] = merged[key] if key in config_fields else merged.pop(key)
     models = {k: merged.pop(k) for k in _MODEL_KEYS if k in merged}
-    config = build_dataclass(EvalConfig, {**merged, "generation": gen})
+    config = EvalConfig.from_dict({**merged, "generation": gen})
     if isinstance(models.get("trained"), str):
         models["trained"] = [models["trained"]]
     return config, models

@@ -59,10 +59,13 @@ class FinetuneAttackConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.rank < 1 or self.batch_size < 1 or self.micro_batch_size < 1 or self.max_length < 2:
-            raise ValueError(f"invalid fine-tuning settings: {self}")
-        if not self.lr > 0 or not self.epochs > 0:
-            raise ValueError(f"lr and epochs must be > 0, got lr={self.lr}, epochs={self.epochs}")
+        # each message starts with the field's name, which bft.config prefixes with the section (finetune_rank)
+        for name, least in (("rank", 1), ("batch_size", 1), ("micro_batch_size", 1), ("max_length", 2)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least} for the fine-tuning attack, got {getattr(self, name)}")
+        for name in ("lr", "epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 for the fine-tuning attack, got {getattr(self, name)}")
 
 
 def _examples(tokenizer, rows, config: FinetuneAttackConfig, system_prompt):

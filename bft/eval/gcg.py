@@ -47,9 +47,9 @@ class GCGConfig:
     def __post_init__(self):
         for name in ("steps", "search_width", "topk", "n_replace", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"GCG {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1 for GCG, got {getattr(self, name)}")
         if not self.suffix_init.strip():
-            raise ValueError("GCG suffix_init must contain at least one token")
+            raise ValueError("suffix_init must contain at least one token for GCG")
 
 
 @dataclass

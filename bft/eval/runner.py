@@ -22,16 +22,19 @@ Metrics (all shares in [0, 1]; the report prints percentages):
 
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 import os
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 from bft.atomic import atomic_write_bytes
+from bft.config import ConfigError, build_dataclass
 from bft.decoding.contrastive import check_form
 from bft.environment import package_versions
 from bft.eval import gcg, utility
@@ -54,9 +57,49 @@ RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
 
 
+#: GCG settings of ``bft eval`` where they differ from :class:`GCGConfig`'s: a shorter search, since an eval attacks
+#: several prompts on every system while GCGConfig's defaults size one strong attack.
+EVAL_GCG_DEFAULTS = {"steps": 50, "search_width": 128, "topk": 64}
+
+#: The attacks whose settings are their own dataclasses, by EvalConfig field. Their flat keys (YAML, ``key=value``,
+#: flags, ``results.json``) are ``<attack>_<setting>`` (``gcg_steps``, ``finetune_rank``), but ``gcg_suffix``
+#: (the flag ``--gcg-suffix``) for ``GCGConfig.suffix_init``. Their ``seed`` is :attr:`EvalConfig.seed`, which seeds
+#: every part of a run, so it has no flat key.
+_ATTACKS = {"gcg": GCGConfig, "finetune": FinetuneAttackConfig}
+_RENAMED = {("gcg", "suffix_init"): "gcg_suffix"}
+#: (attack, setting) -> flat key, in field order
+_FLAT_KEY = {(attack, f.name): _RENAMED.get((attack, f.name), f"{attack}_{f.name}")
+             for attack, cls in _ATTACKS.items() for f in fields(cls) if f.name != "seed"}  # fmt: skip
+
+
+def _attack_defaults(attack: str):
+    """The settings an attack runs with when no key sets them."""
+    return GCGConfig(**EVAL_GCG_DEFAULTS) if attack == "gcg" else _ATTACKS[attack]()
+
+
+def _build_attack(attack: str, settings: dict):
+    """The attack's settings dataclass from ``{setting: value}`` over :func:`_attack_defaults`; errors name the flat
+    key (``gcg_steps must be >= 1 ...``)."""
+    values = {k: v for k, v in asdict(_attack_defaults(attack)).items() if k != "seed"}
+    try:
+        return build_dataclass(_ATTACKS[attack], {**values, **settings}, where=f"{attack}_")
+    except ConfigError as error:
+        message = str(error)
+        for (a, name), flat in _RENAMED.items():
+            if a == attack:
+                message = message.replace(f"{attack}_{name}", flat)
+        raise ConfigError(message) from None
+
+
 @dataclass
 class EvalConfig:
-    """What ``bft eval`` runs. Field names are also the YAML config keys (see docs/eval.md)."""
+    """What ``bft eval`` runs, validated on construction (see docs/eval.md).
+
+    The attacks' settings are their own dataclasses: ``gcg`` a :class:`GCGConfig` and ``finetune`` a
+    :class:`FinetuneAttackConfig`, each None when that attack is off; ``seed`` seeds both. YAML files, flags and
+    ``results.json`` use flat keys (``gcg: true``, ``gcg_steps``, ``finetune_rank``, ...): :meth:`from_dict` reads
+    them, :meth:`to_dict` writes them.
+    """
 
     dataset: str = "advbench"
     limit: int | None = 32
@@ -74,21 +117,11 @@ class EvalConfig:
     alpha: float = 1.0  # the "contrastive" row
     alphas: list = field(default_factory=list)  # α sweep (issue 7)
     forms: list = field(default_factory=lambda: ["logprobs"])  # Eq. 7 on log-probs and/or raw logits (the paper)
-    gcg: bool = False
-    gcg_limit: int = 4
-    gcg_steps: int = 50
-    gcg_search_width: int = 128
-    gcg_topk: int = 64
-    gcg_suffix: str = "! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! !"
-    finetune: bool = False
+    gcg: GCGConfig | None = None  # the GCG attack's settings; None = no GCG attack
+    gcg_limit: int = 4  # GCG attacks the first N prompts
+    finetune: FinetuneAttackConfig | None = None  # the LoRA fine-tuning attack's settings; None = no such attack
     finetune_dataset: str = "dolly"
     finetune_limit: int | None = 1000
-    finetune_rank: int = 32
-    finetune_lr: float = 2e-4
-    finetune_epochs: float = 1.0
-    finetune_batch_size: int = 128
-    finetune_micro_batch_size: int = 8
-    finetune_max_length: int = 512
     finetune_save: str | None = None  # directory to save the attacked (merged) model for the recovery protocol
     utility: list = field(default_factory=lambda: ["perplexity", "gsm8k"])
     perplexity_dataset: str = "gsm8k"
@@ -114,11 +147,62 @@ class EvalConfig:
         if any(not a >= 0 for a in self.alphas + [self.alpha]):
             raise ValueError(f"alphas must be >= 0, got {self.alphas} / alpha={self.alpha}")
         self.forms = [check_form(f) for f in (self.forms or ["logprobs"])]
+        for attack, cls in _ATTACKS.items():
+            settings = getattr(self, attack)
+            if settings is not None and not isinstance(settings, cls):
+                raise ValueError(f"{attack} must be a {cls.__name__} or None, got {settings!r}")
+            if settings is not None and settings.seed != self.seed:
+                setattr(self, attack, replace(settings, seed=self.seed))  # the run's seed seeds every part of it
+
+    @classmethod
+    def flat_keys(cls) -> list[str]:
+        """Every key :meth:`from_dict` accepts and :meth:`to_dict` writes."""
+        out = []
+        for f in fields(cls):
+            out.append(f.name)
+            out += [flat for (attack, _), flat in _FLAT_KEY.items() if attack == f.name]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> EvalConfig:
+        """A validated config from flat keys: a YAML mapping with flags, or the ``config`` of a ``results.json``
+        (:meth:`to_dict`'s layout; missing keys keep their defaults). ``gcg`` / ``finetune`` are true or false;
+        the ``gcg_*`` / ``finetune_*`` keys set that attack's settings and are not used while it is off. An unknown
+        key or a bad value raises :class:`bft.config.ConfigError` (a ``ValueError``) naming the key."""
+        data = dict(data or {})
+        valid = cls.flat_keys()
+        for key in data:
+            if key not in valid:
+                hint = difflib.get_close_matches(str(key), valid, n=1)
+                raise ConfigError(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                  + f"; valid keys here: {', '.join(sorted(valid))}")  # fmt: skip
+        settings: dict = {attack: {} for attack in _ATTACKS}
+        for (attack, name), flat in _FLAT_KEY.items():
+            if flat in data:
+                settings[attack][name] = data.pop(flat)
+        for attack in _ATTACKS:
+            on = data.get(attack)
+            if on is not None and not isinstance(on, bool):
+                raise ConfigError(f"{attack} must be true or false, got {on!r}")
+            built = _build_attack(attack, settings[attack]) if on or settings[attack] else None  # checked even if off
+            data[attack] = built if on else None
+        return build_dataclass(cls, data)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["generation"] = self.generation.to_dict()
-        return d
+        """Flat keys, which :meth:`from_dict` reads back; an attack that is off shows the settings it would run with."""
+        out: dict = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _ATTACKS:
+                out[f.name] = value is not None
+                settings = value if value is not None else _attack_defaults(f.name)
+                out.update({flat: copy.deepcopy(getattr(settings, name)) for (attack, name), flat in _FLAT_KEY.items()
+                            if attack == f.name})  # fmt: skip
+            elif f.name == "generation":
+                out[f.name] = value.to_dict()
+            else:
+                out[f.name] = copy.deepcopy(value)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------- I/O helpers
@@ -404,10 +488,6 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
     """GCG optimises the suffix against ``system.model`` (for contrastive decoding: the aligned model, a transfer
     attack on the decoding rule), then ``system`` answers the suffixed prompt. ``cache`` reuses the suffixes of an
     earlier system with the same model and system prompt (the optimisation is deterministic given the seed)."""
-    gcg_config = GCGConfig(
-        steps=config.gcg_steps, search_width=config.gcg_search_width, topk=config.gcg_topk,
-        suffix_init=config.gcg_suffix, seed=config.seed,
-    )  # fmt: skip
     records = []
     inputs = []
     for prompt, target in zip(prompts, targets):
@@ -416,7 +496,7 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
         key = (id(system.model), system.system_prompt, prompt, target)
         res = cache.get(key) if cache is not None else None
         if res is None:
-            res = gcg.run_gcg(system.model, system.tokenizer, prompt, target, gcg_config, system_prompt=system.system_prompt)
+            res = gcg.run_gcg(system.model, system.tokenizer, prompt, target, config.gcg, system_prompt=system.system_prompt)
             if cache is not None:
                 cache[key] = res
         inputs.append(res.input_ids)
@@ -432,12 +512,8 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
 def _run_finetune(system: System, prompts, config: EvalConfig, finetune_rows):
     rows = finetune_rows if finetune_rows is not None else _load_rows(config.finetune_dataset, config.finetune_limit,
                                                                      config.seed)  # fmt: skip
-    ft = FinetuneAttackConfig(
-        rank=config.finetune_rank, lr=config.finetune_lr, epochs=config.finetune_epochs,
-        batch_size=config.finetune_batch_size, micro_batch_size=config.finetune_micro_batch_size,
-        max_length=config.finetune_max_length, seed=config.seed,
-    )  # fmt: skip
-    attacked, log = lora_finetune(system.model, system.tokenizer, rows, ft, system_prompt=system.system_prompt)
+    attacked, log = lora_finetune(system.model, system.tokenizer, rows, config.finetune,
+                                  system_prompt=system.system_prompt)  # fmt: skip
     try:
         attacked_system = System(f"{system.name}+lora", attacked, system.tokenizer, system_prompt=system.system_prompt)
         records = harmful_responses(attacked_system, prompts, config.generation)
@@ -526,13 +602,11 @@ def rejudge(
     results = load_results(results_dir)
     specs = list(judge_specs) if judge_specs is not None else list(results["config"].get("judges", ["keyword"]))
     results["config"]["judges"] = specs
+    config = EvalConfig.from_dict(results["config"])  # the stored settings, validated
     notes = results.setdefault("notes", [])
     judges = build_judges(specs, **(judge_kwargs or {}))
     if threeway == "auto":
-        cfg = results["config"]
-        fake = EvalConfig.__new__(EvalConfig)
-        fake.threeway, fake.embedding_model = cfg.get("threeway", True), cfg.get("embedding_model")
-        threeway = make_threeway(fake, notes)
+        threeway = make_threeway(config, notes)
     judge_results(results, judges, threeway)
     summarize(results)
     results["rejudged"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
