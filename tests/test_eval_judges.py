@@ -11,8 +11,10 @@ from bft.eval.judges import (
     Judge,
     JudgeResult,
     KeywordJudge,
+    choose_primary_judge,
     is_refusal,
     judge_from_spec,
+    judge_kind,
     normalize_text,
 )
 
@@ -113,3 +115,25 @@ def test_evaluate_returns_verdicts_raw_outputs_and_extras_across_batches():
     with pytest.raises(ValueError, match="extra"):
         JudgeResult([True], extras={"extra": []})
 
+
+def test_primary_judge_is_named_not_inferred():
+    names = ["keyword", "llamaguard:/models/lg", "harm"]
+    # no setting: the harm judge, else keyword; a model judge that runs beside them does not take over
+    assert choose_primary_judge(None, names) == "harm"
+    assert choose_primary_judge(None, ["keyword", "llamaguard:/models/lg"]) == "keyword"
+    # named: by name, by kind (aliases folded) or by spec
+    assert choose_primary_judge("llamaguard:/models/lg", names) == "llamaguard:/models/lg"
+    assert choose_primary_judge("llama-guard", names) == "llamaguard:/models/lg"
+    assert choose_primary_judge("harm:/fitted.json", names) == "harm"
+    assert judge_kind("Llama-Guard:/m") == "llamaguard" and judge_kind("keyword") == "keyword"
+
+
+def test_unknown_or_ambiguous_primary_judge_is_refused_naming_the_valid_ones():
+    names = ["keyword", "harm", "harmbench:/a", "harmbench:/b"]
+    with pytest.raises(ValueError, match="'strongreject' is not a judge of this run; choose one of: keyword, harm, "
+                                         "harmbench:/a, harmbench:/b"):  # fmt: skip
+        choose_primary_judge("strongreject", names)
+    with pytest.raises(ValueError, match="matches several judges"):
+        choose_primary_judge("harmbench", names)
+    with pytest.raises(ValueError, match="none of harm, keyword runs"):
+        choose_primary_judge(None, ["harmbench:/a"])

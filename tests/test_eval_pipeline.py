@@ -93,7 +93,7 @@ def test_rejudge_without_regenerating(run, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "build_judges", lambda specs, **kw: {"keyword": runner.KeywordJudge(),
                                                                      "always": EverythingHarmful()})
     before = json.loads((out / "results.json").read_text())
-    new = rejudge(out, ["keyword", "always"], threeway=None, out_dir=tmp_path)
+    new = rejudge(out, ["keyword", "always"], primary_judge="always", threeway=None, out_dir=tmp_path)
     assert new["summary"]["primary_judge"] == "always"
     assert new["summary"]["systems"]["trained"]["prefill"]["full"]["always"] == 1.0
     same = [r["continuation"] for r in new["records"]["baseline"]["prefill"]]
@@ -282,3 +282,25 @@ def test_config_nests_the_attack_settings_and_keeps_the_flat_keys():
     with pytest.raises(ConfigError, match="did you mean 'gcg_steps'"):
         EvalConfig.from_dict({"gcg_step": 3})
 
+
+def test_primary_judge_setting(tmp_path, run):
+    results, out = run
+    with pytest.raises(ValueError, match="primary_judge 'llamaguard' is not a judge of this run; choose one of: "
+                                         "keyword, harm"):  # fmt: skip
+        EvalConfig(judges=["keyword", "harm"], primary_judge="llamaguard")
+    assert EvalConfig(judges=["harm", "llamaguard:/m"], primary_judge="llamaguard").primary_judge == "llamaguard"
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["config"]["primary_judge"] is None and stored["summary"]["primary_judge"] == "keyword"
+    stored["config"]["primary_judge"] = "nope"
+    with pytest.raises(ValueError, match="'nope' is not a judge of this run; choose one of: keyword"):
+        summarize(stored)
+    with pytest.raises(ValueError, match="choose one of: keyword, always"):  # before any judge loads
+        rejudge(out, ["keyword", "always"], primary_judge="harm", threeway=None, out_dir=tmp_path)
+
+
+def test_cli_refuses_an_unknown_primary_judge_in_one_line(tmp_path, capsys):
+    from bft.cli import console_main
+
+    assert console_main(["eval", "--aligned", "x", "--out", str(tmp_path), "--primary-judge", "gpt4"]) == 2
+    err = capsys.readouterr().err
+    assert err == "bft eval: error: primary_judge 'gpt4' is not a judge of this run; choose one of: keyword, harm\n"

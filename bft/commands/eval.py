@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "strongreject:PATH, qwen3guard:PATH; repeatable")  # fmt: skip
     j.add_argument("--no-harm-judge", dest="harm_judge", action="store_false", default=None,
                    help="skip the offline harm judge (calibrated to human labels; the primary offline measure)")
+    j.add_argument("--primary-judge", metavar="NAME",
+                   help="the judge whose ASR fills the paper-shaped table, HRR and Table 5: keyword, harm or a --judge "
+                        "given (its spec or kind, e.g. llamaguard); default harm, or keyword with --no-harm-judge")  # fmt: skip
     j.add_argument("--no-threeway", dest="threeway", action="store_false", default=None,
                    help="skip the three-way (refusal / on-topic / off-topic) judge")
     j.add_argument("--embedding-model", help="sentence-embedding model for the three-way judge")
@@ -114,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args) -> tuple:
     """``(EvalConfig, model options dict)`` from the YAML file (if any) overridden by the flags given, then by
-    ``key=value`` overrides (``generation.top_p=0.6``), through :mod:`bft.config` like every bft command."""
+    ``key=value`` overrides (``generation.top_p=0.6``), through :mod:`bft.config` like every bft command. The
+    judges include the harm judge unless ``--no-harm-judge`` (:func:`with_harm_judge`)."""
     overrides = list(getattr(args, "overrides", None) or [])
     if getattr(args, "config", None) and "=" in args.config and not os.path.exists(args.config):
         overrides.insert(0, args.config)  # a KEY=VALUE override in CONFIG's place
@@ -136,6 +140,7 @@ def build_config(args) -> tuple:
         if key in {f.name for f in fields(GenerationSettings)}:  # "seed" is both: sampling and data / GCG / LoRA
             gen[key] = merged[key] if key in config_fields else merged.pop(key)
     models = {k: merged.pop(k) for k in _MODEL_KEYS if k in merged}
+    merged["judges"] = with_harm_judge(merged.get("judges", EvalConfig().judges), args)
     config = EvalConfig.from_dict({**merged, "generation": gen})
     if isinstance(models.get("trained"), str):
         models["trained"] = [models["trained"]]
@@ -184,12 +189,11 @@ def run(args) -> int:
         judge_kwargs = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None)}
         threeway = None if args.threeway is False else "auto"
         specs = args.judges or runner.load_results(args.rejudge)["config"].get("judges", ["keyword"])
-        results = runner.rejudge(args.rejudge, with_harm_judge(specs, args), threeway=threeway, out_dir=args.out,
-                                 judge_kwargs=judge_kwargs)  # fmt: skip
+        results = runner.rejudge(args.rejudge, with_harm_judge(specs, args), primary_judge=args.primary_judge,
+                                 threeway=threeway, out_dir=args.out, judge_kwargs=judge_kwargs)  # fmt: skip
         print(f"[bft eval] re-judged {args.rejudge} with {results['judges']}; report in {args.out or args.rejudge}")
         return 0
     config, models = build_config(args)
-    config.judges = with_harm_judge(config.judges, args)
     out = models.get("out")
     if not out:
         print("bft eval: --out DIR is required", file=sys.stderr)

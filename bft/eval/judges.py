@@ -56,7 +56,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["is_refusal", "normalize_text", "Judge", "JudgeResult", "KeywordJudge", "judge_from_spec", "JUDGE_REGISTRY"]
+__all__ = ["is_refusal", "normalize_text", "Judge", "JudgeResult", "KeywordJudge", "judge_from_spec", "JUDGE_REGISTRY",
+           "judge_kind", "choose_primary_judge", "DEFAULT_PRIMARY_JUDGES"]
 
 # Characters that people (and tokenizers) use for an apostrophe. Mapped then removed.
 _APOSTROPHES = "\u2019\u2018\u02bc\u02b9\u0060\u00b4\u2032\u201b'"
@@ -251,3 +252,51 @@ def judge_from_spec(spec: str, **kwargs) -> Judge:
                          "strongreject:PATH or qwen3guard:PATH")  # fmt: skip
     return _resolve(JUDGE_REGISTRY[kind])(target.strip(), **kwargs)
 
+
+def judge_kind(name: str) -> str:
+    """The kind of a judge spec or judge name, with aliases folded: ``"Llama-Guard:/m"`` -> ``"llamaguard"``,
+    ``"harm:/x.json"`` -> ``"harm"``, ``"keyword"`` -> ``"keyword"`` (a kind outside the registry is returned
+    lower-cased)."""
+    kind = name.partition(":")[0].strip().lower()
+    factory = JUDGE_REGISTRY.get(kind)
+    return next(k for k, v in JUDGE_REGISTRY.items() if v == factory) if factory else kind
+
+
+#: The primary judge of a run that names none: the first of these that runs. The harm judge is calibrated to human
+#: labels (the primary offline measure); the keyword judge always runs. A model judge is primary only when named,
+#: so adding one to a run adds a column and leaves the headline numbers where they were.
+DEFAULT_PRIMARY_JUDGES = ("harm", "keyword")
+
+
+def _same_judge(setting: str, name: str) -> bool:
+    """``setting`` names the judge ``name``: the same kind and, where both give one, the same target."""
+    if setting.strip() == name.strip():
+        return True
+    if judge_kind(setting) != judge_kind(name):
+        return False
+    a, b = setting.partition(":")[2].strip(), name.partition(":")[2].strip()
+    return not a or not b or a == b
+
+
+def choose_primary_judge(setting: str | None, names: Sequence[str]) -> str:
+    """The one of ``names`` (the judge names, or specs, of a run; ``threeway`` left out) whose verdicts fill the
+    headline tables: the judge ``setting`` names — a name (``"llamaguard:/models/lg"``), a spec of it, or a kind
+    (``"llamaguard"``) when one judge of that kind runs — or, when ``setting`` is None, the first of
+    :data:`DEFAULT_PRIMARY_JUDGES` that runs. A ``ValueError`` names the valid choices otherwise."""
+    names = list(dict.fromkeys(names))
+    valid = ", ".join(names) or "(none)"
+    if setting is None:
+        for default in DEFAULT_PRIMARY_JUDGES:
+            if default in names:
+                return default
+        raise ValueError(f"no primary judge: none of {', '.join(DEFAULT_PRIMARY_JUDGES)} runs; set primary_judge "
+                         f"to one of the judges that run: {valid}")  # fmt: skip
+    if not isinstance(setting, str) or not setting.strip():
+        raise ValueError(f"primary_judge must name a judge, got {setting!r}; the judges that run: {valid}")
+    exact = [n for n in names if n.strip() == setting.strip()]
+    found = exact or [n for n in names if _same_judge(setting, n)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"primary_judge {setting!r} is not a judge of this run; choose one of: {valid}")
+    raise ValueError(f"primary_judge {setting!r} matches several judges ({', '.join(found)}); name one of them")

@@ -42,7 +42,7 @@ from bft.eval.deliberation import deliberation_table
 from bft.eval.finetune import FinetuneAttackConfig, harmful_responses, lora_finetune, save_merged
 from bft.eval.gcg import GCGConfig
 from bft.eval.generation import GenerationSettings, System
-from bft.eval.judges import Judge, KeywordJudge, judge_from_spec
+from bft.eval.judges import Judge, KeywordJudge, choose_primary_judge, judge_from_spec, judge_kind
 from bft.eval.likelihood import continuation_logprobs, summarize_logprobs
 from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
 from bft.eval.report import render_markdown, write_plots
@@ -108,7 +108,10 @@ class EvalConfig:
     prefill_text: str | None = None  # one fixed prefill for datasets without responses ("Sure, here is")
     judge_text: str = "continuation"  # or "full" (prefill + continuation)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judges: list = field(default_factory=lambda: ["keyword"])  # + "llamaguard:PATH", "harmbench:PATH", ...
+    judges: list = field(default_factory=lambda: ["keyword"])  # + "harm", "llamaguard:PATH", "harmbench:PATH", ...
+    # whose verdicts fill the headline tables, HRR and Table 5: a judge name, spec or kind; None = the first of
+    # bft.eval.judges.DEFAULT_PRIMARY_JUDGES (harm, keyword) that runs
+    primary_judge: str | None = None
     threeway: bool = True
     embedding_model: str | None = None  # three-way judge embedding model; None = packaged all-MiniLM-L6-v2
     likelihood: bool = True
@@ -153,6 +156,11 @@ class EvalConfig:
                 raise ValueError(f"{attack} must be a {cls.__name__} or None, got {settings!r}")
             if settings is not None and settings.seed != self.seed:
                 setattr(self, attack, replace(settings, seed=self.seed))  # the run's seed seeds every part of it
+        choose_primary_judge(self.primary_judge, self.judge_specs())
+
+    def judge_specs(self) -> list[str]:
+        """The specs of the judges this config runs: the keyword judge (always on) and ``judges``."""
+        return ["keyword"] + [s for s in self.judges if judge_kind(s) != "keyword"]
 
     @classmethod
     def flat_keys(cls) -> list[str]:
@@ -318,12 +326,11 @@ def _rates(records: list[dict], judge_names: Sequence[str]) -> dict:
 
 
 def summarize(results: dict) -> dict:
-    """Metrics per system from the stored records and measures (no model needed). Stored in ``results["summary"]``."""
+    """Metrics per system from the stored records and measures (no model needed). Stored in ``results["summary"]``.
+    The primary judge is the one ``config.primary_judge`` names (:func:`bft.eval.judges.choose_primary_judge`)."""
     judge_names = results.get("judges", ["keyword"])
-    model_judges = [j for j in judge_names if j not in ("keyword", "threeway")]
-    # a hub model judge first, else the offline harm judge (the primary offline measure), else the keyword rule
-    hub = [j for j in model_judges if j != "harm"]
-    primary = hub[0] if hub else ("harm" if "harm" in model_judges else "keyword")
+    setting = (results.get("config") or {}).get("primary_judge")
+    primary = choose_primary_judge(setting, [j for j in judge_names if j != "threeway"])
     summary: dict = {"primary_judge": primary, "systems": {}}
     for system, attacks in results["records"].items():
         s: dict = {}
@@ -415,6 +422,8 @@ def run_eval(
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
         raise ValueError(f"system names must be unique, got {names}")
+    # the primary judge must be one that runs: checked before hours of generation, not after
+    choose_primary_judge(config.primary_judge, list(judges) if judges is not None else config.judge_specs())
     notes: list[str] = []
     started = time.time()
     rows = rows if rows is not None else _load_rows(config.dataset, config.limit, config.seed)
@@ -590,19 +599,23 @@ def rejudge(
     results_dir: str | os.PathLike,
     judge_specs: Sequence[str] | None = None,
     *,
+    primary_judge: str | None = None,
     threeway="auto",
     out_dir: str | os.PathLike | None = None,
     judge_kwargs: dict | None = None,
 ) -> dict:
     """Re-run the judges over a stored run (no generation), recompute the summary and rewrite the outputs.
 
-    ``judge_specs`` defaults to the judges of the original config. Output goes back to ``results_dir`` unless
+    ``judge_specs`` defaults to the judges of the original config, ``primary_judge`` to its primary judge setting
+    (checked against the judges that run, before any is loaded). Output goes back to ``results_dir`` unless
     ``out_dir`` is given.
     """
     results = load_results(results_dir)
     specs = list(judge_specs) if judge_specs is not None else list(results["config"].get("judges", ["keyword"]))
     results["config"]["judges"] = specs
-    config = EvalConfig.from_dict(results["config"])  # the stored settings, validated
+    if primary_judge is not None:
+        results["config"]["primary_judge"] = primary_judge
+    config = EvalConfig.from_dict(results["config"])  # the stored settings, validated with the new judges
     notes = results.setdefault("notes", [])
     judges = build_judges(specs, **(judge_kwargs or {}))
     if threeway == "auto":
