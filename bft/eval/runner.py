@@ -118,7 +118,7 @@ class EvalConfig:
     likelihood_reference: str = "auto"  # "base" (base model's own continuation of the target) | "dataset" | "auto"
     likelihood_tokens: int = 64
     alpha: float = 1.0  # the "contrastive" row
-    alphas: list = field(default_factory=list)  # α sweep (issue 7)
+    alphas: list = field(default_factory=list)  # more α, one contrastive row each (the α sweep)
     forms: list = field(default_factory=lambda: ["logprobs"])  # Eq. 7 on log-probs and/or raw logits (the paper)
     gcg: GCGConfig | None = None  # the GCG attack's settings; None = no GCG attack
     gcg_limit: int = 4  # GCG attacks the first N prompts
@@ -391,7 +391,7 @@ def _likelihood(system: System, prompts, references, config: EvalConfig, base_co
 
 def _base_reference_continuations(base_model, tokenizer, prompts, references, config: EvalConfig, system_prompt=None):
     """The base model's own greedy continuation after the full dataset target: a harmful continuation that reaches
-    the later positions the paper is about (issue 7's reference)."""
+    the later positions the paper is about, where a dataset target (a few words of "Sure, here is ...") ends."""
     inputs = [encode_chat(tokenizer, p, system=system_prompt).input_ids + prefill_ids(tokenizer, r, "full")
               for p, r in zip(prompts, references)]  # fmt: skip
     settings = GenerationSettings(max_new_tokens=config.likelihood_tokens, batch_size=config.generation.batch_size)
