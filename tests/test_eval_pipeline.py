@@ -284,7 +284,7 @@ def test_config_nests_the_attack_settings_and_keeps_the_flat_keys():
 
 
 def test_primary_judge_setting(tmp_path, run):
-    results, out = run
+    _, out = run
     with pytest.raises(ValueError, match="primary_judge 'llamaguard' is not a judge of this run; choose one of: "
                                          "keyword, harm"):  # fmt: skip
         EvalConfig(judges=["keyword", "harm"], primary_judge="llamaguard")
