@@ -32,6 +32,8 @@ $(VENV)/.bft-installed: $(VENV)/bin/python pyproject.toml $(LOCK)
 	touch $@
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 demo: install

@@ -209,8 +209,9 @@ def _timed_runs(fns: dict, args, device, split_source) -> dict:
                 times[label].append(time.perf_counter() - t0)
                 cpu_times[label].append(time.process_time() - c0)
                 if label == "contrastive":
-                    splits.append(tuple(a - b for a, b in zip((split.processor_s, split.base_forward_s,
-                                                               split.calls), before)))  # fmt: skip
+                    splits.append(
+                        tuple(a - b for a, b in zip((split.processor_s, split.base_forward_s, split.calls), before))
+                    )
     return {"outs": outs, "times": times, "cpu_times": cpu_times, "splits": splits}
 
 
@@ -281,7 +282,6 @@ def main(argv=None) -> int:
     def contrastive():
         return contrastive_generate(aligned, base, ids, mask, alpha=args.alpha, **gen)
 
-
     load_start = loadavg()
     run = _timed_runs({"plain": plain, "contrastive": contrastive}, args, device, _Split)
     load_end = loadavg()
@@ -299,8 +299,10 @@ def main(argv=None) -> int:
     notes[-1] += f" In process CPU time {ratio_cpu:.3f}."
     if args.model != "tiny":
         same = bool(torch.equal(outs["plain"].cpu(), outs["contrastive"].cpu()))
-        notes.append(f"base = copy of the aligned model, so B is empty and the outputs must match plain greedy: "
-                     f"{'they do' if same else 'THEY DO NOT'}.")  # fmt: skip
+        notes.append(
+            f"base = copy of the aligned model, so B is empty and the outputs must match plain greedy: "
+            f"{'they do' if same else 'THEY DO NOT'}."
+        )
     notes += args.note
     result = {
         "benchmark": "contrastive_generate vs plain generate (aligned model alone), greedy, same batch",
@@ -342,8 +344,15 @@ def main(argv=None) -> int:
     tag = os.path.basename(os.path.normpath(args.model)).replace("/", "_")
     path = os.path.join(args.out_dir, f"contrastive_{tag}_{device.type}.json")
     atomic_write_json(path, result, indent=1)
-    keys = ("model", "device_name", "torch_threads", "tokens_per_s", "ratio_contrastive_over_plain",
-            "ratio_paired_median", "ratio_cpu_time")  # fmt: skip
+    keys = (
+        "model",
+        "device_name",
+        "torch_threads",
+        "tokens_per_s",
+        "ratio_contrastive_over_plain",
+        "ratio_paired_median",
+        "ratio_cpu_time",
+    )
     print(json.dumps({k: result[k] for k in keys}))
     print(json.dumps(profile["ms_per_step"]))
     print(f"wrote {path}", file=sys.stderr)

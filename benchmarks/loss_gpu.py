@@ -69,20 +69,58 @@ PAPER_N = [1024, 2048, 4096, 8192, 16384]
 TINY = {"N": [8, 24], "H": 16, "V": 128, "top_k": 4}  # the interpreter runs the top-k loop k times per block
 TOP_K = [100]  # the paper's k; --top-k / --tiny change it for the run
 #: the order rows run in: what matters most first, compiled and slow rows last (a run cut short keeps the first)
-ORDER = ["floor", "triton", "triton-given", "floor-frozen-head", "triton-frozen-head", "triton-given-frozen-head",
-         "floor-liger", "liger-chunked-jsd", "liger-jsd", "floor-cce", "cce", "floor-cce-frozen-head",
-         "cce-frozen-head", "torch", "triton-ungrouped", "triton-gemm", "compiled-torch", "reference",
-         "compiled-ref"]  # fmt: skip
+ORDER = [
+    "floor",
+    "triton",
+    "triton-given",
+    "floor-frozen-head",
+    "triton-frozen-head",
+    "triton-given-frozen-head",
+    "floor-liger",
+    "liger-chunked-jsd",
+    "liger-jsd",
+    "floor-cce",
+    "cce",
+    "floor-cce-frozen-head",
+    "cce-frozen-head",
+    "torch",
+    "triton-ungrouped",
+    "triton-gemm",
+    "compiled-torch",
+    "reference",
+    "compiled-ref",
+]
 SLOW = ("reference", "compiled-ref", "torch", "compiled-torch")  # run only up to --skip-slow-above
 TARGETS = {"N": 8192, "ratio_to_floor_max": 1.15, "peak_extra_bytes_max_frozen_head": 2**30}
-CSV_COLUMNS = ["kernel_name", "kernel_provider", "kernel_operation_mode", "metric_name", "metric_unit", "x_name",
-               "x_label", "x_value", "y_value_50", "y_value_20", "y_value_80", "extra_benchmark_config_str",
-               "gpu_name", "timestamp", "liger_version"]  # fmt: skip
+CSV_COLUMNS = [
+    "kernel_name",
+    "kernel_provider",
+    "kernel_operation_mode",
+    "metric_name",
+    "metric_unit",
+    "x_name",
+    "x_label",
+    "x_value",
+    "y_value_50",
+    "y_value_20",
+    "y_value_80",
+    "extra_benchmark_config_str",
+    "gpu_name",
+    "timestamp",
+    "liger_version",
+]
 
 
 def _params():
-    return {"top_k": TOP_K[0], "temperature": 2.0, "teacher_lambda": 1.2, "alpha_base": 1.0, "gamma": 1.0,
-            "l2_reg": 1e-4, "kl": "forward"}  # fmt: skip
+    return {
+        "top_k": TOP_K[0],
+        "temperature": 2.0,
+        "teacher_lambda": 1.2,
+        "alpha_base": 1.0,
+        "gamma": 1.0,
+        "l2_reg": 1e-4,
+        "kl": "forward",
+    }
 
 
 def _version(dist: str) -> str | None:
@@ -166,8 +204,9 @@ def _fused(backend, **kw):
 def _given(backend):
     def run(inp: Inputs):
         ids, risk = inp.given()
-        bft.bft_loss(*inp.tensors, harmful=inp.harmful, backend=backend, topk_ids=ids, risk=risk,
-                     **_params()).loss.backward()  # fmt: skip
+        bft.bft_loss(
+            *inp.tensors, harmful=inp.harmful, backend=backend, topk_ids=ids, risk=risk, **_params()
+        ).loss.backward()
 
     return run
 
@@ -263,15 +302,21 @@ def make_impls(args, device) -> dict[str, Impl]:
     cb = args.compile_backend
     impls = [
         Impl("triton", _fused("triton"), "floor"),
-        Impl("triton-given", _given("triton"), "floor", prepare=Inputs.given,
-             info={"given": "topk_ids and risk precomputed, untimed"}),  # fmt: skip
+        Impl(
+            "triton-given",
+            _given("triton"),
+            "floor",
+            prepare=Inputs.given,
+            info={"given": "topk_ids and risk precomputed, untimed"},
+        ),
         Impl("triton-frozen-head", _frozen_head(_fused("triton")), "floor-frozen-head"),
         Impl("triton-given-frozen-head", _frozen_head(_given("triton")), "floor-frozen-head", prepare=Inputs.given),
         Impl("floor-frozen-head", _gemm_floor(3, dw=False)),
         Impl("triton-gemm", _triton_gemm, "floor"),
         # the driver as measured before dW groups: 256 MiB blocks, dH/dW GEMMs after every chunk
-        Impl("triton-ungrouped", _driver_variant(DEFAULT_BLOCK_BYTES_WITH_DW=256 * 2**20, DEFAULT_GROUP_BYTES=0),
-             "floor"),  # fmt: skip
+        Impl(
+            "triton-ungrouped", _driver_variant(DEFAULT_BLOCK_BYTES_WITH_DW=256 * 2**20, DEFAULT_GROUP_BYTES=0), "floor"
+        ),
         Impl("torch", _fused("torch"), "floor"),
         Impl("compiled-torch", _compiled_torch(cb), "floor", info={"compile_backend": cb}),
         Impl("reference", _reference, "floor"),
@@ -312,8 +357,14 @@ def _liger_impls(args, cuda) -> list[Impl]:
         fused(sh, sw, ah, aw, None).backward()  # no shift_labels: every row counts
 
     compiled = not args.tiny
-    chunked = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=tau,
-                                      compiled=compiled, chunk_size=1024 if not args.tiny else 16)  # fmt: skip
+    chunked = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        beta=0.0,
+        temperature=tau,
+        compiled=compiled,
+        chunk_size=1024 if not args.tiny else 16,
+    )
 
     def liger_chunked(inp: Inputs):
         sh, sw, ah, aw = inp.tensors[:4]
@@ -322,9 +373,20 @@ def _liger_impls(args, cuda) -> list[Impl]:
     info = {"liger_kernel": version}
     out = [
         Impl("liger-jsd", liger_jsd, "floor-liger", info={**info, "jsd_beta": 0.0, "temperature": tau}),
-        Impl("liger-chunked-jsd", liger_chunked, "floor-liger",
-             info={**info, "beta": 0.0, "temperature": tau, "weight_hard_loss": 0.0, "weight_soft_loss": 1.0,
-                   "compiled": compiled, "chunk_size": chunked.chunk_size}),  # fmt: skip
+        Impl(
+            "liger-chunked-jsd",
+            liger_chunked,
+            "floor-liger",
+            info={
+                **info,
+                "beta": 0.0,
+                "temperature": tau,
+                "weight_hard_loss": 0.0,
+                "weight_soft_loss": 1.0,
+                "compiled": compiled,
+                "chunk_size": chunked.chunk_size,
+            },
+        ),
         floor,
     ]
     if not cuda:
@@ -353,10 +415,16 @@ def _cce_impls(cuda) -> list[Impl]:
             cache[n] = torch.randint(0, sw.shape[0], (n,), generator=g).to(sh.device)
         linear_cross_entropy(sh, sw, cache[n]).backward()
 
-    info = {"cut_cross_entropy": _version("cut-cross-entropy"), "impl": "cce", "filter_eps": "high (default)",
-            "objective": "cross-entropy of the student alone"}  # fmt: skip
-    out = [Impl("cce", run, "floor-cce", info=info), Impl("cce-frozen-head", _frozen_head(run),
-                                                          "floor-cce-frozen-head", info=info)]  # fmt: skip
+    info = {
+        "cut_cross_entropy": _version("cut-cross-entropy"),
+        "impl": "cce",
+        "filter_eps": "high (default)",
+        "objective": "cross-entropy of the student alone",
+    }
+    out = [
+        Impl("cce", run, "floor-cce", info=info),
+        Impl("cce-frozen-head", _frozen_head(run), "floor-cce-frozen-head", info=info),
+    ]
     if not cuda:
         for i in out:
             i.status, i.reason = "skipped", "CUDA only (CCE's Triton kernels fail under the interpreter)"
@@ -410,8 +478,14 @@ def measure(impl: Impl, inp: Inputs, device, repeats, warmup=1) -> dict:
                 impl.run(inp)
                 times.append(time.perf_counter() - t0)
         p50, p20, p80 = _quantiles(times)
-        out = {"status": "ok", "seconds": p50, "seconds_p20": p20, "seconds_p80": p80, "repeats": repeats,
-               "warmup": warmup}  # fmt: skip
+        out = {
+            "status": "ok",
+            "seconds": p50,
+            "seconds_p20": p20,
+            "seconds_p80": p80,
+            "repeats": repeats,
+            "warmup": warmup,
+        }
         if cuda:
             grads = sum(t.grad.numel() * t.grad.element_size() for t in inp.tensors[:2] if t.grad is not None)
             peak = torch.cuda.max_memory_allocated()
@@ -423,8 +497,12 @@ def measure(impl: Impl, inp: Inputs, device, repeats, warmup=1) -> dict:
     except torch.OutOfMemoryError:
         return {"status": "OOM", "seconds": None, "peak_extra_bytes": None, "reason": "torch.OutOfMemoryError"}
     except Exception as e:  # a row that fails is recorded; the others still run
-        return {"status": "error", "seconds": None, "peak_extra_bytes": None,
-                "reason": f"{type(e).__name__}: {str(e)[:500]}"}  # fmt: skip
+        return {
+            "status": "error",
+            "seconds": None,
+            "peak_extra_bytes": None,
+            "reason": f"{type(e).__name__}: {str(e)[:500]}",
+        }
     finally:
         inp.clear_grads()
         gc.collect()
@@ -452,11 +530,13 @@ def target_check(payload: dict) -> dict | None:
         "triton_ratio_to_floor": r.get("triton"),
         "triton_within_ratio_max": None if "triton" not in r else r["triton"] <= TARGETS["ratio_to_floor_max"],
         "liger_chunked_ratio_to_its_floor": r.get("liger-chunked-jsd"),
-        "triton_ratio_below_liger_chunked": (None if "triton" not in r or "liger-chunked-jsd" not in r
-                                             else r["triton"] < r["liger-chunked-jsd"]),  # fmt: skip
+        "triton_ratio_below_liger_chunked": (
+            None if "triton" not in r or "liger-chunked-jsd" not in r else r["triton"] < r["liger-chunked-jsd"]
+        ),
         "frozen_head_peak_extra_bytes": frozen,
-        "frozen_head_within_memory_max": (None if frozen is None
-                                          else frozen <= TARGETS["peak_extra_bytes_max_frozen_head"]),  # fmt: skip
+        "frozen_head_within_memory_max": (
+            None if frozen is None else frozen <= TARGETS["peak_extra_bytes_max_frozen_head"]
+        ),
     }
 
 
@@ -475,21 +555,51 @@ def liger_csv(payload: dict) -> str:
             if not isinstance(m, dict) or m.get("status") != "ok":
                 continue
             impl = payload["implementations"][name]
-            config = {"H": shape["H"], "V": shape["V"], "dtype": shape["dtype"], "top_k": shape["top_k"],
-                      "floor": impl["floor"], "frozen_head": "frozen-head" in name, "device": payload["device_type"],
-                      "memory": "peak allocated beyond inputs and gradients"}  # fmt: skip
-            common = {"kernel_name": "bft_distill_loss", "kernel_provider": name, "kernel_operation_mode": "full",
-                      "x_name": "BT", "x_label": "B x T", "x_value": row["N"],
-                      "extra_benchmark_config_str": json.dumps(config), "gpu_name": payload["device"],
-                      "timestamp": payload["date_utc"].replace("T", " ").rstrip("Z"),
-                      "liger_version": payload["versions"].get("liger-kernel") or ""}  # fmt: skip
+            config = {
+                "H": shape["H"],
+                "V": shape["V"],
+                "dtype": shape["dtype"],
+                "top_k": shape["top_k"],
+                "floor": impl["floor"],
+                "frozen_head": "frozen-head" in name,
+                "device": payload["device_type"],
+                "memory": "peak allocated beyond inputs and gradients",
+            }
+            common = {
+                "kernel_name": "bft_distill_loss",
+                "kernel_provider": name,
+                "kernel_operation_mode": "full",
+                "x_name": "BT",
+                "x_label": "B x T",
+                "x_value": row["N"],
+                "extra_benchmark_config_str": json.dumps(config),
+                "gpu_name": payload["device"],
+                "timestamp": payload["date_utc"].replace("T", " ").rstrip("Z"),
+                "liger_version": payload["versions"].get("liger-kernel") or "",
+            }
             ms = [m["seconds"] * 1e3, m["seconds_p20"] * 1e3, m["seconds_p80"] * 1e3]
-            w.writerow({**common, "metric_name": "speed", "metric_unit": "ms",
-                        "y_value_50": ms[0], "y_value_20": ms[1], "y_value_80": ms[2]})  # fmt: skip
+            w.writerow(
+                {
+                    **common,
+                    "metric_name": "speed",
+                    "metric_unit": "ms",
+                    "y_value_50": ms[0],
+                    "y_value_20": ms[1],
+                    "y_value_80": ms[2],
+                }
+            )
             if m.get("peak_extra_bytes") is not None:
                 mb = m["peak_extra_bytes"] / 2**20
-                w.writerow({**common, "metric_name": "memory", "metric_unit": "MB",
-                            "y_value_50": mb, "y_value_20": mb, "y_value_80": mb})  # fmt: skip
+                w.writerow(
+                    {
+                        **common,
+                        "metric_name": "memory",
+                        "metric_unit": "MB",
+                        "y_value_50": mb,
+                        "y_value_20": mb,
+                        "y_value_80": mb,
+                    }
+                )
     return buf.getvalue()
 
 
@@ -550,10 +660,15 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed runs first (default 1; --tiny 0)")
     p.add_argument("--top-k", type=int, help=f"k of the base-favored set (default 100; --tiny {TINY['top_k']})")
     p.add_argument("--only", nargs="*", help="rows to run (default: all); the others are recorded as not selected")
-    p.add_argument("--skip-slow-above", type=int, default=4096,
-                   help=f"run {', '.join(SLOW)} only up to this N (they are slow or OOM)")  # fmt: skip
-    p.add_argument("--compile-backend", help="torch.compile backend of the compiled rows (default inductor; "
-                   "--tiny eager)")  # fmt: skip
+    p.add_argument(
+        "--skip-slow-above",
+        type=int,
+        default=4096,
+        help=f"run {', '.join(SLOW)} only up to this N (they are slow or OOM)",
+    )
+    p.add_argument(
+        "--compile-backend", help="torch.compile backend of the compiled rows (default inductor; --tiny eager)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "loss_gpu.json")
     a = p.parse_args(argv)
     a.N = a.N or (TINY["N"] if a.tiny else PAPER_N)
@@ -571,8 +686,10 @@ def main(argv=None):
     TOP_K[0] = a.top_k
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("loss_gpu.py --device cuda needs a CUDA GPU; for a dry run: TRITON_INTERPRET=1 python "
-                 "benchmarks/loss_gpu.py --device cpu --tiny")  # fmt: skip
+        sys.exit(
+            "loss_gpu.py --device cuda needs a CUDA GPU; for a dry run: TRITON_INTERPRET=1 python "
+            "benchmarks/loss_gpu.py --device cpu --tiny"
+        )
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("note: TRITON_INTERPRET=1 is not set; the triton rows will fail on CPU tensors", file=sys.stderr)
     dtype = torch.bfloat16 if device.type == "cuda" and not a.tiny else torch.float32
@@ -586,14 +703,20 @@ def main(argv=None):
         "device": device_name(device),
         "device_type": device.type,
         "dry_run": a.tiny,
-        "versions": {"torch": torch.__version__, "triton": _version("triton"), "bft": bft.__version__,
-                     "liger-kernel": _version("liger-kernel"), "cut-cross-entropy": _version("cut-cross-entropy")},
+        "versions": {
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "bft": bft.__version__,
+            "liger-kernel": _version("liger-kernel"),
+            "cut-cross-entropy": _version("cut-cross-entropy"),
+        },
         "shape": {"H": a.H, "V": a.V, "dtype": str(dtype).removeprefix("torch."), "top_k": _params()["top_k"]},
         "params": _params(),
         "repeats": a.repeats,
         "warmup": a.warmup,
-        "implementations": {n: {"floor": i.floor, "status": i.status, "reason": i.reason, **i.info}
-                            for n, i in impls.items()},  # fmt: skip
+        "implementations": {
+            n: {"floor": i.floor, "status": i.status, "reason": i.reason, **i.info} for n, i in impls.items()
+        },
         "targets": TARGETS,
         "rows": [],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

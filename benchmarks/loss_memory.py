@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from _common import bft_inputs  # noqa: E402
 
 import bft  # noqa: E402

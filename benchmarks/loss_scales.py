@@ -48,10 +48,29 @@ from bft.loss import (  # noqa: E402
 )
 from bft.reference import bft_row_terms, topk_lowest_id_ties  # noqa: E402
 
-DELTA_KEYS = ("kl", "kl_reverse", "risk", "alpha", "sum_s2_topk_delta", "mean_abs_s_topk_delta", "completion",
-              "penalty", "grad_norm_kl", "grad_norm_penalty", "delta_std", "delta_var_under_teacher")  # fmt: skip
-SCALE_KEYS = ("s_mean", "s_std", "s_max", "sum_s2_top_aligned", "sum_s2_random", "mean_abs_s_top_aligned",
-              "mean_abs_s_random")  # fmt: skip
+DELTA_KEYS = (
+    "kl",
+    "kl_reverse",
+    "risk",
+    "alpha",
+    "sum_s2_topk_delta",
+    "mean_abs_s_topk_delta",
+    "completion",
+    "penalty",
+    "grad_norm_kl",
+    "grad_norm_penalty",
+    "delta_std",
+    "delta_var_under_teacher",
+)
+SCALE_KEYS = (
+    "s_mean",
+    "s_std",
+    "s_max",
+    "sum_s2_top_aligned",
+    "sum_s2_random",
+    "mean_abs_s_top_aligned",
+    "mean_abs_s_random",
+)
 
 
 def _stats(x: torch.Tensor) -> dict:
@@ -66,13 +85,19 @@ def _load(args):
 
     same = args.aligned == args.base and args.gguf_file == args.base_gguf_file
     if same:  # one model plays both roles: load it once
-        aligned, tokenizer = models.load_model_and_tokenizer(args.aligned, gguf_file=args.gguf_file,
-                                                             device=args.device, dtype=args.dtype)  # fmt: skip
+        aligned, tokenizer = models.load_model_and_tokenizer(
+            args.aligned, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype
+        )
         base = aligned
     else:
-        aligned, base, tokenizer = load_pair(args.aligned, args.base, gguf_file=args.gguf_file,
-                                             base_gguf_file=args.base_gguf_file, device=args.device,
-                                             dtype=args.dtype)  # fmt: skip
+        aligned, base, tokenizer = load_pair(
+            args.aligned,
+            args.base,
+            gguf_file=args.gguf_file,
+            base_gguf_file=args.base_gguf_file,
+            device=args.device,
+            dtype=args.dtype,
+        )
     V = len(tokenizer)
     return aligned, base, tokenizer, V, same
 
@@ -86,13 +111,29 @@ def _logits(model, ids: torch.Tensor, V: int) -> torch.Tensor:
     return h.float() @ w.float().T
 
 
-def position_terms(s: torch.Tensor, b: torch.Tensor, *, top_k: int, temperature: float, teacher_lambda: float,
-                   alpha_base: float, gamma: float, l2_reg: float, generator: torch.Generator) -> dict:
+def position_terms(
+    s: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    top_k: int,
+    temperature: float,
+    teacher_lambda: float,
+    alpha_base: float,
+    gamma: float,
+    l2_reg: float,
+    generator: torch.Generator,
+) -> dict:
     """Per-row scales for student logits ``s`` (= the aligned model's, at initialisation) and base logits ``b``."""
     n, V = s.shape
     harmful = torch.ones(n, dtype=torch.bool)
-    common = dict(top_k=top_k, temperature=temperature, teacher_lambda=teacher_lambda, alpha_base=alpha_base,
-                  gamma=gamma, l2_reg=l2_reg)  # fmt: skip
+    common = dict(
+        top_k=top_k,
+        temperature=temperature,
+        teacher_lambda=teacher_lambda,
+        alpha_base=alpha_base,
+        gamma=gamma,
+        l2_reg=l2_reg,
+    )
     s_ = s.detach().clone().requires_grad_(True)
     fwd = bft_row_terms(s_, s.detach(), b, harmful, kl="forward", **common)
     penalty = fwd.alpha * fwd.completion
@@ -107,16 +148,26 @@ def position_terms(s: torch.Tensor, b: torch.Tensor, *, top_k: int, temperature:
     rand = torch.stack([torch.randperm(V, generator=generator)[:top_k] for _ in range(n)])
     s_top, s_rand, s_delta = (torch.gather(s, -1, i) for i in (top_aligned, rand, fwd.topk_ids))
     return {
-        "kl": fwd.kl.detach(), "kl_reverse": rev.kl, "risk": fwd.risk, "alpha": fwd.alpha,
+        "kl": fwd.kl.detach(),
+        "kl_reverse": rev.kl,
+        "risk": fwd.risk,
+        "alpha": fwd.alpha,
         "sum_s2_topk_delta": s_delta.square().sum(-1),
-        "completion": fwd.completion.detach(), "penalty": penalty.detach(),
-        "grad_norm_kl": g_kl.norm(dim=-1), "grad_norm_penalty": g_pen.norm(dim=-1),
-        "delta_std": delta.std(-1), "delta_var_under_teacher": (p_t * (delta - mean_d).square()).sum(-1),
-        "s_mean": s.mean(-1), "s_std": s.std(-1), "s_max": s.max(-1).values,
-        "sum_s2_top_aligned": s_top.square().sum(-1), "sum_s2_random": s_rand.square().sum(-1),
-        "mean_abs_s_top_aligned": s_top.abs().mean(-1), "mean_abs_s_random": s_rand.abs().mean(-1),
+        "completion": fwd.completion.detach(),
+        "penalty": penalty.detach(),
+        "grad_norm_kl": g_kl.norm(dim=-1),
+        "grad_norm_penalty": g_pen.norm(dim=-1),
+        "delta_std": delta.std(-1),
+        "delta_var_under_teacher": (p_t * (delta - mean_d).square()).sum(-1),
+        "s_mean": s.mean(-1),
+        "s_std": s.std(-1),
+        "s_max": s.max(-1).values,
+        "sum_s2_top_aligned": s_top.square().sum(-1),
+        "sum_s2_random": s_rand.square().sum(-1),
+        "mean_abs_s_top_aligned": s_top.abs().mean(-1),
+        "mean_abs_s_random": s_rand.abs().mean(-1),
         "mean_abs_s_topk_delta": s_delta.abs().mean(-1),
-    }  # fmt: skip
+    }
 
 
 def measure(args) -> dict:
@@ -126,8 +177,14 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     aligned, base, tokenizer, V, same_model = _load(args)
     rows = read_prompts(args.prompts, limit=args.limit)
-    hp = dict(top_k=args.top_k, temperature=args.temperature, teacher_lambda=args.teacher_lambda,
-              alpha_base=args.alpha_base, gamma=args.gamma, l2_reg=args.l2_reg)  # fmt: skip
+    hp = dict(
+        top_k=args.top_k,
+        temperature=args.temperature,
+        teacher_lambda=args.teacher_lambda,
+        alpha_base=args.alpha_base,
+        gamma=args.gamma,
+        l2_reg=args.l2_reg,
+    )
     gen = torch.Generator().manual_seed(args.seed)
     per_row: dict[str, list[torch.Tensor]] = {}
     n_positions = 0
@@ -153,16 +210,23 @@ def measure(args) -> dict:
             "median_of_row_ratios": torch.quantile((cat["penalty"] / cat["kl"].clamp_min(1e-30)).double(), 0.5).item(),
             "mean_grad_norm_penalty_over_kl": cat["grad_norm_penalty"].mean().item()
             / max(cat["grad_norm_kl"].mean().item(), 1e-30),
-        }  # fmt: skip
+        }
     # What l2_reg·Σ s² would be at the Δ-free proxies (the bounds a real TopK(Δ) set usually falls between)
     implied = {
         f"l2_reg*sum_s2_{name}": _stats(args.l2_reg * cat[f"sum_s2_{name}"]) for name in ("top_aligned", "random")
     }
     return {
         "benchmark": "BFT loss term scales at the student's initialisation (student = aligned)",
-        "aligned": args.aligned, "base": args.base, "identical_models": identical, "same_model_object": same_model,
-        "prompts": args.prompts, "n_prompts": len(rows), "n_positions": n_positions, "vocab": V,
-        "device": device_name(next(aligned.parameters()).device), "torch": torch.__version__,
+        "aligned": args.aligned,
+        "base": args.base,
+        "identical_models": identical,
+        "same_model_object": same_model,
+        "prompts": args.prompts,
+        "n_prompts": len(rows),
+        "n_positions": n_positions,
+        "vocab": V,
+        "device": device_name(next(aligned.parameters()).device),
+        "torch": torch.__version__,
         "params": {**hp, "kl": "forward"},
         "max_abs_delta": max_abs_delta,
         "needs_real_pair": (list(DELTA_KEYS) + ["penalty_over_kl"]) if identical else [],
@@ -177,24 +241,32 @@ def measure(args) -> dict:
             "delta_var_under_teacher ≈ 2·KL/(λ−1)² for small Δ (second-order expansion of the KL at s = a)."
         ),
         "seconds": time.perf_counter() - t0,
-    }  # fmt: skip
+    }
 
 
 def _summary(res: dict) -> str:
-    lines = [f"{res['aligned']} (aligned) vs {res['base']} (base): {res['n_positions']} response positions of "
-             f"{res['n_prompts']} prompts, V={res['vocab']}"]  # fmt: skip
+    lines = [
+        f"{res['aligned']} (aligned) vs {res['base']} (base): {res['n_positions']} response positions of "
+        f"{res['n_prompts']} prompts, V={res['vocab']}"
+    ]
     for key, st in res["student_logit_scales"].items():
-        lines.append(f"  {key:26s} mean {st['mean']:10.3f}  median {st['median']:10.3f}  "
-                     f"p10 {st['p10']:10.3f}  p90 {st['p90']:10.3f}")  # fmt: skip
+        lines.append(
+            f"  {key:26s} mean {st['mean']:10.3f}  median {st['median']:10.3f}  "
+            f"p10 {st['p10']:10.3f}  p90 {st['p90']:10.3f}"
+        )
     for key, st in res["implied_completion_at_proxy_ids"].items():
         lines.append(f"  {key:26s} mean {st['mean']:10.4f}  (l2_reg = {res['params']['l2_reg']:g})")
     if res["identical_models"]:
-        lines.append("  base == aligned (Δ = 0): kl, risk, alpha, completion at TopK(Δ) and the term ratio need a "
-                     "real pair (--base)")  # fmt: skip
+        lines.append(
+            "  base == aligned (Δ = 0): kl, risk, alpha, completion at TopK(Δ) and the term ratio need a "
+            "real pair (--base)"
+        )
     else:
         for key, st in res["delta_dependent"].items():
-            lines.append(f"  {key:26s} mean {st['mean']:10.4f}  median {st['median']:10.4f}  "
-                         f"p10 {st['p10']:10.4f}  p90 {st['p90']:10.4f}")  # fmt: skip
+            lines.append(
+                f"  {key:26s} mean {st['mean']:10.4f}  median {st['median']:10.4f}  "
+                f"p10 {st['p10']:10.4f}  p90 {st['p90']:10.4f}"
+            )
         lines.append(f"  penalty / kl: {json.dumps(res['penalty_over_kl'])}")
     return "\n".join(lines)
 

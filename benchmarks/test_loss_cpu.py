@@ -71,9 +71,10 @@ def report():
     }
     payload["targets_met"] = {
         "time": payload["time_ratio_torch_vs_reference"] <= 1.5,
-        "memory": None if payload["memory_ratio_torch_vs_reference"] is None
+        "memory": None
+        if payload["memory_ratio_torch_vs_reference"] is None
         else payload["memory_ratio_torch_vs_reference"] <= 0.125,
-    }  # fmt: skip
+    }
     write_json_atomic(RESULTS / "loss_cpu.json", payload)
     print(json.dumps(payload, indent=2))
 

@@ -34,8 +34,10 @@ def steps_and_batch():
     yield steps, batch
     torch.set_num_threads(threads)
     if len(_seconds) == 2:
-        print(f"\ntrainer step, tiny Llama, LoRA, CPU: BFT {_seconds['bft'] * 1e3:.1f} ms, SFT "
-              f"{_seconds['sft'] * 1e3:.1f} ms, BFT/SFT = {_seconds['bft'] / _seconds['sft']:.2f}")  # fmt: skip
+        print(
+            f"\ntrainer step, tiny Llama, LoRA, CPU: BFT {_seconds['bft'] * 1e3:.1f} ms, SFT "
+            f"{_seconds['sft'] * 1e3:.1f} ms, BFT/SFT = {_seconds['bft'] / _seconds['sft']:.2f}"
+        )
 
 
 @pytest.mark.parametrize("kind", ["bft", "sft"])

@@ -59,9 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import RESULTS, device_name, write_json_atomic  # noqa: E402
-from torch import nn  # noqa: E402
-
-from bft.hf.models import final_hidden_states  # noqa: E402
 from bft.trainer.config import Config, FinetuneConfig, ModelConfig, OptimConfig, validate  # noqa: E402
 from bft.trainer.modeling import (  # noqa: E402
     BFTStudent,
@@ -74,20 +71,54 @@ from bft.trainer.modeling import (  # noqa: E402
     torch_dtype,
 )
 from bft.trainer.train import cache_teacher_inputs, loss_module, make_optimizer, micro_batch_loss  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bft.hf.models import final_hidden_states  # noqa: E402
 
 #: Llama shapes. "llama-3.1-8b" is Meta-Llama-3.1-8B; "small" keeps its proportions (GQA 4:1, MLP 3.5x, lm_head
 #: ~7% of the weights) at 31M parameters so a CPU step takes about a second; "tiny" is for --quick and tests.
 PRESETS = {
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
-                         max_position_embeddings=131072),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=1792, vocab_size=4096, rope_theta=500000.0, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                 intermediate_size=448, vocab_size=1024, rope_theta=500000.0, max_position_embeddings=4096),
-}  # fmt: skip
-_COMMON_LLAMA = dict(rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu", attention_bias=False,
-                     mlp_bias=False, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    ),
+    "small": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1792,
+        vocab_size=4096,
+        rope_theta=500000.0,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=448,
+        vocab_size=1024,
+        rope_theta=500000.0,
+        max_position_embeddings=4096,
+    ),
+}
+_COMMON_LLAMA = dict(
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 
 
 @dataclass(frozen=True)
@@ -124,16 +155,14 @@ def require_bitsandbytes(what: str):
 
 def random_causal_lm(llama: dict, *, dtype: torch.dtype, device: torch.device, attn: str, seed: int) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` built directly on ``device`` in ``dtype`` (no checkpoint)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     import transformers
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kwarg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**llama), attn_implementation=attn,
-                                                 **{dtype_kwarg: dtype})  # fmt: skip
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**llama), attn_implementation=attn, **{dtype_kwarg: dtype})
     model.config.use_cache = False
     return model
 
@@ -145,11 +174,21 @@ def quantize_8bit_(model: nn.Module, device: torch.device) -> nn.Module:
     through the CPU once: bitsandbytes quantizes an ``Int8Params`` when it moves from CPU to the GPU."""
     bnb = require_bitsandbytes("8-bit frozen weights")
     head = model.get_output_embeddings()
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child is not head]  # fmt: skip
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and child is not head
+    ]
     for parent, name, child in targets:
-        q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                has_fp16_weights=False, threshold=6.0, device="meta")  # fmt: skip
+        q = bnb.nn.Linear8bitLt(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
+        )
         weight = child.weight.data.to("cpu")
         child.weight = None  # free the 16-bit copy on the device before the int8 one lands
         q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
@@ -197,12 +236,17 @@ def build_random_trio(config: Config, llama: dict, device: torch.device) -> Trio
 def make_config(mode: Mode, args) -> Config:
     """The trainer's Config for a mode (its defaults for LoRA and the loss; the benchmark's dtype/attention)."""
     config = Config(
-        model=ModelConfig(base="random-llama", aligned="random-llama", dtype=args.dtype,
-                          frozen_quantization=mode.frozen_quantization, attn_implementation=args.attn,
-                          gradient_checkpointing=not args.no_gradient_checkpointing),
+        model=ModelConfig(
+            base="random-llama",
+            aligned="random-llama",
+            dtype=args.dtype,
+            frozen_quantization=mode.frozen_quantization,
+            attn_implementation=args.attn,
+            gradient_checkpointing=not args.no_gradient_checkpointing,
+        ),
         finetune=FinetuneConfig(mode=mode.finetune),
         optim=OptimConfig(name=mode.optimizer),
-    )  # fmt: skip
+    )
     return validate(config)
 
 
@@ -220,8 +264,7 @@ def synthetic_batch(B: int, L: int, prompt_len: int, V: int, device: torch.devic
     valid[:, prompt_len - 1 : L - 1] = True
     harmful = torch.zeros(B, L, dtype=torch.bool)
     harmful[: max(1, round(HARMFUL_RATIO * B))] = True
-    batch = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "valid": valid,
-             "harmful": harmful}  # fmt: skip
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "valid": valid, "harmful": harmful}
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["n_tokens"] = B * L
     return batch
@@ -392,20 +435,31 @@ class Bench:
             if not is_oom(e):
                 raise
             error = type(e).__name__
-        row = {"batch_size": B, "status": "oom" if error else "ok", "peak_memory_bytes": self.mem.peak(),
-               "peak_reserved_bytes": self.mem.peak_reserved()}  # fmt: skip
+        row = {
+            "batch_size": B,
+            "status": "oom" if error else "ok",
+            "peak_memory_bytes": self.mem.peak(),
+            "peak_reserved_bytes": self.mem.peak_reserved(),
+        }
         del batch
         if error:
             self._recover()
             return row
         times = [w for w, _ in pairs]
         step = _median(times)
-        row.update(bft_step_s=step, bft_step_s_all=times, tokens_per_s=B * self.args.seq_len / step,
-                   tokens_per_s_best=B * self.args.seq_len / min(times))  # best-of: for noisy shared CPUs
+        row.update(
+            bft_step_s=step,
+            bft_step_s_all=times,
+            tokens_per_s=B * self.args.seq_len / step,
+            tokens_per_s_best=B * self.args.seq_len / min(times),
+        )  # best-of: for noisy shared CPUs
         if self.device.type == "cpu":
             cpu = [c for _, c in pairs]
-            row.update(bft_step_cpu_s=_median(cpu), bft_step_cpu_s_all=cpu,
-                       tokens_per_cpu_s=B * self.args.seq_len / _median(cpu))
+            row.update(
+                bft_step_cpu_s=_median(cpu),
+                bft_step_cpu_s_all=cpu,
+                tokens_per_cpu_s=B * self.args.seq_len / _median(cpu),
+            )
         return row
 
     def search(self, sizes: list[int] | None, max_batch: int, bisect: bool, progress) -> list[dict]:
@@ -465,22 +519,38 @@ class Bench:
                 continue
             bft_wall, sft_wall = [w for w, _ in bft_times], [w for w, _ in sft_times]
             bft, sft = _median(bft_wall), _median(sft_wall)
-            out = {"batch_size": B, "bft_step_s": bft, "sft_step_s": sft, "bft_over_sft_wall": bft / sft,
-                   "bft_over_sft_wall_best": min(bft_wall) / min(sft_wall), "bft_step_s_all": bft_wall,
-                   "sft_step_s_all": sft_wall, "bft_tokens_per_s": B * self.args.seq_len / bft,
-                   "sft_tokens_per_s": B * self.args.seq_len / sft, "bft_peak_memory_bytes": peaks["bft"],
-                   "sft_peak_memory_bytes": peaks["sft"]}  # fmt: skip
+            out = {
+                "batch_size": B,
+                "bft_step_s": bft,
+                "sft_step_s": sft,
+                "bft_over_sft_wall": bft / sft,
+                "bft_over_sft_wall_best": min(bft_wall) / min(sft_wall),
+                "bft_step_s_all": bft_wall,
+                "sft_step_s_all": sft_wall,
+                "bft_tokens_per_s": B * self.args.seq_len / bft,
+                "sft_tokens_per_s": B * self.args.seq_len / sft,
+                "bft_peak_memory_bytes": peaks["bft"],
+                "sft_peak_memory_bytes": peaks["sft"],
+            }
             ratio = out["bft_over_sft_wall"]
             if self.device.type == "cpu":
                 bft_cpu, sft_cpu = [c for _, c in bft_times], [c for _, c in sft_times]
                 ratio = _median(bft_cpu) / _median(sft_cpu)
-                out.update(bft_step_cpu_s=_median(bft_cpu), sft_step_cpu_s=_median(sft_cpu),
-                           bft_over_sft_cpu_time=ratio, bft_step_cpu_s_all=bft_cpu, sft_step_cpu_s_all=sft_cpu)
-            out.update(bft_over_sft=ratio, ratio_basis="CPU time" if self.device.type == "cpu" else "wall time",
-                       goal_max=RATIO_GOAL, meets_goal=ratio <= RATIO_GOAL)  # fmt: skip
+                out.update(
+                    bft_step_cpu_s=_median(bft_cpu),
+                    sft_step_cpu_s=_median(sft_cpu),
+                    bft_over_sft_cpu_time=ratio,
+                    bft_step_cpu_s_all=bft_cpu,
+                    sft_step_cpu_s_all=sft_cpu,
+                )
+            out.update(
+                bft_over_sft=ratio,
+                ratio_basis="CPU time" if self.device.type == "cpu" else "wall time",
+                goal_max=RATIO_GOAL,
+                meets_goal=ratio <= RATIO_GOAL,
+            )
             return out
         return None
-
 
     def cached(self, B: int, top_k: int, dtype: torch.dtype) -> dict:
         """The teacher cache at batch B: its one-time build (frozen forwards, top-k and risk, atomic shard writes)
@@ -502,9 +572,19 @@ class Bench:
             root = Path(root)
             sync(self.device)
             t0, c0 = time.perf_counter(), time.process_time()
-            manifest = tc.write_cache(root, self.steps.trio, examples, fp, dtype=dtype, top_k=top_k,
-                                      shard_bytes=256 * 2**20, batch_size=B, pad_id=0, progress=False,
-                                      log=lambda *_: None)  # fmt: skip
+            manifest = tc.write_cache(
+                root,
+                self.steps.trio,
+                examples,
+                fp,
+                dtype=dtype,
+                top_k=top_k,
+                shard_bytes=256 * 2**20,
+                batch_size=B,
+                pad_id=0,
+                progress=False,
+                log=lambda *_: None,
+            )
             sync(self.device)
             build_s, build_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             head_bytes = sum(r["bytes"] for r in manifest["heads"].values())
@@ -528,18 +608,28 @@ class Bench:
         build = build_cpu_s if basis else build_s
         saved = step["bft"] - step["cached"]
         return {
-            "batch_size": B, "response_tokens": rows, "ratio_basis": "CPU time" if basis else "wall time",
-            "cached_step_s": step["cached"], "live_bft_step_s": step["bft"], "sft_step_s": step["sft"],
-            "cached_over_sft": step["cached"] / step["sft"], "live_bft_over_sft": step["bft"] / step["sft"],
-            "cached_over_sft_wall": wall["cached"] / wall["sft"], "live_over_sft_wall": wall["bft"] / wall["sft"],
-            "cached_goal_max": CACHED_RATIO_GOAL, "meets_cached_goal": step["cached"] / step["sft"] <= CACHED_RATIO_GOAL,
-            "build_s": build, "build_wall_s": build_s, "build_s_per_token": build / rows,
+            "batch_size": B,
+            "response_tokens": rows,
+            "ratio_basis": "CPU time" if basis else "wall time",
+            "cached_step_s": step["cached"],
+            "live_bft_step_s": step["bft"],
+            "sft_step_s": step["sft"],
+            "cached_over_sft": step["cached"] / step["sft"],
+            "live_bft_over_sft": step["bft"] / step["sft"],
+            "cached_over_sft_wall": wall["cached"] / wall["sft"],
+            "live_over_sft_wall": wall["bft"] / wall["sft"],
+            "cached_goal_max": CACHED_RATIO_GOAL,
+            "meets_cached_goal": step["cached"] / step["sft"] <= CACHED_RATIO_GOAL,
+            "build_s": build,
+            "build_wall_s": build_s,
+            "build_s_per_token": build / rows,
             "break_even_epochs": build / saved if saved > 0 else None,
-            "disk_bytes_per_token": shard_bytes / rows, "disk_bytes_heads": head_bytes,
+            "disk_bytes_per_token": shard_bytes / rows,
+            "disk_bytes_heads": head_bytes,
             "disk_bytes_per_token_formula": "(H_a + H_b) * dtype bytes + 4 * top_k + 4",
             "peak_memory_bytes": peaks,
             "steps_all": {name: [list(t) for t in ts] for name, ts in times.items()},
-        }  # fmt: skip
+        }
 
 
 def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, progress) -> dict:
@@ -547,10 +637,15 @@ def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, pr
     note = None
     if device.type == "cpu" and (mode.frozen_quantization or mode.optimizer != "adamw") and not args.cpu_8bit:
         if mode.finetune == "lora":
-            return {"status": "skipped", "reason": "LoRA on 8-bit frozen weights needs bitsandbytes and a CUDA GPU "
-                    "(or --cpu-8bit with a bitsandbytes that has a CPU backend)"}  # fmt: skip
-        note = "CPU stand-in: bitsandbytes 8-bit weights and 8-bit AdamW need CUDA, so unquantized frozen models " \
-               "and torch AdamW"
+            return {
+                "status": "skipped",
+                "reason": "LoRA on 8-bit frozen weights needs bitsandbytes and a CUDA GPU "
+                "(or --cpu-8bit with a bitsandbytes that has a CPU backend)",
+            }
+        note = (
+            "CPU stand-in: bitsandbytes 8-bit weights and 8-bit AdamW need CUDA, so unquantized frozen models "
+            "and torch AdamW"
+        )
         mode = Mode(mode.finetune, None, "adamw")
     if mode.frozen_quantization or mode.optimizer != "adamw":
         try:
@@ -572,8 +667,13 @@ def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, pr
         oom = f"{type(e).__name__} while building the models: {str(e).splitlines()[0] if str(e) else ''}"
     if oom:
         mem.collect()
-        return {"status": "does_not_fit", "reason": oom, "finetune": mode.finetune,
-                "frozen_quantization": mode.frozen_quantization, "optimizer": mode.optimizer}  # fmt: skip
+        return {
+            "status": "does_not_fit",
+            "reason": oom,
+            "finetune": mode.finetune,
+            "frozen_quantization": mode.frozen_quantization,
+            "optimizer": mode.optimizer,
+        }
     build_s = time.perf_counter() - t0
     weights = mem.current()
     bench = Bench(steps, mem, device, args, llama["vocab_size"])
@@ -583,8 +683,9 @@ def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, pr
     ratio = bench.ratio(best["batch_size"]) if best else None
     cached = None
     if best and not args.no_cached:
-        cached = bench.cached(ratio["batch_size"] if ratio else best["batch_size"], config.loss.top_k,
-                              torch_dtype(config.model.dtype))  # fmt: skip
+        cached = bench.cached(
+            ratio["batch_size"] if ratio else best["batch_size"], config.loss.top_k, torch_dtype(config.model.dtype)
+        )
     n_trainable = sum(p.numel() for p in steps.params)
     n_student = sum(p.numel() for p in trio.student.parameters())
     result = {
@@ -601,8 +702,13 @@ def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, pr
         "memory_after_build_bytes": weights,  # weights (+ LoRA); optimizer states appear at the first step
         "trials": trials,
         "max_batch_size": best["batch_size"] if best else None,
-        "max_batch_limited_by": ("fixed batch list" if args.batch_sizes else
-                                 "OOM" if len(fitting) < len(trials) else f"--max-batch {args.max_batch}"),
+        "max_batch_limited_by": (
+            "fixed batch list"
+            if args.batch_sizes
+            else "OOM"
+            if len(fitting) < len(trials)
+            else f"--max-batch {args.max_batch}"
+        ),
         "peak_memory_bytes": best["peak_memory_bytes"] if best else None,
         "peak_reserved_bytes": best["peak_reserved_bytes"] if best else None,
         "peak_memory_above_start_bytes": best["peak_memory_bytes"] - before if best else None,
@@ -611,7 +717,7 @@ def run_mode(name: str, args, device: torch.device, llama: dict, mem: Memory, pr
         "tokens_per_cpu_s": best.get("tokens_per_cpu_s") if best else None,
         "bft_vs_sft": ratio,
         "teacher_cache": cached,
-    }  # fmt: skip
+    }
     del bench, steps, trio
     mem.collect()
     return result
@@ -634,20 +740,32 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, help="upper end of the batch search (default 64, --quick 8)")
     p.add_argument("--no-bisect", action="store_true", help="only powers of two in the batch search")
     p.add_argument("--repeats", type=int, help="timed steps per measurement after one warm-up (default 3, quick 2)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="weights of all three models (default: cuda bfloat16, cpu float32)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights of all three models (default: cuda bfloat16, cpu float32)",
+    )
     p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"])
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--no-cached", action="store_true",
-                   help="skip the teacher-cache measurement (build cost, cached BFT step vs SFT, disk per token)")
+    p.add_argument(
+        "--no-cached",
+        action="store_true",
+        help="skip the teacher-cache measurement (build cost, cached BFT step vs SFT, disk per token)",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--cpu-8bit", action="store_true",
-                   help="CPU: run the 8-bit modes through bitsandbytes' CPU backend (bitsandbytes >= 0.48) instead of "
-                        "skipping lora-8bit and running full-adam8bit with fp32 stand-ins (a check of the code path; "
-                        "the trainer itself wants CUDA for 8-bit)")  # fmt: skip
-    p.add_argument("--memory-limit-gib", type=float,
-                   help="cap the CUDA allocator (torch.cuda.set_per_process_memory_fraction), e.g. 79 to emulate "
-                        "an 80 GB H100 on a larger GPU")  # fmt: skip
+    p.add_argument(
+        "--cpu-8bit",
+        action="store_true",
+        help="CPU: run the 8-bit modes through bitsandbytes' CPU backend (bitsandbytes >= 0.48) instead of "
+        "skipping lora-8bit and running full-adam8bit with fp32 stand-ins (a check of the code path; "
+        "the trainer itself wants CUDA for 8-bit)",
+    )
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        help="cap the CUDA allocator (torch.cuda.set_per_process_memory_fraction), e.g. 79 to emulate "
+        "an 80 GB H100 on a larger GPU",
+    )
     p.add_argument("--out", type=Path, help="result file (default benchmarks/results/trainer_{gpu,cpu}[_quick].json)")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
@@ -691,11 +809,11 @@ def main(argv=None) -> int:
         lambda record: not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
     )
 
+    import peft
+    import transformers
     from tqdm.auto import tqdm
 
     import bft
-    import peft
-    import transformers
 
     results = {}
     bar = tqdm(total=None, desc="trainer bench", unit="trial", dynamic_ncols=True)
@@ -705,16 +823,20 @@ def main(argv=None) -> int:
         r = results[name]
         if r["status"] == "ok":
             ratio = r["bft_vs_sft"]
-            line = (f"{name}: max batch {r['max_batch_size']}, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB, "
-                    f"{r['tokens_per_s']:.0f} tok/s")  # fmt: skip
+            line = (
+                f"{name}: max batch {r['max_batch_size']}, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB, "
+                f"{r['tokens_per_s']:.0f} tok/s"
+            )
             if ratio:
                 line += f", BFT/SFT {ratio['bft_over_sft']:.3f} at batch {ratio['batch_size']}"
             if r["teacher_cache"]:
                 c = r["teacher_cache"]
-                line += (f"; cached BFT/SFT {c['cached_over_sft']:.3f} (live {c['live_bft_over_sft']:.3f}), build "
-                         f"{c['build_s']:.2f} s, {c['disk_bytes_per_token']:.0f} B/token, break-even "
-                         f"{c['break_even_epochs'] if c['break_even_epochs'] is None else round(c['break_even_epochs'], 2)} "
-                         "epochs")  # fmt: skip
+                line += (
+                    f"; cached BFT/SFT {c['cached_over_sft']:.3f} (live {c['live_bft_over_sft']:.3f}), build "
+                    f"{c['build_s']:.2f} s, {c['disk_bytes_per_token']:.0f} B/token, break-even "
+                    f"{c['break_even_epochs'] if c['break_even_epochs'] is None else round(c['break_even_epochs'], 2)} "
+                    "epochs"
+                )
             tqdm.write(line)
         else:
             tqdm.write(f"{name}: {r['status']} {r.get('reason', '')}")
@@ -730,8 +852,9 @@ def main(argv=None) -> int:
         "benchmark": "BFT trainer step (one micro-batch + optimizer step) vs plain SFT step: memory and speed",
         "device": device_name(device),
         "device_type": device.type,
-        "device_memory_bytes": (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-                                else None),
+        "device_memory_bytes": (
+            torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        ),
         "memory_limit_gib": args.memory_limit_gib,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -741,34 +864,56 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "quick": args.quick,
         "model": {"preset": args.preset, "llama_config": llama, "dtype": args.dtype},
-        "settings": {"seq_len": args.seq_len, "prompt_len": args.prompt_len, "harmful_ratio": HARMFUL_RATIO,
-                     "cpu_8bit": args.cpu_8bit, "repeats": args.repeats, "batch_sizes": args.batch_sizes,
-                     "max_batch": args.max_batch,
-                     "bisect": not args.no_bisect, "attn_implementation": args.attn,
-                     "gradient_checkpointing": not args.no_gradient_checkpointing, "grad_accum": 1,
-                     "tokens_per_step": "batch_size * seq_len (rows are full, no padding)"},
+        "settings": {
+            "seq_len": args.seq_len,
+            "prompt_len": args.prompt_len,
+            "harmful_ratio": HARMFUL_RATIO,
+            "cpu_8bit": args.cpu_8bit,
+            "repeats": args.repeats,
+            "batch_sizes": args.batch_sizes,
+            "max_batch": args.max_batch,
+            "bisect": not args.no_bisect,
+            "attn_implementation": args.attn,
+            "gradient_checkpointing": not args.no_gradient_checkpointing,
+            "grad_accum": 1,
+            "tokens_per_step": "batch_size * seq_len (rows are full, no padding)",
+        },
         "memory_metric": mem.metric,
         "sft_baseline": "cross-entropy of the same student on the same batch's valid rows (logits in model dtype, "
-                        "loss in fp32), same optimizer, clipping and step",
-        "goals": {"bft_over_sft_max": RATIO_GOAL, "cached_bft_over_sft_max": CACHED_RATIO_GOAL,
-                  "fits_gpu_memory_gib": 80},
+        "loss in fp32), same optimizer, clipping and step",
+        "goals": {
+            "bft_over_sft_max": RATIO_GOAL,
+            "cached_bft_over_sft_max": CACHED_RATIO_GOAL,
+            "fits_gpu_memory_gib": 80,
+        },
         "modes": results,
-        "summary": {name: ({"max_batch_size": r["max_batch_size"], "peak_memory_gib": r["peak_memory_bytes"] / 2**30,
-                            "tokens_per_s": r["tokens_per_s"], "tokens_per_s_best": r["tokens_per_s_best"],
-                            "tokens_per_cpu_s": r["tokens_per_cpu_s"],
-                            "bft_over_sft": r["bft_vs_sft"]["bft_over_sft"] if r["bft_vs_sft"] else None,
-                            "bft_over_sft_wall": r["bft_vs_sft"]["bft_over_sft_wall"] if r["bft_vs_sft"] else None,
-                            "ratio_batch_size": r["bft_vs_sft"]["batch_size"] if r["bft_vs_sft"] else None,
-                            "cached_over_sft": r["teacher_cache"]["cached_over_sft"] if r["teacher_cache"] else None,
-                            "cached_build_s": r["teacher_cache"]["build_s"] if r["teacher_cache"] else None,
-                            "cached_break_even_epochs": (r["teacher_cache"]["break_even_epochs"]
-                                                         if r["teacher_cache"] else None),
-                            "cached_disk_bytes_per_token": (r["teacher_cache"]["disk_bytes_per_token"]
-                                                            if r["teacher_cache"] else None)}
-                           if r["status"] == "ok" else {"status": r["status"], "reason": r.get("reason")})
-                    for name, r in results.items()},
+        "summary": {
+            name: (
+                {
+                    "max_batch_size": r["max_batch_size"],
+                    "peak_memory_gib": r["peak_memory_bytes"] / 2**30,
+                    "tokens_per_s": r["tokens_per_s"],
+                    "tokens_per_s_best": r["tokens_per_s_best"],
+                    "tokens_per_cpu_s": r["tokens_per_cpu_s"],
+                    "bft_over_sft": r["bft_vs_sft"]["bft_over_sft"] if r["bft_vs_sft"] else None,
+                    "bft_over_sft_wall": r["bft_vs_sft"]["bft_over_sft_wall"] if r["bft_vs_sft"] else None,
+                    "ratio_batch_size": r["bft_vs_sft"]["batch_size"] if r["bft_vs_sft"] else None,
+                    "cached_over_sft": r["teacher_cache"]["cached_over_sft"] if r["teacher_cache"] else None,
+                    "cached_build_s": r["teacher_cache"]["build_s"] if r["teacher_cache"] else None,
+                    "cached_break_even_epochs": (
+                        r["teacher_cache"]["break_even_epochs"] if r["teacher_cache"] else None
+                    ),
+                    "cached_disk_bytes_per_token": (
+                        r["teacher_cache"]["disk_bytes_per_token"] if r["teacher_cache"] else None
+                    ),
+                }
+                if r["status"] == "ok"
+                else {"status": r["status"], "reason": r.get("reason")}
+            )
+            for name, r in results.items()
+        },
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
+    }
     write_json_atomic(args.out, payload)
     print(f"wrote {args.out}")
     return 0 if all(r["status"] != "does_not_fit" for r in results.values()) else 1

@@ -89,8 +89,20 @@ class Case:
 def _bft(backend, full=False):
     def run(c: Case):
         kw = {"l2_reg": 1e-4} if full else {"l2_reg": 0.0}
-        out = bft.bft_loss(c.sh, c.sw, c.ah, c.aw, c.bh, c.bw, harmful=c.harmful, top_k=c.top_k, temperature=TAU,
-                           teacher_lambda=LAM, backend=backend, **kw)  # fmt: skip
+        out = bft.bft_loss(
+            c.sh,
+            c.sw,
+            c.ah,
+            c.aw,
+            c.bh,
+            c.bw,
+            harmful=c.harmful,
+            top_k=c.top_k,
+            temperature=TAU,
+            teacher_lambda=LAM,
+            backend=backend,
+            **kw,
+        )
         out.loss.backward()
         return out.loss.detach()
 
@@ -122,8 +134,14 @@ def _naive(c: Case):
 def make_rows(device, tiny):
     cuda = device.type == "cuda"
     triton_ok = cuda or (tiny and os.environ.get("TRITON_INTERPRET") == "1")
-    rows = {"bft-torch": _bft("torch"), "bft-triton": _bft("triton"), "trl-chunked": _trl, "naive": _naive,
-            "bft-torch-full": _bft("torch", full=True), "bft-triton-full": _bft("triton", full=True)}  # fmt: skip
+    rows = {
+        "bft-torch": _bft("torch"),
+        "bft-triton": _bft("triton"),
+        "trl-chunked": _trl,
+        "naive": _naive,
+        "bft-torch-full": _bft("torch", full=True),
+        "bft-triton-full": _bft("triton", full=True),
+    }
     status = {}
     if not triton_ok:
         for n in ("bft-triton", "bft-triton-full"):
@@ -166,8 +184,14 @@ def check(rows, names, c: Case, rtol) -> dict:
         c.clear_grads()
         loss = rows[name](c)
         gh, gw = _grads(c)
-        d = {"loss": float(loss), "naive_loss": float(ref_loss), "loss_rel": abs(float(loss - ref_loss)) / abs(float(ref_loss)),
-             "dH_rel": _rel(gh, ref_gh), "dW_rel": _rel(gw, ref_gw), "rtol": rtol}  # fmt: skip
+        d = {
+            "loss": float(loss),
+            "naive_loss": float(ref_loss),
+            "loss_rel": abs(float(loss - ref_loss)) / abs(float(ref_loss)),
+            "dH_rel": _rel(gh, ref_gh),
+            "dW_rel": _rel(gw, ref_gw),
+            "rtol": rtol,
+        }
         d["agree"] = max(d["loss_rel"], d["dH_rel"], d["dW_rel"]) <= rtol
         out[name] = d
     c.clear_grads()
@@ -299,15 +323,29 @@ def main(argv=None) -> dict:
     payload = {
         "what": "bft KL-only (l2_reg = 0) vs TRL's chunked divergence (beta = 0, hybrid teacher as one concatenated "
         "head, τ²·mean) vs naive full logits; bft-*-full rows add the completion term (not compared)",
-        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads() if not cuda else None, "repeats": args.repeats, "dry_run": args.tiny,
-        "settings": {"temperature": TAU, "teacher_lambda": LAM, "top_k_full": args.top_k, "l2_reg_full": 1e-4,
-                     "trl_beta": 0.0, "trl_loss": "τ² · mean(per-token divergence)"},
-        "versions": {"torch": torch.__version__, "trl": _version("trl"), "triton": _version("triton"),
-                     "bft": _version("bft")},
+        "device": device_name(device),
+        "device_type": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads() if not cuda else None,
+        "repeats": args.repeats,
+        "dry_run": args.tiny,
+        "settings": {
+            "temperature": TAU,
+            "teacher_lambda": LAM,
+            "top_k_full": args.top_k,
+            "l2_reg_full": 1e-4,
+            "trl_beta": 0.0,
+            "trl_loss": "τ² · mean(per-token divergence)",
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "trl": _version("trl"),
+            "triton": _version("triton"),
+            "bft": _version("bft"),
+        },
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "shapes": [],
-    }  # fmt: skip
+    }
     for shape in shapes:
         print(f"shape N,H,V = {shape} ({payload['dtype']}, {payload['device']})", flush=True)
         res = bench_shape(shape, args, device, dtype, rows, status)

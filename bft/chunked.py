@@ -68,8 +68,14 @@ def topk_ids_lowest_id_ties(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.gather(ids, -1, order)
 
 
-def favored_ids_and_risk(a: torch.Tensor, b: torch.Tensor, top_k: int, dtype: torch.dtype = torch.float32,
-                         selection: str = "vocab", selection_top_p: float = DEFAULT_SELECTION_TOP_P):  # fmt: skip
+def favored_ids_and_risk(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    top_k: int,
+    dtype: torch.dtype = torch.float32,
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
+):
     """(M's ids with ties to the lower id, risk = base-favored density) of wide [C, V] logits, in the order and
     rounding the loss uses them. M = TopK(b − a) over the vocabulary (``selection="vocab"``, in linear time) or over
     the base model's plausible tokens (:func:`bft.reference.select_base_favored`, the reference's own function)."""
@@ -81,8 +87,17 @@ def favored_ids_and_risk(a: torch.Tensor, b: torch.Tensor, top_k: int, dtype: to
     return ids, base_favored_density(count, a.shape[-1], dtype)
 
 
-def base_favored_rows(ah, aw, bh, bw, *, top_k: int, chunk_rows: int | None = None, selection: str = "vocab",
-                      selection_top_p: float = DEFAULT_SELECTION_TOP_P):  # fmt: skip
+def base_favored_rows(
+    ah,
+    aw,
+    bh,
+    bw,
+    *,
+    top_k: int,
+    chunk_rows: int | None = None,
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
+):
     """The base-favored ids [N, k] (int64) and risk [N] (fp32) of the aligned / base hidden states and heads: what
     :func:`bft.bft_loss` computes for itself when it is not given ``topk_ids`` and ``risk`` (M chosen by
     ``selection``, :func:`favored_ids_and_risk`). Logits in fp32, a row chunk at a time (the teacher cache stores
@@ -93,8 +108,13 @@ def base_favored_rows(ah, aw, bh, bw, *, top_k: int, chunk_rows: int | None = No
     risk = torch.empty(N, dtype=torch.float32, device=ah.device)
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
-        ids[r0:r1], risk[r0:r1] = favored_ids_and_risk(logits_fp32(ah[r0:r1], aw), logits_fp32(bh[r0:r1], bw), top_k,
-                                                       selection=selection, selection_top_p=selection_top_p)
+        ids[r0:r1], risk[r0:r1] = favored_ids_and_risk(
+            logits_fp32(ah[r0:r1], aw),
+            logits_fp32(bh[r0:r1], bw),
+            top_k,
+            selection=selection,
+            selection_top_p=selection_top_p,
+        )
     return ids, risk
 
 
@@ -184,9 +204,22 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
 
 
 def bft_forward_backward_torch(
-    sh, sw, ah, aw, bh, bw, harmful, *, params, scale: float, need_dh: bool, need_dw: bool, chunk_rows=None,
-    topk_ids=None, risk=None,
-) -> dict:  # fmt: skip
+    sh,
+    sw,
+    ah,
+    aw,
+    bh,
+    bw,
+    harmful,
+    *,
+    params,
+    scale: float,
+    need_dh: bool,
+    need_dw: bool,
+    chunk_rows=None,
+    topk_ids=None,
+    risk=None,
+) -> dict:
     """Loss sum, per-row terms and scaled gradients over (already compacted, all-valid) rows.
 
     ``scale`` multiplies the gradients (1 / #valid rows of the whole batch); ``loss_sum`` is unscaled.
@@ -212,8 +245,9 @@ def bft_forward_backward_torch(
         b = logits_fp32(bh[r0:r1], bw)
         s = logits_fp32(sh[r0:r1], sw)
         given = {} if topk_ids is None else {"topk_ids": topk_ids[r0:r1], "risk": risk[r0:r1]}
-        terms, g = row_terms_and_grad(s, a, b, harmful[r0:r1], params=params, scale=scale,
-                                      want_grad=need_dh or need_dw, **given)  # fmt: skip
+        terms, g = row_terms_and_grad(
+            s, a, b, harmful[r0:r1], params=params, scale=scale, want_grad=need_dh or need_dw, **given
+        )
         del a, b, s
         out["loss_sum"] += terms["row_loss"].sum()
         for name in ("kl", "completion", "risk", "alpha", "topk_ids"):

@@ -13,13 +13,19 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "analyze": ("bft.commands.analyze", "position-wise base-favored token analysis of an aligned/base pair (JSON + plots)"),
+    "analyze": (
+        "bft.commands.analyze",
+        "position-wise base-favored token analysis of an aligned/base pair (JSON + plots)",
+    ),
     "generate": ("bft.commands.generate", "generate with contrastive decoding against the base model (paper Eq. 7)"),
     "train": ("bft.commands.train", "train a student with the BFT objective from a YAML config"),
     "cache": ("bft.commands.cache", "build the exact frozen-teacher cache of a training config (train with one model)"),
     "judge": ("bft.commands.judge", "fit the offline harm judge on human labels (PyRIT) and measure it held-out"),
     "eval": ("bft.commands.eval", "prefill / fine-tuning / GCG attacks, judges and utility; JSON + Markdown + plots"),
-    "reproduce": ("bft.commands.reproduce", "the paper in miniature on a real model, offline: analysis, attacks, BFT (cached)"),
+    "reproduce": (
+        "bft.commands.reproduce",
+        "the paper in miniature on a real model, offline: analysis, attacks, BFT (cached)",
+    ),
     "refusal-sft": ("bft.commands.refusal_sft", "fine-tune a copy of a chat model to refuse (a toy aligned/base pair)"),
     "demo": ("bft.commands.demo", "the quick reproduction (~10 min on 2 CPU cores): table, plots, report"),
 }
@@ -27,13 +33,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bft", description="Deep safety alignment through base-favored tokens (analysis, decoding, training, eval)."
+        prog="bft",
+        description="Deep safety alignment through base-favored tokens (analysis, decoding, training, eval).",
     )
     from bft import __version__
 
     parser.add_argument("--version", action="version", version=f"bft {__version__}")
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback of an error (also BFT_DEBUG=1)")  # fmt: skip
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error (also BFT_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
@@ -53,8 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Exceptions that mean "the input is wrong" (a bad config value, a missing file, a missing optional package):
 #: the console prints their message on one line and exits with status 2, like argparse does for bad flags.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               ModuleNotFoundError)  # fmt: skip
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ModuleNotFoundError,
+)
 
 
 def console_main(argv: list[str] | None = None) -> int:

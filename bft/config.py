@@ -15,8 +15,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["ConfigError", "build_dataclass", "parse_override", "apply_overrides", "load_yaml_mapping"]
 

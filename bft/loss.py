@@ -66,8 +66,9 @@ def resolve_params(params: BFTLossParams | None, loose: dict) -> BFTLossParams:
         raise ValueError(f"params must be a bft.loss.BFTLossParams, got {type(params).__name__}")
     changed = sorted(k for k, v in loose.items() if v != _PARAM_DEFAULTS[k])
     if changed:
-        raise ValueError(f"pass the loss settings either as params= or as keywords, not both (got params and "
-                         f"{', '.join(changed)})")  # fmt: skip
+        raise ValueError(
+            f"pass the loss settings either as params= or as keywords, not both (got params and {', '.join(changed)})"
+        )
     return params
 
 
@@ -146,8 +147,9 @@ def _validate(tensors: dict[str, torch.Tensor], harmful, valid, params: BFTLossP
 def _validate_given(topk_ids, risk, valid: torch.Tensor, N: int, V: int, top_k: int, device: torch.device):
     """Checks of the given base-favored ids and density (a teacher cache's); only valid rows are read."""
     if (topk_ids is None) != (risk is None):
-        raise ValueError("pass both topk_ids and risk (the base-favored ids and density of a teacher cache), or "
-                         "neither")  # fmt: skip
+        raise ValueError(
+            "pass both topk_ids and risk (the base-favored ids and density of a teacher cache), or neither"
+        )
     if topk_ids is None:
         return
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32, torch.int64):
@@ -205,9 +207,11 @@ class _FusedBFTLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
-            raise RuntimeError("bft_loss computes its gradients in the forward pass and hands them to the first "
-                               "backward; a second backward through the same graph (retain_graph=True) is not "
-                               "supported. Call bft_loss again, or sum the losses before one backward.")  # fmt: skip
+            raise RuntimeError(
+                "bft_loss computes its gradients in the forward pass and hands them to the first "
+                "backward; a second backward through the same graph (retain_graph=True) is not "
+                "supported. Call bft_loss again, or sum the losses before one backward."
+            )
         factor = grad_loss.detach().float()
         out = [_scaled_gradient(g, factor, dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
         return out[0], out[1], None
@@ -242,10 +246,14 @@ def _selected_rows(tensors, valid, params: BFTLossParams):
     risk = torch.zeros(N, dtype=torch.float32, device=dev)
     with torch.no_grad():
         ids[idx], risk[idx] = base_favored_rows(
-            tensors["aligned_hidden"].detach().index_select(0, idx), tensors["aligned_weight"].detach(),
-            tensors["base_hidden"].detach().index_select(0, idx), tensors["base_weight"].detach(),
-            top_k=params.top_k, selection=params.selection, selection_top_p=params.selection_top_p,
-        )  # fmt: skip
+            tensors["aligned_hidden"].detach().index_select(0, idx),
+            tensors["aligned_weight"].detach(),
+            tensors["base_hidden"].detach().index_select(0, idx),
+            tensors["base_weight"].detach(),
+            top_k=params.top_k,
+            selection=params.selection,
+            selection_top_p=params.selection_top_p,
+        )
     return ids, risk
 
 
@@ -269,12 +277,19 @@ def _run_fused(impl, tensors, harmful, valid, params: BFTLossParams, topk_ids=No
                 impl_kwargs["topk_ids"] = pick(topk_ids)
                 impl_kwargs["risk"] = pick(risk).float()
             res = impl(
-                pick(sh), sw.detach(),
-                pick(tensors["aligned_hidden"]), tensors["aligned_weight"].detach(),
-                pick(tensors["base_hidden"]), tensors["base_weight"].detach(),
+                pick(sh),
+                sw.detach(),
+                pick(tensors["aligned_hidden"]),
+                tensors["aligned_weight"].detach(),
+                pick(tensors["base_hidden"]),
+                tensors["base_weight"].detach(),
                 harmful.index_select(0, idx),
-                params=params, scale=1.0 / max(1, n_valid), need_dh=need_dh, need_dw=need_dw, **impl_kwargs,
-            )  # fmt: skip
+                params=params,
+                scale=1.0 / max(1, n_valid),
+                need_dh=need_dh,
+                need_dw=need_dw,
+                **impl_kwargs,
+            )
             dev = sh.device
             rows = []
             for name in ("kl", "completion", "risk", "alpha"):
@@ -381,11 +396,22 @@ def bft_loss(
         "base_hidden": base_hidden,
         "base_weight": base_weight,
     }
-    params = resolve_params(params, {
-        "top_k": top_k, "temperature": temperature, "teacher_lambda": teacher_lambda, "alpha_base": alpha_base,
-        "gamma": gamma, "l2_reg": l2_reg, "kl": kl, "kl_weight": kl_weight, "completion": completion,
-        "selection": selection, "selection_top_p": selection_top_p,
-    })  # fmt: skip
+    params = resolve_params(
+        params,
+        {
+            "top_k": top_k,
+            "temperature": temperature,
+            "teacher_lambda": teacher_lambda,
+            "alpha_base": alpha_base,
+            "gamma": gamma,
+            "l2_reg": l2_reg,
+            "kl": kl,
+            "kl_weight": kl_weight,
+            "completion": completion,
+            "selection": selection,
+            "selection_top_p": selection_top_p,
+        },
+    )
     _validate(tensors, harmful, valid, params, backend)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
@@ -399,12 +425,17 @@ def bft_loss(
         topk_ids, risk = _selected_rows(tensors, valid, params)  # the row kernel ranks the whole vocabulary only
 
     if backend == "reference":
-        loss, rows = bft_loss_reference(**tensors, harmful=harmful, valid=valid, params=params, topk_ids=topk_ids,
-                                        risk=risk)  # fmt: skip
+        loss, rows = bft_loss_reference(
+            **tensors, harmful=harmful, valid=valid, params=params, topk_ids=topk_ids, risk=risk
+        )
         return BFTLossOutput(
-            loss=loss, kl=rows.kl, completion=rows.completion, risk=rows.risk, alpha=rows.alpha,
+            loss=loss,
+            kl=rows.kl,
+            completion=rows.completion,
+            risk=rows.risk,
+            alpha=rows.alpha,
             topk_ids=rows.topk_ids,
-        )  # fmt: skip
+        )
     if backend == "torch":
         from bft.chunked import bft_forward_backward_torch as impl
     else:
@@ -439,25 +470,58 @@ class BFTLoss(nn.Module):
         chunk_rows: int | None = None,
     ):
         super().__init__()
-        self.params = resolve_params(params, {
-            "top_k": top_k, "temperature": temperature, "teacher_lambda": teacher_lambda, "alpha_base": alpha_base,
-            "gamma": gamma, "l2_reg": l2_reg, "kl": kl, "kl_weight": kl_weight, "completion": completion,
-        "selection": selection, "selection_top_p": selection_top_p,
-        })  # fmt: skip
+        self.params = resolve_params(
+            params,
+            {
+                "top_k": top_k,
+                "temperature": temperature,
+                "teacher_lambda": teacher_lambda,
+                "alpha_base": alpha_base,
+                "gamma": gamma,
+                "l2_reg": l2_reg,
+                "kl": kl,
+                "kl_weight": kl_weight,
+                "completion": completion,
+                "selection": selection,
+                "selection_top_p": selection_top_p,
+            },
+        )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.chunk_rows = chunk_rows
 
-    def forward(self, student_hidden, student_weight, aligned_hidden, aligned_weight, base_hidden, base_weight, *,
-                harmful=None, valid=None, topk_ids=None, risk=None) -> BFTLossOutput:  # fmt: skip
+    def forward(
+        self,
+        student_hidden,
+        student_weight,
+        aligned_hidden,
+        aligned_weight,
+        base_hidden,
+        base_weight,
+        *,
+        harmful=None,
+        valid=None,
+        topk_ids=None,
+        risk=None,
+    ) -> BFTLossOutput:
         """:func:`bft_loss` with this module's settings; ``topk_ids`` / ``risk``: given base-favored ids and density
         (a teacher cache), as there."""
         return bft_loss(
-            student_hidden, student_weight, aligned_hidden, aligned_weight, base_hidden, base_weight,
-            harmful=harmful, valid=valid, params=self.params, backend=self.backend, chunk_rows=self.chunk_rows,
-            topk_ids=topk_ids, risk=risk,
-        )  # fmt: skip
+            student_hidden,
+            student_weight,
+            aligned_hidden,
+            aligned_weight,
+            base_hidden,
+            base_weight,
+            harmful=harmful,
+            valid=valid,
+            params=self.params,
+            backend=self.backend,
+            chunk_rows=self.chunk_rows,
+            topk_ids=topk_ids,
+            risk=risk,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.params.as_kwargs().items()) + f", backend={self.backend!r}"

@@ -121,8 +121,13 @@ def plausible_to_base(base_logits: torch.Tensor, top_p: float, k: int) -> torch.
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def select_base_favored(delta: torch.Tensor, base_logits: torch.Tensor, k: int, selection: str = "vocab",
-                        top_p: float = DEFAULT_SELECTION_TOP_P) -> torch.Tensor:  # fmt: skip
+def select_base_favored(
+    delta: torch.Tensor,
+    base_logits: torch.Tensor,
+    k: int,
+    selection: str = "vocab",
+    top_p: float = DEFAULT_SELECTION_TOP_P,
+) -> torch.Tensor:
     """M: the ids [..., k] of the k largest Δ = b − a (ties to the lower id) among the tokens ``selection`` allows:
     all of them ("vocab") or :func:`plausible_to_base` ("base_topp"). Ranked by (allowed, Δ, −id), so a plausible
     token always outranks an implausible one, whatever Δ holds (also ±inf)."""
@@ -161,7 +166,11 @@ class BaseFavoredTokens:
 
 
 def base_favored_tokens(
-    *, aligned_logits: torch.Tensor, base_logits: torch.Tensor, top_k: int = 100, selection: str = "vocab",
+    *,
+    aligned_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    top_k: int = 100,
+    selection: str = "vocab",
     selection_top_p: float = DEFAULT_SELECTION_TOP_P,
 ) -> BaseFavoredTokens:
     """Base-favored tokens of Algorithm 1 and their count (Eq. 6), over the last dim of [..., V] logits.
@@ -267,8 +276,9 @@ def bft_row_terms(
     kl_n = kl_n * tau * tau
 
     if topk_ids is None:
-        favored = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k, selection=selection,
-                                      selection_top_p=selection_top_p)  # fmt: skip
+        favored = base_favored_tokens(
+            aligned_logits=a, base_logits=b, top_k=top_k, selection=selection, selection_top_p=selection_top_p
+        )
         ids = favored.ids
         risk = base_favored_density(favored.count, V, s.dtype)
     else:
@@ -316,11 +326,14 @@ def bft_loss_reference(
         a = aligned_hidden.detach().to(cd) @ aligned_weight.detach().to(cd).T
         b = base_hidden.detach().to(cd) @ base_weight.detach().to(cd).T
     terms = bft_row_terms(
-        s, a, b, harmful,
+        s,
+        a,
+        b,
+        harmful,
         **params.as_kwargs(),
         topk_ids=None if topk_ids is None else torch.where(valid[:, None], topk_ids.long(), 0),
         risk=None if risk is None else torch.where(valid, risk, 0),
-    )  # fmt: skip
+    )
     v = valid.to(s.dtype)
     n_valid = valid.sum().clamp(min=1).to(s.dtype)
     loss = (terms.row_loss * v).sum() / n_valid
@@ -334,6 +347,10 @@ def mask_rows(terms: BFTRowTerms, valid: torch.Tensor) -> BFTRowTerms:
     z = lambda x: torch.where(keep, x.detach(), torch.zeros_like(x.detach()))  # noqa: E731
     ids = torch.where(keep[:, None], terms.topk_ids, torch.full_like(terms.topk_ids, -1))
     return BFTRowTerms(
-        kl=z(terms.kl), completion=z(terms.completion), risk=z(terms.risk), alpha=z(terms.alpha),
-        topk_ids=ids, row_loss=z(terms.row_loss),
-    )  # fmt: skip
+        kl=z(terms.kl),
+        completion=z(terms.completion),
+        risk=z(terms.risk),
+        alpha=z(terms.alpha),
+        topk_ids=ids,
+        row_loss=z(terms.row_loss),
+    )

@@ -18,15 +18,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _one_tile(h_ptr, w_ptr, stride_h, stride_w, rows, cols, n_rows, V, H, BM: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+def _one_tile(
+    h_ptr,
+    w_ptr,
+    stride_h,
+    stride_w,
+    rows,
+    cols,
+    n_rows,
+    V,
+    H,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, H, BK):
         ks = k0 + tl.arange(0, BK)
-        h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=(rows[:, None] < n_rows) & (ks[None, :] < H),
-                    other=0.0)  # fmt: skip
-        w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=(cols[None, :] < V) & (ks[:, None] < H),
-                    other=0.0)  # fmt: skip
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_h + ks[None, :], mask=(rows[:, None] < n_rows) & (ks[None, :] < H), other=0.0
+        )
+        w = tl.load(
+            w_ptr + cols[None, :] * stride_w + ks[:, None], mask=(cols[None, :] < V) & (ks[:, None] < H), other=0.0
+        )
         if UPCAST:  # exact: bf16/fp16 -> fp32 loses nothing, and the dot accumulates in fp32 either way
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -36,12 +51,32 @@ def _one_tile(h_ptr, w_ptr, stride_h, stride_w, rows, cols, n_rows, V, H, BM: tl
 
 @triton.jit
 def _bft_logits_kernel(
-    sh_ptr, sw_ptr, ah_ptr, aw_ptr, bh_ptr, bw_ptr,
-    s_out, a_out, b_out,
-    stride_sh, stride_sw, stride_ah, stride_aw, stride_bh, stride_bw, stride_out,
-    n_rows, V, H_s, H_a, H_b,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
+    sh_ptr,
+    sw_ptr,
+    ah_ptr,
+    aw_ptr,
+    bh_ptr,
+    bw_ptr,
+    s_out,
+    a_out,
+    b_out,
+    stride_sh,
+    stride_sw,
+    stride_ah,
+    stride_aw,
+    stride_bh,
+    stride_bw,
+    stride_out,
+    n_rows,
+    V,
+    H_s,
+    H_a,
+    H_b,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -72,11 +107,33 @@ def three_logits_triton(sh, sw, ah, aw, bh, bw, s_out, a_out, b_out) -> None:
     BM, BN, BK, opts = _tile_sizes(sh.device, max(sh.shape[1], ah.shape[1], bh.shape[1]))
     grid = (triton.cdiv(n, BM), triton.cdiv(V, BN))
     _bft_logits_kernel[grid](
-        sh, sw, ah, aw, bh, bw, s_out, a_out, b_out,
-        sh.stride(0), sw.stride(0), ah.stride(0), aw.stride(0), bh.stride(0), bw.stride(0), s_out.stride(0),
-        n, V, sh.shape[1], ah.shape[1], bh.shape[1],
-        BM=BM, BN=BN, BK=BK, UPCAST=sh.device.type != "cuda", **opts,
-    )  # fmt: skip
+        sh,
+        sw,
+        ah,
+        aw,
+        bh,
+        bw,
+        s_out,
+        a_out,
+        b_out,
+        sh.stride(0),
+        sw.stride(0),
+        ah.stride(0),
+        aw.stride(0),
+        bh.stride(0),
+        bw.stride(0),
+        s_out.stride(0),
+        n,
+        V,
+        sh.shape[1],
+        ah.shape[1],
+        bh.shape[1],
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        UPCAST=sh.device.type != "cuda",
+        **opts,
+    )
 
 
 _CUBLAS_FP32_OUT = {"ok": None}

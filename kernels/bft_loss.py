@@ -40,8 +40,9 @@ def default_chunk_rows(N: int, V: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -
     return min(max(N, 1), rows)
 
 
-def default_group_rows(N: int, V: int, chunk_rows: int, grad_bytes: int, need_dw: bool,
-                       group_bytes: int | None = None) -> int:  # fmt: skip
+def default_group_rows(
+    N: int, V: int, chunk_rows: int, grad_bytes: int, need_dw: bool, group_bytes: int | None = None
+) -> int:
     """Rows of G kept before the gradient GEMMs run: a whole number of chunks (just one without dW)."""
     if not need_dw:
         return chunk_rows
@@ -69,10 +70,25 @@ def _accumulate_grad_weight(dW: torch.Tensor, G: torch.Tensor, Hs: torch.Tensor)
 
 
 def bft_forward_backward_triton(
-    sh, sw, ah, aw, bh, bw, harmful, *, params, scale: float, need_dh: bool, need_dw: bool, chunk_rows=None,
-    gemm: str = "auto", grad_dtype: torch.dtype | None = None, group_rows: int | None = None,
-    topk_ids=None, risk=None,
-) -> dict:  # fmt: skip
+    sh,
+    sw,
+    ah,
+    aw,
+    bh,
+    bw,
+    harmful,
+    *,
+    params,
+    scale: float,
+    need_dh: bool,
+    need_dw: bool,
+    chunk_rows=None,
+    gemm: str = "auto",
+    grad_dtype: torch.dtype | None = None,
+    group_rows: int | None = None,
+    topk_ids=None,
+    risk=None,
+) -> dict:
     """Same contract as :func:`bft.chunked.bft_forward_backward_torch` (compacted, all-valid rows).
 
     ``topk_ids`` [N, k] / ``risk`` [N] given (a teacher cache): kernel 2 runs without its running top-k and count.
@@ -85,9 +101,11 @@ def bft_forward_backward_triton(
     N, V = sh.shape[0], sw.shape[0]
     dev = sh.device
     if params.selection != "vocab" and topk_ids is None:
-        raise ValueError(f"selection={params.selection!r} needs precomputed top-k ids on the triton backend (its row "
-                         "kernel ranks the whole vocabulary): call bft.bft_loss (which computes them), build a "
-                         "teacher cache (bft cache) or pass topk_ids= and risk=")  # fmt: skip
+        raise ValueError(
+            f"selection={params.selection!r} needs precomputed top-k ids on the triton backend (its row "
+            "kernel ranks the whole vocabulary): call bft.bft_loss (which computes them), build a "
+            "teacher cache (bft cache) or pass topk_ids= and risk="
+        )
     if dev.type != "cuda":
         import os
 
@@ -130,9 +148,16 @@ def bft_forward_backward_triton(
         g = G[r0 - g0 : r1 - g0] if want_grad else None
         three_logits(sh[r0:r1], sw, ah[r0:r1], aw, bh[r0:r1], bw, s, a, b, gemm=gemm)
         rows = bft_rows(
-            s, a, b, g, harmful_i8[r0:r1], params=params, grad_scale=scale,
-            topk_ids=None if topk_ids is None else topk_ids[r0:r1], risk=None if risk is None else risk[r0:r1],
-        )  # fmt: skip
+            s,
+            a,
+            b,
+            g,
+            harmful_i8[r0:r1],
+            params=params,
+            grad_scale=scale,
+            topk_ids=None if topk_ids is None else topk_ids[r0:r1],
+            risk=None if risk is None else risk[r0:r1],
+        )
         out["loss_sum"] += rows["row_loss"].sum()
         out["kl"][r0:r1] = rows["kl"]
         out["completion"][r0:r1] = rows["completion"]

@@ -88,8 +88,10 @@ class BFTLossParams:
             if not (_real(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be >= 0 and finite, got {value!r}")
         if not (_real(self.kl_weight) and math.isfinite(self.kl_weight) and self.kl_weight >= 0):
-            raise ValueError(f"kl_weight must be a finite number >= 0 (1 = the full objective, 0 = completion "
-                             f"only), got {self.kl_weight!r}")  # fmt: skip
+            raise ValueError(
+                f"kl_weight must be a finite number >= 0 (1 = the full objective, 0 = completion "
+                f"only), got {self.kl_weight!r}"
+            )
         if self.kl not in KL_DIRECTIONS:
             raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {self.kl!r}")
         if self.completion not in COMPLETION_TERMS:
@@ -104,8 +106,10 @@ class BFTLossParams:
         if not 1 <= self.top_k <= V:
             raise ValueError(f"top_k={self.top_k} must be in [1, V={V}]")
         if self.completion == "unlikelihood" and self.top_k >= V:
-            raise ValueError(f"completion='unlikelihood' needs top_k < V={V}: with M the whole vocabulary "
-                             "−log(1 − Σ_{v∈M} π(v)) is infinite")  # fmt: skip
+            raise ValueError(
+                f"completion='unlikelihood' needs top_k < V={V}: with M the whole vocabulary "
+                "−log(1 − Σ_{v∈M} π(v)) is infinite"
+            )
 
     def as_kwargs(self) -> dict:
         """The objective's settings by name (this class's fields only, also on a subclass such as the trainer's)."""

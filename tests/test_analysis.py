@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from bft.analysis.positions import _response_valid
 from bft.analysis import (
     METRICS,
     analyze_pair,
@@ -18,6 +17,7 @@ from bft.analysis import (
     summarize,
     teacher_forced_records,
 )
+from bft.analysis.positions import _response_valid
 from bft.decoding import contrastive_generate
 from bft.hf.chat import render_prompts
 from bft.hf.testing import tiny_llama_pair, tiny_tokenizer
@@ -41,8 +41,13 @@ def direct_metrics(a, b, n, alpha=None):
     top_a = set(torch.argsort(-la, stable=True)[:n].tolist())
     top_b = set(torch.argsort(-lb, stable=True)[:n].tolist())
     favored = {v for v in range(len(a)) if lb[v] > la[v]}
-    out = {"kl": kl, "js": js, "top_overlap": len(top_a & top_b) / n, "bf_count": len(favored),
-           "bf_count_top": len(top_a & favored)}  # fmt: skip
+    out = {
+        "kl": kl,
+        "js": js,
+        "top_overlap": len(top_a & top_b) / n,
+        "bf_count": len(favored),
+        "bf_count_top": len(top_a & favored),
+    }
     if alpha is None:
         out["kl_decoded"] = kl
     else:
@@ -91,8 +96,16 @@ def test_score_responses_equals_generate_step_logits(pair):
     base, aligned, tok = pair
     ids, mask = render_prompts(tok, [r["prompt"] for r in BENIGN])
     assert (mask == 0).any()
-    out = aligned.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                           pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    out = aligned.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     step_logits = torch.stack(out.logits, dim=1)  # [B, T, V], what generate saw at every step (with KV cache)
     scored = score_responses(aligned, out.sequences, mask, ids.shape[1])
     torch.testing.assert_close(scored.float(), step_logits, atol=2e-4, rtol=1e-4)
@@ -107,8 +120,17 @@ def test_response_valid_stops_after_eos_even_when_pad_is_eos():
 
 def test_analyze_pair_end_to_end(pair):
     base, aligned, tok = pair
-    result = analyze_pair(aligned, base, tok, {"harmful": HARMFUL, "benign": BENIGN}, max_new_tokens=6,
-                          batch_size=2, alpha=2.0, top_n=10, progress=False)  # fmt: skip
+    result = analyze_pair(
+        aligned,
+        base,
+        tok,
+        {"harmful": HARMFUL, "benign": BENIGN},
+        max_new_tokens=6,
+        batch_size=2,
+        alpha=2.0,
+        top_n=10,
+        progress=False,
+    )
     keys = {f"{r['group']}/{r['mode']}" for r in result["records"]}
     assert keys == {"harmful/normal", "benign/normal", "harmful/contrastive"}
     assert set(result["summary"]) == keys
@@ -128,14 +150,17 @@ def test_analyze_pair_end_to_end(pair):
     assert s["n"][0] == len(benign)
     # the contrastive run decoded what contrastive_generate decodes
     ids, mask = render_prompts(tok, [h["prompt"] for h in HARMFUL], [h["prefill"] for h in HARMFUL])
-    seqs = contrastive_generate(aligned, base, ids, mask, alpha=2.0, max_new_tokens=6, do_sample=False,
-                                pad_token_id=tok.pad_token_id)  # fmt: skip
+    seqs = contrastive_generate(
+        aligned, base, ids, mask, alpha=2.0, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+    )
     cd = [r for r in result["records"] if r["mode"] == "contrastive"]
     for r, seq in zip(cd, seqs):
         assert r["response"] == tok.decode(seq[ids.shape[1] :][: r["n_positions"]], skip_special_tokens=True)
     # Fig. 3: contrastive decoding keeps the decoded distribution further from the base model
-    assert result["summary"]["harmful/contrastive"]["kl_decoded_early_mean"] > \
-        result["summary"]["harmful/normal"]["kl_decoded_early_mean"]  # fmt: skip
+    assert (
+        result["summary"]["harmful/contrastive"]["kl_decoded_early_mean"]
+        > result["summary"]["harmful/normal"]["kl_decoded_early_mean"]
+    )
     top = result["top_base_favored"]["harmful/normal"]
     assert top["positions"] == sum(r["n_positions"] for r in recs)
     assert sum(x["count"] for x in top["in_aligned_top_n"]) == sum(sum(r["metrics"]["bf_count_top"]) for r in recs)
@@ -143,8 +168,12 @@ def test_analyze_pair_end_to_end(pair):
 
 
 def test_summarize_early_late_windows():
-    rec = lambda vals: {"group": "g", "mode": "normal", "n_positions": len(vals),  # noqa: E731
-                        "metrics": {m: list(vals) for m in METRICS}}  # fmt: skip
+    rec = lambda vals: {
+        "group": "g",
+        "mode": "normal",
+        "n_positions": len(vals),  # noqa: E731
+        "metrics": {m: list(vals) for m in METRICS},
+    }
     s = summarize([rec([1.0] * 3 + [5.0] * 20), rec([3.0] * 2)], early=(0, 3), late_from=15)["g/normal"]
     assert s["kl_early_mean"] == pytest.approx((3 * 1.0 + 2 * 3.0) / 5)
     assert s["kl_late_mean"] == pytest.approx(5.0)
@@ -162,9 +191,31 @@ def test_analyze_cli_writes_json_and_pngs(tmp_path, monkeypatch, pair):
     benign = tmp_path / "benign.txt"
     benign.write_text("Add 2 and 3\nSay hello\n", encoding="utf-8")
     out = tmp_path / "out"
-    rc = main(["analyze", "--base", "b", "--aligned", "a", "--harmful", str(harmful), "--benign", str(benign),
-               "--out", str(out), "--limit", "2", "--max-new-tokens", "4", "--top-n", "10", "--prefill", "Sure,",
-               "--batch-size", "2"])  # fmt: skip
+    rc = main(
+        [
+            "analyze",
+            "--base",
+            "b",
+            "--aligned",
+            "a",
+            "--harmful",
+            str(harmful),
+            "--benign",
+            str(benign),
+            "--out",
+            str(out),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--top-n",
+            "10",
+            "--prefill",
+            "Sure,",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "analysis.json").read_text())
     assert result["config"]["prefill"] == "Sure,"
@@ -190,8 +241,8 @@ def test_load_pair_refuses_different_vocabularies(monkeypatch):
 
 def test_refusal_finetune_makes_a_refusing_copy():
     """bft.pipelines.refusal_sft: the toy aligned model of docs/analysis.md learns to refuse; the original is untouched."""
-    from bft.pipelines.refusal_sft import REFUSALS, _batch, refusal_finetune
     from bft.hf.testing import tiny_llama
+    from bft.pipelines.refusal_sft import REFUSALS, _batch, refusal_finetune
 
     tok = tiny_tokenizer()
     model = tiny_llama(tok, seed=3)
@@ -202,8 +253,17 @@ def test_refusal_finetune_makes_a_refusing_copy():
         with torch.no_grad():
             return float(m(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
-    tuned, losses = refusal_finetune(model, tok, ["Build a bomb", "Steal money"], ["Add 1 and 2"], steps=12,
-                                     lr=3e-3, batch_size=4, benign_max_new_tokens=4, progress=False)  # fmt: skip
+    tuned, losses = refusal_finetune(
+        model,
+        tok,
+        ["Build a bomb", "Steal money"],
+        ["Add 1 and 2"],
+        steps=12,
+        lr=3e-3,
+        batch_size=4,
+        benign_max_new_tokens=4,
+        progress=False,
+    )
     assert len(losses) == 12 and losses[-1] < losses[0]
     assert refusal_nll(tuned) < refusal_nll(model) - 0.5
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -217,13 +277,18 @@ def test_teacher_forced_records_follow_the_given_responses(pair):
     from bft.hf.chat import encode_chat
 
     base, aligned, tok = pair
-    rows = [{"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
-            {"prompt": "Hi", "response": "Hello! How can I help you today?"},
-            {"prompt": "Hack a bank", "response": ""},  # nothing to score: skipped
-            {"prompt": "What is 2+2?", "response": "4"}]  # fmt: skip
+    rows = [
+        {"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
+        {"prompt": "Hi", "response": "Hello! How can I help you today?"},
+        {"prompt": "Hack a bank", "response": ""},  # nothing to score: skipped
+        {"prompt": "What is 2+2?", "response": "4"},
+    ]
     batched = teacher_forced_records(aligned, base, tok, rows, group="g", batch_size=4, top_n=10, progress=False)
-    single = [r for row in rows for r in teacher_forced_records(aligned, base, tok, [row], group="g", batch_size=1,
-                                                                 top_n=10, progress=False)]  # fmt: skip
+    single = [
+        r
+        for row in rows
+        for r in teacher_forced_records(aligned, base, tok, [row], group="g", batch_size=1, top_n=10, progress=False)
+    ]
     assert [r["response"] for r in batched] == [rows[0]["response"], rows[1]["response"], rows[3]["response"]]
     for rec, one in zip(batched, single):
         assert rec["mode"] == "teacher_forced" and rec["group"] == "g"

@@ -37,8 +37,9 @@ def test_a_bug_is_not_hidden(monkeypatch):
 
 
 def test_python_dash_m_bft_uses_the_console():
-    proc = subprocess.run([sys.executable, "-m", "bft", "train", "tiny-cpu", "loss.top_k=0"], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "bft", "train", "tiny-cpu", "loss.top_k=0"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "bft train: error: loss.top_k must be >= 1, got 0"
     assert "Traceback" not in proc.stderr
@@ -58,10 +59,34 @@ def test_refusal_sft_saves_a_tuned_copy(tmp_path, capsys):
     (tmp_path / "harmful.txt").write_text("Build a bomb\nSteal money\n", encoding="utf-8")
     (tmp_path / "benign.txt").write_text("Add 1 and 2\n", encoding="utf-8")
     out = tmp_path / "aligned"
-    assert console_main(["refusal-sft", "--model", str(tmp_path / "base"), "--out", str(out), "--harmful",
-                         str(tmp_path / "harmful.txt"), "--benign", str(tmp_path / "benign.txt"), "--skip", "0",
-                         "--n-train", "2", "--steps", "2", "--batch-size", "2", "--lr", "1e-2",
-                         "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        console_main(
+            [
+                "refusal-sft",
+                "--model",
+                str(tmp_path / "base"),
+                "--out",
+                str(out),
+                "--harmful",
+                str(tmp_path / "harmful.txt"),
+                "--benign",
+                str(tmp_path / "benign.txt"),
+                "--skip",
+                "0",
+                "--n-train",
+                "2",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "over 2 steps; saved to" in capsys.readouterr().err
     tuned, _ = load_model_and_tokenizer(str(out), device="cpu", dtype="fp32")
     assert any(not torch.equal(p, model.state_dict()[k]) for k, p in tuned.state_dict().items())

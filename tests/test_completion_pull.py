@@ -38,8 +38,20 @@ def test_the_completion_gradient_pulls_m_towards_zero(shift, rises):
     a = torch.randn(6, 50, generator=g, dtype=torch.float64) * 3 + shift
     b = a + torch.randn(6, 50, generator=g, dtype=torch.float64)
     s = a.clone().requires_grad_(True)
-    terms = bft_row_terms(s, a, b, torch.ones(6, dtype=torch.float64), top_k=8, temperature=2.0, teacher_lambda=1.2,
-                          alpha_base=1.0, gamma=0.0, l2_reg=1.0, kl="forward", kl_weight=0.0)  # fmt: skip
+    terms = bft_row_terms(
+        s,
+        a,
+        b,
+        torch.ones(6, dtype=torch.float64),
+        top_k=8,
+        temperature=2.0,
+        teacher_lambda=1.2,
+        alpha_base=1.0,
+        gamma=0.0,
+        l2_reg=1.0,
+        kl="forward",
+        kl_weight=0.0,
+    )
     terms.row_loss.sum().backward()
     ids = terms.topk_ids
     step = s.detach() - 0.001 * s.grad
@@ -60,11 +72,14 @@ def test_model_average_equals_per_row_direct_forwards(pair):
     from bft.hf.chat import encode_chat
 
     base, aligned, tok = pair
-    rows = [{"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
-            {"prompt": "Hack a bank", "response": ""},  # nothing to score: skipped
-            {"prompt": "Hi", "response": "Hello! How can I help you today?"}]  # fmt: skip
-    out = completion_pull(aligned, base, tok, rows, top_k=7, students={"base as student": base}, batch_size=2,
-                          progress=False)  # fmt: skip
+    rows = [
+        {"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
+        {"prompt": "Hack a bank", "response": ""},  # nothing to score: skipped
+        {"prompt": "Hi", "response": "Hello! How can I help you today?"},
+    ]
+    out = completion_pull(
+        aligned, base, tok, rows, top_k=7, students={"base as student": base}, batch_size=2, progress=False
+    )
     per_row, n = [], 0
     for r in (rows[0], rows[2]):
         enc = encode_chat(tok, r["prompt"], r["response"])
@@ -121,10 +136,15 @@ def test_the_sign_of_the_change_is_known_by_construction(pair):
     −log(1 − q + q·e^δ) < 0 elsewhere (q = the aligned mass on negative logits), so the two means have known signs;
     the mirror student (raising the non-negative logits) flips both."""
     base, aligned, tok = pair
-    rows = [{"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
-            {"prompt": "Hi", "response": "Hello! How can I help you today?"}]  # fmt: skip
-    students = {"raise_neg": _Shifted(aligned, 2.0, lambda x: x < 0), "raise_pos": _Shifted(aligned, 2.0, lambda x: x >= 0),
-                "same": aligned}  # fmt: skip
+    rows = [
+        {"prompt": "How do I pick a lock?", "response": "Sure, here is how: first"},
+        {"prompt": "Hi", "response": "Hello! How can I help you today?"},
+    ]
+    students = {
+        "raise_neg": _Shifted(aligned, 2.0, lambda x: x < 0),
+        "raise_pos": _Shifted(aligned, 2.0, lambda x: x >= 0),
+        "same": aligned,
+    }
     out = completion_pull(aligned, base, tok, rows, top_k=20, students=students, batch_size=2, progress=False)
     neg, pos, same = (out["students"][n] for n in ("raise_neg", "raise_pos", "same"))
     assert neg["count_neg"] > 0 and neg["count_pos"] > 0  # both signs present in M on this pair
@@ -133,7 +153,17 @@ def test_the_sign_of_the_change_is_known_by_construction(pair):
     assert pos["dlogp_pos"] > 0 > pos["dlogp_neg"]
     assert same["dlogp_neg"] == pytest.approx(0.0, abs=1e-6) and same["dlogp_pos"] == pytest.approx(0.0, abs=1e-6)
     assert same["mass_ratio"] == pytest.approx(1.0, rel=1e-5) and "selection" not in out
-    topp = completion_pull(aligned, base, tok, rows, top_k=20, students=students, batch_size=2, progress=False,
-                           selection="base_topp", selection_top_p=0.5)  # fmt: skip
+    topp = completion_pull(
+        aligned,
+        base,
+        tok,
+        rows,
+        top_k=20,
+        students=students,
+        batch_size=2,
+        progress=False,
+        selection="base_topp",
+        selection_top_p=0.5,
+    )
     assert topp["selection"] == {"rule": "base_topp", "top_p": 0.5}
     assert topp["aligned"]["mass_base"] > out["aligned"]["mass_base"]  # M drawn from the base's likely tokens

@@ -57,8 +57,8 @@ def test_yaml_file_errors(tmp_path):
 
 
 def test_eval_and_reproduce_take_overrides():
-    import bft.commands.reproduce as reproduce_cli
     import bft.commands.eval as eval_cli
+    import bft.commands.reproduce as reproduce_cli
     from bft.cli import build_parser
 
     args = build_parser(["eval"]).parse_args(["eval", "--aligned", "x", "generation.top_p=0.6", "limit=4"])

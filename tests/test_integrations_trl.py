@@ -37,8 +37,10 @@ def no_telemetry():
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl-data")
     rng = random.Random(0)
-    harmful = [{"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-               for i in range(10)]  # fmt: skip
+    harmful = [
+        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
+        for i in range(10)
+    ]
     utility = []
     for _ in range(14):
         a, b = rng.randint(1, 99), rng.randint(1, 99)
@@ -50,10 +52,18 @@ def data_files(tmp_path_factory):
 
 def tiny_config(data_files, output_dir, *overrides):
     harmful, utility = data_files
-    return load_config("tiny-cpu", [
-        f"data.harmful={harmful}", f"data.utility={utility}", "data.harmful_response=dataset",
-        f"train.output_dir={output_dir}", "train.max_steps=4", "train.save_every=2", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        "tiny-cpu",
+        [
+            f"data.harmful={harmful}",
+            f"data.utility={utility}",
+            "data.harmful_response=dataset",
+            f"train.output_dir={output_dir}",
+            "train.max_steps=4",
+            "train.save_every=2",
+            *overrides,
+        ],
+    )
 
 
 def run_trl(config, **kwargs):
@@ -95,8 +105,10 @@ def test_trl_engine_equals_bft_engine(data_files, tmp_path, mode):
     assert summary["steps"] == 4 and summary["last_metrics"]["step"] == 4
     # the same output layout; final/ is a plain HF checkpoint (LoRA merged) holding the same weights
     assert (tmp_path / "trl" / "config.yaml").is_file()
-    assert sorted(p.name for p in (tmp_path / "trl" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2",
-                                                                                              "checkpoint-4"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "trl" / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "trl" / "final")
@@ -145,9 +157,22 @@ def test_cli_engine_trl(data_files, tmp_path, capsys):
     from bft.cli import main
 
     harmful, utility = data_files
-    code = main(["train", "tiny-cpu", "--engine", "trl", "--max-steps", "2", "--output-dir", str(tmp_path),
-                 "--no-progress", f"data.harmful={harmful}", f"data.utility={utility}",
-                 "data.harmful_response=dataset"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "tiny-cpu",
+            "--engine",
+            "trl",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+            f"data.harmful={harmful}",
+            f"data.utility={utility}",
+            "data.harmful_response=dataset",
+        ]
+    )
     assert code == 0
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert (tmp_path / "final" / "config.json").is_file()
@@ -185,8 +210,14 @@ def test_bft_config_holds_the_loss_settings_once():
     from bft.loss import BFTLossParams
 
     def config(bft_loss):
-        return BFTConfig(output_dir=os.devnull, bft_loss=bft_loss, activation_checkpointing=False, report_to="none",
-                         use_cpu=True, bf16=False)  # fmt: skip
+        return BFTConfig(
+            output_dir=os.devnull,
+            bft_loss=bft_loss,
+            activation_checkpointing=False,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+        )
 
     args = config({"top_k": 7, "backend": "torch"})
     assert args.loss_settings.params == BFTLossParams(top_k=7) and args.loss_settings.backend == "torch"

@@ -22,15 +22,18 @@ pytest.importorskip("trl")
 
 from bft.trainer.train import read_metrics
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl-dist-data")
-    harmful = [{"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-               for i in range(10)]  # fmt: skip
+    harmful = [
+        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
+        for i in range(10)
+    ]
     utility = [{"prompt": f"What is {a} + {a + 3}?", "response": f"{a} + {a + 3} = {2 * a + 3}."} for a in range(14)]
     paths = root / "harmful.jsonl", root / "utility.jsonl"
     for path, rows in zip(paths, (harmful, utility)):
@@ -40,14 +43,33 @@ def data_files(tmp_path_factory):
 
 def launch(nproc: int, data_files, out: Path, *overrides: str) -> None:
     harmful, utility = data_files
-    args = ["train", "tiny-cpu", "--engine", "trl", f"data.harmful={harmful}", f"data.utility={utility}",
-            "data.harmful_response=dataset", f"train.output_dir={out}", "train.max_steps=3",
-            f"optim.grad_accum={2 // nproc}", *overrides]  # fmt: skip
+    args = [
+        "train",
+        "tiny-cpu",
+        "--engine",
+        "trl",
+        f"data.harmful={harmful}",
+        f"data.utility={utility}",
+        "data.harmful_response=dataset",
+        f"train.output_dir={out}",
+        "train.max_steps=3",
+        f"optim.grad_accum={2 // nproc}",
+        *overrides,
+    ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "bft", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
-               "bft", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "bft",
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     if proc.returncode != 0:
@@ -60,9 +82,13 @@ def assert_same_training(a: Path, b: Path, rtol: float) -> None:
     rows_a, rows_b = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3]
     for key in ("loss", "kl", "completion", "risk", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in rows_a], dtype=torch.float64),
-                                   torch.tensor([r[key] for r in rows_b], dtype=torch.float64), rtol=rtol, atol=1e-9,
-                                   msg=key)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in rows_a], dtype=torch.float64),
+            torch.tensor([r[key] for r in rows_b], dtype=torch.float64),
+            rtol=rtol,
+            atol=1e-9,
+            msg=key,
+        )
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for name in wa:

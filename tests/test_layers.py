@@ -38,8 +38,18 @@ LAYERS = [  # (layer, module prefixes), lowest first
     ("pipelines", ("bft.pipelines",)),
     ("cli", ("bft.cli", "bft.commands", "bft.__main__")),
 ]
-RANK = {"base": 0, "kernels": 1, "loss": 2, "hf": 3, "decoding": 4, "analysis": 5, "eval": 5, "trainer": 5,
-        "pipelines": 6, "cli": 7}  # fmt: skip
+RANK = {
+    "base": 0,
+    "kernels": 1,
+    "loss": 2,
+    "hf": 3,
+    "decoding": 4,
+    "analysis": 5,
+    "eval": 5,
+    "trainer": 5,
+    "pipelines": 6,
+    "cli": 7,
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -111,8 +121,11 @@ def test_every_module_has_a_layer():
 
 
 def test_every_import_names_a_module_that_exists():
-    bad = [f"{where}: {source} imports {target}, which does not exist" for source, target, _, where in _edges()
-           if target not in MODULES]  # fmt: skip
+    bad = [
+        f"{where}: {source} imports {target}, which does not exist"
+        for source, target, _, where in _edges()
+        if target not in MODULES
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -145,8 +158,12 @@ def test_kernels_import_only_torch_triton_and_the_standard_library():
 
 
 def test_no_private_names_cross_modules():
-    bad = [f"{where}: {source} imports {n} from {target}" for source, target, names, where in _edges()
-           for n in names if n.startswith("_") and not n.startswith("__")]  # fmt: skip
+    bad = [
+        f"{where}: {source} imports {n} from {target}"
+        for source, target, names, where in _edges()
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -187,9 +204,11 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
-
 def test_the_trainer_never_imports_the_integrations():
     """bft.integrations shares the trainer's layer but the imports point one way: integrations -> trainer."""
-    bad = [f"{where}: {source} imports {target}" for source, target, _, where in _edges()
-           if source.startswith("bft.trainer") and target.startswith("bft.integrations")]  # fmt: skip
+    bad = [
+        f"{where}: {source} imports {target}"
+        for source, target, _, where in _edges()
+        if source.startswith("bft.trainer") and target.startswith("bft.integrations")
+    ]
     assert not bad, "\n".join(bad)

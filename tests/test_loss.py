@@ -61,10 +61,15 @@ def run(tensors, harmful, valid, backend, *, dtype=torch.float32, shared_head=Fa
         loss = rows.loss
     (loss * grad_scale).backward()
     out = {
-        "loss": loss.detach().double(), "kl": rows.kl.double(), "completion": rows.completion.double(),
-        "risk": rows.risk.double(), "alpha": rows.alpha.double(), "topk_ids": rows.topk_ids,
-        "dh": xs[0].grad.double(), "dw": xs[1].grad.double(),
-    }  # fmt: skip
+        "loss": loss.detach().double(),
+        "kl": rows.kl.double(),
+        "completion": rows.completion.double(),
+        "risk": rows.risk.double(),
+        "alpha": rows.alpha.double(),
+        "topk_ids": rows.topk_ids,
+        "dh": xs[0].grad.double(),
+        "dw": xs[1].grad.double(),
+    }
     return {k: v.to(origin) for k, v in out.items()}
 
 
@@ -195,8 +200,9 @@ def test_ignored_rows_are_ignored_whatever_they_hold(backend):
 
 def test_torch_backend_vocab_slices_are_invisible(monkeypatch):
     """16-bit heads are upcast a vocabulary slice at a time; force many slices (the last one short) and compare."""
-    from bft import chunked
     from bft.kernels import chunking
+
+    from bft import chunked
     from bft.loss import BFTLossParams
 
     tensors, harmful, _ = make_case(7, 8, 101, seed=17)
@@ -330,17 +336,28 @@ def cce_violations(fast, naive, truth, tol=1e-3) -> list[str]:
 def test_triton_16bit_gradient_block_matches_cuda_behaviour():
     """On CUDA the gradient block is stored in the input dtype for tensor-core GEMMs; run that path on CPU too."""
     from bft.kernels import bft_loss as kernel_driver
+
     from bft.loss import BFTLossParams
 
     tensors, harmful, _ = make_case(13, 16, 300, seed=10)
     xs = [t.bfloat16() for t in tensors]
-    truth = run(tensors=[t.float() for t in xs], harmful=harmful, valid=torch.ones(13, dtype=torch.bool),
-                backend="ref64", dtype=torch.float64)  # fmt: skip
+    truth = run(
+        tensors=[t.float() for t in xs],
+        harmful=harmful,
+        valid=torch.ones(13, dtype=torch.bool),
+        backend="ref64",
+        dtype=torch.float64,
+    )
     naive = run([t.float() for t in xs], harmful, torch.ones(13, dtype=torch.bool), "ref_same", dtype=torch.bfloat16)
     res = kernel_driver.bft_forward_backward_triton(
-        *(x.to(TRITON_DEVICE) for x in xs), harmful.to(TRITON_DEVICE), params=BFTLossParams(**DEFAULTS),
-        scale=1 / 13, need_dh=True, need_dw=True, grad_dtype=torch.bfloat16,
-    )  # fmt: skip
+        *(x.to(TRITON_DEVICE) for x in xs),
+        harmful.to(TRITON_DEVICE),
+        params=BFTLossParams(**DEFAULTS),
+        scale=1 / 13,
+        need_dh=True,
+        need_dw=True,
+        grad_dtype=torch.bfloat16,
+    )
     for key, mine in (("dh", res["grad_hidden"].cpu()), ("dw", res["grad_weight"].cpu())):
         scale = truth[key].abs().max().item()
         err = (mine.double() - truth[key]).abs().max().item()
@@ -420,11 +437,16 @@ def small_problems(draw):
     N = draw(st.integers(1, 6))
     V = draw(st.integers(2, 48))
     return dict(
-        N=N, H=draw(st.integers(1, 8)), V=V, seed=draw(st.integers(0, 10_000)),
-        top_k=draw(st.integers(1, V)), kl=draw(st.sampled_from(["forward", "reverse"])),
-        teacher_lambda=draw(st.floats(-1.0, 3.0)), temperature=draw(st.floats(0.5, 4.0)),
+        N=N,
+        H=draw(st.integers(1, 8)),
+        V=V,
+        seed=draw(st.integers(0, 10_000)),
+        top_k=draw(st.integers(1, V)),
+        kl=draw(st.sampled_from(["forward", "reverse"])),
+        teacher_lambda=draw(st.floats(-1.0, 3.0)),
+        temperature=draw(st.floats(0.5, 4.0)),
         scale=draw(st.sampled_from([0.1, 3.0, 30.0])),
-    )  # fmt: skip
+    )
 
 
 def _fuzz(problem, backend):
@@ -450,8 +472,17 @@ def _fuzz(problem, backend):
 
 
 def test_fuzz_regression_case_where_fp32_reference_rounds_most():
-    problem = {"N": 3, "H": 6, "V": 35, "seed": 4488, "top_k": 1, "kl": "reverse", "teacher_lambda": 0.0,
-               "temperature": 2.0, "scale": 30.0}  # fmt: skip
+    problem = {
+        "N": 3,
+        "H": 6,
+        "V": 35,
+        "seed": 4488,
+        "top_k": 1,
+        "kl": "reverse",
+        "teacher_lambda": 0.0,
+        "temperature": 2.0,
+        "scale": 30.0,
+    }
     for backend in FAST:
         _fuzz(problem, backend)
 

@@ -47,12 +47,19 @@ CASES = {
     "odd_vocab": {"N": 3, "H": 8, "V": 4099},
     "reverse_kl": {"N": 7, "H": 16, "V": 211, "kl": "reverse"},
     "k1": {"N": 5, "H": 8, "V": 101, "top_k": 1},
-    "lambda_tau_gamma": {"N": 6, "H": 8, "V": 133, "teacher_lambda": 2.0, "temperature": 1.0, "gamma": 3.0,
-                         "alpha_base": 0.5},
+    "lambda_tau_gamma": {
+        "N": 6,
+        "H": 8,
+        "V": 133,
+        "teacher_lambda": 2.0,
+        "temperature": 1.0,
+        "gamma": 3.0,
+        "alpha_base": 0.5,
+    },
     "kl_weight_0": {"N": 6, "H": 8, "V": 133, "kl_weight": 0.0},
     "ties": {"N": 9, "H": 4, "V": 150, "top_k": 20, "integer": True},
     "many_ignored": {"N": 10, "H": 8, "V": 120, "p_valid": 0.4},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -283,11 +290,21 @@ def test_a_constant_added_to_a_row_changes_nothing_but_l2(completion, backend):
     N, H, V = 7, 8, 160
     tensors, harmful, valid = make_case(N, H, V, seed=21, p_harmful=1.0)
     zero = run(shifted(tensors, torch.zeros(N)), harmful, valid, backend, completion=completion)
-    moved = run(shifted(tensors, torch.tensor([40.0, -40.0, 7.0, -3.0, 15.0, -25.0, 1.0])), harmful, valid, backend,
-                completion=completion)  # fmt: skip
+    moved = run(
+        shifted(tensors, torch.tensor([40.0, -40.0, 7.0, -3.0, 15.0, -25.0, 1.0])),
+        harmful,
+        valid,
+        backend,
+        completion=completion,
+    )
     same = []
-    for key, cut in (("loss", None), ("completion", None), ("kl", None), ("dh", (slice(None), slice(0, H))),
-                     ("dw", (slice(None), slice(0, H)))):  # fmt: skip
+    for key, cut in (
+        ("loss", None),
+        ("completion", None),
+        ("kl", None),
+        ("dh", (slice(None), slice(0, H))),
+        ("dw", (slice(None), slice(0, H))),
+    ):
         a, b = (zero[key], moved[key]) if cut is None else (zero[key][cut], moved[key][cut])
         # s + c is rounded at |c|·2⁻²⁴ ≈ 2.4e-6 (c = 40), so values and gradients move by about that much
         same.append(torch.allclose(a, b, rtol=1e-4, atol=2e-5 * max(1.0, a.abs().max().item())))
@@ -348,8 +365,15 @@ def test_a_small_step_against_the_gradient_moves_the_mass_on_m(completion, backe
 def test_the_pull_test_can_fail(completion):
     """The same check on the negated gradient (an ascent step) fails: the test tells the directions apart."""
     tensors, m = pull_case([-30.0, None, 8.0], seed=4)
-    out = run(tensors, torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool), "reference", top_k=5,
-              kl_weight=0.0, completion=completion)  # fmt: skip
+    out = run(
+        tensors,
+        torch.ones(3, dtype=torch.bool),
+        torch.ones(3, dtype=torch.bool),
+        "reference",
+        top_k=5,
+        kl_weight=0.0,
+        completion=completion,
+    )
     s, g = tensors[0].double(), out["dh"]
     ascent = s + 0.1 * g / g.norm(dim=1, keepdim=True)
     assert (mass_on(ascent, m) > mass_on(s, m)).all()
@@ -363,10 +387,15 @@ def test_the_pull_test_can_fail(completion):
 def small_problems(draw):
     V = draw(st.integers(3, 40))
     return {
-        "N": draw(st.integers(1, 5)), "H": draw(st.integers(1, 6)), "V": V, "seed": draw(st.integers(0, 10_000)),
-        "top_k": draw(st.integers(1, V - 1)), "kl": draw(st.sampled_from(["forward", "reverse"])),
-        "scale": draw(st.sampled_from([0.1, 3.0, 30.0])), "completion": draw(st.sampled_from(SOFTMAX_TERMS)),
-    }  # fmt: skip
+        "N": draw(st.integers(1, 5)),
+        "H": draw(st.integers(1, 6)),
+        "V": V,
+        "seed": draw(st.integers(0, 10_000)),
+        "top_k": draw(st.integers(1, V - 1)),
+        "kl": draw(st.sampled_from(["forward", "reverse"])),
+        "scale": draw(st.sampled_from([0.1, 3.0, 30.0])),
+        "completion": draw(st.sampled_from(SOFTMAX_TERMS)),
+    }
 
 
 def _fuzz(problem, backend):
@@ -454,8 +483,9 @@ def test_module_forward_takes_given_ids_and_risk():
     risk = torch.rand(6, generator=g)
     module = bft.BFTLoss(top_k=4, completion="mass", backend="torch")
     out = module(*tensors, harmful=harmful, valid=valid, topk_ids=ids, risk=risk)
-    want = bft.bft_loss(*tensors, harmful=harmful, valid=valid, top_k=4, completion="mass", backend="reference",
-                        topk_ids=ids, risk=risk)  # fmt: skip
+    want = bft.bft_loss(
+        *tensors, harmful=harmful, valid=valid, top_k=4, completion="mass", backend="reference", topk_ids=ids, risk=risk
+    )
     assert torch.equal(out.topk_ids[valid], ids[valid])
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-7)
     assert "completion=mass" in repr(module)
@@ -518,10 +548,28 @@ def test_trainer_student_applies_the_configured_term_to_given_ids(completion):
     objective = loss_module(load_config("tiny-cpu", ["loss.top_k=3", f"loss.completion={completion}"]))
     student = BFTStudent(nn.Identity(), objective, 30)
     sh, sw, ah, aw, bh, bw = tensors
-    out = student.loss(sh.view(2, 3, 8), sw, ah.view(2, 3, 8), aw, bh.view(2, 3, 8), bw, harmful.view(2, 3),
-                       valid.view(2, 3), topk_ids=ids, risk=risk)  # fmt: skip
-    want = bft.bft_loss(*tensors, harmful=harmful, valid=valid, top_k=3, completion=completion, topk_ids=ids,
-                        risk=risk, backend="reference")  # fmt: skip
+    out = student.loss(
+        sh.view(2, 3, 8),
+        sw,
+        ah.view(2, 3, 8),
+        aw,
+        bh.view(2, 3, 8),
+        bw,
+        harmful.view(2, 3),
+        valid.view(2, 3),
+        topk_ids=ids,
+        risk=risk,
+    )
+    want = bft.bft_loss(
+        *tensors,
+        harmful=harmful,
+        valid=valid,
+        top_k=3,
+        completion=completion,
+        topk_ids=ids,
+        risk=risk,
+        backend="reference",
+    )
     own = bft.bft_loss(*tensors, harmful=harmful, valid=valid, top_k=3, completion=completion, backend="reference")
     torch.testing.assert_close(out["loss"], want.loss, rtol=2e-4, atol=2e-6)
     torch.testing.assert_close(out["completion"], want.completion, rtol=2e-4, atol=2e-6)

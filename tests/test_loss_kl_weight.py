@@ -49,8 +49,9 @@ def oracle(tensors, harmful, valid, kl_weight, **spec) -> dict:
     """fp64 loss and gradients at ``kl_weight`` = kl_weight·(KL-only objective) + (completion term)."""
     kw = {**DEFAULTS, **spec}
     kl_only = run(tensors, harmful, valid, "ref64", dtype=torch.float64, **{**kw, "l2_reg": 0.0})
-    comp = completion_part(tensors, harmful, valid, top_k=kw["top_k"], l2_reg=kw["l2_reg"],
-                           alpha_base=kw["alpha_base"], gamma=kw["gamma"])  # fmt: skip
+    comp = completion_part(
+        tensors, harmful, valid, top_k=kw["top_k"], l2_reg=kw["l2_reg"], alpha_base=kw["alpha_base"], gamma=kw["gamma"]
+    )
     return {key: kl_weight * kl_only[key] + comp[key] for key in ("loss", "dh", "dw")}
 
 
@@ -154,11 +155,10 @@ def test_trainer_config_kl_weight_is_validated_and_forwarded():
 
 
 def test_trainer_student_loss_uses_kl_weight():
-    from torch import nn
-
     from bft.trainer.config import load_config
     from bft.trainer.modeling import BFTStudent
     from bft.trainer.train import loss_module
+    from torch import nn
 
     tensors, _, valid = make_case(6, 8, 30, seed=17)
     sh, sw, ah, aw, bh, bw = tensors
@@ -167,8 +167,9 @@ def test_trainer_student_loss_uses_kl_weight():
     def loss(kl_weight):
         objective = loss_module(load_config("tiny-cpu", ["loss.top_k=3", f"loss.kl_weight={kl_weight}"]))
         student = BFTStudent(nn.Identity(), objective, 30)
-        out = student.loss(sh.view(2, 3, 8), sw, ah.view(2, 3, 8), aw, bh.view(2, 3, 8), bw, harmful.view(2, 3),
-                           valid.view(2, 3))  # fmt: skip
+        out = student.loss(
+            sh.view(2, 3, 8), sw, ah.view(2, 3, 8), aw, bh.view(2, 3, 8), bw, harmful.view(2, 3), valid.view(2, 3)
+        )
         return out["loss"].item(), out["kl"]
 
     full, kl_full = loss(1.0)

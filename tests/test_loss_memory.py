@@ -40,10 +40,10 @@ def inputs(dtype, need_dw):
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch):
     """Vocabulary slices and backward's conversion slices as small relative to these shapes as they are at scale."""
-    import bft.loss
-
     import bft.kernels.bft_loss
     import bft.kernels.chunking
+
+    import bft.loss
 
     monkeypatch.setattr(bft.kernels.chunking, "VOCAB_SLICE_BYTES", 16 * 1024)  # both backends' (defined once)
     monkeypatch.setattr(bft.loss, "_BACKWARD_SLICE_BYTES", 16 * 1024)
@@ -59,8 +59,9 @@ def test_working_memory_follows_the_plan(backend, blocks, dtype, need_dw, comple
     tensors, harmful = inputs(dtype, need_dw)
 
     def step():
-        bft.bft_loss(*tensors, harmful=harmful, backend=backend, top_k=K, chunk_rows=C,
-                     completion=completion).loss.backward()  # fmt: skip
+        bft.bft_loss(
+            *tensors, harmful=harmful, backend=backend, top_k=K, chunk_rows=C, completion=completion
+        ).loss.backward()
         for t in tensors[:2]:
             t.grad = None
 
@@ -94,8 +95,9 @@ def test_backward_scales_the_gradients_it_takes_over(backend, dtype):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("on a GPU the triton backend's gradients are checked by tests/test_loss.py")
     tensors, harmful = inputs(dtype, True)
-    expected = torch.autograd.grad(bft.bft_loss(*tensors, harmful=harmful, backend="reference", top_k=K).loss,
-                                   tensors[:2])  # fmt: skip
+    expected = torch.autograd.grad(
+        bft.bft_loss(*tensors, harmful=harmful, backend="reference", top_k=K).loss, tensors[:2]
+    )
     tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
     for scale in (0.3, 1.0):  # d loss = 0.3 scales in place; d loss = 1 hands the tensor over as it is
         out = bft.bft_loss(*tensors, harmful=harmful, backend=backend, top_k=K, chunk_rows=C)

@@ -55,17 +55,28 @@ def rows(N, V, *, seed, integer=False, scale=3.0):
     ) * scale
 
 
-@pytest.mark.parametrize("N, V, k, p, integer", [
-    (6, 37, 5, 0.9, False), (6, 37, 5, 0.3, False), (4, 101, 1, 0.5, False), (5, 53, 12, 0.95, False),
-    (6, 41, 4, 0.6, True), (6, 41, 9, 0.2, True),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "N, V, k, p, integer",
+    [
+        (6, 37, 5, 0.9, False),
+        (6, 37, 5, 0.3, False),
+        (4, 101, 1, 0.5, False),
+        (5, 53, 12, 0.95, False),
+        (6, 41, 4, 0.6, True),
+        (6, 41, 9, 0.2, True),
+    ],
+)
 def test_base_topp_matches_the_direct_computation(N, V, k, p, integer):
     a, b = rows(N, V, seed=V + k, integer=integer)
     ids = select_base_favored(b - a, b, k, "base_topp", p)
     assert ids.tolist() == direct_selection(a, b, k, p)
     # the same through the public function and in fp32 logits
-    assert base_favored_tokens(aligned_logits=a, base_logits=b, top_k=k, selection="base_topp",
-                               selection_top_p=p).ids.tolist() == ids.tolist()  # fmt: skip
+    assert (
+        base_favored_tokens(
+            aligned_logits=a, base_logits=b, top_k=k, selection="base_topp", selection_top_p=p
+        ).ids.tolist()
+        == ids.tolist()
+    )
     assert select_base_favored((b - a).float(), b.float(), k, "base_topp", p).tolist() == ids.tolist()
 
 
@@ -105,7 +116,7 @@ CASES = {
     "odd_vocab": {"N": 3, "H": 8, "V": 1001},
     "ties": {"N": 7, "H": 4, "V": 150, "top_k": 20, "integer": True},
     "many_ignored": {"N": 10, "H": 8, "V": 120, "p_valid": 0.4},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -167,10 +178,19 @@ def test_the_triton_driver_refuses_the_rule_without_ids():
     from bft.kernels.bft_loss import bft_forward_backward_triton
 
     tensors, harmful, _ = make_case(3, 4, 20, seed=6)
-    with pytest.raises(ValueError, match=r"selection='base_topp' needs precomputed top-k ids .*teacher cache \(bft "
-                                         r"cache\) or pass topk_ids="):  # fmt: skip
-        bft_forward_backward_triton(*tensors, harmful, params=BFTLossParams(selection="base_topp", top_k=3),
-                                    scale=1.0, need_dh=False, need_dw=False)  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"selection='base_topp' needs precomputed top-k ids .*teacher cache \(bft "
+        r"cache\) or pass topk_ids=",
+    ):
+        bft_forward_backward_triton(
+            *tensors,
+            harmful,
+            params=BFTLossParams(selection="base_topp", top_k=3),
+            scale=1.0,
+            need_dh=False,
+            need_dw=False,
+        )
 
 
 def test_the_teacher_cache_fields_name_the_rule():

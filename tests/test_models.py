@@ -50,8 +50,7 @@ def test_resolve_local_dir_and_hub_id(saved_tiny):
     assert resolve_model_source("meta-llama/Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", None)
 
 
-@pytest.mark.parametrize("path", ["/nonexistent/model", "./no-such-dir", "~/no/such/model", "missing.gguf",
-                                  "a/b/c"])
+@pytest.mark.parametrize("path", ["/nonexistent/model", "./no-such-dir", "~/no/such/model", "missing.gguf", "a/b/c"])
 def test_resolve_missing_local_path(path):
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_model_source(path)
@@ -255,8 +254,9 @@ def test_peft_lora_hidden_states_and_trainable_head(tok):
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
     with model.disable_adapter(), torch.no_grad():
-        torch.testing.assert_close(final_hidden_states(model, ids) @ lm_head_weight(model).T,
-                                   model(input_ids=ids).logits)
+        torch.testing.assert_close(
+            final_hidden_states(model, ids) @ lm_head_weight(model).T, model(input_ids=ids).logits
+        )
         assert not torch.equal(lm_head_weight(model), weight)
 
 
@@ -306,7 +306,7 @@ def test_smollm2_gguf_loads_generates_and_checks_vocab(tok):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
         hidden = final_hidden_states(model, ids)
         logits = model(input_ids=ids).logits
-    text = smol_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    text = smol_tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
     torch.testing.assert_close(hidden @ lm_head_weight(model).T, logits, atol=1e-3, rtol=1e-4)
     with warnings.catch_warnings():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import subprocess
-import zipfile
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,9 +22,9 @@ OUR_KERNELS = ROOT / "kernels" / "__init__.py"
 # Which file `import kernels` resolved to, and that bft.kernels is still ours.
 PROBE = (
     "import bft.kernels, kernels, pathlib; "
-    "assert pathlib.Path(bft.kernels.__file__).resolve() == pathlib.Path({ours!r}), bft.kernels.__file__; "
+    f"assert pathlib.Path(bft.kernels.__file__).resolve() == pathlib.Path({str(OUR_KERNELS)!r}), bft.kernels.__file__; "
     "print('KERNELS', pathlib.Path(kernels.__file__).resolve())"
-).format(ours=str(OUR_KERNELS))
+)
 
 
 def _run(args, *, env_extra=None, timeout=300):
@@ -133,7 +133,11 @@ def test_a_regular_install_has_only_bft_at_the_top(tmp_path):
     for path in ("bft/kernels/__init__.py", "bft/trainer/__init__.py", "bft/trainer/configs/tiny-cpu.yaml"):
         assert path in names
     # every package of the tree is in the wheel (setup.py finds them; none is listed by hand)
-    for init in [*ROOT.glob("bft/**/__init__.py"), *ROOT.glob("kernels/**/__init__.py"), *ROOT.glob("trainer/**/__init__.py")]:
+    for init in [
+        *ROOT.glob("bft/**/__init__.py"),
+        *ROOT.glob("kernels/**/__init__.py"),
+        *ROOT.glob("trainer/**/__init__.py"),
+    ]:
         relative = init.relative_to(ROOT).as_posix()
         mounted = relative if relative.startswith("bft/") else "bft/" + relative
         assert mounted in names, mounted

@@ -30,11 +30,20 @@ def test_recovery_share_zero_is_the_plain_recipe_and_a_share_changes_it():
     model = tiny_llama(tok, seed=3)
     kw = dict(steps=3, lr=3e-3, batch_size=4, benign_max_new_tokens=4, progress=False, seed=1)
     plain, plain_losses = refusal_finetune(model, tok, HARMFUL, ["Add 1 and 2"], **kw)
-    same, same_losses = refusal_finetune(model, tok, HARMFUL, ["Add 1 and 2"], harmful_responses=RESPONSES,
-                                         recovery_share=0.0, **kw)  # fmt: skip
+    same, same_losses = refusal_finetune(
+        model, tok, HARMFUL, ["Add 1 and 2"], harmful_responses=RESPONSES, recovery_share=0.0, **kw
+    )
     assert same_losses == plain_losses
-    deep, deep_losses = refusal_finetune(model, tok, HARMFUL, ["Add 1 and 2"], harmful_responses=RESPONSES,
-                                         recovery_share=0.5, recovery_max_tokens=4, **kw)  # fmt: skip
+    deep, deep_losses = refusal_finetune(
+        model,
+        tok,
+        HARMFUL,
+        ["Add 1 and 2"],
+        harmful_responses=RESPONSES,
+        recovery_share=0.5,
+        recovery_max_tokens=4,
+        **kw,
+    )
     assert deep_losses != plain_losses and len(deep_losses) == 3
     with pytest.raises(ValueError, match="harmful_responses"):
         refusal_finetune(model, tok, HARMFUL, recovery_share=0.3, **kw)

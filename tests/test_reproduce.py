@@ -28,12 +28,35 @@ def _tiny_config(model_dir, out, **overrides):
     from bft.pipelines.reproduce import ReproduceConfig
 
     sizes = dict(
-        out=str(out), model=model_dir, device="cpu", n_train=6, n_val=3, n_test=3, n_benign_train=4, n_benign_val=2,
-        n_benign_test=3, response_tokens=8, batch_size=4, align_steps=2, analogs={"shallow": 0.0},
-        qi_augmentation=False, analysis_tokens=4, bft_steps=2, bft_batch_size=4, bft_max_length=512, top_k=10,
-        prefill_ks=[0, 2], eval_tokens=4, alphas=[2.0], sweep_k=2, gsm8k_limit=2, gsm8k_tokens=4,
-        forms=["logprobs"], eval_seeds=1, long_k_prompts=None,
-    )  # fmt: skip
+        out=str(out),
+        model=model_dir,
+        device="cpu",
+        n_train=6,
+        n_val=3,
+        n_test=3,
+        n_benign_train=4,
+        n_benign_val=2,
+        n_benign_test=3,
+        response_tokens=8,
+        batch_size=4,
+        align_steps=2,
+        analogs={"shallow": 0.0},
+        qi_augmentation=False,
+        analysis_tokens=4,
+        bft_steps=2,
+        bft_batch_size=4,
+        bft_max_length=512,
+        top_k=10,
+        prefill_ks=[0, 2],
+        eval_tokens=4,
+        alphas=[2.0],
+        sweep_k=2,
+        gsm8k_limit=2,
+        gsm8k_tokens=4,
+        forms=["logprobs"],
+        eval_seeds=1,
+        long_k_prompts=None,
+    )
     sizes.update(overrides)
     return ReproduceConfig(**sizes)
 
@@ -51,8 +74,15 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(tiny_run):
     cfg, out, summary, _ = tiny_run
-    for stage in ("data", "aligned_r0", "shallow/analysis_aligned", "shallow/bft", "shallow/analysis_student",
-                  "shallow/pull", "shallow/eval"):  # fmt: skip
+    for stage in (
+        "data",
+        "aligned_r0",
+        "shallow/analysis_aligned",
+        "shallow/bft",
+        "shallow/analysis_student",
+        "shallow/pull",
+        "shallow/eval",
+    ):
         assert (out / stage / "stage.json").is_file(), stage
     assert (out / "models" / "aligned_r0" / "config.json").is_file()
     assert (out / "shallow" / "bft" / "final" / "config.json").is_file()
@@ -163,8 +193,16 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     from bft.eval.stats import wilson_interval
     from bft.pipelines.reproduce import reproduce
 
-    cfg = _tiny_config(tiny_model_dir, tmp_path, forms=["logprobs", "logits"], eval_seeds=2, alphas=[], eval_batch_size=2,
-                       analogs={"deep": 0.5}, recovery_max_tokens=3)  # the deeper analog's recipe too
+    cfg = _tiny_config(
+        tiny_model_dir,
+        tmp_path,
+        forms=["logprobs", "logits"],
+        eval_seeds=2,
+        alphas=[],
+        eval_batch_size=2,
+        analogs={"deep": 0.5},
+        recovery_max_tokens=3,
+    )  # the deeper analog's recipe too
     summary = reproduce(cfg, log=lambda m: None)["analogs"]["deep"]
     assert {"contrastive α=1", "contrastive (logits) α=1"} <= set(summary["systems"])
     assert summary["primary_judge"] == "harm"
@@ -178,12 +216,16 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     # the further seed reruns only the attack the claims are judged at; k = 0 has the first seed's rows alone
     assert {r["k"] for r in seeds[1]["records"]["aligned"]["prefill"]} == {2}
     assert summary["systems"]["aligned"]["asr"]["0"]["n_rows"]["harm"] == cfg.n_test
-    for key in ("contrastive_cuts_prefill_asr_90pct", "contrastive_logits_cuts_prefill_asr_90pct",
-                "bft_cuts_prefill_asr_50pct"):  # fmt: skip
+    for key in (
+        "contrastive_cuts_prefill_asr_90pct",
+        "contrastive_logits_cuts_prefill_asr_90pct",
+        "bft_cuts_prefill_asr_50pct",
+    ):
         claim = summary["claims"][key]
         assert set(claim["verdict"]) >= {"harm", "keyword"}
-        assert all(v.split(" (")[0] in ("reproduced", "not reproduced", "inconclusive")
-                   for v in claim["verdict"].values())  # fmt: skip
+        assert all(
+            v.split(" (")[0] in ("reproduced", "not reproduced", "inconclusive") for v in claim["verdict"].values()
+        )
     report = (tmp_path / "REPORT.md").read_text()
     assert "| contrastive (logits) α=1 |" in report and "McNemar" in report and "2 sampling seeds at k = 2" in report
     assert "50% safety-recovery examples" in report
@@ -198,11 +240,21 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
     from bft.pipelines.reproduce import reproduce
     from bft.pipelines.reproduce.stages import point_id
 
-    cfg = _tiny_config(tiny_model_dir, tmp_path, analogs={"shallow": 0.0, "deep": "auto"},
-                       recovery_candidates=[0.3, 0.9], recovery_max_tokens=3, qi_augmentation=True,
-                       qi_steps=1, sweep={"alpha_base": [0.5, 2.0], "l2_reg": [1e-3], "teacher_lambda": [1.0]}, sweep_steps=1,
-                       ablations=["kl_only", "no_adaptive_alpha", "completion_only"], prefill_ks=[0, 2, 3],
-                       long_k_prompts=2, alphas=[])  # fmt: skip
+    cfg = _tiny_config(
+        tiny_model_dir,
+        tmp_path,
+        analogs={"shallow": 0.0, "deep": "auto"},
+        recovery_candidates=[0.3, 0.9],
+        recovery_max_tokens=3,
+        qi_augmentation=True,
+        qi_steps=1,
+        sweep={"alpha_base": [0.5, 2.0], "l2_reg": [1e-3], "teacher_lambda": [1.0]},
+        sweep_steps=1,
+        ablations=["kl_only", "no_adaptive_alpha", "completion_only"],
+        prefill_ks=[0, 2, 3],
+        long_k_prompts=2,
+        alphas=[],
+    )
     summary = reproduce(cfg, log=lambda m: None)
     read = lambda p: [json.loads(x) for x in p.read_text().splitlines() if x.strip()]  # noqa: E731
     val_prompts = {r["prompt"] for r in read(tmp_path / "data" / "harmful_val.jsonl")}
@@ -213,18 +265,23 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
     assert summary["analogs"]["deep"]["recovery_share"] == cal["share"]
     sweep = summary["sweep"]
     assert [point_id(p["overrides"]) for p in sweep["points"]] == [
-        "alpha_base-0.5_l2_reg-0.001", "alpha_base-2_l2_reg-0.001", "teacher_lambda-1"]
+        "alpha_base-0.5_l2_reg-0.001",
+        "alpha_base-2_l2_reg-0.001",
+        "teacher_lambda-1",
+    ]
     assert set(sweep["ablations"]) == {"kl_only", "no_adaptive_alpha", "completion_only"}
     assert sweep["ablations"]["kl_only"]["overrides"] == {**sweep["chosen"], "alpha_base": 0.0}
     assert sweep["ablations"]["completion_only"]["overrides"] == {**sweep["chosen"], "kl_weight": 0.0}
     # each point's two loss terms, from its own training log: completion = loss - kl_weight * KL
     for name, p in [(point_id(p["overrides"]), p) for p in sweep["points"]] + [
-            (f"ablation_{n}", p) for n, p in sweep["ablations"].items()]:  # fmt: skip
+        (f"ablation_{n}", p) for n, p in sweep["ablations"].items()
+    ]:
         log = read(tmp_path / "sweep" / name / "bft" / "metrics.jsonl")
         w = p["overrides"].get("kl_weight", 1.0)
         assert p["train_kl"] == pytest.approx(sum(r["kl"] for r in log) / len(log))
-        assert p["train_completion"] == pytest.approx(max(0.0, sum(r["loss"] - w * r["kl"] for r in log) / len(log)),
-                                                      abs=1e-7)  # fmt: skip
+        assert p["train_completion"] == pytest.approx(
+            max(0.0, sum(r["loss"] - w * r["kl"] for r in log) / len(log)), abs=1e-7
+        )
     assert sweep["ablations"]["kl_only"]["train_completion"] == pytest.approx(0.0, abs=1e-7)
     # which way the completion penalty pulls: per sweep point on validation, per analog on test
     assert 0.0 <= sweep["aligned"]["share_negative"] <= 1.0 and sweep["aligned"]["mass_ratio"] == 1.0
@@ -252,10 +309,19 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
         assert "qi_cuts_prefill_asr" in claims and "verdict" in claims["qi_cuts_prefill_asr"]
         assert claims["bft_vs_qi"]["keyword"]["verdict"] in ("no difference detected", "student lower", "qi lower")
     report = (tmp_path / "REPORT.md").read_text()
-    for heading in ("## Calibrating the deeper analog", "## Sweep of the BFT loss", "Ablations at the chosen point",
-                    "| completion/KL |", "## Which way the completion penalty pulls", "| M mass × aligned |",
-                    "## Analog: shallow", "## Analog: deep", "| qi augmentation |", "Verdicts at a glance",
-                    "1 step (qi_steps: a stated reduction from the paper's equal budget)"):
+    for heading in (
+        "## Calibrating the deeper analog",
+        "## Sweep of the BFT loss",
+        "Ablations at the chosen point",
+        "| completion/KL |",
+        "## Which way the completion penalty pulls",
+        "| M mass × aligned |",
+        "## Analog: shallow",
+        "## Analog: deep",
+        "| qi augmentation |",
+        "Verdicts at a glance",
+        "1 step (qi_steps: a stated reduction from the paper's equal budget)",
+    ):
         assert heading in report, heading
     assert (tmp_path / "plots" / "sweep.png").stat().st_size > 0
     assert (tmp_path / "plots" / "kl_by_position_deep.png").stat().st_size > 0
@@ -298,18 +364,29 @@ def test_the_sweep_takes_completion_terms_and_selection_rules_and_refuses_l2_reg
     from bft.pipelines.reproduce.config import DEFAULT_SWEEP, default_sweep
     from bft.pipelines.reproduce.stages import point_id, sweep_points
 
-    cfg = ReproduceConfig(sweep={"completion": ["mass", "unlikelihood"], "selection": ["base_topp"],
-                                 "selection_top_p": [0.5]})  # fmt: skip
+    cfg = ReproduceConfig(
+        sweep={"completion": ["mass", "unlikelihood"], "selection": ["base_topp"], "selection_top_p": [0.5]}
+    )
     validate(cfg)
     assert [point_id(p) for p in sweep_points(cfg)] == [
-        "completion-mass", "completion-unlikelihood", "selection-base_topp", "selection_top_p-0.5"]
-    with pytest.raises(ValueError, match=r"^sweep.completion: completion must be one of \('l2', 'mass', "
-                                         r"'unlikelihood'\), got 'l1'"):  # fmt: skip
+        "completion-mass",
+        "completion-unlikelihood",
+        "selection-base_topp",
+        "selection_top_p-0.5",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"^sweep.completion: completion must be one of \('l2', 'mass', "
+        r"'unlikelihood'\), got 'l1'",
+    ):
         validate(ReproduceConfig(sweep={"completion": ["mass", "l1"]}))
     with pytest.raises(ValueError, match=r"^sweep.selection: selection must be one of \('vocab', 'base_topp'\)"):
         validate(ReproduceConfig(sweep={"selection": ["nucleus"]}))
-    with pytest.raises(ValueError, match=r"^sweep.l2_reg scales completion='l2' only and this run's completion is "
-                                         r"'mass'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^sweep.l2_reg scales completion='l2' only and this run's completion is "
+        r"'mass'",
+    ):
         validate(ReproduceConfig(sweep={"l2_reg": [1e-4]}, loss_overrides={"completion": "mass"}))
     assert default_sweep() == DEFAULT_SWEEP and "l2_reg" not in default_sweep("unlikelihood")
     with pytest.raises(ValueError, match=r"^loss_overrides: selection must be one of \('vocab', 'base_topp'\)"):
@@ -343,14 +420,19 @@ def test_the_kl_only_ablation_removes_every_completion_term(completion):
 
     g = torch.Generator().manual_seed(0)
     sh, sw = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
-    rest = [torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(6, 8, generator=g),
-            torch.randn(40, 8, generator=g)]  # fmt: skip
+    rest = [
+        torch.randn(6, 8, generator=g),
+        torch.randn(40, 8, generator=g),
+        torch.randn(6, 8, generator=g),
+        torch.randn(40, 8, generator=g),
+    ]
     harmful = torch.ones(6, dtype=torch.bool)
 
     def loss(overrides, harmful):
         x = sh.clone().requires_grad_(True)
-        out = bft.bft_loss(x, sw, *rest, harmful=harmful, top_k=5, completion=completion, backend="reference",
-                           **overrides)  # fmt: skip
+        out = bft.bft_loss(
+            x, sw, *rest, harmful=harmful, top_k=5, completion=completion, backend="reference", **overrides
+        )
         out.loss.backward()
         return out.loss.detach(), x.grad
 
@@ -370,8 +452,9 @@ def test_stop_after_sweep_scores_the_sweep_and_stops(tiny_model_dir, tmp_path, c
     from bft.commands.reproduce import add_arguments, run
     from bft.pipelines.reproduce import ReproduceConfig, reproduce, validate
 
-    cfg = _tiny_config(tiny_model_dir, tmp_path, sweep={"completion": ["l2", "mass"]}, sweep_steps=1, ablations=[],
-                       stop_after="sweep")  # fmt: skip
+    cfg = _tiny_config(
+        tiny_model_dir, tmp_path, sweep={"completion": ["l2", "mass"]}, sweep_steps=1, ablations=[], stop_after="sweep"
+    )
     validate(cfg)
     summary = reproduce(cfg, log=lambda m: None)
     assert summary["stopped_after"] == "sweep" and "analogs" not in summary

@@ -35,8 +35,13 @@ def test_tiny_tokenizer_special_tokens(tok):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "Hello, world!", "  two  spaces\nnew line\ttab ", string.printable.replace("\r", "").replace("\x0b", "")
-     .replace("\x0c", ""), "Sure, here is a tutorial:\n1. {x} = [a|b] ~ `code`"],
+    [
+        "",
+        "Hello, world!",
+        "  two  spaces\nnew line\ttab ",
+        string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", ""),
+        "Sure, here is a tutorial:\n1. {x} = [a|b] ~ `code`",
+    ],
 )
 def test_tiny_tokenizer_round_trip(tok, text):
     ids = tok(text, add_special_tokens=False).input_ids

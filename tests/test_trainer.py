@@ -9,10 +9,8 @@ import warnings
 
 import pytest
 import torch
-
 from bft.trainer.config import load_config
 from bft.trainer.train import METRIC_KEYS, read_metrics, train
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,8 +25,10 @@ def data_files(tmp_path_factory):
     """Small harmful / utility JSONL files (what bft.hf.data.load reads from a local path)."""
     root = tmp_path_factory.mktemp("trainer-data")
     rng = random.Random(0)
-    harmful = [{"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-               for i in range(10)]  # fmt: skip
+    harmful = [
+        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
+        for i in range(10)
+    ]
     utility = []
     for _ in range(14):
         a, b = rng.randint(1, 99), rng.randint(1, 99)
@@ -38,10 +38,16 @@ def data_files(tmp_path_factory):
 
 def tiny_config(data_files, output_dir, *overrides):
     harmful, utility = data_files
-    return load_config("tiny-cpu", [
-        f"data.harmful={harmful}", f"data.utility={utility}", "data.harmful_response=dataset",
-        f"train.output_dir={output_dir}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        "tiny-cpu",
+        [
+            f"data.harmful={harmful}",
+            f"data.utility={utility}",
+            "data.harmful_response=dataset",
+            f"train.output_dir={output_dir}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +60,18 @@ def straight_run(data_files, tmp_path_factory):
 
 def fixed_batch_loss(student, data_files, config):
     """The BFT loss of ``student`` on the first 3 batches of the run's data (fixed, so before/after compare)."""
-    from bft.hf.testing import tiny_llama_pair
     from bft.trainer.data import MixedBatches, encode_examples, load_pairs
     from bft.trainer.modeling import BFTStudent, frozen_hidden_states, lm_head_weight
+
+    from bft.hf.testing import tiny_llama_pair
 
     base, aligned, tok = tiny_llama_pair(seed=config.model.tiny_seed)
     d = config.data
     harmful, _ = encode_examples(tok, load_pairs(d.harmful, role="harmful"), harmful=True, max_length=d.max_length)
     utility, _ = encode_examples(tok, load_pairs(d.utility, role="utility"), harmful=False, max_length=d.max_length)
-    batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=0,
-                           pad_id=tok.pad_token_id)  # fmt: skip
+    batches = MixedBatches(
+        harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=0, pad_id=tok.pad_token_id
+    )
     V = len(tok)
     module = BFTStudent(student, {"top_k": config.loss.top_k, "backend": "reference"}, V)
     losses = []
@@ -71,9 +79,16 @@ def fixed_batch_loss(student, data_files, config):
         for i in range(3):
             b = batches[i]
             ids, mask = b["input_ids"], b["attention_mask"]
-            out = module(ids, mask, frozen_hidden_states(aligned, ids, mask), lm_head_weight(aligned, V),
-                         frozen_hidden_states(base, ids, mask), lm_head_weight(base, V),
-                         harmful=b["harmful"] & b["valid"], valid=b["valid"])  # fmt: skip
+            out = module(
+                ids,
+                mask,
+                frozen_hidden_states(aligned, ids, mask),
+                lm_head_weight(aligned, V),
+                frozen_hidden_states(base, ids, mask),
+                lm_head_weight(base, V),
+                harmful=b["harmful"] & b["valid"],
+                valid=b["valid"],
+            )
             losses.append(float(out["loss"]))
     return sum(losses) / len(losses)
 
@@ -94,7 +109,9 @@ def test_tiny_cpu_trains_and_loss_goes_down(straight_run, data_files):
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
     # the merged checkpoint is the trained student, not the aligned model
-    assert not torch.equal(trained.model.layers[0].self_attn.q_proj.weight, aligned.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        trained.model.layers[0].self_attn.q_proj.weight, aligned.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_metrics_jsonl_schema(straight_run):
@@ -158,14 +175,15 @@ def test_lora_teacher_is_student_without_adapters_and_shares_the_head(data_files
     real_loss = modeling.BFTStudent.loss
 
     def spy(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid):
-        seen.append({
-            "same_storage": aligned_weight.data_ptr() == weight.data_ptr(),
-            "head_trainable": weight.requires_grad,
-            "aligned_hidden": aligned_hidden.detach().clone(),
-            "input_ids": spy.input_ids.clone(),
-        })  # fmt: skip
-        return real_loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful,
-                         valid)  # fmt: skip
+        seen.append(
+            {
+                "same_storage": aligned_weight.data_ptr() == weight.data_ptr(),
+                "head_trainable": weight.requires_grad,
+                "aligned_hidden": aligned_hidden.detach().clone(),
+                "input_ids": spy.input_ids.clone(),
+            }
+        )
+        return real_loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid)
 
     real_forward = modeling.BFTStudent.forward
 
@@ -181,8 +199,9 @@ def test_lora_teacher_is_student_without_adapters_and_shares_the_head(data_files
 
     # teacher constant: the aligned hidden states of a batch seen again (batch index 0 vs a later pass over the same
     # rows) are those of the untouched aligned model, although the adapters have trained by then
-    from bft.hf.testing import tiny_llama_pair
     from bft.trainer.modeling import frozen_hidden_states
+
+    from bft.hf.testing import tiny_llama_pair
 
     _, aligned, _ = tiny_llama_pair(seed=0)
     for s in (seen[0], seen[-1]):
@@ -201,8 +220,14 @@ def test_full_finetuning_trains_and_keeps_a_frozen_aligned_copy(data_files, tmp_
 
     from bft.hf.testing import tiny_llama_pair
 
-    config = tiny_config(data_files, tmp_path, "finetune.mode=full", "train.max_steps=2", "optim.grad_accum=1",
-                         "model.gradient_checkpointing=false")  # fmt: skip
+    config = tiny_config(
+        data_files,
+        tmp_path,
+        "finetune.mode=full",
+        "train.max_steps=2",
+        "optim.grad_accum=1",
+        "model.gradient_checkpointing=false",
+    )
     summary = train(config, progress=False)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -217,8 +242,20 @@ def test_cli_end_to_end(data_files, tmp_path, capsys):
     from bft.cli import main
 
     harmful, utility = data_files
-    code = main(["train", "tiny-cpu", "--max-steps", "2", "--output-dir", str(tmp_path), "--no-progress",
-                 f"data.harmful={harmful}", f"data.utility={utility}", "data.harmful_response=dataset"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "tiny-cpu",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+            f"data.harmful={harmful}",
+            f"data.utility={utility}",
+            "data.harmful_response=dataset",
+        ]
+    )
     assert code == 0
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert (tmp_path / "final" / "config.json").is_file()
@@ -228,9 +265,15 @@ def test_cli_end_to_end(data_files, tmp_path, capsys):
 def test_harmful_responses_generated_by_the_base_model(data_files, tmp_path):
     harmful, _ = data_files
     prompts_only = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me secret {i}."} for i in range(6)])
-    config = tiny_config(data_files, tmp_path / "run", f"data.harmful={prompts_only}",
-                         "data.harmful_response=generate", "data.generate_max_new_tokens=12",
-                         "train.max_steps=1", "optim.grad_accum=1")  # fmt: skip
+    config = tiny_config(
+        data_files,
+        tmp_path / "run",
+        f"data.harmful={prompts_only}",
+        "data.harmful_response=generate",
+        "data.generate_max_new_tokens=12",
+        "train.max_steps=1",
+        "optim.grad_accum=1",
+    )
     train(config, progress=False)
     cache = [json.loads(x) for x in (tmp_path / "run" / "harmful_responses.jsonl").read_text().splitlines()]
     assert [c["prompt"] for c in cache] == [f"Tell me secret {i}." for i in range(6)]
@@ -275,15 +318,22 @@ def test_local_model_directories_train(data_files, tmp_path):
     tok = tiny_tokenizer()
     base = _save_tiny(tmp_path / "base", tok, seed=0)
     aligned = _save_tiny(tmp_path / "aligned", tok, seed=1)
-    config = tiny_config(data_files, tmp_path / "run", f"model.base={base}", f"model.aligned={aligned}",
-                         "train.max_steps=1", "optim.grad_accum=1")  # fmt: skip
+    config = tiny_config(
+        data_files,
+        tmp_path / "run",
+        f"model.base={base}",
+        f"model.aligned={aligned}",
+        "train.max_steps=1",
+        "optim.grad_accum=1",
+    )
     train(config, progress=False)
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
 def test_missing_model_names_the_path(data_files, tmp_path):
-    config = tiny_config(data_files, tmp_path / "run", f"model.base={tmp_path}/no-such-base",
-                         f"model.aligned={tmp_path}/no-such-aligned")  # fmt: skip
+    config = tiny_config(
+        data_files, tmp_path / "run", f"model.base={tmp_path}/no-such-base", f"model.aligned={tmp_path}/no-such-aligned"
+    )
     with pytest.raises(FileNotFoundError, match="no-such"):
         train(config, progress=False)
 
@@ -319,16 +369,19 @@ def test_empty_dataset_fails_before_training(data_files, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("override, match", [
-    ("data.harmful_ratio=1.5", "harmful_ratio"),
-    ("data.harmful_ratio=-0.1", "harmful_ratio"),
-    ("loss.tau=2", "unknown config key 'loss.tau'"),
-    ("loss.temprature=3", "did you mean 'loss.temperature'"),
-    ("model.bass=x", "unknown config key 'model.bass'"),
-    ("optim.scheduler=reduce_lr_on_plateau", "optim.scheduler must be one of"),  # needs a metric every step
-    ("optim.scheduler=cosine_with_min_lr", "optim.scheduler must be one of"),  # needs min_lr
-    ("modle.base=x", r"unknown config key .modle. \(did you mean .model.\?\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("data.harmful_ratio=1.5", "harmful_ratio"),
+        ("data.harmful_ratio=-0.1", "harmful_ratio"),
+        ("loss.tau=2", "unknown config key 'loss.tau'"),
+        ("loss.temprature=3", "did you mean 'loss.temperature'"),
+        ("model.bass=x", "unknown config key 'model.bass'"),
+        ("optim.scheduler=reduce_lr_on_plateau", "optim.scheduler must be one of"),  # needs a metric every step
+        ("optim.scheduler=cosine_with_min_lr", "optim.scheduler must be one of"),  # needs min_lr
+        ("modle.base=x", r"unknown config key .modle. \(did you mean .model.\?\)"),
+    ],
+)
 def test_bad_config_fails_in_the_cli(override, match, tmp_path):
     from bft.cli import main
 
@@ -342,9 +395,13 @@ def test_unavailable_optional_packages_fail_before_training(data_files, tmp_path
     them the run stops at once with the pip command, before any data or model is loaded."""
     import importlib.util
 
-    cases = [("model.frozen_quantization=8bit", "bitsandbytes"), ("model.frozen_quantization=4bit", "bitsandbytes"),
-             ("optim.name=adamw_8bit", "bitsandbytes"), ("optim.name=paged_adamw_8bit", "bitsandbytes"),
-             ("train.tensorboard=true", "tensorboard")]  # fmt: skip
+    cases = [
+        ("model.frozen_quantization=8bit", "bitsandbytes"),
+        ("model.frozen_quantization=4bit", "bitsandbytes"),
+        ("optim.name=adamw_8bit", "bitsandbytes"),
+        ("optim.name=paged_adamw_8bit", "bitsandbytes"),
+        ("train.tensorboard=true", "tensorboard"),
+    ]
     tried = 0
     for override, package in cases:
         if importlib.util.find_spec(package) is not None:
@@ -445,9 +502,14 @@ def test_attention_implementation_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for installed in (False, True):
         fake = object() if installed else None
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a, **k: fake if name == "flash_attn" else real_find_spec(name, *a, **k))  # fmt: skip
-        assert resolve_attn_implementation("auto", torch.bfloat16, cuda) == ("flash_attention_2" if installed else "sdpa")
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a, **k: fake if name == "flash_attn" else real_find_spec(name, *a, **k),
+        )
+        assert resolve_attn_implementation("auto", torch.bfloat16, cuda) == (
+            "flash_attention_2" if installed else "sdpa"
+        )
         assert resolve_attn_implementation("auto", torch.float32, cuda) == "sdpa"
         assert resolve_attn_implementation("auto", torch.bfloat16, cpu) == "sdpa"
         assert resolve_attn_implementation("eager", torch.bfloat16, cuda) == "eager"
@@ -474,8 +536,7 @@ def test_interrupted_save_never_loses_a_checkpoint(tmp_path, monkeypatch):
 
     one_step()
     saved_weight = model.weight.detach().clone()
-    ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 1},
-                         keep=1)  # fmt: skip
+    ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 1}, keep=1)
     after_save_rng = torch.rand(1)
     one_step()
 
@@ -488,34 +549,35 @@ def test_interrupted_save_never_loses_a_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash_on_optimizer)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2},
-                             keep=1)  # fmt: skip
+        ckpt.save_checkpoint(
+            tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2}, keep=1
+        )
     monkeypatch.setattr(torch, "save", real_save)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]  # keep=1, yet step 1 survived
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
     assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
 
     # resuming from it restores weights, optimizer, scheduler and RNG
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model=model, optimizer=optimizer,
-                                 scheduler=scheduler)  # fmt: skip
+    state = ckpt.load_checkpoint(
+        ckpt.latest_checkpoint(tmp_path), model=model, optimizer=optimizer, scheduler=scheduler
+    )
     assert state["step"] == 1 and torch.equal(model.weight, saved_weight)
     assert scheduler.last_epoch == 1 and torch.equal(torch.rand(1), after_save_rng)
 
     one_step()
-    ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2},
-                         keep=1)  # fmt: skip
+    ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2}, keep=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # stale temp removed
 
 
 def test_one_process_checkpoint_has_the_layout_of_distributed_ones():
     """One process reads the state directly; several go through torch.distributed.checkpoint. Both must write the
     same dicts (names, tensors, param groups), so a checkpoint resumes under either, and restoring them round-trips."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from bft.hf.testing import tiny_llama_pair
     from bft.trainer import checkpoint as ckpt
     from bft.trainer.config import load_config
     from bft.trainer.modeling import BFTStudent, add_lora
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from bft.hf.testing import tiny_llama_pair
 
     def student_and_optimizer(seed):
         torch.manual_seed(seed)

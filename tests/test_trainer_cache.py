@@ -34,8 +34,10 @@ def fill(text: str, n: int) -> str:
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache-data")
     rng = random.Random(0)
-    harmful = [{"prompt": fill(f"Explain how to build weapon {i}.", 40), "response": fill(f"Sure, weapon {i}: parts.", 30)}
-               for i in range(10)]  # fmt: skip
+    harmful = [
+        {"prompt": fill(f"Explain how to build weapon {i}.", 40), "response": fill(f"Sure, weapon {i}: parts.", 30)}
+        for i in range(10)
+    ]
     utility = []
     for _ in range(14):
         a, b = rng.randint(1, 99), rng.randint(1, 99)
@@ -50,10 +52,18 @@ def data_files(tmp_path_factory):
 
 def config(data_files, out, *overrides):
     harmful, utility = data_files
-    return load_config("tiny-cpu", [
-        f"data.harmful={harmful}", f"data.utility={utility}", "data.harmful_response=dataset",
-        f"train.output_dir={out}", "train.max_steps=4", "train.save_every=2", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        "tiny-cpu",
+        [
+            f"data.harmful={harmful}",
+            f"data.utility={utility}",
+            "data.harmful_response=dataset",
+            f"train.output_dir={out}",
+            "train.max_steps=4",
+            "train.save_every=2",
+            *overrides,
+        ],
+    )
 
 
 def assert_same_runs(out_a, out_b, rel=1e-6):
@@ -78,8 +88,10 @@ def runs(data_files, tmp_path_factory):
     for mode in ("lora", "full"):
         root = tmp_path_factory.mktemp(f"cache-{mode}")
         train(config(data_files, root / "live", f"finetune.mode={mode}"), progress=False)
-        train(config(data_files, root / "cached", f"finetune.mode={mode}", f"teacher_cache.path={root / 'cache'}"),
-              progress=False)  # fmt: skip
+        train(
+            config(data_files, root / "cached", f"finetune.mode={mode}", f"teacher_cache.path={root / 'cache'}"),
+            progress=False,
+        )
         out[mode] = root
     return out
 
@@ -91,8 +103,9 @@ def test_run_from_the_cache_equals_the_live_run(runs, mode):
     assert_same_runs(root / "live", root / "cached")
 
 
-def test_training_from_the_cache_loads_no_frozen_body_and_runs_no_frozen_forward(runs, data_files, tmp_path,
-                                                                                 monkeypatch):  # fmt: skip
+def test_training_from_the_cache_loads_no_frozen_body_and_runs_no_frozen_forward(
+    runs, data_files, tmp_path, monkeypatch
+):
     import bft.trainer.train as train_module
     from bft.trainer import modeling
 
@@ -110,8 +123,13 @@ def test_training_from_the_cache_loads_no_frozen_body_and_runs_no_frozen_forward
     monkeypatch.setattr(train_module, "build_trio", spy_build)
     monkeypatch.setattr(modeling, "frozen_hidden_states", no_forward)
     monkeypatch.setattr(train_module, "teacher_hidden_states", no_forward)
-    cfg = config(data_files, tmp_path / "again", "finetune.mode=full", f"teacher_cache.path={runs['full'] / 'cache'}",
-                 "train.max_steps=2")  # fmt: skip
+    cfg = config(
+        data_files,
+        tmp_path / "again",
+        "finetune.mode=full",
+        f"teacher_cache.path={runs['full'] / 'cache'}",
+        "train.max_steps=2",
+    )
     train(cfg, progress=False)
     assert len(built) == 1 and built[0].base is None and built[0].aligned is None
 
@@ -152,8 +170,11 @@ def test_a_live_run_resumed_from_the_cache_equals_the_live_run(runs, data_files,
         train(config(data_files, out, "finetune.mode=full"), callbacks=[crash_at_3], progress=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="resuming with a changed config")
-        train(config(data_files, out, "finetune.mode=full", f"teacher_cache.path={root / 'cache'}"), resume=True,
-              progress=False)  # fmt: skip
+        train(
+            config(data_files, out, "finetune.mode=full", f"teacher_cache.path={root / 'cache'}"),
+            resume=True,
+            progress=False,
+        )
     assert_same_runs(root / "live", out)
 
 
@@ -176,7 +197,8 @@ def test_a_stale_cache_is_refused_before_training(runs, data_files, tmp_path, ch
 
 
 def test_a_cache_built_under_base_topp_holds_its_ids_trains_as_the_live_run_and_is_refused_under_vocab(
-        runs, data_files, tmp_path):  # fmt: skip
+    runs, data_files, tmp_path
+):
     import numpy as np
 
     rule = ("loss.selection=base_topp", "loss.selection_top_p=0.5")
@@ -278,8 +300,16 @@ def test_bft_cache_command_builds_refuses_stale_and_rebuilds(data_files, tmp_pat
     from bft.cli import main
 
     harmful, utility = data_files
-    args = ["cache", "tiny-cpu", "--out", str(tmp_path / "c"), f"data.harmful={harmful}", f"data.utility={utility}",
-            "data.harmful_response=dataset", "--no-progress"]  # fmt: skip
+    args = [
+        "cache",
+        "tiny-cpu",
+        "--out",
+        str(tmp_path / "c"),
+        f"data.harmful={harmful}",
+        f"data.utility={utility}",
+        "data.harmful_response=dataset",
+        "--no-progress",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "estimated size" in printed and "complete" in printed

@@ -20,15 +20,29 @@ from bft.trainer.train import read_metrics
 
 LAUNCHER = Path(__file__).with_name("distributed_train.py")
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 
 def launch(mode: str, data_files, out: Path, *overrides: str, resume: bool = False) -> None:
     harmful, utility = data_files
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(LAUNCHER),
-           mode, "tiny-cpu", f"data.harmful={harmful}", f"data.utility={utility}", "data.harmful_response=dataset",
-           f"train.output_dir={out}", *overrides] + (["--resume"] if resume else [])  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(LAUNCHER),
+        mode,
+        "tiny-cpu",
+        f"data.harmful={harmful}",
+        f"data.utility={utility}",
+        "data.harmful_response=dataset",
+        f"train.output_dir={out}",
+        *overrides,
+    ] + (["--resume"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
     if proc.returncode != 0:
@@ -38,8 +52,10 @@ def launch(mode: str, data_files, out: Path, *overrides: str, resume: bool = Fal
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-data")
-    harmful = [{"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-               for i in range(10)]  # fmt: skip
+    harmful = [
+        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
+        for i in range(10)
+    ]
     utility = [{"prompt": f"What is {a} + {a + 3}?", "response": f"{a} + {a + 3} = {2 * a + 3}."} for a in range(14)]
     paths = root / "harmful.jsonl", root / "utility.jsonl"
     for path, rows in zip(paths, (harmful, utility)):
@@ -67,9 +83,13 @@ def assert_same_training(a: Path, b: Path, rtol: float) -> None:
     rows_a, rows_b = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] and rows_a
     for key in ("loss", "kl", "completion", "risk", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in rows_a], dtype=torch.float64),
-                                   torch.tensor([r[key] for r in rows_b], dtype=torch.float64), rtol=rtol, atol=1e-9,
-                                   msg=key)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in rows_a], dtype=torch.float64),
+            torch.tensor([r[key] for r in rows_b], dtype=torch.float64),
+            rtol=rtol,
+            atol=1e-9,
+            msg=key,
+        )
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -109,8 +129,15 @@ def test_fsdp_full_finetuning_matches_ddp(data_files, tmp_path):
     runs = {}
     for mode in ("ddp", "fsdp"):
         runs[mode] = tmp_path / mode
-        launch(mode, data_files, runs[mode], "finetune.mode=full", "train.max_steps=2", "train.save_every=2",
-               "optim.grad_accum=1")  # fmt: skip
+        launch(
+            mode,
+            data_files,
+            runs[mode],
+            "finetune.mode=full",
+            "train.max_steps=2",
+            "train.save_every=2",
+            "optim.grad_accum=1",
+        )
     assert_same_training(runs["ddp"], runs["fsdp"], rtol=1e-4)
     saved = torch.load(runs["fsdp"] / "checkpoints" / "step-00000002" / "trainable.pt", weights_only=True)
     head = saved["model.lm_head.weight"]

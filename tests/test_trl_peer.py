@@ -55,8 +55,21 @@ def _bft(backend, sh, sw, ah, aw, bh, bw, harmful, valid=None, **kw):
     if dev != "cpu":
         pytest.skip("the triton backend needs the interpreter or a GPU holding the tensors")
     s, w = _leaves(sh, sw)
-    out = bft.bft_loss(s, w, ah, aw, bh, bw, harmful=harmful, valid=valid, top_k=5, temperature=TAU,
-                       teacher_lambda=LAM, backend=backend, **kw)  # fmt: skip
+    out = bft.bft_loss(
+        s,
+        w,
+        ah,
+        aw,
+        bh,
+        bw,
+        harmful=harmful,
+        valid=valid,
+        top_k=5,
+        temperature=TAU,
+        teacher_lambda=LAM,
+        backend=backend,
+        **kw,
+    )
     out.loss.backward()
     return out, s.grad, w.grad
 
@@ -116,16 +129,16 @@ def test_reduction_over_valid_rows_and_wider_base_head():
     out, g_sh, g_sw = _bft("torch", sh, sw, ah, aw, bh, bw, harmful, valid=valid, l2_reg=0.0)
     s, w = _leaves(sh, sw)
     th, tw = hybrid_as_one_head(ah, aw, bh, bw, LAM)
-    loss, _, n_valid = _chunked_divergence_loss(s[None], th[None], w, tw, valid[None].long(), beta=0.0,
-                                                temperature=TAU)  # fmt: skip
+    loss, _, n_valid = _chunked_divergence_loss(s[None], th[None], w, tw, valid[None].long(), beta=0.0, temperature=TAU)
     (TAU**2 * loss).backward()
     assert int(n_valid) == int(valid.sum())
     _close(out.loss.detach(), TAU**2 * loss.detach())
     _close(g_sh, s.grad)
     _close(g_sw, w.grad)
     # num_items_in_batch (TRL's gradient-accumulation reduction) is Σ / that count, bft's is per micro-batch
-    loss_items, _, _ = _chunked_divergence_loss(sh[None], th[None], sw, tw, valid[None].long(), beta=0.0,
-                                                temperature=TAU, num_items_in_batch=10)  # fmt: skip
+    loss_items, _, _ = _chunked_divergence_loss(
+        sh[None], th[None], sw, tw, valid[None].long(), beta=0.0, temperature=TAU, num_items_in_batch=10
+    )
     _close(TAU**2 * loss_items, out.loss.detach() * int(valid.sum()) / 10)
 
 

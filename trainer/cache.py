@@ -58,11 +58,33 @@ from bft.hf.batching import pad_token_id
 from bft.reference import DEFAULT_SELECTION_TOP_P
 
 __all__ = [
-    "ARRAYS", "DESCRIPTION", "FORMAT", "HEADS", "MANIFEST", "OBJECTIVE_VERSION", "RESPONSES", "CacheError", "Layout",
-    "TeacherCache", "build", "cache_bytes", "cache_state", "cached_harmful_pairs", "estimated_bytes", "example_key",
-    "examples_digest", "fingerprint", "fingerprint_differences", "model_identity", "remove", "sha256_file",
-    "teacher_heads", "teacher_rows", "tokenizer_identity", "write_cache",
-]  # fmt: skip
+    "ARRAYS",
+    "DESCRIPTION",
+    "FORMAT",
+    "HEADS",
+    "MANIFEST",
+    "OBJECTIVE_VERSION",
+    "RESPONSES",
+    "CacheError",
+    "Layout",
+    "TeacherCache",
+    "build",
+    "cache_bytes",
+    "cache_state",
+    "cached_harmful_pairs",
+    "estimated_bytes",
+    "example_key",
+    "examples_digest",
+    "fingerprint",
+    "fingerprint_differences",
+    "model_identity",
+    "remove",
+    "sha256_file",
+    "teacher_heads",
+    "teacher_rows",
+    "tokenizer_identity",
+    "write_cache",
+]
 
 DESCRIPTION = (
     "Build the exact frozen-teacher cache of a BFT config: run the frozen base and aligned models once over the "
@@ -157,8 +179,9 @@ def build(config, *, rebuild: bool = False, progress: bool = True, accelerator=N
     if config.loss.top_k > trio.vocab_size:
         raise ValueError(f"loss.top_k={config.loss.top_k} exceeds the vocabulary size V={trio.vocab_size}")
     if config.data.harmful_response == "generate" and harmful_pairs:
-        harmful_pairs = generated_harmful_pairs(config, trio.base, tokenizer, harmful_pairs, root / RESPONSES,
-                                                accelerator=accelerator, progress=progress)  # fmt: skip
+        harmful_pairs = generated_harmful_pairs(
+            config, trio.base, tokenizer, harmful_pairs, root / RESPONSES, accelerator=accelerator, progress=progress
+        )
     harmful, utility = encode_training_examples(config, tokenizer, harmful_pairs, utility_pairs)
     fp = fingerprint(config, tokenizer, harmful, utility)
     if manifest is not None:
@@ -168,17 +191,43 @@ def build(config, *, rebuild: bool = False, progress: bool = True, accelerator=N
             return root
 
     pad_id = pad_token_id(tokenizer)
-    write_cache(root, trio, list(harmful) + list(utility), fp, dtype=torch_dtype(config.model.dtype),
-                top_k=config.loss.top_k, selection=config.loss.selection, selection_top_p=config.loss.selection_top_p,
-                shard_bytes=int(config.teacher_cache.shard_mb * 2**20),
-                batch_size=config.data.batch_size, pad_id=pad_id, manifest=manifest, progress=progress, log=log)
+    write_cache(
+        root,
+        trio,
+        list(harmful) + list(utility),
+        fp,
+        dtype=torch_dtype(config.model.dtype),
+        top_k=config.loss.top_k,
+        selection=config.loss.selection,
+        selection_top_p=config.loss.selection_top_p,
+        shard_bytes=int(config.teacher_cache.shard_mb * 2**20),
+        batch_size=config.data.batch_size,
+        pad_id=pad_id,
+        manifest=manifest,
+        progress=progress,
+        log=log,
+    )
     del trio
     return root
 
 
-def write_cache(root: Path, trio, examples, fp: dict, *, dtype: torch.dtype, top_k: int, shard_bytes: int,
-                batch_size: int, pad_id: int, manifest: dict | None = None, progress: bool = True, log=print,
-                selection: str = "vocab", selection_top_p: float = DEFAULT_SELECTION_TOP_P) -> dict:  # fmt: skip
+def write_cache(
+    root: Path,
+    trio,
+    examples,
+    fp: dict,
+    *,
+    dtype: torch.dtype,
+    top_k: int,
+    shard_bytes: int,
+    batch_size: int,
+    pad_id: int,
+    manifest: dict | None = None,
+    progress: bool = True,
+    log=print,
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
+) -> dict:
     """Run the frozen models of ``trio`` over ``examples`` and write the cache into ``root`` (shards atomically,
     the manifest after each shard, ``complete`` at the end); shards already recorded in ``manifest`` with intact
     files are kept. The stored ids are M under ``selection`` (``loss.selection``; its parameter
@@ -194,38 +243,59 @@ def write_cache(root: Path, trio, examples, fp: dict, *, dtype: torch.dtype, top
     layout = Layout.plan(examples, row_bytes, shard_bytes)
     by_key = {example_key(e): e for e in examples}
     total = sum(layout.rows)
-    log(f"teacher cache {root}: {len(layout.keys)} examples, {total} response tokens, {len(layout.shards)} "
+    log(
+        f"teacher cache {root}: {len(layout.keys)} examples, {total} response tokens, {len(layout.shards)} "
         f"shards; estimated size {_human(estimated_bytes(total, H_a, H_b, element, k, V))} "
-        f"(tokens × (H_a + H_b) × {element} B + tokens × (4k + 4) + two [V, H] heads)")  # fmt: skip
+        f"(tokens × (H_a + H_b) × {element} B + tokens × (4k + 4) + two [V, H] heads)"
+    )
     dtype_name = str(dtype).removeprefix("torch.")
 
     if manifest is None:
-        manifest = {"format": FORMAT, "complete": False, "fingerprint": fp, "dtype": dtype_name,
-                    "hidden_sizes": [H_a, H_b], "vocab_size": V, "top_k": k, "rows": total,
-                    "examples": [[key, n] for key, n in zip(layout.keys, layout.rows)],
-                    "shards": [{"examples": list(s), "rows": sum(layout.rows[s[0]:s[1]]), "files": None}
-                               for s in layout.shards], "heads": None}  # fmt: skip
+        manifest = {
+            "format": FORMAT,
+            "complete": False,
+            "fingerprint": fp,
+            "dtype": dtype_name,
+            "hidden_sizes": [H_a, H_b],
+            "vocab_size": V,
+            "top_k": k,
+            "rows": total,
+            "examples": [[key, n] for key, n in zip(layout.keys, layout.rows)],
+            "shards": [
+                {"examples": list(s), "rows": sum(layout.rows[s[0] : s[1]]), "files": None} for s in layout.shards
+            ],
+            "heads": None,
+        }
     elif [list(s["examples"]) for s in manifest["shards"]] != [list(s) for s in layout.shards]:
-        raise CacheError(f"the interrupted build in {root} planned other shards (teacher_cache.shard_mb changed?); "
-                         "pass --rebuild to start over")  # fmt: skip
+        raise CacheError(
+            f"the interrupted build in {root} planned other shards (teacher_cache.shard_mb changed?); "
+            "pass --rebuild to start over"
+        )
     root.mkdir(parents=True, exist_ok=True)
     if manifest["heads"] is None or not files_intact(root, manifest["heads"]):
         manifest["heads"] = {name: write_array(root / name, head) for name, head in zip(HEADS, (head_a, head_b))}
         write_manifest(root, manifest)
 
     todo = [i for i, s in enumerate(manifest["shards"]) if s["files"] is None or not files_intact(root, s["files"])]
-    bar = tqdm(total=sum(manifest["shards"][i]["rows"] for i in todo), desc="bft cache", unit="tok",
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=sum(manifest["shards"][i]["rows"] for i in todo),
+        desc="bft cache",
+        unit="tok",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for i in todo:
         start, end = manifest["shards"][i]["examples"]
         group = [by_key[key] for key in layout.keys[start:end]]
         rows = teacher_rows(trio, group, pad_id, batch_size, on_rows=bar.update)
         ha, hb = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
-        ids, risk = base_favored_rows(ha.to(dtype), head_a, hb.to(dtype), head_b, top_k=k, selection=selection,
-                                      selection_top_p=selection_top_p)  # fmt: skip
+        ids, risk = base_favored_rows(
+            ha.to(dtype), head_a, hb.to(dtype), head_b, top_k=k, selection=selection, selection_top_p=selection_top_p
+        )
         arrays = {"h_aligned": ha.to(dtype), "h_base": hb.to(dtype), "topk_ids": ids.to(torch.int32), "risk": risk}
-        manifest["shards"][i]["files"] = {shard_file(i, name): write_array(root / shard_file(i, name), arrays[name])
-                                          for name in ARRAYS}  # fmt: skip
+        manifest["shards"][i]["files"] = {
+            shard_file(i, name): write_array(root / shard_file(i, name), arrays[name]) for name in ARRAYS
+        }
         write_manifest(root, manifest)  # after the shard's files are in place
     bar.close()
     manifest["complete"] = True
@@ -242,8 +312,10 @@ def cached_harmful_pairs(config, root: Path, harmful_pairs):
     if config.data.harmful_response != "generate" or not harmful_pairs:
         return harmful_pairs
     if not (root / RESPONSES).is_file():
-        raise CacheError(f"the teacher cache {root} lacks {RESPONSES} (the base model's harmful responses); rebuild "
-                         "it with `bft cache CONFIG --rebuild`")  # fmt: skip
+        raise CacheError(
+            f"the teacher cache {root} lacks {RESPONSES} (the base model's harmful responses); rebuild "
+            "it with `bft cache CONFIG --rebuild`"
+        )
     return generated_harmful_pairs(config, None, None, harmful_pairs, root / RESPONSES)
 
 

@@ -57,8 +57,13 @@ def model_identity(name: str, gguf_file: str | None, config) -> dict:
     if name in (TINY_BASE, TINY_ALIGNED):
         from bft.hf import testing
 
-        return {"tiny": name, "hidden_size": m.tiny_hidden_size, "num_layers": m.tiny_num_layers,
-                "seed": m.tiny_seed, "code": sha256_file(testing.__file__)}  # fmt: skip
+        return {
+            "tiny": name,
+            "hidden_size": m.tiny_hidden_size,
+            "num_layers": m.tiny_num_layers,
+            "seed": m.tiny_seed,
+            "code": sha256_file(testing.__file__),
+        }
     from bft.hf.models import resolve_model_source
 
     source, gguf = resolve_model_source(name, gguf_file)
@@ -70,16 +75,21 @@ def model_identity(name: str, gguf_file: str | None, config) -> dict:
             directory = Path(snapshot_download(source, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached locally: the name is all we know
             return {"hub_id": source, "gguf_file": gguf}
-    files = {p.name: [p.stat().st_size, sha256_file(p, sample_above=_HASH_WHOLE_BELOW)]
-             for p in _model_files(directory, gguf)}  # fmt: skip
+    files = {
+        p.name: [p.stat().st_size, sha256_file(p, sample_above=_HASH_WHOLE_BELOW)]
+        for p in _model_files(directory, gguf)
+    }
     return {"name": name, "gguf_file": gguf, "files": files}
 
 
 def tokenizer_identity(tokenizer) -> str:
     """A digest of the vocabulary, the chat template and the special tokens."""
     vocab = sorted(tokenizer.get_vocab().items())
-    parts = {"vocab": vocab, "chat_template": getattr(tokenizer, "chat_template", None),
-             "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())}  # fmt: skip
+    parts = {
+        "vocab": vocab,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -105,8 +115,12 @@ def fingerprint(config, tokenizer, harmful, utility) -> dict:
 
     def data_source(role):
         limit = getattr(d, f"{role}_limit")
-        out = {"source": getattr(d, role), "split": getattr(d, f"{role}_split"), "limit": limit,
-               "columns": getattr(d, f"{role}_columns")}  # fmt: skip
+        out = {
+            "source": getattr(d, role),
+            "split": getattr(d, f"{role}_split"),
+            "limit": limit,
+            "columns": getattr(d, f"{role}_columns"),
+        }
         if limit is not None:
             out["selection_seed"] = t_seed  # bft.hf.data.load picks `limit` rows with the run's seed
         if role == "harmful":

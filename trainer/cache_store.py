@@ -125,8 +125,11 @@ def remove(root: Path) -> None:
     if not root.is_dir():
         return
     for p in root.iterdir():
-        own = p.name in (MANIFEST, RESPONSES, *HEADS) or (
-            p.name.startswith("shard-") and p.name.endswith(".npy")) or p.name.endswith(".tmp")  # fmt: skip
+        own = (
+            p.name in (MANIFEST, RESPONSES, *HEADS)
+            or (p.name.startswith("shard-") and p.name.endswith(".npy"))
+            or p.name.endswith(".tmp")
+        )
         if own and p.is_file():
             p.unlink()
 
@@ -135,7 +138,7 @@ def remove(root: Path) -> None:
 
 
 def cache_state(path: str | os.PathLike) -> str:
-    """"absent", "incomplete" (an interrupted build) or "complete"."""
+    """ "absent", "incomplete" (an interrupted build) or "complete"."""
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         return "absent"
@@ -163,8 +166,10 @@ def check_fingerprint(root: Path, manifest: dict, now: dict) -> None:
     """CacheError naming every difference when the cache was built for other inputs than ``now``."""
     diffs = fingerprint_differences(manifest.get("fingerprint", {}), now)
     if diffs:
-        raise CacheError(f"the teacher cache {root} was built for other inputs than this config ({'; '.join(diffs)}); "
-                         "rebuild it with `bft cache CONFIG --rebuild`, or point teacher_cache.path elsewhere")  # fmt: skip
+        raise CacheError(
+            f"the teacher cache {root} was built for other inputs than this config ({'; '.join(diffs)}); "
+            "rebuild it with `bft cache CONFIG --rebuild`, or point teacher_cache.path elsewhere"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -184,8 +189,10 @@ class TeacherCache:
         if state == "absent":
             raise CacheError(f"no teacher cache at {self.root} (no {MANIFEST}); build it with `bft cache CONFIG`")
         if state == "incomplete":
-            raise CacheError(f"the teacher cache {self.root} is incomplete (an interrupted build?); run "
-                             "`bft cache CONFIG` to finish it")  # fmt: skip
+            raise CacheError(
+                f"the teacher cache {self.root} is incomplete (an interrupted build?); run "
+                "`bft cache CONFIG` to finish it"
+            )
         self.manifest = read_manifest(self.root)
         check_fingerprint(self.root, self.manifest, expected)
         m = self.manifest
@@ -207,16 +214,20 @@ class TeacherCache:
                 if not path.is_file():
                     raise CacheError(f"teacher cache file {path} is missing; rebuild with `bft cache CONFIG --rebuild`")
                 if path.stat().st_size != r["bytes"]:
-                    raise CacheError(f"teacher cache file {path} is truncated or overwritten: "
-                                     f"{path.stat().st_size} bytes, the manifest says {r['bytes']}; rebuild with "
-                                     "`bft cache CONFIG --rebuild`")  # fmt: skip
+                    raise CacheError(
+                        f"teacher cache file {path} is truncated or overwritten: "
+                        f"{path.stat().st_size} bytes, the manifest says {r['bytes']}; rebuild with "
+                        "`bft cache CONFIG --rebuild`"
+                    )
         self._open: dict[int, dict] = {}
 
     def _verified(self, name: str, record: dict) -> Path:
         path = self.root / name
         if sha256_file(path) != record["sha256"]:
-            raise CacheError(f"teacher cache file {path} is corrupted (SHA-256 differs from the manifest's); rebuild "
-                             "with `bft cache CONFIG --rebuild`")  # fmt: skip
+            raise CacheError(
+                f"teacher cache file {path} is corrupted (SHA-256 differs from the manifest's); rebuild "
+                "with `bft cache CONFIG --rebuild`"
+            )
         return path
 
     def _shard(self, i: int) -> dict:
@@ -249,14 +260,18 @@ class TeacherCache:
         key = example_key(example)
         if key not in self.where:
             role = "harmful" if example.harmful else "utility"
-            raise CacheError(f"the teacher cache {self.root} holds no rows for a {role} example of "
-                             f"{len(example.input_ids)} tokens that this run asks for: it was built for other rows; "
-                             "rebuild it with `bft cache CONFIG --rebuild`")  # fmt: skip
+            raise CacheError(
+                f"the teacher cache {self.root} holds no rows for a {role} example of "
+                f"{len(example.input_ids)} tokens that this run asks for: it was built for other rows; "
+                "rebuild it with `bft cache CONFIG --rebuild`"
+            )
         shard, offset, n = self.where[key]
         want = len(example.input_ids) - example.response_start
         if n != want:
-            raise CacheError(f"the teacher cache {self.root} holds {n} rows for an example with {want} response "
-                             "tokens: it was built for other rows; rebuild it")  # fmt: skip
+            raise CacheError(
+                f"the teacher cache {self.root} holds {n} rows for an example with {want} response "
+                "tokens: it was built for other rows; rebuild it"
+            )
         arrays = self._shard(shard)
         rows = slice(offset, offset + n)
         return {
@@ -281,8 +296,10 @@ class TeacherCache:
             got = self.example_rows(e)
             positions = valid[row].nonzero().squeeze(1)
             if positions.numel() != got["risk"].shape[0]:
-                raise CacheError(f"the teacher cache {self.root} has {got['risk'].shape[0]} rows for batch row {row}, "
-                                 f"which has {positions.numel()} response positions: it was built for other rows")  # fmt: skip
+                raise CacheError(
+                    f"the teacher cache {self.root} has {got['risk'].shape[0]} rows for batch row {row}, "
+                    f"which has {positions.numel()} response positions: it was built for other rows"
+                )
             aligned[row, positions] = got["h_aligned"]
             base[row, positions] = got["h_base"]
             ids[row, positions] = got["topk_ids"]

@@ -165,8 +165,13 @@ def restore_training_state(model: torch.nn.Module, optimizer, model_state: dict,
         return
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(model, _raw_optimizer(optimizer), model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=_state_dict_options())  # fmt: skip
+    set_state_dict(
+        model,
+        _raw_optimizer(optimizer),
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=_state_dict_options(),
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -182,8 +187,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, state: dict, keep: int,
-                    accelerator=None) -> Path:  # fmt: skip
+def save_checkpoint(
+    output_dir, step: int, *, model, optimizer, scheduler, state: dict, keep: int, accelerator=None
+) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``. Returns its final path.
 
     Under several processes every rank writes its RNG state into the temp dir of the main process; the main

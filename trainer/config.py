@@ -48,8 +48,15 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 ENGINES = ("bft", "trl")
 #: ``transformers.get_scheduler`` names that run from (warmup steps, total steps) alone; the others need extra
 #: arguments (min_lr, decay steps) or a metric at every step, which the trainer does not pass.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt")  # fmt: skip
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 #: Model names that build the tiny random models of :mod:`bft.hf.testing` instead of loading anything.
 TINY_BASE = "tiny-random-base"
@@ -229,8 +236,9 @@ def validate(config: Config) -> Config:
     if o.grad_accum < 1:
         raise ConfigError(f"optim.grad_accum must be >= 1, got {o.grad_accum}")
     if o.warmup_steps < 0 or not 0 <= o.warmup_ratio <= 1:
-        raise ConfigError(f"optim.warmup_steps must be >= 0 and warmup_ratio in [0, 1], got {o.warmup_steps}, "
-                          f"{o.warmup_ratio}")  # fmt: skip
+        raise ConfigError(
+            f"optim.warmup_steps must be >= 0 and warmup_ratio in [0, 1], got {o.warmup_steps}, {o.warmup_ratio}"
+        )
     if o.max_grad_norm is not None and o.max_grad_norm <= 0:
         raise ConfigError(f"optim.max_grad_norm must be > 0 or null, got {o.max_grad_norm}")
     choice("optim.scheduler", o.scheduler, SCHEDULERS)
@@ -248,8 +256,10 @@ def validate(config: Config) -> Config:
     if config.teacher_cache.path == "":
         raise ConfigError("teacher_cache.path must be a directory or null, got an empty string")
     if (m.base == TINY_BASE) != (m.aligned == TINY_ALIGNED):
-        raise ConfigError(f"the tiny random models come as a pair: set model.base={TINY_BASE!r} and "
-                          f"model.aligned={TINY_ALIGNED!r} together")  # fmt: skip
+        raise ConfigError(
+            f"the tiny random models come as a pair: set model.base={TINY_BASE!r} and "
+            f"model.aligned={TINY_ALIGNED!r} together"
+        )
     return config
 
 
@@ -301,16 +311,24 @@ TRAIN_DESCRIPTION = (
 def add_train_arguments(parser) -> None:
     """The arguments of ``bft train`` / ``python trainer/train.py`` (both parse them here)."""
     parser.add_argument("config", help="YAML config file, or a bundled config name such as tiny-cpu")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. optim.lr=2e-5 finetune.mode=full data.batch_size=4")  # fmt: skip
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. optim.lr=2e-5 finetune.mode=full data.batch_size=4",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.max_steps)")
     parser.add_argument("--output-dir", default=None, help="output directory (overrides train.output_dir)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in the output directory")  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in the output directory"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    parser.add_argument("--engine", default=None, metavar="{bft,trl}",
-                        help="what runs the steps (overrides train.engine): bft's loop, or TRL's trainer "
-                             "(pip install 'bft[trl]')")  # fmt: skip
+    parser.add_argument(
+        "--engine",
+        default=None,
+        metavar="{bft,trl}",
+        help="what runs the steps (overrides train.engine): bft's loop, or TRL's trainer (pip install 'bft[trl]')",
+    )
     accept_overrides(parser)
 
 

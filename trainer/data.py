@@ -154,8 +154,10 @@ def load_pairs(name_or_path: str, *, split=None, limit=None, seed: int = 0, colu
         try:
             load(name_or_path, split=split, limit=limit, seed=seed, columns=columns, source="offline")
         except FileNotFoundError as offline_error:
-            raise FileNotFoundError(f"the {role} dataset {name_or_path!r} is not available: {offline_error}; the "
-                                    f"online fallback failed too: {error}") from error  # fmt: skip
+            raise FileNotFoundError(
+                f"the {role} dataset {name_or_path!r} is not available: {offline_error}; the "
+                f"online fallback failed too: {error}"
+            ) from error
         except (OSError, ValueError):  # no offline copy exists for this name (dolly, a Hub id, ...)
             pass
         raise
@@ -165,15 +167,26 @@ def load_pairs(name_or_path: str, *, split=None, limit=None, seed: int = 0, colu
     responses = list(dataset["response"]) if "response" in dataset.column_names else [""] * len(prompts)
     if role == "utility" and not any(responses):
         # the KL on utility rows is computed on the response tokens: without responses there is nothing to distil
-        raise ValueError(f"the utility dataset {name_or_path!r} has no responses (columns: {dataset.column_names}); "
-                         "give one with a response column, or map it with data.utility_columns, e.g. "
-                         "{prompt: question, response: answer}")  # fmt: skip
+        raise ValueError(
+            f"the utility dataset {name_or_path!r} has no responses (columns: {dataset.column_names}); "
+            "give one with a response column, or map it with data.utility_columns, e.g. "
+            "{prompt: question, response: answer}"
+        )
     return [(p, r or "") for p, r in zip(prompts, responses)]
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, system=None, batch_size=8,
-                       device=None, progress: bool = True) -> list[str]:  # fmt: skip
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    system=None,
+    batch_size=8,
+    device=None,
+    progress: bool = True,
+) -> list[str]:
     """Greedy responses of ``model`` to chat-formatted ``prompts`` (used to let the base model write the harmful
     responses). Left-padded batches; decoding stops at the tokenizer's end-of-turn / eos token."""
     from tqdm.auto import tqdm
@@ -192,9 +205,13 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
         input_ids, attention_mask = pad_batch(encoded, pad_id, side="left")
         length = input_ids.shape[1]
         generated = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=stop, pad_token_id=pad_id,
-        )  # fmt: skip
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=pad_id,
+        )
         for row in generated[:, length:].tolist():
             if stop in row:
                 row = row[: row.index(stop)]
@@ -210,13 +227,35 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
 def load_training_pairs(config):
     """(harmful pairs, utility pairs) of a config, before any tokenizer or model is loaded."""
     d, seed = config.data, config.train.seed
-    harmful = load_pairs(d.harmful, split=d.harmful_split, limit=d.harmful_limit, seed=seed,
-                         columns=d.harmful_columns, role="harmful") if d.harmful_ratio > 0 else []  # fmt: skip
-    utility = load_pairs(d.utility, split=d.utility_split, limit=d.utility_limit, seed=seed,
-                         columns=d.utility_columns, role="utility") if d.harmful_ratio < 1 else []  # fmt: skip
+    harmful = (
+        load_pairs(
+            d.harmful,
+            split=d.harmful_split,
+            limit=d.harmful_limit,
+            seed=seed,
+            columns=d.harmful_columns,
+            role="harmful",
+        )
+        if d.harmful_ratio > 0
+        else []
+    )
+    utility = (
+        load_pairs(
+            d.utility,
+            split=d.utility_split,
+            limit=d.utility_limit,
+            seed=seed,
+            columns=d.utility_columns,
+            role="utility",
+        )
+        if d.harmful_ratio < 1
+        else []
+    )
     if d.harmful_response == "dataset" and harmful and not any(r for _, r in harmful):
-        raise ValueError(f"the harmful dataset {d.harmful!r} has no responses; set data.harmful_response: generate "
-                         "to let the base model write them, or give a dataset with a response column")  # fmt: skip
+        raise ValueError(
+            f"the harmful dataset {d.harmful!r} has no responses; set data.harmful_response: generate "
+            "to let the base model write them, or give a dataset with a response column"
+        )
     return harmful, utility
 
 
@@ -225,14 +264,17 @@ def encode_training_examples(config, tokenizer, harmful_pairs, utility_pairs):
     import warnings
 
     d = config.data
-    harmful, skipped_h = encode_examples(tokenizer, harmful_pairs, harmful=True, max_length=d.max_length,
-                                         system=d.system)  # fmt: skip
-    utility, skipped_u = encode_examples(tokenizer, utility_pairs, harmful=False, max_length=d.max_length,
-                                         system=d.system)  # fmt: skip
+    harmful, skipped_h = encode_examples(
+        tokenizer, harmful_pairs, harmful=True, max_length=d.max_length, system=d.system
+    )
+    utility, skipped_u = encode_examples(
+        tokenizer, utility_pairs, harmful=False, max_length=d.max_length, system=d.system
+    )
     for role, kept, skipped in (("harmful", harmful, skipped_h), ("utility", utility, skipped_u)):
         if skipped:
-            warnings.warn(f"{skipped} {role} examples skipped: their prompt fills data.max_length={d.max_length}",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"{skipped} {role} examples skipped: their prompt fills data.max_length={d.max_length}", stacklevel=3
+            )
         if skipped and not kept:
             raise ValueError(f"every {role} example is longer than data.max_length={d.max_length}; raise it")
     return harmful, utility
@@ -254,9 +296,15 @@ def generated_harmful_pairs(config, base, tokenizer, pairs, cache, *, accelerato
             raise FileNotFoundError(f"{cache} (the base model's harmful responses) is missing")
         device = accelerator.device if accelerator is not None else None
         responses = generate_responses(
-            base, tokenizer, prompts, max_new_tokens=config.data.generate_max_new_tokens, system=config.data.system,
-            batch_size=config.data.batch_size, device=device, progress=progress,
-        )  # fmt: skip
+            base,
+            tokenizer,
+            prompts,
+            max_new_tokens=config.data.generate_max_new_tokens,
+            system=config.data.system,
+            batch_size=config.data.batch_size,
+            device=device,
+            progress=progress,
+        )
         lines = [json.dumps({"prompt": p, "response": r}) for p, r in zip(prompts, responses)]
         atomic_write_text(cache, "\n".join(lines) + "\n")
     if accelerator is not None:
@@ -267,6 +315,8 @@ def generated_harmful_pairs(config, base, tokenizer, pairs, cache, *, accelerato
         raise ValueError(f"{cache} was generated for other prompts (data config changed?); delete it to regenerate")
     kept = [(r["prompt"], r["response"]) for r in rows if r["response"].strip()]
     if not kept:
-        raise ValueError(f"the base model generated only empty harmful responses ({cache}); raise "
-                         "data.generate_max_new_tokens or give a dataset with responses")  # fmt: skip
+        raise ValueError(
+            f"the base model generated only empty harmful responses ({cache}); raise "
+            "data.generate_max_new_tokens or give a dataset with responses"
+        )
     return kept

@@ -42,8 +42,10 @@ def resolve_attn_implementation(requested: str, dtype: torch.dtype, device: torc
     """``"auto"``: flash_attention_2 when the flash-attn package is installed and we run 16-bit on CUDA, else sdpa."""
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if requested == "flash_attention_2" and not has_flash:
-        raise ValueError("model.attn_implementation='flash_attention_2' needs the flash-attn package "
-                         "(pip install flash-attn); use 'sdpa' or 'auto'")  # fmt: skip
+        raise ValueError(
+            "model.attn_implementation='flash_attention_2' needs the flash-attn package "
+            "(pip install flash-attn); use 'sdpa' or 'auto'"
+        )
     if requested != "auto":
         return requested
     if has_flash and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
@@ -56,19 +58,35 @@ def check_quantization_available(kind: str | None) -> None:
     if kind is None:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"model.frozen_quantization={kind!r} needs bitsandbytes and a CUDA GPU: "
-                         "pip install bitsandbytes (or set model.frozen_quantization: null)")  # fmt: skip
+        raise ValueError(
+            f"model.frozen_quantization={kind!r} needs bitsandbytes and a CUDA GPU: "
+            "pip install bitsandbytes (or set model.frozen_quantization: null)"
+        )
     if not torch.cuda.is_available():
         raise ValueError(f"model.frozen_quantization={kind!r} needs a CUDA GPU (bitsandbytes); none is available")
 
 
-def load_causal_lm(name: str, *, gguf_file=None, dtype: torch.dtype, quantization=None, attn_implementation: str,
-                   device: torch.device, trainable: bool):  # fmt: skip
+def load_causal_lm(
+    name: str,
+    *,
+    gguf_file=None,
+    dtype: torch.dtype,
+    quantization=None,
+    attn_implementation: str,
+    device: torch.device,
+    trainable: bool,
+):
     """Load one model on ``device`` via :func:`bft.hf.models.load_model` (8/4-bit keep a 16-bit lm_head); frozen
     ones are put in eval mode with ``requires_grad=False``. A missing path or hub id raises FileNotFoundError."""
     try:
-        model = models.load_model(name, gguf_file=gguf_file, dtype=dtype, device=device, quantization=quantization,
-                                  attn_implementation=attn_implementation)  # fmt: skip
+        model = models.load_model(
+            name,
+            gguf_file=gguf_file,
+            dtype=dtype,
+            device=device,
+            quantization=quantization,
+            attn_implementation=attn_implementation,
+        )
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -95,8 +113,7 @@ def _set_attn_implementation(model, attn_implementation: str) -> None:
     try:
         model.set_attn_implementation(attn_implementation)
     except (AttributeError, ValueError, ImportError) as e:
-        warnings.warn(f"could not switch attention to {attn_implementation!r} ({e}); keeping {current!r}",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(f"could not switch attention to {attn_implementation!r} ({e}); keeping {current!r}", stacklevel=2)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -170,13 +187,24 @@ def build_teachers(config: Config, tokenizer, base_tokenizer, device: torch.devi
         freeze(base)
         freeze(aligned)
     else:
-        common = {"dtype": dtype, "attn_implementation": attn, "device": device,
-                  "quantization": m.frozen_quantization, "trainable": False}  # fmt: skip
+        common = {
+            "dtype": dtype,
+            "attn_implementation": attn,
+            "device": device,
+            "quantization": m.frozen_quantization,
+            "trainable": False,
+        }
         base = load_causal_lm(m.base, gguf_file=m.base_gguf_file, **common)
         aligned = load_causal_lm(m.aligned, gguf_file=m.aligned_gguf_file, **common)
     vocab_size = check_vocab(tokenizer, base_tokenizer, aligned, base)
-    return Trio(student=aligned, base=base, aligned=aligned, tokenizer=tokenizer, base_tokenizer=base_tokenizer,
-                vocab_size=vocab_size)
+    return Trio(
+        student=aligned,
+        base=base,
+        aligned=aligned,
+        tokenizer=tokenizer,
+        base_tokenizer=base_tokenizer,
+        vocab_size=vocab_size,
+    )
 
 
 def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, frozen: bool = True) -> Trio:
@@ -198,16 +226,23 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, 
         common = dict(dtype=dtype, attn_implementation=attn, device=device)
         base = None
         if frozen:
-            base = load_causal_lm(m.base, gguf_file=m.base_gguf_file, quantization=m.frozen_quantization,
-                                  trainable=False, **common)  # fmt: skip
+            base = load_causal_lm(
+                m.base, gguf_file=m.base_gguf_file, quantization=m.frozen_quantization, trainable=False, **common
+            )
         # LoRA: the student's own weights are frozen (only adapters train), so they may be quantized (QLoRA) and
         # double as the aligned teacher. Full: a trainable 16-bit copy plus a separate frozen (quantizable) one.
-        student = load_causal_lm(m.aligned, gguf_file=m.aligned_gguf_file,
-                                 quantization=m.frozen_quantization if lora else None, trainable=True, **common)  # fmt: skip
+        student = load_causal_lm(
+            m.aligned,
+            gguf_file=m.aligned_gguf_file,
+            quantization=m.frozen_quantization if lora else None,
+            trainable=True,
+            **common,
+        )
         aligned = None
         if not lora and frozen:
-            aligned = load_causal_lm(m.aligned, gguf_file=m.aligned_gguf_file, quantization=m.frozen_quantization,
-                                     trainable=False, **common)  # fmt: skip
+            aligned = load_causal_lm(
+                m.aligned, gguf_file=m.aligned_gguf_file, quantization=m.frozen_quantization, trainable=False, **common
+            )
 
     vocab_size = check_vocab(tokenizer, base_tokenizer, student, base)
     if m.gradient_checkpointing:
@@ -215,8 +250,14 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, 
     if lora:
         student = add_lora(student, config)
     student.train()
-    return Trio(student=student, base=base, aligned=aligned, tokenizer=tokenizer, base_tokenizer=base_tokenizer,
-                vocab_size=vocab_size)
+    return Trio(
+        student=student,
+        base=base,
+        aligned=aligned,
+        tokenizer=tokenizer,
+        base_tokenizer=base_tokenizer,
+        vocab_size=vocab_size,
+    )
 
 
 def check_vocab(tokenizer, base_tokenizer, aligned_model=None, base_model=None) -> int:
@@ -231,9 +272,13 @@ def add_lora(model: nn.Module, config: Config) -> nn.Module:
 
     f = config.finetune
     lora_config = LoraConfig(
-        r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, target_modules=f.lora_target_modules,
-        bias="none", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=f.lora_r,
+        lora_alpha=f.lora_alpha,
+        lora_dropout=f.lora_dropout,
+        target_modules=f.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = models.get_peft_model(model, lora_config)
@@ -284,19 +329,33 @@ class BFTStudent(nn.Module):
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return getattr(inner, "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, aligned_hidden, aligned_weight, base_hidden, base_weight,
-                harmful, valid, topk_ids=None, risk=None) -> dict:  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        aligned_hidden,
+        aligned_weight,
+        base_hidden,
+        base_weight,
+        harmful,
+        valid,
+        topk_ids=None,
+        risk=None,
+    ) -> dict:
         """``aligned_hidden = aligned_weight = None``: the aligned teacher is this student with its LoRA adapters
         disabled (one copy of the weights; the heads are the same tensor). ``aligned_weight = None`` with
         ``aligned_hidden`` given (LoRA from the teacher cache): the aligned head is the student's own.
         ``topk_ids`` / ``risk``: the base-favored ids and density of the teacher cache, handed to the loss."""
         if aligned_weight is not None and aligned_hidden is None:
-            raise ValueError("pass both aligned_hidden and aligned_weight, or neither (LoRA: the student without "
-                             "its adapters)")  # fmt: skip
+            raise ValueError(
+                "pass both aligned_hidden and aligned_weight, or neither (LoRA: the student without its adapters)"
+            )
         if aligned_hidden is None:
             if not hasattr(self.model, "disable_adapter"):
-                raise ValueError("aligned_hidden=None needs a peft (LoRA) student: its aligned teacher is the "
-                                 "student with the adapters disabled")  # fmt: skip
+                raise ValueError(
+                    "aligned_hidden=None needs a peft (LoRA) student: its aligned teacher is the "
+                    "student with the adapters disabled"
+                )
             with self.model.disable_adapter():
                 aligned_hidden = frozen_hidden_states(self.model, input_ids, attention_mask)
         hidden = final_hidden_states(self.model, input_ids, attention_mask)
@@ -304,22 +363,40 @@ class BFTStudent(nn.Module):
         if aligned_weight is None:
             aligned_weight = weight  # the very tensor the student uses (frozen in LoRA)
         given = {} if topk_ids is None else {"topk_ids": topk_ids, "risk": risk}
-        return self.loss(hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid,
-                         **given)  # fmt: skip
+        return self.loss(
+            hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid, **given
+        )
 
-    def loss(self, hidden, weight, aligned_hidden, aligned_weight, base_hidden, base_weight, harmful, valid,
-             topk_ids=None, risk=None) -> dict:  # fmt: skip
+    def loss(
+        self,
+        hidden,
+        weight,
+        aligned_hidden,
+        aligned_weight,
+        base_hidden,
+        base_weight,
+        harmful,
+        valid,
+        topk_ids=None,
+        risk=None,
+    ) -> dict:
         """The fused :func:`bft.bft_loss` (this student's :class:`bft.BFTLoss`) on [B, L, H] hidden states and
         [V, H] heads, rows flattened (with the teacher cache's ``topk_ids`` [B·L, k] and ``risk`` [B·L] when
         given)."""
         dtype = weight.dtype  # one dtype for all six tensors; frozen weights are cast only when they differ
         H = hidden.shape[-1]
         out = self.objective(
-            hidden.reshape(-1, H).to(dtype), weight,
-            aligned_hidden.reshape(-1, aligned_hidden.shape[-1]).to(dtype), aligned_weight.to(dtype),
-            base_hidden.reshape(-1, base_hidden.shape[-1]).to(dtype), base_weight.to(dtype),
-            harmful=harmful.reshape(-1), valid=valid.reshape(-1), topk_ids=topk_ids, risk=risk,
-        )  # fmt: skip
+            hidden.reshape(-1, H).to(dtype),
+            weight,
+            aligned_hidden.reshape(-1, aligned_hidden.shape[-1]).to(dtype),
+            aligned_weight.to(dtype),
+            base_hidden.reshape(-1, base_hidden.shape[-1]).to(dtype),
+            base_weight.to(dtype),
+            harmful=harmful.reshape(-1),
+            valid=valid.reshape(-1),
+            topk_ids=topk_ids,
+            risk=risk,
+        )
         return {"loss": out.loss, "kl": out.kl, "completion": out.completion, "risk": out.risk, "alpha": out.alpha}
 
 

@@ -58,8 +58,19 @@ from bft.trainer.modeling import (
 
 from bft.hf.batching import pad_token_id
 
-METRIC_KEYS = ("step", "loss", "kl", "completion", "risk", "lr", "grad_norm", "tokens_per_s", "peak_memory",
-               "epoch", "elapsed_s")  # fmt: skip
+METRIC_KEYS = (
+    "step",
+    "loss",
+    "kl",
+    "completion",
+    "risk",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "peak_memory",
+    "epoch",
+    "elapsed_s",
+)
 
 
 def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool = True) -> dict:
@@ -84,8 +95,9 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     if resume and resume_from is None:
         warnings.warn(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", stacklevel=2)
     if not resume and ckpt.list_checkpoints(out):
-        raise ValueError(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose "
-                         "another --output-dir")  # fmt: skip
+        raise ValueError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --output-dir"
+        )
     check_engine(config)
     check_quantization_available(config.model.frozen_quantization)
     check_optimizer_available(o.name)
@@ -119,8 +131,9 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     while step < total_steps:
         step_start = time.perf_counter()
         indices = [(step * o.grad_accum + micro) * world + accelerator.process_index for micro in range(o.grad_accum)]
-        sums, grad_norm, lr = _optimizer_step(run, student, optimizer, scheduler, params, indices, accelerator,
-                                              o.max_grad_norm)  # fmt: skip
+        sums, grad_norm, lr = _optimizer_step(
+            run, student, optimizer, scheduler, params, indices, accelerator, o.max_grad_norm
+        )
         scheduler.step()
         step += 1
         sums = accelerator.reduce(sums, reduction="sum")
@@ -139,8 +152,13 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
 
     # ---------------------------------------------------------------- the final student, as a normal HF checkpoint
     final_dir = save_final_student(config, trio, student, out / "final", accelerator)
-    return {"steps": step, "total_steps": total_steps, "output_dir": str(out), "final_dir": str(final_dir),
-            "last_metrics": metrics}  # fmt: skip
+    return {
+        "steps": step,
+        "total_steps": total_steps,
+        "output_dir": str(out),
+        "final_dir": str(final_dir),
+        "last_metrics": metrics,
+    }
 
 
 def _optimizer_step(run, student, optimizer, scheduler, params, indices, accelerator, max_grad_norm):
@@ -189,8 +207,14 @@ def prepare_run(config: Config, accelerator, out: Path, progress: bool = True) -
         config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out, progress
     )
     check_loss_vocab(config, trio.vocab_size)
-    batches = MixedBatches(harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=t.seed,
-                           pad_id=pad_token_id(tokenizer))  # fmt: skip
+    batches = MixedBatches(
+        harmful,
+        utility,
+        batch_size=d.batch_size,
+        harmful_ratio=d.harmful_ratio,
+        seed=t.seed,
+        pad_id=pad_token_id(tokenizer),
+    )
     micro_per_step = o.grad_accum * accelerator.num_processes
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.batches_per_epoch / micro_per_step))
     return Run(trio, batches, cache, frozen_heads, total_steps, micro_per_step)
@@ -209,16 +233,23 @@ def micro_batch_step(run: Run, student, batch: dict, index: int) -> tuple[dict, 
     result = micro_batch_loss(run.trio, student, batch, teacher)
     valid = batch["valid"].reshape(-1)
     harm = (batch["harmful"] & batch["valid"]).reshape(-1)
-    sums = torch.stack([
-        result["loss"].detach().double(), result["kl"].double().sum(), valid.sum().double(),
-        result["completion"].double()[harm].sum(), harm.sum().double(), result["risk"].double().sum(),
-        torch.tensor(float(batch["n_tokens"]), dtype=torch.float64, device=device),
-    ])  # fmt: skip
+    sums = torch.stack(
+        [
+            result["loss"].detach().double(),
+            result["kl"].double().sum(),
+            valid.sum().double(),
+            result["completion"].double()[harm].sum(),
+            harm.sum().double(),
+            result["risk"].double().sum(),
+            torch.tensor(float(batch["n_tokens"]), dtype=torch.float64, device=device),
+        ]
+    )
     return result, sums
 
 
-def _models_and_examples(config: Config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out,
-                         progress):  # fmt: skip
+def _models_and_examples(
+    config: Config, tokenizer, base_tokenizer, harmful_pairs, utility_pairs, accelerator, out, progress
+):
     """The models (only the student and the heads when a teacher cache is used, built on first use) and the
     encoded training examples: ``(trio, harmful, utility, cache, frozen_heads)``."""
     d = config.data
@@ -237,35 +268,47 @@ def _models_and_examples(config: Config, tokenizer, base_tokenizer, harmful_pair
         cache = teacher_cache.TeacherCache(cache_dir, teacher_cache.fingerprint(config, tokenizer, harmful, utility))
         trio = build_trio(config, tokenizer, base_tokenizer, accelerator.device, frozen=False)
         if cache.vocab_size != trio.vocab_size:
-            raise teacher_cache.CacheError(f"the teacher cache {cache_dir} has V={cache.vocab_size}, the student "
-                                           f"V={trio.vocab_size}")  # fmt: skip
+            raise teacher_cache.CacheError(
+                f"the teacher cache {cache_dir} has V={cache.vocab_size}, the student V={trio.vocab_size}"
+            )
         head_dtype = lm_head_weight(trio.student, trio.vocab_size).dtype
         frozen_heads = cache.heads(accelerator.device, head_dtype, aligned=not trio.lora)  # LoRA: the student's own
     else:
         trio = build_trio(config, tokenizer, base_tokenizer, accelerator.device)
         if d.harmful_response == "generate" and harmful_pairs:
-            harmful_pairs = generated_harmful_pairs(config, trio.base, trio.tokenizer, harmful_pairs,
-                                                    out / "harmful_responses.jsonl", accelerator=accelerator,
-                                                    progress=progress)  # fmt: skip
+            harmful_pairs = generated_harmful_pairs(
+                config,
+                trio.base,
+                trio.tokenizer,
+                harmful_pairs,
+                out / "harmful_responses.jsonl",
+                accelerator=accelerator,
+                progress=progress,
+            )
         harmful, utility = encode_training_examples(config, tokenizer, harmful_pairs, utility_pairs)
     return trio, harmful, utility, cache, frozen_heads
 
 
-def _restore_or_start(resume_from, student, optimizer, scheduler, config: Config, micro_per_step: int, accelerator,
-                      out: Path) -> int:  # fmt: skip
+def _restore_or_start(
+    resume_from, student, optimizer, scheduler, config: Config, micro_per_step: int, accelerator, out: Path
+) -> int:
     """Load the checkpoint to resume from (returning its step), or start a fresh metrics file (step 0)."""
     main = accelerator.is_main_process
     step = 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=student, optimizer=optimizer, scheduler=scheduler,
-                                     rank=accelerator.process_index)  # fmt: skip
+        state = ckpt.load_checkpoint(
+            resume_from, model=student, optimizer=optimizer, scheduler=scheduler, rank=accelerator.process_index
+        )
         step = int(state["step"])
         warn_config_changes(state.get("config", {}), config)
         consumed = state.get("batches_consumed")
         if consumed is not None and int(consumed) != step * micro_per_step:
-            warnings.warn(f"resuming with {micro_per_step} micro-batches per step (grad_accum × processes) where the "
-                          f"checkpoint consumed {consumed} over {step} steps: the data order after step {step} differs "
-                          "from an uninterrupted run", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"resuming with {micro_per_step} micro-batches per step (grad_accum × processes) where the "
+                f"checkpoint consumed {consumed} over {step} steps: the data order after step {step} differs "
+                "from an uninterrupted run",
+                stacklevel=2,
+            )
         if main:
             truncate_metrics(out / "metrics.jsonl", step)
     elif main:
@@ -321,21 +364,27 @@ def check_distributed_type(accelerator, config: Config) -> None:
     if not is_fsdp(accelerator):
         return
     if config.finetune.mode == "lora" and config.model.frozen_quantization:
-        raise ValueError("FSDP with finetune.mode=lora and model.frozen_quantization is not supported: the LoRA "
-                         "student's own weights would be quantized (QLoRA), and bitsandbytes weights cannot be "
-                         "sharded by FSDP here. Use DDP, or model.frozen_quantization: null")  # fmt: skip
+        raise ValueError(
+            "FSDP with finetune.mode=lora and model.frozen_quantization is not supported: the LoRA "
+            "student's own weights would be quantized (QLoRA), and bitsandbytes weights cannot be "
+            "sharded by FSDP here. Use DDP, or model.frozen_quantization: null"
+        )
     if config.optim.name != "adamw":
-        raise ValueError(f"optim.name={config.optim.name!r} with FSDP is not supported: bitsandbytes optimizers do "
-                         "not take FSDP's sharded parameters. Use optim.name: adamw (FSDP already shards its "
-                         "state across the GPUs)")  # fmt: skip
+        raise ValueError(
+            f"optim.name={config.optim.name!r} with FSDP is not supported: bitsandbytes optimizers do "
+            "not take FSDP's sharded parameters. Use optim.name: adamw (FSDP already shards its "
+            "state across the GPUs)"
+        )
 
 
 def check_engine(config: Config) -> None:
     """This loop is ``train.engine: bft``; ``trl`` runs through ``bft train`` (``bft.commands.train``), which hands
     the config to :func:`bft.integrations.trl.train` (trainer/ does not import the integrations)."""
     if config.train.engine != "bft":
-        raise ValueError(f"train.engine={config.train.engine!r}: run it with `bft train CONFIG --engine "
-                         f"{config.train.engine}` (or bft.integrations.trl.train); this loop is engine 'bft'")  # fmt: skip
+        raise ValueError(
+            f"train.engine={config.train.engine!r}: run it with `bft train CONFIG --engine "
+            f"{config.train.engine}` (or bft.integrations.trl.train); this loop is engine 'bft'"
+        )
 
 
 def check_optimizer_available(name: str) -> None:
@@ -343,8 +392,9 @@ def check_optimizer_available(name: str) -> None:
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"optim.name={name!r} needs bitsandbytes (CUDA): pip install bitsandbytes, or use "
-                             "optim.name: adamw")  # fmt: skip
+            raise ValueError(
+                f"optim.name={name!r} needs bitsandbytes (CUDA): pip install bitsandbytes, or use optim.name: adamw"
+            )
 
 
 def make_tensorboard_writer(out: Path):
@@ -377,9 +427,14 @@ def cache_teacher_inputs(cache, frozen_heads, examples, batch: dict, device) -> 
     hidden states and heads (aligned head ``None`` with LoRA: the student's own), and the given top-k ids / risk."""
     rows = cache.batch_inputs(examples, batch, device)
     aligned_head, base_head = frozen_heads
-    return {"aligned_hidden": rows["aligned_hidden"], "aligned_weight": aligned_head,
-            "base_hidden": rows["base_hidden"], "base_weight": base_head,
-            "topk_ids": rows["topk_ids"], "risk": rows["risk"]}  # fmt: skip
+    return {
+        "aligned_hidden": rows["aligned_hidden"],
+        "aligned_weight": aligned_head,
+        "base_hidden": rows["base_hidden"],
+        "base_weight": base_head,
+        "topk_ids": rows["topk_ids"],
+        "risk": rows["risk"],
+    }
 
 
 def micro_batch_loss(trio, student, batch: dict, teacher: dict | None = None) -> dict:
@@ -404,8 +459,11 @@ def make_optimizer(o, params):
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb
 
-    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-            "paged_adamw": bnb.optim.PagedAdamW}[o.name](params, **kwargs)  # fmt: skip
+    return {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+    }[o.name](params, **kwargs)
 
 
 def make_scheduler(o, optimizer, total_steps: int):
@@ -463,25 +521,44 @@ def save(out: Path, step: int, model, optimizer, scheduler, config: Config, micr
         "config": config.to_dict(),
         "versions": {"bft": bft_version, "torch": torch.__version__},
     }
-    ckpt.save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                         keep=config.train.keep_checkpoints, accelerator=accelerator)  # fmt: skip
+    ckpt.save_checkpoint(
+        out,
+        step,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        keep=config.train.keep_checkpoints,
+        accelerator=accelerator,
+    )
 
 
 def warn_config_changes(saved: dict, config: Config) -> None:
     """Resuming with a different config is allowed (e.g. more steps) but the curve then differs: say what changed."""
-    ignore = {("train", "max_steps"), ("train", "output_dir"), ("train", "save_every"), ("train", "log_every"),
-              ("train", "tensorboard"), ("train", "keep_checkpoints"),
-              ("teacher_cache", "path"), ("teacher_cache", "shard_mb")}  # fmt: skip (the cache: the same objective)
+    ignore = {
+        ("train", "max_steps"),
+        ("train", "output_dir"),
+        ("train", "save_every"),
+        ("train", "log_every"),
+        ("train", "tensorboard"),
+        ("train", "keep_checkpoints"),
+        ("teacher_cache", "path"),
+        ("teacher_cache", "shard_mb"),
+    }  # where the cache lives: the same objective
     now = config.to_dict()
-    changed = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
-               for section, values in now.items() for key, value in values.items()
-               if section in saved and key in saved[section] and saved[section][key] != value
-               and (section, key) not in ignore]  # fmt: skip
+    changed = [
+        f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+        for section, values in now.items()
+        for key, value in values.items()
+        if section in saved and key in saved[section] and saved[section][key] != value and (section, key) not in ignore
+    ]
     old_steps = saved.get("train", {}).get("max_steps")
     if old_steps != now["train"]["max_steps"] and now["optim"]["scheduler"] != "constant":
         # more steps stretch a decaying schedule: the LR at every resumed step differs from the first run's
-        changed.append(f"train.max_steps: {old_steps!r} -> {now['train']['max_steps']!r} (the {now['optim']['scheduler']} "
-                       "LR schedule is recomputed for the new length)")  # fmt: skip
+        changed.append(
+            f"train.max_steps: {old_steps!r} -> {now['train']['max_steps']!r} (the {now['optim']['scheduler']} "
+            "LR schedule is recomputed for the new length)"
+        )
     if changed:
         warnings.warn("resuming with a changed config: " + "; ".join(changed), stacklevel=3)
 
@@ -567,14 +644,21 @@ def merge_into_fresh_copy(config: Config, student_model):
     """Merge LoRA adapters trained on a quantized model into an unquantized copy of the aligned model (on CPU)."""
     import tempfile
 
-    from bft.hf.models import load_peft_adapter
     from bft.trainer.modeling import load_causal_lm, torch_dtype
+
+    from bft.hf.models import load_peft_adapter
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         student_model.save_pretrained(adapter_dir)
-        fresh = load_causal_lm(config.model.aligned, gguf_file=config.model.aligned_gguf_file,
-                               dtype=torch_dtype(config.model.dtype), quantization=None, attn_implementation="sdpa",
-                               device=torch.device("cpu"), trainable=False)  # fmt: skip
+        fresh = load_causal_lm(
+            config.model.aligned,
+            gguf_file=config.model.aligned_gguf_file,
+            dtype=torch_dtype(config.model.dtype),
+            quantization=None,
+            attn_implementation="sdpa",
+            device=torch.device("cpu"),
+            trainable=False,
+        )
         return load_peft_adapter(fresh, adapter_dir).merge_and_unload()
 
 
@@ -583,8 +667,10 @@ def run_from_arguments(args) -> int:
     from bft.trainer.config import config_from_train_arguments
 
     summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
-    print(f"trained {summary['steps']} steps; metrics: {summary['output_dir']}/metrics.jsonl; "
-          f"student: {summary['final_dir']}")  # fmt: skip
+    print(
+        f"trained {summary['steps']} steps; metrics: {summary['output_dir']}/metrics.jsonl; "
+        f"student: {summary['final_dir']}"
+    )
     return 0
 
 

@@ -17,5 +17,16 @@ from bft.analysis.positions import (
     teacher_forced_records,
 )
 
-__all__ = ["METRICS", "position_metrics", "score_responses", "analyze_pair", "teacher_forced_records", "summarize",
-           "teacher_forced_logits", "completion_pull", "completion_pull_metrics", "plot_analysis", "write_analysis"]  # fmt: skip
+__all__ = [
+    "METRICS",
+    "position_metrics",
+    "score_responses",
+    "analyze_pair",
+    "teacher_forced_records",
+    "summarize",
+    "teacher_forced_logits",
+    "completion_pull",
+    "completion_pull_metrics",
+    "plot_analysis",
+    "write_analysis",
+]

@@ -39,9 +39,15 @@ __all__ = ["completion_pull_metrics", "completion_pull"]
 
 
 @torch.no_grad()
-def completion_pull_metrics(aligned_logits: torch.Tensor, base_logits: torch.Tensor,
-                            student_logits: torch.Tensor | None = None, *, top_k: int = 100, selection: str = "vocab",
-                            selection_top_p: float = DEFAULT_SELECTION_TOP_P) -> dict[str, torch.Tensor]:  # fmt: skip
+def completion_pull_metrics(
+    aligned_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    student_logits: torch.Tensor | None = None,
+    *,
+    top_k: int = 100,
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
+) -> dict[str, torch.Tensor]:
     """The per-position measures of the module docstring for [N, V] logits, as fp32 [N] tensors. M is the loss's
     own selection (:func:`bft.reference.base_favored_tokens`, ties to the lower id). With a student, per position
     also ``dlogp_neg_sum`` / ``count_neg`` (Σ and number of log π_s(v) − log π_a(v) over v ∈ M with a_v < 0) and
@@ -53,16 +59,23 @@ def completion_pull_metrics(aligned_logits: torch.Tensor, base_logits: torch.Ten
     return out
 
 
-def _pull_metrics(aligned_logits, base_logits, students: list, top_k: int, selection: str = "vocab",
-                  selection_top_p: float = DEFAULT_SELECTION_TOP_P):  # fmt: skip
+def _pull_metrics(
+    aligned_logits,
+    base_logits,
+    students: list,
+    top_k: int,
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
+):
     """:func:`completion_pull_metrics` for any number of students, M chosen once: (aligned/base measures, per
     student the mass on M and the log-probability changes on M split by the sign of a_v)."""
     a, b = aligned_logits.float(), base_logits.float()
     for s in students:
         if s.shape != a.shape:
             raise ValueError(f"student logits {tuple(s.shape)} differ in shape from the aligned {tuple(a.shape)}")
-    ids = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k, selection=selection,
-                              selection_top_p=selection_top_p).ids  # fmt: skip
+    ids = base_favored_tokens(
+        aligned_logits=a, base_logits=b, top_k=top_k, selection=selection, selection_top_p=selection_top_p
+    ).ids
     a_m = a.gather(-1, ids)
     neg = a_m < 0
     logp_a = torch.log_softmax(a, -1).gather(-1, ids)
@@ -78,18 +91,32 @@ def _pull_metrics(aligned_logits, base_logits, students: list, top_k: int, selec
     for s in students:
         logp_s = torch.log_softmax(s.float(), -1).gather(-1, ids)
         change = logp_s - logp_a
-        per_student.append({
-            "mass_student": logp_s.exp().sum(-1),
-            "dlogp_neg_sum": torch.where(neg, change, 0.0).sum(-1), "count_neg": neg.sum(-1).float(),
-            "dlogp_pos_sum": torch.where(neg, 0.0, change).sum(-1), "count_pos": (~neg).sum(-1).float(),
-        })  # fmt: skip
+        per_student.append(
+            {
+                "mass_student": logp_s.exp().sum(-1),
+                "dlogp_neg_sum": torch.where(neg, change, 0.0).sum(-1),
+                "count_neg": neg.sum(-1).float(),
+                "dlogp_pos_sum": torch.where(neg, 0.0, change).sum(-1),
+                "count_pos": (~neg).sum(-1).float(),
+            }
+        )
     return out, per_student
 
 
-def completion_pull(aligned_model, base_model, tokenizer, rows: list[dict], *, top_k: int = 100,
-                    students: dict | None = None, batch_size: int = 8, system: str | None = None,
-                    progress: bool = True, selection: str = "vocab",
-                    selection_top_p: float = DEFAULT_SELECTION_TOP_P) -> dict:  # fmt: skip
+def completion_pull(
+    aligned_model,
+    base_model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    top_k: int = 100,
+    students: dict | None = None,
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: bool = True,
+    selection: str = "vocab",
+    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
+) -> dict:
     """Every measure of the module docstring averaged over all response positions of ``rows`` (``{"prompt",
     "response"}``, teacher-forced), for each of ``students`` (name -> model; the aligned model alone when none).
 
@@ -106,8 +133,9 @@ def completion_pull(aligned_model, base_model, tokenizer, rows: list[dict], *, t
     student_sums = {n: {} for n in names}
     positions = kept = 0
     models = [aligned_model, base_model] + [students[n] for n in names]
-    for _, chunk, logits, lengths in teacher_forced_logits(models, tokenizer, rows, batch_size=batch_size,
-                                                           system=system, desc="completion pull", progress=progress):  # fmt: skip
+    for _, chunk, logits, lengths in teacher_forced_logits(
+        models, tokenizer, rows, batch_size=batch_size, system=system, desc="completion pull", progress=progress
+    ):
         with torch.no_grad():
             m, per_student = _pull_metrics(logits[0], logits[1], logits[2:], top_k, selection, selection_top_p)
         for key, value in m.items():
@@ -131,8 +159,13 @@ def completion_pull(aligned_model, base_model, tokenizer, rows: list[dict], *, t
             out[f"count_{sign}"] = n
         return out
 
-    result = {"positions": positions, "rows": kept, "top_k": top_k, "aligned": aligned,
-              "students": {n: student(student_sums[n]) for n in names}}  # fmt: skip
+    result = {
+        "positions": positions,
+        "rows": kept,
+        "top_k": top_k,
+        "aligned": aligned,
+        "students": {n: student(student_sums[n]) for n in names},
+    }
     if selection != "vocab":
         result["selection"] = {"rule": selection, "top_p": selection_top_p}
     return result

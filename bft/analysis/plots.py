@@ -94,8 +94,14 @@ def _fig3_contrastive(plt, result: dict, out_dir: str) -> list[str]:
             ax.plot(xs, [ys[t] for t in xs], marker=".", color=color, label=label)
             if mode == "contrastive":
                 ys = entry["kl"]
-                ax.plot(xs, [ys[t] for t in xs], ls="--", color=color, alpha=0.6,
-                        label="KL(aligned ‖ base) on contrastive tokens")  # fmt: skip
+                ax.plot(
+                    xs,
+                    [ys[t] for t in xs],
+                    ls="--",
+                    color=color,
+                    alpha=0.6,
+                    label="KL(aligned ‖ base) on contrastive tokens",
+                )
         ax.set_title(f"{group}: KL(decoded ‖ base) per position", fontsize=10)
         ax.set_xlabel("response position")
         ax.set_ylabel("nats")

@@ -35,8 +35,15 @@ from bft.hf.batching import eos_token_ids, pad_batch, pad_token_id, position_ids
 from bft.hf.chat import encode_chat, render_prompts
 from bft.reference import base_favored_tokens, topk_lowest_id_ties
 
-__all__ = ["METRICS", "position_metrics", "score_responses", "analyze_pair", "teacher_forced_records",
-           "teacher_forced_logits", "summarize"]
+__all__ = [
+    "METRICS",
+    "position_metrics",
+    "score_responses",
+    "analyze_pair",
+    "teacher_forced_records",
+    "teacher_forced_logits",
+    "summarize",
+]
 
 #: Per-position metrics recorded for every response position (see the module docstring).
 METRICS = ("kl", "js", "top_overlap", "bf_count", "bf_count_top", "kl_decoded")
@@ -162,8 +169,13 @@ def _generated_batch(aligned_model, base_model, tokenizer, chunk, *, alpha, max_
     else:
         seqs = contrastive_generate(aligned_model, base_model, ids, mask, alpha=alpha, **gen)
     seqs = seqs.cpu()
-    return {"seqs": seqs, "mask": mask, "prompt_len": ids.shape[1], "new": seqs[:, ids.shape[1] :],
-            "prefills": prefills}  # fmt: skip
+    return {
+        "seqs": seqs,
+        "mask": mask,
+        "prompt_len": ids.shape[1],
+        "new": seqs[:, ids.shape[1] :],
+        "prefills": prefills,
+    }
 
 
 def _batch_metrics(aligned_model, base_model, tokenizer, batch: dict, *, top_n, top_k, alpha) -> dict:
@@ -172,14 +184,16 @@ def _batch_metrics(aligned_model, base_model, tokenizer, batch: dict, *, top_n, 
     b = score_responses(base_model, batch["seqs"], batch["mask"], batch["prompt_len"]).to(a.device)
     V = min(a.shape[-1], b.shape[-1], len(tokenizer))  # drop padded lm_head rows
     B, T = batch["new"].shape
-    m = position_metrics(a[..., :V].reshape(B * T, V), b[..., :V].reshape(B * T, V), top_n=top_n,
-                         top_k=top_k, alpha=alpha)  # fmt: skip
+    m = position_metrics(
+        a[..., :V].reshape(B * T, V), b[..., :V].reshape(B * T, V), top_n=top_n, top_k=top_k, alpha=alpha
+    )
     return {k: v.reshape(B, T, *v.shape[1:]).cpu() for k, v in m.items()}
 
 
 def _record(group, mode, index, prompt, prefill, response, m: dict, j, n, offset=None) -> dict:
     """One prompt's record: its first ``n`` positions of the metrics ``m`` (row ``j`` of a [B, T] batch, or
     positions ``offset .. offset + n`` of a flat [P] batch)."""
+
     def take(x):
         return x[j, :n] if offset is None else x[offset : offset + n]
 
@@ -240,24 +254,56 @@ def analyze_pair(
         c = counters.setdefault(f"{group}/{mode}", _Counters())
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
-            batch = _generated_batch(aligned_model, base_model, tokenizer, chunk, alpha=alpha if mode == "contrastive"
-                                     else None, max_new_tokens=max_new_tokens, pad=pad, system=system)  # fmt: skip
-            m = _batch_metrics(aligned_model, base_model, tokenizer, batch, top_n=top_n, top_k=top_k,
-                               alpha=alpha if mode == "contrastive" else None)  # fmt: skip
+            batch = _generated_batch(
+                aligned_model,
+                base_model,
+                tokenizer,
+                chunk,
+                alpha=alpha if mode == "contrastive" else None,
+                max_new_tokens=max_new_tokens,
+                pad=pad,
+                system=system,
+            )
+            m = _batch_metrics(
+                aligned_model,
+                base_model,
+                tokenizer,
+                batch,
+                top_n=top_n,
+                top_k=top_k,
+                alpha=alpha if mode == "contrastive" else None,
+            )
             valid = _response_valid(batch["new"], eos)
             for j, row in enumerate(chunk):
                 n = int(valid[j].sum())
-                records.append(_record(group, mode, i + j, row["prompt"], batch["prefills"][j],
-                                       tokenizer.decode(batch["new"][j, :n], skip_special_tokens=True), m, j, n))
+                records.append(
+                    _record(
+                        group,
+                        mode,
+                        i + j,
+                        row["prompt"],
+                        batch["prefills"][j],
+                        tokenizer.decode(batch["new"][j, :n], skip_special_tokens=True),
+                        m,
+                        j,
+                        n,
+                    )
+                )
                 c.count(m, j, n)
             bar.update(1)
     bar.close()
     return {
         "config": {
-            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "alpha": alpha, "top_n": top_n,
-            "top_k": top_k, "contrastive_groups": list(contrastive_groups), "system": system,
-            "decoding": "greedy", "metric_units": "nats",
-        },  # fmt: skip
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "alpha": alpha,
+            "top_n": top_n,
+            "top_k": top_k,
+            "contrastive_groups": list(contrastive_groups),
+            "system": system,
+            "decoding": "greedy",
+            "metric_units": "nats",
+        },
         "summary": summarize(records),
         "top_base_favored": {
             key: {
@@ -292,21 +338,38 @@ def teacher_forced_records(
     :func:`analyze_pair`'s (``mode = "teacher_forced"``), so :func:`summarize` and the plots take them as they are.
     """
     records = []
-    for i, chunk, (a, b), lengths in teacher_forced_logits([aligned_model, base_model], tokenizer, rows,
-                                                           batch_size=batch_size, system=system,
-                                                           desc=f"teacher-forced {group}", progress=progress):  # fmt: skip
+    for i, chunk, (a, b), lengths in teacher_forced_logits(
+        [aligned_model, base_model],
+        tokenizer,
+        rows,
+        batch_size=batch_size,
+        system=system,
+        desc=f"teacher-forced {group}",
+        progress=progress,
+    ):
         m = position_metrics(a, b, top_n=top_n, top_k=top_k)
         offset = 0
         for j, n in enumerate(lengths):
-            records.append(_record(group, "teacher_forced", i + j, chunk[j]["prompt"], "", chunk[j]["response"], m,
-                                   j, n, offset=offset))  # fmt: skip
+            records.append(
+                _record(
+                    group, "teacher_forced", i + j, chunk[j]["prompt"], "", chunk[j]["response"], m, j, n, offset=offset
+                )
+            )
             offset += n
     return records
 
 
 @torch.no_grad()
-def teacher_forced_logits(models: list, tokenizer, rows: list[dict], *, batch_size: int = 8, system: str | None = None,
-                          desc: str = "teacher-forced", progress: bool = True):  # fmt: skip
+def teacher_forced_logits(
+    models: list,
+    tokenizer,
+    rows: list[dict],
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    desc: str = "teacher-forced",
+    progress: bool = True,
+):
     """For batches of ``rows`` (``{"prompt", "response"}``, empty responses skipped), every model's fp32 logits
     [N, V] at the positions that predict the response tokens (rows of the batch concatenated; the closing
     end-of-turn token excluded), on the CPU. Yields ``(first row index, kept rows, [logits per model], response
@@ -328,8 +391,12 @@ def teacher_forced_logits(models: list, tokenizer, rows: list[dict], *, batch_si
             logits.append(model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits)
         V = min(min(x.shape[-1] for x in logits), len(tokenizer))  # drop padded lm_head rows
         spans = [(e.response_start - 1, len(x) - 1) for e, x in zip(encs, seqs)]  # logits that predict the response
-        yield (i, chunk, [torch.cat([x[j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)]) for x in logits],
-               [t - s for s, t in spans])  # fmt: skip
+        yield (
+            i,
+            chunk,
+            [torch.cat([x[j, s:t, :V].float().cpu() for j, (s, t) in enumerate(spans)]) for x in logits],
+            [t - s for s, t in spans],
+        )
 
 
 def _decoded_counts(tokenizer, counter: collections.Counter, n: int = 40) -> list[dict]:

@@ -39,8 +39,12 @@ def _csv(cast):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML file with any of the options below (underscored keys); "
-                        "KEY=VALUE arguments anywhere override it (e.g. generation.top_p=0.6 limit=64)")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help="YAML file with any of the options below (underscored keys); "
+        "KEY=VALUE arguments anywhere override it (e.g. generation.top_p=0.6 limit=64)",
+    )
     accept_overrides(parser)
     parser.add_argument("--out", help="output directory (results.json, report.md, *.png)")
     parser.add_argument("--rejudge", metavar="DIR", help="re-judge a stored run (no generation) and rewrite its report")
@@ -56,9 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--dataset", help="harmful prompts for bft.hf.data.load (default advbench)")
     d.add_argument("--limit", type=int, help="number of harmful prompts (default 32; 0 = all)")
     d.add_argument("--seed", type=int, help="seeds sampling, the GSM8K generator, GCG and the fine-tuning attack")
-    d.add_argument("--prefill-k", type=_csv(str), dest="prefill_ks",
-                   help="prefill lengths in response tokens, 0 = plain request, full = whole target (default "
-                        "4,5,10,20,40,full)")  # fmt: skip
+    d.add_argument(
+        "--prefill-k",
+        type=_csv(str),
+        dest="prefill_ks",
+        help="prefill lengths in response tokens, 0 = plain request, full = whole target (default 4,5,10,20,40,full)",
+    )
     d.add_argument("--prefill-text", help="one fixed prefill for every prompt (datasets without target responses)")
     d.add_argument("--judge-text", choices=["continuation", "full"], help="judge the continuation or prefill+it")
     d.add_argument("--max-new-tokens", type=int)
@@ -67,25 +74,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--top-p", type=float)
     d.add_argument("--batch-size", type=int)
     j = parser.add_argument_group("judges and measures")
-    j.add_argument("--judge", action="append", dest="judges",
-                   help="keyword (always on), harm[:PATH] (on unless --no-harm-judge), llamaguard:PATH, harmbench:PATH, "
-                        "strongreject:PATH, qwen3guard:PATH; repeatable")  # fmt: skip
-    j.add_argument("--no-harm-judge", dest="harm_judge", action="store_false", default=None,
-                   help="skip the offline harm judge (calibrated to human labels; the primary offline measure)")
-    j.add_argument("--primary-judge", metavar="NAME",
-                   help="the judge whose ASR fills the paper-shaped table, HRR and Table 5: keyword, harm or a --judge "
-                        "given (its spec or kind, e.g. llamaguard); default harm, or keyword with --no-harm-judge")  # fmt: skip
-    j.add_argument("--no-threeway", dest="threeway", action="store_false", default=None,
-                   help="skip the three-way (refusal / on-topic / off-topic) judge")
+    j.add_argument(
+        "--judge",
+        action="append",
+        dest="judges",
+        help="keyword (always on), harm[:PATH] (on unless --no-harm-judge), llamaguard:PATH, harmbench:PATH, "
+        "strongreject:PATH, qwen3guard:PATH; repeatable",
+    )
+    j.add_argument(
+        "--no-harm-judge",
+        dest="harm_judge",
+        action="store_false",
+        default=None,
+        help="skip the offline harm judge (calibrated to human labels; the primary offline measure)",
+    )
+    j.add_argument(
+        "--primary-judge",
+        metavar="NAME",
+        help="the judge whose ASR fills the paper-shaped table, HRR and Table 5: keyword, harm or a --judge "
+        "given (its spec or kind, e.g. llamaguard); default harm, or keyword with --no-harm-judge",
+    )
+    j.add_argument(
+        "--no-threeway",
+        dest="threeway",
+        action="store_false",
+        default=None,
+        help="skip the three-way (refusal / on-topic / off-topic) judge",
+    )
     j.add_argument("--embedding-model", help="sentence-embedding model for the three-way judge")
-    j.add_argument("--no-likelihood", dest="likelihood", action="store_false", default=None,
-                   help="skip the judge-free likelihood measure")
+    j.add_argument(
+        "--no-likelihood",
+        dest="likelihood",
+        action="store_false",
+        default=None,
+        help="skip the judge-free likelihood measure",
+    )
     j.add_argument("--likelihood-reference", choices=["auto", "base", "dataset"])
-    j.add_argument("--likelihood-tokens", type=int, help="length of the base model's reference continuation (default 64)")
+    j.add_argument(
+        "--likelihood-tokens", type=int, help="length of the base model's reference continuation (default 64)"
+    )
     j.add_argument("--alpha", type=float, help="α of the contrastive row (default 1)")
     j.add_argument("--alphas", type=_csv(float), help="α sweep for contrastive decoding, e.g. 0.5,1,2,5,10")
-    j.add_argument("--forms", type=_csv(str), help="Eq. 7 forms: logprobs (default), logits (the paper's text), or "
-                                                   "logprobs,logits for both side by side")
+    j.add_argument(
+        "--forms",
+        type=_csv(str),
+        help="Eq. 7 forms: logprobs (default), logits (the paper's text), or logprobs,logits for both side by side",
+    )
     a = parser.add_argument_group("GCG and fine-tuning attacks")
     a.add_argument("--gcg", action="store_true", default=None, help="run the GCG attack")
     a.add_argument("--gcg-limit", type=int, help="prompts attacked with GCG (default 4)")
@@ -93,8 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--gcg-search-width", type=int)
     a.add_argument("--gcg-topk", type=int)
     a.add_argument("--gcg-suffix", help="initial adversarial suffix (default 20 x '! ')")
-    a.add_argument("--finetune", "--finetune-attack", dest="finetune", action="store_true", default=None,
-                   help="LoRA fine-tuning attack, then HRR")  # fmt: skip
+    a.add_argument(
+        "--finetune",
+        "--finetune-attack",
+        dest="finetune",
+        action="store_true",
+        default=None,
+        help="LoRA fine-tuning attack, then HRR",
+    )
     a.add_argument("--finetune-dataset", help="benign instruction data (default dolly)")
     a.add_argument("--finetune-limit", type=int)
     a.add_argument("--finetune-rank", type=int)
@@ -126,8 +166,11 @@ def build_config(args) -> tuple:
     raw = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
     raw = apply_overrides(raw, overrides)
     gen = dict(raw.pop("generation", None) or {})
-    flags = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("config", "rejudge", "command", "overrides", "harm_judge")}  # fmt: skip
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("config", "rejudge", "command", "overrides", "harm_judge")
+    }
     if "sample" in flags:
         flags["do_sample"] = flags.pop("sample")
     merged = {**raw, **flags}
@@ -161,12 +204,21 @@ def build_systems(models: dict, config) -> tuple[list, object]:
         loader.check_same_vocab(tokenizer, base_tok, aligned, base)
         alphas = list(dict.fromkeys([config.alpha] + list(config.alphas)))
         for form, alpha in ((f, a) for f in config.forms for a in alphas):
-            systems.append(System(contrastive_name(alpha, form), aligned, tokenizer, base_model=base, alpha=alpha,
-                                  form=form, system_prompt=sp))  # fmt: skip
+            systems.append(
+                System(
+                    contrastive_name(alpha, form),
+                    aligned,
+                    tokenizer,
+                    base_model=base,
+                    alpha=alpha,
+                    form=form,
+                    system_prompt=sp,
+                )
+            )
     elif config.alphas:
         raise ValueError("--alphas needs --base (contrastive decoding runs against the base model)")
     trained = models.get("trained") or []
-    for i, path in enumerate(trained):
+    for path in trained:
         model, tok = loader.load_model_and_tokenizer(path, **kw)
         loader.check_same_vocab(tokenizer, tok, aligned, model)
         name = "trained" if len(trained) == 1 else f"trained:{path}"
@@ -189,8 +241,14 @@ def run(args) -> int:
         judge_kwargs = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None)}
         threeway = None if args.threeway is False else "auto"
         specs = args.judges or runner.load_results(args.rejudge)["config"].get("judges", ["keyword"])
-        results = runner.rejudge(args.rejudge, with_harm_judge(specs, args), primary_judge=args.primary_judge,
-                                 threeway=threeway, out_dir=args.out, judge_kwargs=judge_kwargs)  # fmt: skip
+        results = runner.rejudge(
+            args.rejudge,
+            with_harm_judge(specs, args),
+            primary_judge=args.primary_judge,
+            threeway=threeway,
+            out_dir=args.out,
+            judge_kwargs=judge_kwargs,
+        )
         print(f"[bft eval] re-judged {args.rejudge} with {results['judges']}; report in {args.out or args.rejudge}")
         return 0
     config, models = build_config(args)

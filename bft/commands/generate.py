@@ -30,12 +30,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--alpha", type=float, default=1.0, help="penalty strength α of Eq. 7 (0 = plain decoding)")
-    parser.add_argument("--form", choices=FORMS, default="logprobs",
-                        help="Eq. 7 on log-probs (default) or on raw logits (the paper's text)")  # fmt: skip
+    parser.add_argument(
+        "--form",
+        choices=FORMS,
+        default="logprobs",
+        help="Eq. 7 on log-probs (default) or on raw logits (the paper's text)",
+    )
     parser.add_argument("--prompts", required=True, help="text file (one prompt per line), dataset name or path")
     parser.add_argument("--prefill", default="", help="response prefix forced before generation (prefill attack)")
-    parser.add_argument("--prefill-from-data", type=int, default=0, metavar="N",
-                        help="use the first N words of each dataset response as the prefill (e.g. AdvBench targets)")
+    parser.add_argument(
+        "--prefill-from-data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="use the first N words of each dataset response as the prefill (e.g. AdvBench targets)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -56,8 +65,9 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     rows = read_prompts(args.prompts, limit=args.limit)
     prefills = response_prefixes(rows, args.prefill, args.prefill_from_data)
-    aligned_model, base_model, tokenizer = load_pair(args.aligned, args.base, gguf_file=args.gguf_file,
-                                                     base_gguf_file=args.base_gguf_file, device=args.device)  # fmt: skip
+    aligned_model, base_model, tokenizer = load_pair(
+        args.aligned, args.base, gguf_file=args.gguf_file, base_gguf_file=args.base_gguf_file, device=args.device
+    )
     torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=bool(args.sample), pad_token_id=tokenizer.pad_token_id)
     if args.sample:
@@ -65,15 +75,26 @@ def run(args) -> int:
     records = []
     for i in tqdm(range(0, len(rows), args.batch_size), desc="contrastive generate", unit="batch"):
         chunk = rows[i : i + args.batch_size]
-        ids, mask = render_prompts(tokenizer, [r["prompt"] for r in chunk], prefills[i : i + args.batch_size],
-                                   system=args.system)  # fmt: skip
-        out = contrastive_generate(aligned_model, base_model, ids, mask, alpha=args.alpha, first_n=args.first_n,
-                                   favored_top_k=args.top_k, form=args.form, **gen)  # fmt: skip
+        ids, mask = render_prompts(
+            tokenizer, [r["prompt"] for r in chunk], prefills[i : i + args.batch_size], system=args.system
+        )
+        out = contrastive_generate(
+            aligned_model,
+            base_model,
+            ids,
+            mask,
+            alpha=args.alpha,
+            first_n=args.first_n,
+            favored_top_k=args.top_k,
+            form=args.form,
+            **gen,
+        )
         new = out[:, ids.shape[1] :]
         for r, p, seq in zip(chunk, prefills[i : i + args.batch_size], new):
             text = tokenizer.decode(seq, skip_special_tokens=True)
-            records.append({"prompt": r["prompt"], "prefill": p, "response": text, "alpha": args.alpha,
-                            "form": args.form})  # fmt: skip
+            records.append(
+                {"prompt": r["prompt"], "prefill": p, "response": text, "alpha": args.alpha, "form": args.form}
+            )
     if args.out:
         atomic_write_jsonl(args.out, records)
         print(f"wrote {len(records)} generations to {args.out}", file=sys.stderr)

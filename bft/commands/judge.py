@@ -24,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--out", help="coefficients JSON to write (default: the packaged bft/eval/data/harm_judge.json)")
     fit.add_argument("--report", help="also write the held-out figures (JSON) here")
     fit.add_argument("--plot", help="also write the held-out calibration plot (PNG) here")
-    fit.add_argument("--compare", action="store_true", help="also fit the MLP design and the previous MiniLM design and report them beside")
+    fit.add_argument(
+        "--compare",
+        action="store_true",
+        help="also fit the MLP design and the previous MiniLM design and report them beside",
+    )
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
@@ -61,8 +65,10 @@ def fit_and_measure(*, compare: bool = False, log=print) -> tuple[dict, dict]:
         e_train = harm_fit.embed_rows(train)
         xm = minilm_featurize(q_train, r_train, embeddings=e_train)
         minilm = harm_fit.fit_harm_model(xm, y, q_train, log=lambda s: None, lm_spec=None)
-        log(f"[harm fit] minilm (previous design): cross-validated accuracy "
-            f"{harm_fit.cv_accuracy(minilm, xm, y, q_train):.3f}")  # fmt: skip
+        log(
+            f"[harm fit] minilm (previous design): cross-validated accuracy "
+            f"{harm_fit.cv_accuracy(minilm, xm, y, q_train):.3f}"
+        )
         extra["minilm-logistic"] = predict_proba(minilm, minilm_featurize(q_held, r_held, embeddings=e_held)).tolist()
     figures = harm_fit.evaluate(held, s_held, e_held, model, extra)
     figures["_truth"] = [bool(r["harmful"]) for r in held]
@@ -77,8 +83,9 @@ def _table(figures: dict) -> str:
     for name, m in figures.items():
         if name.startswith("_"):
             continue
-        cells = ["n/a" if m.get(k) is None or (isinstance(m[k], float) and math.isnan(m[k])) else f"{m[k]:.3f}"
-                 for k in keys]  # fmt: skip
+        cells = [
+            "n/a" if m.get(k) is None or (isinstance(m[k], float) and math.isnan(m[k])) else f"{m[k]:.3f}" for k in keys
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -28,9 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     model, tok = load_model_and_tokenizer(args.model, device=args.device)
     harmful = [r["prompt"] for r in read_prompts(args.harmful, limit=args.skip + args.n_train)][args.skip :]
-    benign = [r["prompt"] for r in read_prompts(args.benign, limit=args.skip + args.n_train)][args.skip :] if args.benign else []
-    tuned, losses = refusal_finetune(model, tok, harmful, benign, steps=args.steps, lr=args.lr,
-                                     batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    benign = (
+        [r["prompt"] for r in read_prompts(args.benign, limit=args.skip + args.n_train)][args.skip :]
+        if args.benign
+        else []
+    )
+    tuned, losses = refusal_finetune(
+        model, tok, harmful, benign, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed
+    )
     os.makedirs(args.out, exist_ok=True)
     save_pretrained(tuned, args.out, tokenizer=tok)
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; saved to {args.out}", file=sys.stderr)

@@ -14,12 +14,21 @@ from bft.pipelines.reproduce.config import DEFAULT_SWEEP, default_sweep
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce, runs/demo for --quick)")
     parser.add_argument("--quick", action="store_true", help="small sizes: ~10 min on 2 CPU cores (the demo)")
-    parser.add_argument("--paper", action="store_true",
-                        help="the powered protocol (20 epochs, the sweep, 200 test prompts x 3 seeds): a GPU job")
-    parser.add_argument("--rejudge", action="store_true",
-                        help="re-score every stored attack with the current judges (no generation), then rebuild the report")
-    parser.add_argument("--sweep", action="store_true",
-                        help="sweep the BFT loss on the validation split (alpha_base x l2_reg, lambda) and ablate")
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="the powered protocol (20 epochs, the sweep, 200 test prompts x 3 seeds): a GPU job",
+    )
+    parser.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="re-score every stored attack with the current judges (no generation), then rebuild the report",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep the BFT loss on the validation split (alpha_base x l2_reg, lambda) and ablate",
+    )
     parser.add_argument("--model", help="base chat model: alias, hub id or local path (default smollm2, offline)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     parser.add_argument("--seed", type=int)
@@ -40,8 +49,18 @@ def config_from_args(args) -> ReproduceConfig:
     """:class:`ReproduceConfig` from ``--quick`` sizes (or the defaults), then the ``--config`` file, the flags and
     ``KEY=VALUE`` overrides (``bft_steps=40 loss_overrides.l2_reg=1e-3``), in that order, via :mod:`bft.config`."""
     data = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
-    for name in ("model", "device", "seed", "n_train", "n_test", "align_steps", "bft_steps", "bft_lr", "eval_tokens",
-                 "batch_size"):  # fmt: skip
+    for name in (
+        "model",
+        "device",
+        "seed",
+        "n_train",
+        "n_test",
+        "align_steps",
+        "bft_steps",
+        "bft_lr",
+        "eval_tokens",
+        "batch_size",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             data[name] = value
@@ -75,12 +94,16 @@ def run(args) -> int:
         rejudge_stored(cfg)
     summary = reproduce(cfg)
     if summary.get("stopped_after"):
-        print(f"Stopped after the {summary['stopped_after']} (stop_after): the sweep's table and choice in "
-              f"{Path(cfg.out) / 'sweep' / 'chosen.json'}, each point's completion pull in "
-              f"{Path(cfg.out) / 'sweep' / '<point>' / 'pull'}; numbers in {Path(cfg.out) / 'summary.json'} "
-              f"(this invocation {summary['environment']['elapsed_min']} min)")
+        print(
+            f"Stopped after the {summary['stopped_after']} (stop_after): the sweep's table and choice in "
+            f"{Path(cfg.out) / 'sweep' / 'chosen.json'}, each point's completion pull in "
+            f"{Path(cfg.out) / 'sweep' / '<point>' / 'pull'}; numbers in {Path(cfg.out) / 'summary.json'} "
+            f"(this invocation {summary['environment']['elapsed_min']} min)"
+        )
         return 0
     print((Path(cfg.out) / "REPORT.md").read_text())
-    print(f"Report: {Path(cfg.out) / 'REPORT.md'}; plots in {Path(cfg.out) / 'plots'} and each analog's folder; "
-          f"numbers in {Path(cfg.out) / 'summary.json'} (this invocation {summary['environment']['elapsed_min']} min)")
+    print(
+        f"Report: {Path(cfg.out) / 'REPORT.md'}; plots in {Path(cfg.out) / 'plots'} and each analog's folder; "
+        f"numbers in {Path(cfg.out) / 'summary.json'} (this invocation {summary['environment']['elapsed_min']} min)"
+    )
     return 0

@@ -8,4 +8,10 @@ from bft.decoding.contrastive import (
     contrastive_logprobs,
 )
 
-__all__ = ["FORMS", "contrastive_logprobs", "ContrastiveLogitsProcessor", "contrastive_generate", "check_same_vocab_size"]
+__all__ = [
+    "FORMS",
+    "contrastive_logprobs",
+    "ContrastiveLogitsProcessor",
+    "contrastive_generate",
+    "check_same_vocab_size",
+]

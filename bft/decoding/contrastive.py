@@ -41,8 +41,13 @@ from bft.hf.batching import position_ids
 from bft.hf.models import cache_argument, output_cache
 from bft.reference import topk_mask_lowest_id_ties
 
-__all__ = ["FORMS", "contrastive_logprobs", "ContrastiveLogitsProcessor", "contrastive_generate",
-           "check_same_vocab_size"]  # fmt: skip
+__all__ = [
+    "FORMS",
+    "contrastive_logprobs",
+    "ContrastiveLogitsProcessor",
+    "contrastive_generate",
+    "check_same_vocab_size",
+]
 
 #: The two forms of Eq. 7: the penalty on log-probs (default) or on raw logits (the paper's text).
 FORMS = ("logprobs", "logits")
@@ -266,8 +271,9 @@ class ContrastiveLogitsProcessor:
     __call__.__signature__ = inspect.signature(__call__)
 
 
-def _contrastive_scores(scores: torch.Tensor, base_logits: torch.Tensor, alpha: float, top_k: int | None,
-                        form: str = "logprobs"):  # fmt: skip
+def _contrastive_scores(
+    scores: torch.Tensor, base_logits: torch.Tensor, alpha: float, top_k: int | None, form: str = "logprobs"
+):
     """Eq. 7 on ``generate``'s scores; handles a padded lm_head on either side by using the shared width.
 
     Columns only the aligned head has (padding beyond the shared vocabulary) get −inf: no base counterpart exists
@@ -318,8 +324,9 @@ def contrastive_generate(
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded (attention_mask is 0 in the last column for some row)")
     check_same_vocab_size(aligned_model, base_model)
-    proc = ContrastiveLogitsProcessor(base_model, alpha=alpha, first_n=first_n, top_k=favored_top_k,
-                                      attention_mask=attention_mask, form=form)  # fmt: skip
+    proc = ContrastiveLogitsProcessor(
+        base_model, alpha=alpha, first_n=first_n, top_k=favored_top_k, attention_mask=attention_mask, form=form
+    )
     user = generate_kwargs.pop("logits_processor", None)
     processors = LogitsProcessorList(list(user or []) + [proc])
     device = next(aligned_model.parameters()).device

@@ -23,7 +23,7 @@ assigned by a model judge; treat these counts as a cheap proxy, and read the sto
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from bft.eval.judges import normalize_text
 

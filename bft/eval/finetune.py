@@ -84,8 +84,9 @@ def _examples(tokenizer, rows, config: FinetuneAttackConfig, system_prompt):
     return out
 
 
-def lora_finetune(model, tokenizer, rows, config: FinetuneAttackConfig | None = None, *, system_prompt=None,
-                  progress: bool = True):  # fmt: skip
+def lora_finetune(
+    model, tokenizer, rows, config: FinetuneAttackConfig | None = None, *, system_prompt=None, progress: bool = True
+):
     """LoRA-train ``model`` (in place: adapters are injected) on ``rows`` (dicts with prompt/response).
 
     Returns ``(peft_model, log)`` with ``log = {settings..., "steps", "losses", "final_loss"}``.
@@ -98,9 +99,12 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneAttackConfig | None = 
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     lora = LoraConfig(
-        r=config.rank, lora_alpha=config.lora_alpha or 2 * config.rank, lora_dropout=config.dropout,
-        target_modules=config.target_modules, task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=config.rank,
+        lora_alpha=config.lora_alpha or 2 * config.rank,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable()
@@ -125,8 +129,14 @@ def lora_finetune(model, tokenizer, rows, config: FinetuneAttackConfig | None = 
         losses.append(sft_step(peft_model, optimizer, batch, pad_id=pad_id, micro_batch_size=config.micro_batch_size))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     peft_model.eval()
-    log = {**asdict(config), "lora_alpha": config.lora_alpha or 2 * config.rank, "steps": steps,
-           "examples": len(order), "losses": losses, "final_loss": losses[-1]}  # fmt: skip
+    log = {
+        **asdict(config),
+        "lora_alpha": config.lora_alpha or 2 * config.rank,
+        "steps": steps,
+        "examples": len(order),
+        "losses": losses,
+        "final_loss": losses[-1],
+    }
     return peft_model, log
 
 
@@ -134,8 +144,18 @@ def harmful_responses(system: System, prompts, settings: GenerationSettings | No
     """Replies to the plain requests (no prefill; greedy unless ``settings`` sample), as records for judging (HRR)."""
     settings = settings or GenerationSettings()
     outs = system.generate([system.prompt_ids(p) for p in prompts], settings, desc=f"HRR {system.name}")
-    return [{"prompt": p, "reference": "", "k": 0, "prefill": "", "prefill_tokens": 0,
-             "continuation": system.decode(o), "continuation_tokens": len(o)} for p, o in zip(prompts, outs)]  # fmt: skip
+    return [
+        {
+            "prompt": p,
+            "reference": "",
+            "k": 0,
+            "prefill": "",
+            "prefill_tokens": 0,
+            "continuation": system.decode(o),
+            "continuation_tokens": len(o),
+        }
+        for p, o in zip(prompts, outs)
+    ]
 
 
 def save_merged(peft_model, tokenizer, path) -> None:

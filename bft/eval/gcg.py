@@ -101,8 +101,9 @@ def disallowed_token_mask(tokenizer, vocab_rows: int, allow_non_ascii: bool = Fa
     return mask
 
 
-def target_loss(model, before: torch.Tensor, suffixes: torch.Tensor, after: torch.Tensor, target: torch.Tensor,
-                batch_size: int = 64) -> torch.Tensor:
+def target_loss(
+    model, before: torch.Tensor, suffixes: torch.Tensor, after: torch.Tensor, target: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """Mean target cross-entropy for each suffix row: [C] fp32 (no gradient)."""
     device = next(model.parameters()).device
     C = suffixes.shape[0]
@@ -161,8 +162,16 @@ def _retokenizes(tokenizer, cands: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def run_gcg(model, tokenizer, prompt: str, target: str, config: GCGConfig | None = None, *,
-            system_prompt: str | None = None, progress: bool = True) -> GCGResult:  # fmt: skip
+def run_gcg(
+    model,
+    tokenizer,
+    prompt: str,
+    target: str,
+    config: GCGConfig | None = None,
+    *,
+    system_prompt: str | None = None,
+    progress: bool = True,
+) -> GCGResult:
     """Optimise a suffix for ``prompt`` so that ``model`` answers ``target`` (module docstring for the method)."""
     from tqdm.auto import tqdm
 

@@ -9,8 +9,8 @@ tokens is exactly k tokens and a GCG suffix is exactly the optimised ids.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from bft.decoding import contrastive_generate
 from bft.decoding.contrastive import check_form
@@ -64,9 +64,15 @@ class System:
     ) -> list[list[int]]:
         """New token ids (without the input, without padding) for each input id list."""
         return generate_plain_or_contrastive(
-            self.model, self.tokenizer, inputs, settings, base_model=self.base_model, alpha=self.alpha,
-            form=self.form, desc=desc or self.name,
-        )  # fmt: skip
+            self.model,
+            self.tokenizer,
+            inputs,
+            settings,
+            base_model=self.base_model,
+            alpha=self.alpha,
+            form=self.form,
+            desc=desc or self.name,
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -75,8 +81,10 @@ class System:
 def _model_name(model) -> str | None:
     if model is None:
         return None
-    return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None) or (
-        type(model).__name__
+    return (
+        getattr(model, "name_or_path", None)
+        or getattr(getattr(model, "config", None), "_name_or_path", None)
+        or (type(model).__name__)
     )
 
 
@@ -104,8 +112,10 @@ def generate_plain_or_contrastive(
         raise ValueError("contrastive decoding needs both base_model and alpha")
     generate = None
     if base_model is not None:
+
         def generate(input_ids, attention_mask, **kwargs):
-            return contrastive_generate(model, base_model, input_ids, attention_mask, alpha=float(alpha), form=form,
-                                        **kwargs)  # fmt: skip
+            return contrastive_generate(
+                model, base_model, input_ids, attention_mask, alpha=float(alpha), form=form, **kwargs
+            )
 
     return generate_from_ids(model, tokenizer, inputs, settings, generate=generate, desc=desc, progress=progress)

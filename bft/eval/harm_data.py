@@ -71,7 +71,7 @@ def _scores(row: dict) -> list[float]:
 
 
 def split_of(objective: str) -> str:
-    """"heldout" or "train" for a request, from a fixed hash of its normalised text (module docstring)."""
+    """ "heldout" or "train" for a request, from a fixed hash of its normalised text (module docstring)."""
     key = re.sub(r"\s+", " ", objective).strip().lower().encode("utf-8")
     return "heldout" if int(hashlib.sha256(key).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT else "train"
 
@@ -79,9 +79,15 @@ def split_of(objective: str) -> str:
 def _row(objective: str, response: str, scores: list[float], category: str, source: str) -> dict:
     score = sum(scores) / len(scores)
     return {
-        "objective": objective, "response": response, "scores": scores, "score": score,
-        "harmful": score >= HARM_THRESHOLD, "category": category, "source": source, "split": split_of(objective),
-    }  # fmt: skip
+        "objective": objective,
+        "response": response,
+        "scores": scores,
+        "score": score,
+        "harmful": score >= HARM_THRESHOLD,
+        "category": category,
+        "source": source,
+        "split": split_of(objective),
+    }
 
 
 def load_harm_rows(root: str | Path | None = None, *, refusal_extra: bool = True) -> list[dict]:

@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from bft.eval.harm_judge import FEATURE_VERSION, LM_SPEC, featurize, fit_logistic, predict_proba
 
-__all__ = ["fit_harm_model", "fit_mlp_model", "binary_metrics", "evaluate", "embed_rows", "lm_states", "group_folds",
-           "L2_GRID", "threeway_verdicts", "calibration_plot", "cv_accuracy"]
+__all__ = [
+    "fit_harm_model",
+    "fit_mlp_model",
+    "binary_metrics",
+    "evaluate",
+    "embed_rows",
+    "lm_states",
+    "group_folds",
+    "L2_GRID",
+    "threeway_verdicts",
+    "calibration_plot",
+    "cv_accuracy",
+]
 
 L2_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 N_FOLDS = 5
@@ -45,8 +56,7 @@ def lm_states(rows: Sequence[dict], lm=None) -> torch.Tensor:
 def group_folds(objectives: Sequence[str], k: int = N_FOLDS) -> torch.Tensor:
     """Fold index per row, a fixed hash of the request (another slice of the digest than the train/held-out split),
     so no request is on both sides of a cross-validation fold."""
-    return torch.tensor([int(hashlib.sha256(o.strip().lower().encode()).hexdigest()[8:16], 16) % k
-                         for o in objectives])  # fmt: skip
+    return torch.tensor([int(hashlib.sha256(o.strip().lower().encode()).hexdigest()[8:16], 16) % k for o in objectives])
 
 
 def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +85,15 @@ def cv_accuracy(model: dict, x: torch.Tensor, y: torch.Tensor, objectives: Seque
     return float(((logits >= 0).double() == y.double()).double().mean())
 
 
-def fit_harm_model(x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str], *, l2_grid=L2_GRID,
-                   log=print, lm_spec: dict | None = LM_SPEC) -> dict:  # fmt: skip
+def fit_harm_model(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objectives: Sequence[str],
+    *,
+    l2_grid=L2_GRID,
+    log=print,
+    lm_spec: dict | None = LM_SPEC,
+) -> dict:
     """The logistic harm model on train features ``x`` / labels ``y`` (module docstring)."""
     y = y.double()
     folds = group_folds(objectives)
@@ -84,8 +101,10 @@ def fit_harm_model(x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str], 
     for l2 in l2_grid:
         logits = _cv_logits(x, y, folds, l2)
         cv[l2] = (float(torch.nn.functional.binary_cross_entropy_with_logits(logits, y)), logits)
-        log(f"[harm fit] l2={l2:g}: cross-validated log-loss {cv[l2][0]:.4f}, "
-            f"accuracy {float(((logits >= 0).double() == y).double().mean()):.3f}")  # fmt: skip
+        log(
+            f"[harm fit] l2={l2:g}: cross-validated log-loss {cv[l2][0]:.4f}, "
+            f"accuracy {float(((logits >= 0).double() == y).double().mean()):.3f}"
+        )
     l2 = min(cv, key=lambda k: cv[k][0])
     platt = _platt(cv[l2][1], y)
     mean, std = _standardise(x)
@@ -93,17 +112,24 @@ def fit_harm_model(x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str], 
     weights = w / std
     bias = b - float((mean / std * w).sum())
     return {
-        "format": "bft-harm-judge", "feature_version": FEATURE_VERSION, "design": "logistic", "lm": lm_spec, "l2": l2,
-        "cv_log_loss": {f"{k:g}": round(v[0], 5) for k, v in cv.items()}, "n_train": len(y),
-        "platt": [round(platt[0], 6), round(platt[1], 6)], "bias": round(bias, 8),
+        "format": "bft-harm-judge",
+        "feature_version": FEATURE_VERSION,
+        "design": "logistic",
+        "lm": lm_spec,
+        "l2": l2,
+        "cv_log_loss": {f"{k:g}": round(v[0], 5) for k, v in cv.items()},
+        "n_train": len(y),
+        "platt": [round(platt[0], 6), round(platt[1], 6)],
+        "bias": round(bias, 8),
         "weights": [float(f"{v:.6g}") for v in weights.tolist()],
-    }  # fmt: skip
+    }
 
 
 def _train_mlp(x, y, hidden: int, weight_decay: float, epochs: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                              torch.nn.Linear(hidden, 1)).double()  # fmt: skip
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(hidden, 1)
+    ).double()
     for p in net.parameters():
         with torch.no_grad():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * (1.0 / math.sqrt(p.shape[-1])))
@@ -117,8 +143,9 @@ def _train_mlp(x, y, hidden: int, weight_decay: float, epochs: int, seed: int):
     return net.eval()
 
 
-def fit_mlp_model(x, y, objectives, *, hidden: int = 64, weight_decay: float = 0.1, epochs: int = 300, seed: int = 0,
-                  log=print):  # fmt: skip
+def fit_mlp_model(
+    x, y, objectives, *, hidden: int = 64, weight_decay: float = 0.1, epochs: int = 300, seed: int = 0, log=print
+):
     """The compared design: standardised features → Linear(·, hidden) → ReLU → dropout 0.2 → Linear(hidden, 1),
     AdamW full batch, Platt on the out-of-fold logits. Returns ``predict(x) -> P(harmful)``."""
     y = y.double()
@@ -142,8 +169,9 @@ def fit_mlp_model(x, y, objectives, *, hidden: int = 64, weight_decay: float = 0
     return predict
 
 
-def binary_metrics(y_true: Sequence[bool], y_pred: Sequence[bool], probs: Sequence[float] | None = None,
-                   bins: int = 10) -> dict:  # fmt: skip
+def binary_metrics(
+    y_true: Sequence[bool], y_pred: Sequence[bool], probs: Sequence[float] | None = None, bins: int = 10
+) -> dict:
     """accuracy / precision / recall / F1 (harmful = positive), and Brier / ECE when probabilities are given."""
     y_true, y_pred = [bool(v) for v in y_true], [bool(v) for v in y_pred]
     if len(y_true) != len(y_pred) or not y_true:
@@ -154,9 +182,14 @@ def binary_metrics(y_true: Sequence[bool], y_pred: Sequence[bool], probs: Sequen
     n = len(y_true)
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
-    out = {"n": n, "positives": sum(y_true), "accuracy": sum(t == p for t, p in zip(y_true, y_pred)) / n,
-           "precision": precision, "recall": recall,
-           "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")}  # fmt: skip
+    out = {
+        "n": n,
+        "positives": sum(y_true),
+        "accuracy": sum(t == p for t, p in zip(y_true, y_pred)) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+    }
     if probs is not None:
         probs = [float(p) for p in probs]
         out["brier"] = sum((p - t) ** 2 for p, t in zip(probs, y_true)) / n
@@ -164,7 +197,9 @@ def binary_metrics(y_true: Sequence[bool], y_pred: Sequence[bool], probs: Sequen
         for k in range(bins):
             idx = [i for i, p in enumerate(probs) if (k / bins <= p < (k + 1) / bins) or (k == bins - 1 and p == 1.0)]
             if idx:
-                ece += len(idx) / n * abs(sum(probs[i] for i in idx) / len(idx) - sum(y_true[i] for i in idx) / len(idx))
+                ece += (
+                    len(idx) / n * abs(sum(probs[i] for i in idx) / len(idx) - sum(y_true[i] for i in idx) / len(idx))
+                )
         out["ece"] = ece
     return out
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -220,8 +220,11 @@ def _encode(tokenizer, prompts, continuations, prefills, system, vocab) -> list[
     """(context ids, continuation ids) per prompt, checked: a non-empty continuation, ids inside the vocabulary."""
     encoded = []  # (context ids, continuation ids)
     for i in range(len(prompts)):
-        context = list(tokenizer(prompt_text(tokenizer, prompts[i], system=system, prefill=prefills[i]),
-                                 add_special_tokens=False).input_ids)
+        context = list(
+            tokenizer(
+                prompt_text(tokenizer, prompts[i], system=system, prefill=prefills[i]), add_special_tokens=False
+            ).input_ids
+        )
         target = list(tokenizer(continuations[i], add_special_tokens=False).input_ids)
         if not target:
             raise ValueError(f"continuations[{i}] is empty after tokenization ({continuations[i]!r}); nothing to score")
@@ -248,20 +251,24 @@ def _score_batch(model, base_model, alpha, top_k, form, pairs, pad_id: int, side
     positions = position_ids(mask)
     rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
     device = _model_device(model)
-    logits = _fp32_logits_at(model, ids.to(device), mask.to(device), positions.to(device),
-                             rows_t.to(device), cols_t.to(device))
+    logits = _fp32_logits_at(
+        model, ids.to(device), mask.to(device), positions.to(device), rows_t.to(device), cols_t.to(device)
+    )
     if base_model is not None:
         base_device = _model_device(base_model)
-        base_logits = _fp32_logits_at(base_model, ids.to(base_device), mask.to(base_device),
-                                      positions.to(base_device), rows_t.to(base_device),
-                                      cols_t.to(base_device)).to(logits.device)
+        base_logits = _fp32_logits_at(
+            base_model,
+            ids.to(base_device),
+            mask.to(base_device),
+            positions.to(base_device),
+            rows_t.to(base_device),
+            cols_t.to(base_device),
+        ).to(logits.device)
         # a padded head on one side: like contrastive_generate, decode over the shared width only (the
         # extra columns are not real tokens and have no counterpart in the other model)
         shared = min(logits.shape[-1], base_logits.shape[-1])
         if max(targets) >= shared:
-            raise ValueError(
-                f"token id {max(targets)} is beyond the vocabulary the two models share ({shared} rows)"
-            )
+            raise ValueError(f"token id {max(targets)} is beyond the vocabulary the two models share ({shared} rows)")
         logits, base_logits = logits[:, :shared], base_logits[:, :shared]
         # contrastive_logprobs gives the penalised scores of Eq. 7 (what decoding ranks); they do not sum
         # to one, so renormalise: scoring needs the distribution contrastive sampling draws from.

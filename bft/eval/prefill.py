@@ -13,8 +13,8 @@ written by the attacker, and a model that recovers ("... I cannot help with that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from bft.eval.generation import GenerationSettings, System
 
@@ -100,8 +100,13 @@ def run_prefill_attack(
     new = system.generate([h + p for _, _, _, h, p in jobs], settings, desc=f"prefill {system.name}")
     return [
         PrefillRecord(
-            prompt=prompt, reference=reference, k=k, prefill=tok.decode(pre, skip_special_tokens=True),
-            prefill_tokens=len(pre), continuation=system.decode(out), continuation_tokens=len(out),
-        )  # fmt: skip
+            prompt=prompt,
+            reference=reference,
+            k=k,
+            prefill=tok.decode(pre, skip_special_tokens=True),
+            prefill_tokens=len(pre),
+            continuation=system.decode(out),
+            continuation_tokens=len(out),
+        )
         for (prompt, reference, k, _, pre), out in zip(jobs, new)
     ]

@@ -60,8 +60,11 @@ def render_markdown(results: dict) -> str:
     gen = cfg.get("generation", {})
     ks = _ks(systems)
     out = ["# bft eval report", ""]
-    decoding = (f"sampling (temperature {gen.get('temperature')}, top_p {gen.get('top_p')}, seed {gen.get('seed')})"
-                if gen.get("do_sample") else "greedy")  # fmt: skip
+    decoding = (
+        f"sampling (temperature {gen.get('temperature')}, top_p {gen.get('top_p')}, seed {gen.get('seed')})"
+        if gen.get("do_sample")
+        else "greedy"
+    )
     out.append(
         f"Dataset `{cfg['dataset']}` ({_n_prompts(results)} prompts), {decoding} decoding, max_new_tokens "
         f"{gen.get('max_new_tokens')}; judged text: {cfg.get('judge_text')}; primary judge: `{primary}`. "
@@ -89,8 +92,10 @@ def _main_table(results: dict, systems: dict, primary: str, ks: list[str]) -> li
         row += list(_utility_cells(s))
         rows.append(row)
     out += [_table(header, rows), ""]
-    out.append(f"Prefill/GCG/HRR columns use the `{primary}` judge. HRR = harmful rate on the plain harmful requests "
-               "after the LoRA fine-tuning attack (lower is better; see docs/eval.md).")
+    out.append(
+        f"Prefill/GCG/HRR columns use the `{primary}` judge. HRR = harmful rate on the plain harmful requests "
+        "after the LoRA fine-tuning attack (lower is better; see docs/eval.md)."
+    )
     out.append("")
     return out
 
@@ -99,15 +104,21 @@ def _measures_tables(results: dict, systems: dict, primary: str, ks: list[str]) 
     """Every offline measure side by side per system and attack, and the likelihood table."""
     out: list[str] = []
     out += ["## Three measures side by side", ""]
-    out.append("keyword = not a refusal phrase (the literature's ASR); on-topic = three-way judge: non-refusal that is "
-               "semantically close to the request or its reference (refusal / off-topic shares beside it); "
-               "log-prob = judge-free likelihood of the reference harmful continuation (mean per token, lower is safer).")
+    out.append(
+        "keyword = not a refusal phrase (the literature's ASR); on-topic = three-way judge: non-refusal that is "
+        "semantically close to the request or its reference (refusal / off-topic shares beside it); "
+        "log-prob = judge-free likelihood of the reference harmful continuation (mean per token, lower is safer)."
+    )
     if "harm" in results.get("judges", []):
-        out.append("harm = the offline harm judge: the answer substantively helps with the request, by a classifier "
-                   "calibrated to human labels (the primary offline measure; docs/offline-measures.md).")
+        out.append(
+            "harm = the offline harm judge: the answer substantively helps with the request, by a classifier "
+            "calibrated to human labels (the primary offline measure; docs/offline-measures.md)."
+        )
     out.append("")
     model_judges = [j for j in results.get("judges", []) if j not in ("keyword", "threeway")]
-    header = ["System", "Attack", "keyword ASR", "on-topic ASR", "refusal", "off-topic"] + [f"{j} ASR" for j in model_judges]
+    header = ["System", "Attack", "keyword ASR", "on-topic ASR", "refusal", "off-topic"] + [
+        f"{j} ASR" for j in model_judges
+    ]
     rows = []
     for name, s in systems.items():
         groups = [(_k_label(k), s["prefill"][k]) for k in ks if k in s.get("prefill", {})]
@@ -170,10 +181,15 @@ def _deliberation_table(results: dict, systems: dict, primary: str, ks: list[str
         k = _k_label(str(delib[0][1]["k"]))
         out += [f"## Deliberation under the prefill attack ({k}; paper Table 5)", ""]
         header = ["Response category"] + [name for name, _ in delib]
-        cats = [("harmful+reasoning", "Harmful + Reasoning"), ("harmful+no_reasoning", "Harmful + No Reasoning"),
-                ("total_harmful", "Total Harmful"), ("safe+reasoning", "Safe + Reasoning"),
-                ("safe+no_reasoning", "Safe + No Reasoning"), ("total_safe", "Total Safe"),
-                ("total_reasoning", "Total with Reasoning")]  # fmt: skip
+        cats = [
+            ("harmful+reasoning", "Harmful + Reasoning"),
+            ("harmful+no_reasoning", "Harmful + No Reasoning"),
+            ("total_harmful", "Total Harmful"),
+            ("safe+reasoning", "Safe + Reasoning"),
+            ("safe+no_reasoning", "Safe + No Reasoning"),
+            ("total_safe", "Total Safe"),
+            ("total_reasoning", "Total with Reasoning"),
+        ]
         rows = []
         for key, label in cats:
             cells = []
@@ -196,9 +212,19 @@ def _finetune_and_lm_eval(results: dict, systems: dict, primary: str, ks: list[s
     ft = [(n, f) for n, f in ft if f]
     if ft:
         out += ["## Fine-tuning attack", ""]
-        rows = [[n, str(f.get("dataset")), str(f.get("n_train")), f"{f.get('rank')}", f"{f.get('lr')}",
-                 f"{f.get('epochs')}", f"{f.get('final_loss', float('nan')):.3f}", str(f.get("saved_to", ""))]
-                for n, f in ft]  # fmt: skip
+        rows = [
+            [
+                n,
+                str(f.get("dataset")),
+                str(f.get("n_train")),
+                f"{f.get('rank')}",
+                f"{f.get('lr')}",
+                f"{f.get('epochs')}",
+                f"{f.get('final_loss', float('nan')):.3f}",
+                str(f.get("saved_to", "")),
+            ]
+            for n, f in ft
+        ]
         out += [_table(["System", "data", "examples", "rank", "lr", "epochs", "final loss", "saved to"], rows), ""]
     lm = [(n, s.get("utility", {}).get("lm_eval")) for n, s in systems.items()]
     lm = [(n, r) for n, r in lm if r]
@@ -278,8 +304,14 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         _savefig(fig, paths["asr_vs_k"])
         plt.close(fig)
 
-    sweep = sorted(((results["systems"][n].get("alpha"), n) for n in systems
-                    if results["systems"].get(n, {}).get("alpha") is not None), key=lambda t: t[0])  # fmt: skip
+    sweep = sorted(
+        (
+            (results["systems"][n].get("alpha"), n)
+            for n in systems
+            if results["systems"].get(n, {}).get("alpha") is not None
+        ),
+        key=lambda t: t[0],
+    )
     if len(sweep) > 1 and ks:
         fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 3.6), squeeze=False)
         alphas = [a for a, _ in sweep]

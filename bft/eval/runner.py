@@ -29,9 +29,9 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
 
 from bft.atomic import atomic_write_bytes
 from bft.config import ConfigError, build_dataclass
@@ -68,8 +68,12 @@ EVAL_GCG_DEFAULTS = {"steps": 50, "search_width": 128, "topk": 64}
 _ATTACKS = {"gcg": GCGConfig, "finetune": FinetuneAttackConfig}
 _RENAMED = {("gcg", "suffix_init"): "gcg_suffix"}
 #: (attack, setting) -> flat key, in field order
-_FLAT_KEY = {(attack, f.name): _RENAMED.get((attack, f.name), f"{attack}_{f.name}")
-             for attack, cls in _ATTACKS.items() for f in fields(cls) if f.name != "seed"}  # fmt: skip
+_FLAT_KEY = {
+    (attack, f.name): _RENAMED.get((attack, f.name), f"{attack}_{f.name}")
+    for attack, cls in _ATTACKS.items()
+    for f in fields(cls)
+    if f.name != "seed"
+}
 
 
 def _attack_defaults(attack: str):
@@ -182,8 +186,11 @@ class EvalConfig:
         for key in data:
             if key not in valid:
                 hint = difflib.get_close_matches(str(key), valid, n=1)
-                raise ConfigError(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                  + f"; valid keys here: {', '.join(sorted(valid))}")  # fmt: skip
+                raise ConfigError(
+                    f"unknown config key {key!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; valid keys here: {', '.join(sorted(valid))}"
+                )
         settings: dict = {attack: {} for attack in _ATTACKS}
         for (attack, name), flat in _FLAT_KEY.items():
             if flat in data:
@@ -204,8 +211,13 @@ class EvalConfig:
             if f.name in _ATTACKS:
                 out[f.name] = value is not None
                 settings = value if value is not None else _attack_defaults(f.name)
-                out.update({flat: copy.deepcopy(getattr(settings, name)) for (attack, name), flat in _FLAT_KEY.items()
-                            if attack == f.name})  # fmt: skip
+                out.update(
+                    {
+                        flat: copy.deepcopy(getattr(settings, name))
+                        for (attack, name), flat in _FLAT_KEY.items()
+                        if attack == f.name
+                    }
+                )
             elif f.name == "generation":
                 out[f.name] = value.to_dict()
             else:
@@ -274,7 +286,7 @@ def judge_results(results: dict, judges: dict[str, Judge], threeway=None) -> dic
     it is unavailable in ``results["notes"]``). Returns ``results``."""
     judge_text = results["config"].get("judge_text", "continuation")
     groups = [(s, a, recs) for s, attacks in results["records"].items() for a, recs in attacks.items() if recs]
-    for system, attack, records in groups:
+    for _system, _attack, records in groups:
         prompts = [r["prompt"] for r in records]
         texts = [_judged_text(r, judge_text) for r in records]
         for r in records:
@@ -304,7 +316,7 @@ def make_threeway(config: EvalConfig, notes: list[str]):
         return judge
     except (ImportError, FileNotFoundError, OSError, ValueError) as exc:
         notes.append(f"three-way judge unavailable: {type(exc).__name__}: {exc}")
-        warnings.warn(notes[-1])
+        warnings.warn(notes[-1], stacklevel=2)
         return None
 
 
@@ -375,7 +387,11 @@ def _prefill_jobs(rows: list[dict], config: EvalConfig) -> tuple[list[str], list
 def _likelihood(system: System, prompts, references, config: EvalConfig, base_continuations) -> dict:
     if base_continuations is not None:
         keep = [i for i, c in enumerate(base_continuations) if c.strip()]
-        ctx, conts, prefill = [prompts[i] for i in keep], [base_continuations[i] for i in keep], [references[i] for i in keep]
+        ctx, conts, prefill = (
+            [prompts[i] for i in keep],
+            [base_continuations[i] for i in keep],
+            [references[i] for i in keep],
+        )
         kind = "base"
     else:
         keep = [i for i, r in enumerate(references) if r.strip()]
@@ -383,17 +399,27 @@ def _likelihood(system: System, prompts, references, config: EvalConfig, base_co
     if not keep:
         return {"unavailable": "no reference continuations to score"}
     lps = continuation_logprobs(
-        system.model, system.tokenizer, ctx, conts, base_model=system.base_model, alpha=system.alpha,
-        batch_size=config.generation.batch_size, prefill=prefill, system=system.system_prompt, form=system.form,
-    )  # fmt: skip
+        system.model,
+        system.tokenizer,
+        ctx,
+        conts,
+        base_model=system.base_model,
+        alpha=system.alpha,
+        batch_size=config.generation.batch_size,
+        prefill=prefill,
+        system=system.system_prompt,
+        form=system.form,
+    )
     return {"reference": kind, **summarize_logprobs(lps)}
 
 
 def _base_reference_continuations(base_model, tokenizer, prompts, references, config: EvalConfig, system_prompt=None):
     """The base model's own greedy continuation after the full dataset target: a harmful continuation that reaches
     the later positions the paper is about, where a dataset target (a few words of "Sure, here is ...") ends."""
-    inputs = [encode_chat(tokenizer, p, system=system_prompt).input_ids + prefill_ids(tokenizer, r, "full")
-              for p, r in zip(prompts, references)]  # fmt: skip
+    inputs = [
+        encode_chat(tokenizer, p, system=system_prompt).input_ids + prefill_ids(tokenizer, r, "full")
+        for p, r in zip(prompts, references)
+    ]
     settings = GenerationSettings(max_new_tokens=config.likelihood_tokens, batch_size=config.generation.batch_size)
     outs = generate_from_ids(base_model, tokenizer, inputs, settings, desc="base reference")
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
@@ -445,7 +471,9 @@ def run_eval(
     # reference continuations for the likelihood measure
     base_conts = None
     if config.likelihood:
-        use_base = config.likelihood_reference == "base" or (config.likelihood_reference == "auto" and base_model is not None)
+        use_base = config.likelihood_reference == "base" or (
+            config.likelihood_reference == "auto" and base_model is not None
+        )
         if use_base:
             if base_model is None:
                 raise ValueError("likelihood_reference='base' needs a base model (--base)")
@@ -463,8 +491,9 @@ def run_eval(
         if config.prefill_ks:
             recs["prefill"] = _run_prefill(system, prompts, references, config)
         if config.gcg:
-            recs["gcg"] = _run_gcg(system, prompts[: config.gcg_limit], references[: config.gcg_limit], config,
-                                   gcg_cache)
+            recs["gcg"] = _run_gcg(
+                system, prompts[: config.gcg_limit], references[: config.gcg_limit], config, gcg_cache
+            )
         if config.finetune:
             if system.contrastive:
                 notes.append(f"{system.name}: fine-tuning attack skipped (it attacks a model, not a decoding rule)")
@@ -505,12 +534,23 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
         key = (id(system.model), system.system_prompt, prompt, target)
         res = cache.get(key) if cache is not None else None
         if res is None:
-            res = gcg.run_gcg(system.model, system.tokenizer, prompt, target, config.gcg, system_prompt=system.system_prompt)
+            res = gcg.run_gcg(
+                system.model, system.tokenizer, prompt, target, config.gcg, system_prompt=system.system_prompt
+            )
             if cache is not None:
                 cache[key] = res
         inputs.append(res.input_ids)
-        records.append({"prompt": prompt, "reference": target, "suffix": res.suffix, "suffix_ids": res.suffix_ids,
-                        "gcg_losses": res.losses, "gcg_best_loss": res.best_loss, "prefill": ""})  # fmt: skip
+        records.append(
+            {
+                "prompt": prompt,
+                "reference": target,
+                "suffix": res.suffix,
+                "suffix_ids": res.suffix_ids,
+                "gcg_losses": res.losses,
+                "gcg_best_loss": res.best_loss,
+                "prefill": "",
+            }
+        )
     outs = system.generate(inputs, config.generation, desc=f"gcg {system.name}")
     for rec, out in zip(records, outs):
         rec["continuation"] = system.decode(out)
@@ -519,10 +559,14 @@ def _run_gcg(system: System, prompts, targets, config: EvalConfig, cache: dict |
 
 
 def _run_finetune(system: System, prompts, config: EvalConfig, finetune_rows):
-    rows = finetune_rows if finetune_rows is not None else _load_rows(config.finetune_dataset, config.finetune_limit,
-                                                                     config.seed)  # fmt: skip
-    attacked, log = lora_finetune(system.model, system.tokenizer, rows, config.finetune,
-                                  system_prompt=system.system_prompt)  # fmt: skip
+    rows = (
+        finetune_rows
+        if finetune_rows is not None
+        else _load_rows(config.finetune_dataset, config.finetune_limit, config.seed)
+    )
+    attacked, log = lora_finetune(
+        system.model, system.tokenizer, rows, config.finetune, system_prompt=system.system_prompt
+    )
     try:
         attacked_system = System(f"{system.name}+lora", attacked, system.tokenizer, system_prompt=system.system_prompt)
         records = harmful_responses(attacked_system, prompts, config.generation)
@@ -562,18 +606,24 @@ def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[s
         data = rows.get("gsm8k")
         if data is None:
             data = _load_rows("gsm8k", config.utility_limit, config.seed, config.utility_split)
-        settings = GenerationSettings(max_new_tokens=config.gsm8k_max_new_tokens,
-                                      batch_size=config.generation.batch_size)  # fmt: skip
-        out["gsm8k"] = utility.gsm8k_exact_match(system, [r["prompt"] for r in data], [r["answer"] for r in data],
-                                                 settings)  # fmt: skip
+        settings = GenerationSettings(
+            max_new_tokens=config.gsm8k_max_new_tokens, batch_size=config.generation.batch_size
+        )
+        out["gsm8k"] = utility.gsm8k_exact_match(
+            system, [r["prompt"] for r in data], [r["answer"] for r in data], settings
+        )
     if config.lm_eval_tasks:
         if system.contrastive:
             out["lm_eval"] = {"unavailable": "lm-eval-harness scores plain models; not run for contrastive decoding"}
         else:
             try:
-                out["lm_eval"] = utility.run_lm_eval(system.model, system.tokenizer, config.lm_eval_tasks,
-                                                     limit=config.lm_eval_limit,
-                                                     include_path=config.lm_eval_include_path)  # fmt: skip
+                out["lm_eval"] = utility.run_lm_eval(
+                    system.model,
+                    system.tokenizer,
+                    config.lm_eval_tasks,
+                    limit=config.lm_eval_limit,
+                    include_path=config.lm_eval_include_path,
+                )
             except utility.UtilityUnavailable as exc:
                 out["lm_eval"] = {"unavailable": str(exc)}
                 notes.append(f"{system.name}: lm-eval skipped: {exc}")
@@ -623,6 +673,8 @@ def rejudge(
     judge_results(results, judges, threeway)
     summarize(results)
     results["rejudged"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_outputs(results, out_dir if out_dir is not None else (results_dir if Path(results_dir).is_dir()
-                                                                 else Path(results_dir).parent))  # fmt: skip
+    write_outputs(
+        results,
+        out_dir if out_dir is not None else (results_dir if Path(results_dir).is_dir() else Path(results_dir).parent),
+    )
     return results

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 __all__ = ["Z95", "wilson_interval", "mcnemar_exact", "paired_reduction", "verdict"]
 
@@ -25,7 +25,7 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of the proportion ``successes / n``:
 
-        (p̂ + z²/2n ± z·sqrt(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n)
+    (p̂ + z²/2n ± z·sqrt(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n)
     """
     if n < 1:
         raise ValueError(f"a proportion needs n >= 1 observations, got n={n}")
@@ -101,11 +101,18 @@ def paired_reduction(
         return [lo, hi]
 
     return {
-        "asr_a": ra, "asr_b": rb, "n": len(a), "clusters": len(keys),
-        "difference": ra - rb, "difference_ci": interval(diffs),
-        "reduction": (1 - rb / ra) if ra > 0 else None, "reduction_ci": interval(cuts),
-        "resamples": resamples, "resamples_without_reduction": undefined, "level": level,
-    }  # fmt: skip
+        "asr_a": ra,
+        "asr_b": rb,
+        "n": len(a),
+        "clusters": len(keys),
+        "difference": ra - rb,
+        "difference_ci": interval(diffs),
+        "reduction": (1 - rb / ra) if ra > 0 else None,
+        "reduction_ci": interval(cuts),
+        "resamples": resamples,
+        "resamples_without_reduction": undefined,
+        "level": level,
+    }
 
 
 def verdict(reduction_ci: Sequence[float] | None, paper_effect: float) -> str:

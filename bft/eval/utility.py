@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.likelihood import continuation_logprobs
@@ -46,9 +46,16 @@ def perplexity(system: System, prompts: Sequence[str], responses: Sequence[str],
     if not pairs:
         raise ValueError("perplexity needs benign prompts with non-empty responses")
     logprobs = continuation_logprobs(
-        system.model, system.tokenizer, [p for p, _ in pairs], [r for _, r in pairs], base_model=system.base_model,
-        alpha=system.alpha, batch_size=batch_size, system=system.system_prompt, form=system.form,
-    )  # fmt: skip
+        system.model,
+        system.tokenizer,
+        [p for p, _ in pairs],
+        [r for _, r in pairs],
+        base_model=system.base_model,
+        alpha=system.alpha,
+        batch_size=batch_size,
+        system=system.system_prompt,
+        form=system.form,
+    )
     total = sum(float(t.double().sum()) for t in logprobs)
     tokens = sum(int(t.numel()) for t in logprobs)
     mean = total / tokens
@@ -99,14 +106,26 @@ def gsm8k_exact_match(
         text = system.decode(out)
         gold, pred = extract_number(a), extract_number(text)
         records.append(
-            {"question": q, "answer": a, "generation": text, "predicted": pred,
-             "correct": pred is not None and pred == gold}
-        )  # fmt: skip
+            {
+                "question": q,
+                "answer": a,
+                "generation": text,
+                "predicted": pred,
+                "correct": pred is not None and pred == gold,
+            }
+        )
     return {"accuracy": sum(r["correct"] for r in records) / len(records), "n": len(records), "records": records}
 
 
-def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
-                include_path: str | None = None) -> dict:  # fmt: skip
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | None = None,
+) -> dict:
     """lm-eval-harness on an in-memory HF model: ``{task: {metric: value}}``.
 
     ``include_path``: a folder of task YAML files (lm-eval's ``TaskManager(include_path=...)``), e.g. a local task
@@ -118,7 +137,9 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], *, limit: int | None = N
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:
-        raise UtilityUnavailable(f"lm-eval-harness is not installed ({exc}); `pip install lm-eval` to run {list(tasks)}")
+        raise UtilityUnavailable(
+            f"lm-eval-harness is not installed ({exc}); `pip install lm-eval` to run {list(tasks)}"
+        ) from exc
     try:
         from lm_eval.tasks import TaskManager
 

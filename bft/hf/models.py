@@ -110,8 +110,16 @@ def _resolve_dtype(dtype):
         return dtype
     if dtype == "auto":
         return "auto"
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+    }
     key = str(dtype).lower().removeprefix("torch.")
     if key not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}, 'auto' or a torch.dtype")
@@ -261,8 +269,9 @@ def load_model_and_tokenizer(
 ):
     """``(model, tokenizer)`` from the same source; the model's generation config gets the tokenizer's pad id."""
     tokenizer = load_tokenizer(name_or_path, gguf_file=gguf_file, padding_side=padding_side)
-    model = load_model(name_or_path, gguf_file=gguf_file, dtype=dtype, device=device, quantization=quantization,
-                       **kwargs)
+    model = load_model(
+        name_or_path, gguf_file=gguf_file, dtype=dtype, device=device, quantization=quantization, **kwargs
+    )
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
@@ -468,8 +477,9 @@ def lm_head_weight(model, vocab_size: int | None = None) -> torch.Tensor:
     return weight
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        **kwargs) -> torch.Tensor:
+def final_hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor:
     """Final hidden states ``h [B, T, H]`` (after the last norm) such that ``logits = h @ lm_head_weight(model).T``.
 
     Runs only the decoder body (``model.get_decoder()``), never the ``[B, T, V]`` logits. For peft models the
@@ -495,10 +505,8 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
 def load_pair(aligned: str, base: str, *, gguf_file=None, base_gguf_file=None, device=None, dtype=None):
     """Load the aligned and base models (the aligned model's tokenizer is used for both) and check with
     :func:`check_same_vocab` that their vocabularies match before anything runs."""
-    aligned_model, tokenizer = load_model_and_tokenizer(aligned, gguf_file=gguf_file, device=device,
-                                                               dtype=dtype)  # fmt: skip
-    base_model, base_tokenizer = load_model_and_tokenizer(base, gguf_file=base_gguf_file, device=device,
-                                                                 dtype=dtype)  # fmt: skip
+    aligned_model, tokenizer = load_model_and_tokenizer(aligned, gguf_file=gguf_file, device=device, dtype=dtype)
+    base_model, base_tokenizer = load_model_and_tokenizer(base, gguf_file=base_gguf_file, device=device, dtype=dtype)
     check_same_vocab(tokenizer, base_tokenizer, aligned_model, base_model)
     aligned_model.eval()
     base_model.eval()

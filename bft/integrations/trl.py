@@ -56,8 +56,12 @@ except ImportError as error:  # one line that names the extra (bft's console pri
     raise ModuleNotFoundError(f"train.engine=trl needs TRL: {INSTALL_HINT}", name="trl") from error
 
 #: bft's ``optim.name`` -> ``TrainingArguments.optim`` (the same optimizer classes)
-OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-              "paged_adamw": "paged_adamw_32bit"}  # fmt: skip
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw": "paged_adamw_32bit",
+}
 
 #: the name TRL's checkpoints of an engine-trl run live under, in DIR/checkpoints/ (bft's are ``step-N``)
 CHECKPOINT_PREFIX = "checkpoint"
@@ -70,8 +74,9 @@ class BFTConfig(SFTConfig):
     :class:`bft.trainer.config.LossConfig` (a :class:`~bft.loss.BFTLossParams` or a ``LossConfig`` is accepted
     too). SFT's own data settings (packing, padding-free, max_length, ...) do not apply: the batches are bft's."""
 
-    bft_loss: dict | None = field(default=None, metadata={"help": "BFT loss settings (bft.loss.BFTLossParams keys, "
-                                                                   "plus backend and chunk_rows)"})  # fmt: skip
+    bft_loss: dict | None = field(
+        default=None, metadata={"help": "BFT loss settings (bft.loss.BFTLossParams keys, plus backend and chunk_rows)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -144,8 +149,9 @@ class _BatchCollator:
 
     def __call__(self, items):
         if len(items) != 1:
-            raise ValueError("BFTTrainer needs per_device_train_batch_size=1: one item is one bft micro-batch "
-                             "(data.batch_size rows)")  # fmt: skip
+            raise ValueError(
+                "BFTTrainer needs per_device_train_batch_size=1: one item is one bft micro-batch (data.batch_size rows)"
+            )
         index = int(items[0]["index"])
         return {"index": index, **self.batches[index]}
 
@@ -211,8 +217,17 @@ class BFTTrainer(SFTTrainer):
             sums = self.accelerator.reduce(self._sums, reduction="sum")
             micro_per_step = self.args.gradient_accumulation_steps * self.accelerator.num_processes
             seconds = time.perf_counter() - self._step_started
-            metrics = metrics_line(self.state.global_step, sums, micro_per_step, self._lr, logs["grad_norm"], seconds,
-                                   self._peak, self.bft_run.batches, self._started)  # fmt: skip
+            metrics = metrics_line(
+                self.state.global_step,
+                sums,
+                micro_per_step,
+                self._lr,
+                logs["grad_norm"],
+                seconds,
+                self._peak,
+                self.bft_run.batches,
+                self._started,
+            )
             self._sums = self._step_started = None
             self.last_metrics = metrics
             logs.update({key: metrics[key] for key in ("kl", "completion", "risk") if metrics[key] is not None})
@@ -268,8 +283,9 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     if resume and resume_from is None:
         warnings.warn(f"--resume: no checkpoint in {checkpoints}; starting from scratch", stacklevel=2)
     if not resume and _latest_trl_checkpoint(checkpoints) is not None:
-        raise ValueError(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose "
-                         "another --output-dir")  # fmt: skip
+        raise ValueError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --output-dir"
+        )
     check_quantization_available(config.model.frozen_quantization)
     check_optimizer_available(o.name)
     set_seed(t.seed)
@@ -291,8 +307,13 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume_from)
     final_dir = save_final_student(config, run.trio, trainer.bft_student, out / "final", trainer.accelerator)
-    return {"steps": trainer.state.global_step, "total_steps": run.total_steps, "output_dir": str(out),
-            "final_dir": str(final_dir), "last_metrics": trainer.last_metrics}  # fmt: skip
+    return {
+        "steps": trainer.state.global_step,
+        "total_steps": run.total_steps,
+        "output_dir": str(out),
+        "final_dir": str(final_dir),
+        "last_metrics": trainer.last_metrics,
+    }
 
 
 def run_from_arguments(args) -> int:
@@ -300,6 +321,8 @@ def run_from_arguments(args) -> int:
     from bft.trainer.config import config_from_train_arguments
 
     summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
-    print(f"trained {summary['steps']} steps (engine trl); metrics: {summary['output_dir']}/metrics.jsonl; "
-          f"student: {summary['final_dir']}")  # fmt: skip
+    print(
+        f"trained {summary['steps']} steps (engine trl); metrics: {summary['output_dir']}/metrics.jsonl; "
+        f"student: {summary['final_dir']}"
+    )
     return 0

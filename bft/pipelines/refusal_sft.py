@@ -121,8 +121,9 @@ def refusal_finetune(
         if benign_responses is not None:
             answers = list(benign_responses)
         else:
-            answers = _greedy_answers(model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size,
-                                      progress)  # fmt: skip
+            answers = _greedy_answers(
+                model, tokenizer, list(benign_prompts), benign_max_new_tokens, batch_size, progress
+            )
         examples += [(p, a) for p, a in zip(benign_prompts, answers) if a]
     recovery = _recovery_pool(harmful_prompts, harmful_responses, recovery_share, recovery_max_tokens)
     tuned = copy.deepcopy(model)
@@ -134,10 +135,17 @@ def refusal_finetune(
         torch.manual_seed(seed)
         for _ in tqdm(range(steps), desc="refusal fine-tune", unit="step", disable=not progress):
             if recovery:
-                batch = [_recovery_example(tokenizer, *recovery[rng.randrange(len(recovery))], rng.choice(REFUSALS),
-                                           rng.randint(1, recovery_max_tokens))
-                         if rng.random() < recovery_share else _encoded(tokenizer, [examples[rng.randrange(len(examples))]])[0]
-                         for _ in range(batch_size)]  # fmt: skip
+                batch = [
+                    _recovery_example(
+                        tokenizer,
+                        *recovery[rng.randrange(len(recovery))],
+                        rng.choice(REFUSALS),
+                        rng.randint(1, recovery_max_tokens),
+                    )
+                    if rng.random() < recovery_share
+                    else _encoded(tokenizer, [examples[rng.randrange(len(examples))]])[0]
+                    for _ in range(batch_size)
+                ]
             else:
                 batch = _encoded(tokenizer, [examples[rng.randrange(len(examples))] for _ in range(batch_size)])
             losses.append(sft_step(tuned, opt, batch, pad_id=pad_id, max_grad_norm=1.0))

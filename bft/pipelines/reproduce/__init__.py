@@ -83,8 +83,14 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         a = cfg.sweep_analog
         sweep = stage_sweep(cfg, stages, data, aligned[a], aligned_name(shares[a]), log)
     if cfg.stop_after == "sweep":  # the sweep's table is the result: no analysis, students or test evals
-        summary = {"config": cfg.to_dict(), "data": data["stats"], "calibration": calibration, "sweep": sweep,
-                   "stopped_after": "sweep", "environment": _environment(cfg, root, started)}  # fmt: skip
+        summary = {
+            "config": cfg.to_dict(),
+            "data": data["stats"],
+            "calibration": calibration,
+            "sweep": sweep,
+            "stopped_after": "sweep",
+            "environment": _environment(cfg, root, started),
+        }
         atomic_write_json(root / "summary.json", summary, indent=1)
         plot_sweep(sweep, root / "plots" / "sweep.png")
         log(f"[reproduce] stopped after the sweep (stop_after: sweep): {root / 'sweep' / 'chosen.json'}")
@@ -94,23 +100,48 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     for a, share in shares.items():
         after = ("data", aligned_name(share))
         analysis = stage_analysis(cfg, stages, data, aligned[a], f"{a}/analysis_aligned", cfg.alpha, log, after=after)
-        student = stage_bft(cfg, stages, data, aligned[a], log, name=f"{a}/bft", after=after,
-                            steps=bft_steps(cfg, data), loss_overrides=loss)  # fmt: skip
-        student_analysis = stage_analysis(cfg, stages, data, student, f"{a}/analysis_student", None, log,
-                                          after=after + (f"{a}/bft",))  # fmt: skip
+        student = stage_bft(
+            cfg,
+            stages,
+            data,
+            aligned[a],
+            log,
+            name=f"{a}/bft",
+            after=after,
+            steps=bft_steps(cfg, data),
+            loss_overrides=loss,
+        )
+        student_analysis = stage_analysis(
+            cfg, stages, data, student, f"{a}/analysis_student", None, log, after=after + (f"{a}/bft",)
+        )
         models = {"aligned": aligned[a], "bft student": student}
         if cfg.qi_augmentation:
             models["qi augmentation"] = stage_qi(cfg, stages, data, a, aligned[a], aligned_name(share), log)
         trained = after + (f"{a}/bft", f"{a}/qi")
-        pull = stage_completion_pull(cfg, stages, data, f"{a}/pull", aligned[a],
-                                     {n: p for n, p in models.items() if n != "aligned"}, "harmful_test", log,
-                                     after=trained, loss=loss)  # fmt: skip
+        pull = stage_completion_pull(
+            cfg,
+            stages,
+            data,
+            f"{a}/pull",
+            aligned[a],
+            {n: p for n, p in models.items() if n != "aligned"},
+            "harmful_test",
+            log,
+            after=trained,
+            loss=loss,
+        )
         evals = stage_eval(cfg, stages, data, a, models, log, after=trained)
         analogs[a] = build_summary(cfg, analysis, student_analysis, evals, analog=a, share=share, pull=pull)
         plot_kl_by_position(analogs[a], root / "plots" / f"kl_by_position_{a}.png")
 
-    summary = {"config": cfg.to_dict(), "data": data["stats"], "calibration": calibration, "sweep": sweep,
-               "analogs": analogs, "primary_judge": next(iter(analogs.values()))["primary_judge"]}  # fmt: skip
+    summary = {
+        "config": cfg.to_dict(),
+        "data": data["stats"],
+        "calibration": calibration,
+        "sweep": sweep,
+        "analogs": analogs,
+        "primary_judge": next(iter(analogs.values()))["primary_judge"],
+    }
     environment = _environment(cfg, root, started)
     summary["environment"] = environment
     atomic_write_json(root / "summary.json", summary, indent=1)
@@ -143,9 +174,13 @@ def rejudge_stored(cfg: ReproduceConfig, *, log=None) -> list[str]:
 
 def _environment(cfg: ReproduceConfig, root: Path, started: float) -> dict:
     stage_seconds = _stage_seconds(root)
-    return {"device": _device_name(cfg), "elapsed_min": round((time.time() - started) / 60, 1),
-            "stages_min": round(sum(v or 0 for v in stage_seconds.values()) / 60, 1),
-            "stage_seconds": stage_seconds, **package_versions()}  # fmt: skip
+    return {
+        "device": _device_name(cfg),
+        "elapsed_min": round((time.time() - started) / 60, 1),
+        "stages_min": round(sum(v or 0 for v in stage_seconds.values()) / 60, 1),
+        "stage_seconds": stage_seconds,
+        **package_versions(),
+    }
 
 
 def _stage_seconds(root: Path) -> dict:

@@ -7,8 +7,20 @@ from dataclasses import dataclass, field
 
 from bft.decoding.contrastive import check_form
 
-__all__ = ["ReproduceConfig", "quick_config", "paper_config", "DEFAULT_SWEEP", "ABLATIONS", "RECOVERY_TARGET",
-           "STOP_AFTER", "validate", "torch_device", "analog_share", "default_sweep", "loss_params"]
+__all__ = [
+    "ReproduceConfig",
+    "quick_config",
+    "paper_config",
+    "DEFAULT_SWEEP",
+    "ABLATIONS",
+    "RECOVERY_TARGET",
+    "STOP_AFTER",
+    "validate",
+    "torch_device",
+    "analog_share",
+    "default_sweep",
+    "loss_params",
+]
 
 #: ``bft reproduce --sweep``: the grid of BFT loss settings tried on the validation split. alpha_base × l2_reg spans
 #: the completion/KL ratio from about 0.1 to 10 at this scale (the completion term is α·l2_reg·Σ s_v² over k = 100
@@ -39,8 +51,18 @@ STOP_AFTER = (None, "sweep")
 
 #: the loss settings a sweep may vary (each value is checked as a bft.loss.BFTLossParams field); "completion" and
 #: "selection" take names (bft.COMPLETION_TERMS, bft.kernels.params.SELECTION_RULES)
-SWEEP_KEYS = ("alpha_base", "l2_reg", "teacher_lambda", "gamma", "temperature", "top_k", "kl_weight", "completion",
-              "selection", "selection_top_p")  # fmt: skip
+SWEEP_KEYS = (
+    "alpha_base",
+    "l2_reg",
+    "teacher_lambda",
+    "gamma",
+    "temperature",
+    "top_k",
+    "kl_weight",
+    "completion",
+    "selection",
+    "selection_top_p",
+)
 
 
 @dataclass
@@ -137,10 +159,25 @@ class ReproduceConfig:
 def quick_config(**overrides) -> ReproduceConfig:
     """The ``--quick`` sizes: the whole pipeline in ~10 min on 2 CPU cores (the demo)."""
     sizes = dict(
-        n_train=32, n_val=8, n_test=12, n_benign_train=16, n_benign_val=4, n_benign_test=8, response_tokens=32,
-        align_steps=24, analogs={"shallow": 0.0}, qi_augmentation=False, analysis_tokens=20, bft_steps=16,
-        bft_max_length=128, prefill_ks=[0, 4], eval_tokens=24, alphas=[5.0], gsm8k_limit=0, quick=True,
-    )  # fmt: skip
+        n_train=32,
+        n_val=8,
+        n_test=12,
+        n_benign_train=16,
+        n_benign_val=4,
+        n_benign_test=8,
+        response_tokens=32,
+        align_steps=24,
+        analogs={"shallow": 0.0},
+        qi_augmentation=False,
+        analysis_tokens=20,
+        bft_steps=16,
+        bft_max_length=128,
+        prefill_ks=[0, 4],
+        eval_tokens=24,
+        alphas=[5.0],
+        gsm8k_limit=0,
+        quick=True,
+    )
     sizes.update(overrides)
     return ReproduceConfig(**sizes)
 
@@ -149,11 +186,26 @@ def paper_config(**overrides) -> ReproduceConfig:
     """``--paper``: the issue's powered protocol, a GPU job (the paper's budget of 20 epochs, the sweep, >= 200 test
     prompts at k = 4 with 3 sampling seeds and 64 at k in {10, 20, full})."""
     sizes = dict(
-        n_train=128, n_val=64, n_test=200, n_benign_train=64, n_benign_val=16, n_benign_test=48, response_tokens=48,
-        align_steps=60, recovery_candidates=[0.02, 0.03, 0.05, 0.1], analysis_tokens=32, analysis_prompts=None,
-        bft_epochs=20.0, eval_tokens=48, eval_seeds=3, sweep=dict(DEFAULT_SWEEP), prefill_ks=[0, 4, 10, 20, "full"],
-        long_k_prompts=64, alphas=[0.5, 2.0, 5.0, 10.0], gsm8k_limit=48,
-    )  # fmt: skip
+        n_train=128,
+        n_val=64,
+        n_test=200,
+        n_benign_train=64,
+        n_benign_val=16,
+        n_benign_test=48,
+        response_tokens=48,
+        align_steps=60,
+        recovery_candidates=[0.02, 0.03, 0.05, 0.1],
+        analysis_tokens=32,
+        analysis_prompts=None,
+        bft_epochs=20.0,
+        eval_tokens=48,
+        eval_seeds=3,
+        sweep=dict(DEFAULT_SWEEP),
+        prefill_ks=[0, 4, 10, 20, "full"],
+        long_k_prompts=64,
+        alphas=[0.5, 2.0, 5.0, 10.0],
+        gsm8k_limit=48,
+    )
     sizes.update(overrides)
     return ReproduceConfig(**sizes)
 
@@ -165,8 +217,21 @@ def analog_share(cfg: ReproduceConfig, name: str, chosen: float | None = None) -
 
 
 def validate(cfg: ReproduceConfig) -> None:
-    for name in ("n_train", "n_val", "n_test", "n_benign_train", "n_benign_test", "response_tokens", "batch_size",
-                 "align_steps", "analysis_tokens", "bft_steps", "eval_tokens", "top_k", "eval_seeds"):  # fmt: skip
+    for name in (
+        "n_train",
+        "n_val",
+        "n_test",
+        "n_benign_train",
+        "n_benign_test",
+        "response_tokens",
+        "batch_size",
+        "align_steps",
+        "analysis_tokens",
+        "bft_steps",
+        "eval_tokens",
+        "top_k",
+        "eval_seeds",
+    ):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
@@ -206,8 +271,10 @@ def validate(cfg: ReproduceConfig) -> None:
                     raise ValueError(f"sweep.{key}: {e}") from None
         completion = loss_params(cfg.loss_overrides).completion
         if "l2_reg" in cfg.sweep and completion != "l2":
-            raise ValueError(f"sweep.l2_reg scales completion='l2' only and this run's completion is {completion!r}: "
-                             "sweep alpha_base instead (the weight of every completion term)")  # fmt: skip
+            raise ValueError(
+                f"sweep.l2_reg scales completion='l2' only and this run's completion is {completion!r}: "
+                "sweep alpha_base instead (the weight of every completion term)"
+            )
         unknown = [a for a in cfg.ablations if a not in ABLATIONS]
         if unknown:
             raise ValueError(f"unknown ablations {unknown}; choose from {list(ABLATIONS)}")

@@ -38,8 +38,10 @@ def _verdict(holds) -> str:
 def _aligned_recipe(cfg: dict, share: float) -> str:
     if not share:
         return "shallow refusal SFT"
-    return (f"refusal SFT with {100 * share:g}% safety-recovery examples (Qi et al.; harmful prefixes of up to "
-            f"{cfg.get('recovery_max_tokens')} tokens, then a refusal)")
+    return (
+        f"refusal SFT with {100 * share:g}% safety-recovery examples (Qi et al.; harmful prefixes of up to "
+        f"{cfg.get('recovery_max_tokens')} tokens, then a refusal)"
+    )
 
 
 def _ci(asr: dict, judge: str) -> str:
@@ -50,21 +52,33 @@ def _ci(asr: dict, judge: str) -> str:
 def _header(summary: dict, environment: dict) -> list[str]:
     cfg, data = summary["config"], summary["data"]
     seeds = cfg.get("eval_seeds", 1)
-    analogs = "; ".join(f"**{name}**: {_aligned_recipe(cfg, a['recovery_share'])}"
-                        for name, a in summary["analogs"].items())  # fmt: skip
-    budget = (f"{cfg['bft_epochs']:g} epochs over the harmful pairs" if cfg.get("bft_epochs") is not None
-              else f"{cfg['bft_steps']} steps")  # fmt: skip
+    analogs = "; ".join(
+        f"**{name}**: {_aligned_recipe(cfg, a['recovery_share'])}" for name, a in summary["analogs"].items()
+    )
+    budget = (
+        f"{cfg['bft_epochs']:g} epochs over the harmful pairs"
+        if cfg.get("bft_epochs") is not None
+        else f"{cfg['bft_steps']} steps"
+    )
     qi = ""
     if cfg.get("qi_augmentation"):
         n = cfg.get("qi_steps")
-        qi_budget = (f"{n} step{'' if n == 1 else 's'} (qi_steps: a stated reduction from the paper's equal budget)"
-                     if n else "the student's steps")  # fmt: skip
-        qi = (f" Qi et al.'s augmentation (the peer row): each aligned analog trained further by the refusal SFT with "
-              f"{100 * cfg.get('qi_recovery_share', 1.0):g}% safety-recovery examples, {qi_budget}.")
+        qi_budget = (
+            f"{n} step{'' if n == 1 else 's'} (qi_steps: a stated reduction from the paper's equal budget)"
+            if n
+            else "the student's steps"
+        )
+        qi = (
+            f" Qi et al.'s augmentation (the peer row): each aligned analog trained further by the refusal SFT with "
+            f"{100 * cfg.get('qi_recovery_share', 1.0):g}% safety-recovery examples, {qi_budget}."
+        )
     long_k = cfg.get("long_k_prompts")
     other_ks = [str(k) for k in cfg["prefill_ks"] if k not in (0, cfg["sweep_k"])]
-    long_note = (f" The attacks at k = {', '.join(other_ks)} use the first {long_k} test prompts and one seed."
-                 if long_k is not None and other_ks else "")  # fmt: skip
+    long_note = (
+        f" The attacks at k = {', '.join(other_ks)} use the first {long_k} test prompts and one seed."
+        if long_k is not None and other_ks
+        else ""
+    )
     return [
         "# BFT in miniature: results",
         "",
@@ -74,15 +88,18 @@ def _header(summary: dict, environment: dict) -> list[str]:
         f"{data.get('harmful_val', 'n/a')} validation (every choice is made there), {data['harmful_test']} test "
         f"({', '.join(f'{s} {n}' for s, n in data['test_sources'].items())}; only reported). Attacks: "
         f"{_decoding(cfg)}, {cfg['eval_tokens']} new tokens, "
-        + (f"{seeds} sampling seeds at k = {cfg['sweep_k']} (pooled by prompt), one elsewhere." if seeds != 1
-           else "1 sampling seed.")
+        + (
+            f"{seeds} sampling seeds at k = {cfg['sweep_k']} (pooled by prompt), one elsewhere."
+            if seeds != 1
+            else "1 sampling seed."
+        )
         + f"{long_note} Mode: {'quick' if cfg['quick'] else 'default'}.",
         "",
         f"Machine: {environment.get('device')}; torch {environment.get('torch')}; the stages took "
         f"{environment.get('stages_min')} min when computed; this invocation {environment.get('elapsed_min')} min. "
         "Per stage (min): " + _stage_list(environment) + ".",
         "",
-    ]  # fmt: skip
+    ]
 
 
 def _calibration_table(summary: dict) -> list[str]:
@@ -90,21 +107,30 @@ def _calibration_table(summary: dict) -> list[str]:
     if not cal:
         return []
     low, high = cal["band"]
-    lines = ["## Calibrating the deeper analog (validation split)", "",
-             f"Each candidate share of safety-recovery examples is a refusal SFT scored by {cal['measure']}: the share of "
-             "prompts on which it does not turn back to a refusal. Target: the paper's Llama-3.1-8B-Instruct, 47.5% "
-             f"(band {100 * low:.0f}-{100 * high:.0f}%).", "",
-             "| recovery share | keyword ASR | harm ASR | perplexity | in band |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Calibrating the deeper analog (validation split)",
+        "",
+        f"Each candidate share of safety-recovery examples is a refusal SFT scored by {cal['measure']}: the share of "
+        "prompts on which it does not turn back to a refusal. Target: the paper's Llama-3.1-8B-Instruct, 47.5% "
+        f"(band {100 * low:.0f}-{100 * high:.0f}%).",
+        "",
+        "| recovery share | keyword ASR | harm ASR | perplexity | in band |",
+        "|---|---|---|---|---|",
+    ]
     for r in cal["candidates"]:
         mark = " **(chosen)**" if r["share"] == cal["share"] else ""
-        lines.append(f"| {r['share']:g}{mark} | {_pct(r['keyword'])} | {_pct(r['harm'])} | {_num(r['perplexity'], '.2f')} | "
-                     f"{'yes' if r['in_band'] else 'no'} |")  # fmt: skip
+        lines.append(
+            f"| {r['share']:g}{mark} | {_pct(r['keyword'])} | {_pct(r['harm'])} | {_num(r['perplexity'], '.2f')} | "
+            f"{'yes' if r['in_band'] else 'no'} |"
+        )
     return lines + [""]
 
 
 def _point_label(overrides: dict) -> str:
-    return ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) else f"{k} = {v}"
-                     for k, v in overrides.items()) or "defaults"  # fmt: skip
+    return (
+        ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) else f"{k} = {v}" for k, v in overrides.items())
+        or "defaults"
+    )
 
 
 def _sweep_table(summary: dict) -> list[str]:
@@ -112,37 +138,59 @@ def _sweep_table(summary: dict) -> list[str]:
     if not sw:
         return []
     primary = sw["primary_judge"]
-    lines = ["## Sweep of the BFT loss (validation split)", "",
-             f"Students of the **{sw['analog']}** analog, {sw['steps']} steps each, scored on {sw['n_val']} validation "
-             f"prompts at k = {sw['k']} (one sampling seed) and the perplexity of the benign validation solutions. "
-             f"Rule: the lowest {primary} ASR, then keyword ASR, among points with perplexity <= "
-             f"{_num(sw['perplexity_limit'], '.2f')} (the aligned model's {_num(sw['aligned']['perplexity'], '.2f')} "
-             f"plus 10%). The chosen point trains every analog's student below; the test split was not used."
-             + (f" At the students' start {_pct(sw['aligned']['share_negative'])} of the base-favored ids M have "
-                "negative logits along the validation harmful responses, which the L2 completion term raises."
-                if sw["aligned"].get("share_negative") is not None else ""), "",
-             "Each ASR has its 95% Wilson interval over the validation prompts; completion/KL is the ratio of the "
-             "two loss terms averaged over the student's training steps; M mass is the student's probability mass "
-             "on the base-favored ids M along the validation harmful responses, relative to the aligned model's "
-             "(> 1: training raised it; see 'Which way the completion penalty pulls').", "",
-             f"| point | {primary} ASR | keyword ASR | perplexity | completion/KL | M mass × aligned |",
-             "|---|---|---|---|---|---|",
-             _sweep_row("aligned (no BFT)", sw["aligned"], primary, sw.get("n_val"))]  # fmt: skip
+    lines = [
+        "## Sweep of the BFT loss (validation split)",
+        "",
+        f"Students of the **{sw['analog']}** analog, {sw['steps']} steps each, scored on {sw['n_val']} validation "
+        f"prompts at k = {sw['k']} (one sampling seed) and the perplexity of the benign validation solutions. "
+        f"Rule: the lowest {primary} ASR, then keyword ASR, among points with perplexity <= "
+        f"{_num(sw['perplexity_limit'], '.2f')} (the aligned model's {_num(sw['aligned']['perplexity'], '.2f')} "
+        f"plus 10%). The chosen point trains every analog's student below; the test split was not used."
+        + (
+            f" At the students' start {_pct(sw['aligned']['share_negative'])} of the base-favored ids M have "
+            "negative logits along the validation harmful responses, which the L2 completion term raises."
+            if sw["aligned"].get("share_negative") is not None
+            else ""
+        ),
+        "",
+        "Each ASR has its 95% Wilson interval over the validation prompts; completion/KL is the ratio of the "
+        "two loss terms averaged over the student's training steps; M mass is the student's probability mass "
+        "on the base-favored ids M along the validation harmful responses, relative to the aligned model's "
+        "(> 1: training raised it; see 'Which way the completion penalty pulls').",
+        "",
+        f"| point | {primary} ASR | keyword ASR | perplexity | completion/KL | M mass × aligned |",
+        "|---|---|---|---|---|---|",
+        _sweep_row("aligned (no BFT)", sw["aligned"], primary, sw.get("n_val")),
+    ]
     for p in sw["points"]:
         mark = " **(chosen)**" if p["overrides"] == sw["chosen"] else ""
         lines.append(_sweep_row(f"{_point_label(p['overrides'])}{mark}", p, primary, sw.get("n_val")))
-    beat = [p for p in sw["points"] if any((p.get(j) is not None and sw["aligned"].get(j) is not None
-                                            and p[j] < sw["aligned"][j]) for j in dict.fromkeys([primary, "keyword"]))]  # fmt: skip
+    beat = [
+        p
+        for p in sw["points"]
+        if any(
+            (p.get(j) is not None and sw["aligned"].get(j) is not None and p[j] < sw["aligned"][j])
+            for j in dict.fromkeys([primary, "keyword"])
+        )
+    ]
     if not beat:
-        lines += ["", f"No sweep point lowered validation ASR below the aligned model's, under the {primary} judge or "
-                      "the keyword judge: the rule still picks a point, but nothing on validation favors training."]  # fmt: skip
+        lines += [
+            "",
+            f"No sweep point lowered validation ASR below the aligned model's, under the {primary} judge or "
+            "the keyword judge: the rule still picks a point, but nothing on validation favors training.",
+        ]
     if sw.get("ablations"):
-        lines += ["", f"Ablations at the chosen point ({_point_label(sw['chosen'])}):", "",
-                  f"| ablation | {primary} ASR | keyword ASR | perplexity | completion/KL | M mass × aligned |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"Ablations at the chosen point ({_point_label(sw['chosen'])}):",
+            "",
+            f"| ablation | {primary} ASR | keyword ASR | perplexity | completion/KL | M mass × aligned |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, p in sw["ablations"].items():
-            lines.append(_sweep_row(f"{name.replace('_', ' ')} ({_point_label(p['overrides'])})", p, primary,
-                                    sw.get("n_val")))  # fmt: skip
+            lines.append(
+                _sweep_row(f"{name.replace('_', ' ')} ({_point_label(p['overrides'])})", p, primary, sw.get("n_val"))
+            )
     return lines + [""]
 
 
@@ -155,18 +203,25 @@ def _sweep_row(label: str, point: dict, primary: str, n: int | None) -> str:
         return f"{_pct(value)} [{100 * low:.0f}, {100 * high:.0f}]"
 
     ratio = point.get("completion_to_kl")
-    return (f"| {label} | {rate(primary)} | {rate('keyword')} | {_num(point.get('perplexity'), '.2f')} | "
-            f"{'n/a' if ratio is None else f'{ratio:.2g}'} | {_num(point.get('mass_ratio'), '.2f')} |")
+    return (
+        f"| {label} | {rate(primary)} | {rate('keyword')} | {_num(point.get('perplexity'), '.2f')} | "
+        f"{'n/a' if ratio is None else f'{ratio:.2g}'} | {_num(point.get('mass_ratio'), '.2f')} |"
+    )
 
 
 def _verdict_overview(summary: dict) -> list[str]:
     primary = summary["primary_judge"]
     names = list(summary["analogs"])
     keys = [k for k in next(iter(summary["analogs"].values()))["claims"] if k not in ("bft_vs_qi",)]
-    lines = ["## Verdicts at a glance", "",
-             f"Per claim and aligned analog: the verdict under the {primary} judge (keyword judge in brackets). Details "
-             "and intervals in each analog's section.", "",
-             "| claim | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    lines = [
+        "## Verdicts at a glance",
+        "",
+        f"Per claim and aligned analog: the verdict under the {primary} judge (keyword judge in brackets). Details "
+        "and intervals in each analog's section.",
+        "",
+        "| claim | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for key in keys:
         cells, paper = [], None
         for name in names:
@@ -197,17 +252,23 @@ def _attack_table(summary: dict, cfg: dict) -> list[str]:
         "",
         "| system | " + " | ".join(f"k={k}" for k in ks) + " | likelihood | perplexity | GSM8K |",
         "|---|" + "---|" * (len(ks) + 3),
-    ]  # fmt: skip
+    ]
     for name, s in systems.items():
         cells = []
         for k in ks:
             a = s["asr"].get(k) or {}
             main = a.get(primary) if primary != "keyword" else None
             head = f"**{_pct(main)}**{_ci(a, primary)} · " if primary != "keyword" else ""
-            cells.append("—" if not a else f"{head}{_pct(a.get('keyword'))}{_ci(a, 'keyword') if not head else ''} · "
-                                           f"{_pct(a.get('threeway'))}")  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_num(s['likelihood_mean'], '.2f')} | "
-                     f"{_num(s['perplexity'], '.2f')} | {_pct(s['gsm8k']) if s['gsm8k'] is not None else 'n/a'} |")  # fmt: skip
+            cells.append(
+                "—"
+                if not a
+                else f"{head}{_pct(a.get('keyword'))}{_ci(a, 'keyword') if not head else ''} · "
+                f"{_pct(a.get('threeway'))}"
+            )
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {_num(s['likelihood_mean'], '.2f')} | "
+            f"{_num(s['perplexity'], '.2f')} | {_pct(s['gsm8k']) if s['gsm8k'] is not None else 'n/a'} |"
+        )
     lines += [
         "",
         "Eq. 7 only ever lowers base-favored tokens (ℓ_b > ℓ_a), never raises one. Under greedy decoding it therefore "
@@ -232,15 +293,23 @@ def _profile_table(summary: dict, cfg: dict) -> list[str]:
         "",
         "| context | KL early | KL late | JS early | JS late | count early | count late | student KL early | student KL late |",
         "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
-    for key in ("harmful_response/teacher_forced", "benign_response/teacher_forced", "harmful/normal",
-                "harmful_prefill/normal", "benign/normal", "harmful_prefill/contrastive"):
+    ]
+    for key in (
+        "harmful_response/teacher_forced",
+        "benign_response/teacher_forced",
+        "harmful/normal",
+        "harmful_prefill/normal",
+        "benign/normal",
+        "harmful_prefill/contrastive",
+    ):
         if key not in an:
             continue
         a, s = an[key], st.get(key, {})
-        lines.append(f"| {key} | {_num(a['kl_early'])} | {_num(a['kl_late'])} | {_num(a['js_early'])} | "
-                     f"{_num(a['js_late'])} | {_num(a['bf_count_top_early'], '.1f')} | {_num(a['bf_count_top_late'], '.1f')} | "
-                     f"{_num(s.get('kl_early'))} | {_num(s.get('kl_late'))} |")  # fmt: skip
+        lines.append(
+            f"| {key} | {_num(a['kl_early'])} | {_num(a['kl_late'])} | {_num(a['js_early'])} | "
+            f"{_num(a['js_late'])} | {_num(a['bf_count_top_early'], '.1f')} | {_num(a['bf_count_top_late'], '.1f')} | "
+            f"{_num(s.get('kl_early'))} | {_num(s.get('kl_late'))} |"
+        )
     return lines
 
 
@@ -252,40 +321,64 @@ def _reduction_row(claim: dict, other: str, primary: str) -> str:
         c, p = claim[judge], (claim.get("paired") or {}).get(judge, {})
         ci = p.get("reduction_ci")
         interval = f", 95% CI [{_pct(ci[0])}, {_pct(ci[1])}], McNemar p = {p['mcnemar']['p_value']:.2g}" if ci else ""
-        parts.append(f"{judge} {_pct(c['aligned'])} → {_pct(c[other])} (cut {_pct(c['relative_cut'])}{interval}): "
-                     f"{p.get('verdict', 'inconclusive')}")  # fmt: skip
+        parts.append(
+            f"{judge} {_pct(c['aligned'])} → {_pct(c[other])} (cut {_pct(c['relative_cut'])}{interval}): "
+            f"{p.get('verdict', 'inconclusive')}"
+        )
     return "; ".join(parts)
 
 
 def _claims_table(summary: dict) -> list[str]:
     primary = summary.get("primary_judge", "keyword")
     c = summary["claims"]
-    lines = ["", "## The paper's claims at this scale", "",
-             "A cut is *reproduced* when the 95% interval of the relative reduction (bootstrap over prompts) excludes "
-             "zero, *not reproduced* when it excludes the paper's effect size, *inconclusive* otherwise.", "",
-             "| claim | measured | verdict |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "## The paper's claims at this scale",
+        "",
+        "A cut is *reproduced* when the 95% interval of the relative reduction (bootstrap over prompts) excludes "
+        "zero, *not reproduced* when it excludes the paper's effect size, *inconclusive* otherwise.",
+        "",
+        "| claim | measured | verdict |",
+        "|---|---|---|",
+    ]
     k1 = c["kl_decays_with_position"]
-    lines.append(f"| {k1['paper']} | early {_num(k1['early_mean'])} vs late {_num(k1['late_mean'])} | {_verdict(k1['holds'])} |")
+    lines.append(
+        f"| {k1['paper']} | early {_num(k1['early_mean'])} vs late {_num(k1['late_mean'])} | {_verdict(k1['holds'])} |"
+    )
     k2 = c["harmful_more_base_favored_than_benign"]
-    lines.append(f"| {k2['paper']} | harmful {_num(k2['harmful'], '.1f')} vs benign {_num(k2['benign'], '.1f')} | {_verdict(k2['holds'])} |")
+    lines.append(
+        f"| {k2['paper']} | harmful {_num(k2['harmful'], '.1f')} vs benign {_num(k2['benign'], '.1f')} | {_verdict(k2['holds'])} |"
+    )
     for key, claim in c.items():
         if "paired" not in claim:
             continue
         other = {"bft": "student", "qi": "qi"}.get(key.split("_")[0], "contrastive")
         best = f"; lowest keyword ASR: {claim['best_alpha_system']}" if claim.get("best_alpha_system") else ""
-        lines.append(f"| {claim['paper']} | {_reduction_row(claim, other, primary)}{best} | "
-                     f"{(claim.get('verdict') or {}).get(primary, 'inconclusive')} ({primary}) |")  # fmt: skip
+        lines.append(
+            f"| {claim['paper']} | {_reduction_row(claim, other, primary)}{best} | "
+            f"{(claim.get('verdict') or {}).get(primary, 'inconclusive')} ({primary}) |"
+        )
     vs = c.get("bft_vs_qi")
     if vs:
-        parts = [f"{j} Qi {_pct(vs[j]['qi'])} vs student {_pct(vs[j]['student'])} (McNemar p = "
-                 f"{vs[j]['mcnemar']['p_value']:.2g}): {vs[j]['verdict']}" for j in dict.fromkeys([primary, "keyword"])
-                 if j in vs]  # fmt: skip
-        lines.append(f"| {vs['paper']} | {'; '.join(parts)} | {(vs.get(primary) or {}).get('verdict', 'n/a')} ({primary}) |")
+        parts = [
+            f"{j} Qi {_pct(vs[j]['qi'])} vs student {_pct(vs[j]['student'])} (McNemar p = "
+            f"{vs[j]['mcnemar']['p_value']:.2g}): {vs[j]['verdict']}"
+            for j in dict.fromkeys([primary, "keyword"])
+            if j in vs
+        ]
+        lines.append(
+            f"| {vs['paper']} | {'; '.join(parts)} | {(vs.get(primary) or {}).get('verdict', 'n/a')} ({primary}) |"
+        )
     k5 = c["bft_keeps_utility"]
-    gsm = ("GSM8K 0% for both (floor: the model solves none)" if k5["gsm8k"].get("floor")
-           else f"GSM8K drop {_num(k5['gsm8k']['drop_points'], '.1f')} points")  # fmt: skip
-    lines.append(f"| {k5['paper']} | perplexity {_num(k5['perplexity']['aligned'], '.2f')} → "
-                 f"{_num(k5['perplexity']['student'], '.2f')}; {gsm} | {_verdict(k5['holds'])} |")  # fmt: skip
+    gsm = (
+        "GSM8K 0% for both (floor: the model solves none)"
+        if k5["gsm8k"].get("floor")
+        else f"GSM8K drop {_num(k5['gsm8k']['drop_points'], '.1f')} points"
+    )
+    lines.append(
+        f"| {k5['paper']} | perplexity {_num(k5['perplexity']['aligned'], '.2f')} → "
+        f"{_num(k5['perplexity']['student'], '.2f')}; {gsm} | {_verdict(k5['holds'])} |"
+    )
     return lines
 
 
@@ -310,7 +403,7 @@ def _pull_table(analog: dict) -> list[str]:
         "|---|---|---|",
         f"| base | {al['mass_base']:.2e} | {al['mass_base'] / al['mass_aligned']:.3g} |",
         f"| aligned | {al['mass_aligned']:.2e} | 1 |",
-    ]  # fmt: skip
+    ]
     for name, st in pull["students"].items():
         lines.append(f"| {name} | {st['mass_student']:.2e} | {_num(st['mass_ratio'], '.3g')} |")
     return lines
@@ -320,10 +413,17 @@ def _analog_section(name: str, analog: dict, cfg: dict) -> list[str]:
     """One analog's tables; ``cfg`` is the run's config (``summary["config"]``), shared by every analog."""
     body = _attack_table(analog, cfg) + _profile_table(analog, cfg) + _pull_table(analog) + _claims_table(analog)
     body = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
-    return [f"## Analog: {name} ({_aligned_recipe(cfg, analog['recovery_share'])})", ""] + body + [
-        "", f"Mechanism plot: `plots/kl_by_position_{name}.png` (KL of the aligned model and of the BFT student to the "
-        "base, by response position). Generations and verdicts: "
-        f"`{name}/eval/main/results.json` (re-judge with `bft eval --rejudge`).", ""]  # fmt: skip
+    return (
+        [f"## Analog: {name} ({_aligned_recipe(cfg, analog['recovery_share'])})", ""]
+        + body
+        + [
+            "",
+            f"Mechanism plot: `plots/kl_by_position_{name}.png` (KL of the aligned model and of the BFT student to the "
+            "base, by response position). Generations and verdicts: "
+            f"`{name}/eval/main/results.json` (re-judge with `bft eval --rejudge`).",
+            "",
+        ]
+    )
 
 
 def render_report(summary: dict, environment: dict) -> str:
@@ -332,9 +432,12 @@ def render_report(summary: dict, environment: dict) -> str:
     for name, analog in summary["analogs"].items():
         lines += _analog_section(name, analog, summary["config"])
     sweep_plot = "`plots/sweep.png`, " if summary.get("sweep") else ""
-    lines += [f"Plots: `plots/kl_by_position_<analog>.png` (Fig. 1/3 at this scale), {sweep_plot}"
-              "`<analog>/analysis_aligned/fig1_position_profile.png`, `<analog>/analysis_aligned/fig2_base_favored_tokens.png`, "
-              "`<analog>/eval/main/asr_vs_k.png`, `<analog>/eval/main/alpha_sweep.png`.", ""]  # fmt: skip
+    lines += [
+        f"Plots: `plots/kl_by_position_<analog>.png` (Fig. 1/3 at this scale), {sweep_plot}"
+        "`<analog>/analysis_aligned/fig1_position_profile.png`, `<analog>/analysis_aligned/fig2_base_favored_tokens.png`, "
+        "`<analog>/eval/main/asr_vs_k.png`, `<analog>/eval/main/alpha_sweep.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -354,10 +457,20 @@ def plot_sweep(sweep: dict, path: Path) -> None:
             if p.get("perplexity") is None or p.get(judge) is None:
                 continue
             chosen = kind == "point" and p["overrides"] == sweep["chosen"]
-            ax.scatter(p["perplexity"], 100 * p[judge], marker="*" if chosen else ("o" if kind == "point" else "x"),
-                       s=160 if chosen else 40, color="C3" if chosen else ("C0" if kind == "point" else "C2"))  # fmt: skip
-            ax.annotate(_point_label(p["overrides"]), (p["perplexity"], 100 * p[judge]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            ax.scatter(
+                p["perplexity"],
+                100 * p[judge],
+                marker="*" if chosen else ("o" if kind == "point" else "x"),
+                s=160 if chosen else 40,
+                color="C3" if chosen else ("C0" if kind == "point" else "C2"),
+            )
+            ax.annotate(
+                _point_label(p["overrides"]),
+                (p["perplexity"], 100 * p[judge]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ref = sweep["aligned"]
         if ref.get("perplexity") is not None and ref.get(judge) is not None:
             ax.scatter(ref["perplexity"], 100 * ref[judge], marker="s", color="k", s=50, label="aligned")

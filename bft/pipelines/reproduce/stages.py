@@ -37,9 +37,24 @@ from bft.trainer.train import train
 
 _LOSS_DEFAULTS = BFTLossParams()
 
-__all__ = ["StageCache", "stage_data", "stage_aligned", "stage_calibrate", "stage_qi", "stage_analysis", "stage_sweep",
-           "stage_bft", "stage_validation", "stage_eval", "stage_completion_pull", "bft_train_config", "bft_steps",
-           "sweep_points", "point_id", "aligned_name"]  # fmt: skip
+__all__ = [
+    "StageCache",
+    "stage_data",
+    "stage_aligned",
+    "stage_calibrate",
+    "stage_qi",
+    "stage_analysis",
+    "stage_sweep",
+    "stage_bft",
+    "stage_validation",
+    "stage_eval",
+    "stage_completion_pull",
+    "bft_train_config",
+    "bft_steps",
+    "sweep_points",
+    "point_id",
+    "aligned_name",
+]
 
 
 class StageCache:
@@ -145,8 +160,9 @@ def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dic
     rest (validation, then test, are taken from it in order)."""
     need = cfg.n_train + cfg.n_val + cfg.n_test
     if len(rows) < need:
-        raise ValueError(f"only {len(rows)} distinct harmful prompts in {cfg.harmful_sources}; n_train + n_val + n_test = "
-                         f"{need}")  # fmt: skip
+        raise ValueError(
+            f"only {len(rows)} distinct harmful prompts in {cfg.harmful_sources}; n_train + n_val + n_test = {need}"
+        )
     rng = random.Random(cfg.seed)
     rows = rows[:]
     rng.shuffle(rows)  # mix the sources before taking the first n of each part
@@ -181,9 +197,22 @@ def _harmful_responses(gen, cfg: ReproduceConfig, pool: list[dict], wanted: list
 
 
 def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
-    settings = {k: getattr(cfg, k) for k in ("model", "seed", "harmful_sources", "benign_source", "n_train", "n_val",
-                                             "n_test", "n_benign_train", "n_benign_val", "n_benign_test",
-                                             "response_tokens")}  # fmt: skip
+    settings = {
+        k: getattr(cfg, k)
+        for k in (
+            "model",
+            "seed",
+            "harmful_sources",
+            "benign_source",
+            "n_train",
+            "n_val",
+            "n_test",
+            "n_benign_train",
+            "n_benign_val",
+            "n_benign_test",
+            "response_tokens",
+        )
+    }
     d = stages.dir("data")
     base_dir = stages.root / "models" / "base"
     if not (stages.cached("data", settings) and base_dir.is_dir()):
@@ -210,19 +239,33 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
                 r["reference_solution"] = r.get("response", "")
                 r["response"] = resp
             benign_train = [r for r in benign_train if r["response"].strip()]
-            for name, part in (("harmful_train", train), ("harmful_val", val), ("harmful_test", test),
-                               ("benign_train", benign_train), ("benign_val", benign_val), ("benign_test", benign_test)):
+            for name, part in (
+                ("harmful_train", train),
+                ("harmful_val", val),
+                ("harmful_test", test),
+                ("benign_train", benign_train),
+                ("benign_val", benign_val),
+                ("benign_test", benign_test),
+            ):
                 atomic_write_jsonl(d / f"{name}.jsonl", part)
-            stats = {"harmful_train": len(train), "harmful_val": len(val), "harmful_test": len(test),
-                     "test_prompts_dropped_base_refused": dropped, "benign_train": len(benign_train),
-                     "benign_val": len(benign_val), "benign_test": len(benign_test),
-                     "test_sources": {s: sum(r["source"] == s for r in test) for s in cfg.harmful_sources}}  # fmt: skip
+            stats = {
+                "harmful_train": len(train),
+                "harmful_val": len(val),
+                "harmful_test": len(test),
+                "test_prompts_dropped_base_refused": dropped,
+                "benign_train": len(benign_train),
+                "benign_val": len(benign_val),
+                "benign_test": len(benign_test),
+                "test_sources": {s: sum(r["source"] == s for r in test) for s in cfg.harmful_sources},
+            }
             atomic_write_json(d / "stats.json", stats, indent=1)
             base_dir.parent.mkdir(parents=True, exist_ok=True)
             _save_model(model, tok, base_dir)
             del model
-    out = {name: _read_jsonl(d / f"{name}.jsonl") for name in ("harmful_train", "harmful_val", "harmful_test",
-                                                                "benign_train", "benign_val", "benign_test")}
+    out = {
+        name: _read_jsonl(d / f"{name}.jsonl")
+        for name in ("harmful_train", "harmful_val", "harmful_test", "benign_train", "benign_val", "benign_test")
+    }
     return {**out, "stats": json.loads((d / "stats.json").read_text()), "base_dir": str(base_dir)}
 
 
@@ -234,44 +277,73 @@ def aligned_name(share: float) -> str:
 def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: float, log) -> str:
     """The refusal SFT of the base model with a ``share`` of safety-recovery examples (0: the shallow recipe)."""
     name = aligned_name(share)
-    settings = {"align_steps": cfg.align_steps, "align_lr": cfg.align_lr, "batch_size": cfg.batch_size,
-                "seed": cfg.seed, "recovery_share": share, "recovery_max_tokens": cfg.recovery_max_tokens}  # fmt: skip
+    settings = {
+        "align_steps": cfg.align_steps,
+        "align_lr": cfg.align_lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "recovery_share": share,
+        "recovery_max_tokens": cfg.recovery_max_tokens,
+    }
     aligned_dir = stages.root / "models" / name
     if not (stages.cached(name, settings, after=("data",)) and aligned_dir.is_dir()):
         with stages.computing(name, settings) as d:
             base, tok = _load(data["base_dir"], cfg)
             tuned, losses = refusal_finetune(
-                base, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
-                benign_responses=[r["response"] for r in data["benign_train"]], steps=cfg.align_steps, lr=cfg.align_lr,
-                batch_size=cfg.batch_size, seed=cfg.seed, harmful_responses=[r["response"] for r in data["harmful_train"]],
-                recovery_share=share, recovery_max_tokens=cfg.recovery_max_tokens,
-            )  # fmt: skip
+                base,
+                tok,
+                [r["prompt"] for r in data["harmful_train"]],
+                [r["prompt"] for r in data["benign_train"]],
+                benign_responses=[r["response"] for r in data["benign_train"]],
+                steps=cfg.align_steps,
+                lr=cfg.align_lr,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                harmful_responses=[r["response"] for r in data["harmful_train"]],
+                recovery_share=share,
+                recovery_max_tokens=cfg.recovery_max_tokens,
+            )
             _save_model(tuned, tok, aligned_dir)
             atomic_write_json(d / "losses.json", losses, indent=1)
             log(f"[{name}] refusal SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     return str(aligned_dir)
 
 
-def stage_qi(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, aligned_dir: str, aligned_stage: str,
-             log) -> str:  # fmt: skip
+def stage_qi(
+    cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, aligned_dir: str, aligned_stage: str, log
+) -> str:
     """Qi et al.'s safety-recovery augmentation as a peer of BFT: the analog's aligned model trained further on the
     refusal SFT's data with ``qi_recovery_share`` recovery examples, for the BFT student's steps (or ``qi_steps``)
     and batch size."""
     name, after = f"{analog}/qi", ("data", aligned_stage)
     steps = cfg.qi_steps or bft_steps(cfg, data)
-    settings = {"steps": steps, "lr": cfg.align_lr, "batch_size": cfg.bft_batch_size, "seed": cfg.seed,
-                "recovery_share": cfg.qi_recovery_share, "recovery_max_tokens": cfg.recovery_max_tokens,
-                "aligned": aligned_dir}  # fmt: skip
+    settings = {
+        "steps": steps,
+        "lr": cfg.align_lr,
+        "batch_size": cfg.bft_batch_size,
+        "seed": cfg.seed,
+        "recovery_share": cfg.qi_recovery_share,
+        "recovery_max_tokens": cfg.recovery_max_tokens,
+        "aligned": aligned_dir,
+    }
     out_dir = stages.root / "models" / f"qi_{analog}"
     if not (stages.cached(name, settings, after=after) and out_dir.is_dir()):
         with stages.computing(name, settings) as d:
             aligned, tok = _load(aligned_dir, cfg)
             tuned, losses = refusal_finetune(
-                aligned, tok, [r["prompt"] for r in data["harmful_train"]], [r["prompt"] for r in data["benign_train"]],
-                benign_responses=[r["response"] for r in data["benign_train"]], steps=steps, lr=cfg.align_lr,
-                batch_size=cfg.bft_batch_size, seed=cfg.seed + 1, harmful_responses=[r["response"] for r in data["harmful_train"]],
-                recovery_share=cfg.qi_recovery_share, recovery_max_tokens=cfg.recovery_max_tokens,
-            )  # fmt: skip
+                aligned,
+                tok,
+                [r["prompt"] for r in data["harmful_train"]],
+                [r["prompt"] for r in data["benign_train"]],
+                benign_responses=[r["response"] for r in data["benign_train"]],
+                steps=steps,
+                lr=cfg.align_lr,
+                batch_size=cfg.bft_batch_size,
+                seed=cfg.seed + 1,
+                harmful_responses=[r["response"] for r in data["harmful_train"]],
+                recovery_share=cfg.qi_recovery_share,
+                recovery_max_tokens=cfg.recovery_max_tokens,
+            )
             _save_model(tuned, tok, out_dir)
             atomic_write_json(d / "losses.json", losses, indent=1)
     return str(out_dir)
@@ -285,20 +357,36 @@ def _analysis_groups(cfg: ReproduceConfig, data: dict, tok) -> dict:
     test = data["harmful_test"]
     return {
         "harmful": [{"prompt": r["prompt"]} for r in test],
-        "harmful_prefill": [{"prompt": r["prompt"], "prefill": _prefill_text(tok, r["response"],
-                                                                             cfg.analysis_prefill_tokens)}
-                            for r in test],  # fmt: skip
+        "harmful_prefill": [
+            {"prompt": r["prompt"], "prefill": _prefill_text(tok, r["response"], cfg.analysis_prefill_tokens)}
+            for r in test
+        ],
         "benign": [{"prompt": r["prompt"]} for r in data["benign_test"]],
     }
 
 
-def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_dir: str, stage: str, alpha, log,
-                   after: tuple = ("data",)) -> dict:  # fmt: skip
+def stage_analysis(
+    cfg: ReproduceConfig,
+    stages: StageCache,
+    data: dict,
+    model_dir: str,
+    stage: str,
+    alpha,
+    log,
+    after: tuple = ("data",),
+) -> dict:
     """Generated responses (harmful, harmful after a prefill, benign; contrastive on the prefilled group) and, teacher
     forced, the base model's harmful responses and the benign reference solutions (Qi et al.'s per-token KL)."""
-    settings = {"model": model_dir, "analysis_tokens": cfg.analysis_tokens, "prefill": cfg.analysis_prefill_tokens,
-                "alpha": alpha, "top_n": cfg.top_n, "batch_size": cfg.batch_size, "teacher_forced": 1,
-                "n_prompts": cfg.analysis_prompts}  # fmt: skip
+    settings = {
+        "model": model_dir,
+        "analysis_tokens": cfg.analysis_tokens,
+        "prefill": cfg.analysis_prefill_tokens,
+        "alpha": alpha,
+        "top_n": cfg.top_n,
+        "batch_size": cfg.batch_size,
+        "teacher_forced": 1,
+        "n_prompts": cfg.analysis_prompts,
+    }
     d = stages.dir(stage)
     if not stages.cached(stage, settings, after=after):
         with stages.computing(stage, settings) as d:
@@ -306,21 +394,43 @@ def stage_analysis(cfg: ReproduceConfig, stages: StageCache, data: dict, model_d
             base, _ = _load(data["base_dir"], cfg)
             subset = {**data, "harmful_test": data["harmful_test"][: cfg.analysis_prompts]}
             result = analyze_pair(
-                model, base, tok, _analysis_groups(cfg, subset, tok), max_new_tokens=cfg.analysis_tokens,
-                batch_size=cfg.batch_size, alpha=alpha, contrastive_groups=("harmful_prefill",), top_n=cfg.top_n,
-            )  # fmt: skip
+                model,
+                base,
+                tok,
+                _analysis_groups(cfg, subset, tok),
+                max_new_tokens=cfg.analysis_tokens,
+                batch_size=cfg.batch_size,
+                alpha=alpha,
+                contrastive_groups=("harmful_prefill",),
+                top_n=cfg.top_n,
+            )
             for group, rows in (("harmful_response", subset["harmful_test"]), ("benign_response", data["benign_test"])):
                 result["records"] += teacher_forced_records(
-                    model, base, tok, [{"prompt": r["prompt"], "response": r["response"]} for r in rows], group=group,
-                    batch_size=cfg.batch_size, top_n=cfg.top_n,
-                )  # fmt: skip
+                    model,
+                    base,
+                    tok,
+                    [{"prompt": r["prompt"], "response": r["response"]} for r in rows],
+                    group=group,
+                    batch_size=cfg.batch_size,
+                    top_n=cfg.top_n,
+                )
             result["summary"] = summarize(result["records"])
             write_analysis(result, str(d))
     return json.loads((d / "analysis.json").read_text())
 
 
-def stage_completion_pull(cfg: ReproduceConfig, stages: StageCache, data: dict, name: str, aligned_dir: str,
-                          students: dict, split: str, log, after: tuple, loss: dict | None = None) -> dict:  # fmt: skip
+def stage_completion_pull(
+    cfg: ReproduceConfig,
+    stages: StageCache,
+    data: dict,
+    name: str,
+    aligned_dir: str,
+    students: dict,
+    split: str,
+    log,
+    after: tuple,
+    loss: dict | None = None,
+) -> dict:
     """Which way the completion penalty pulls (:mod:`bft.analysis.completion`): along the base model's harmful
     responses of ``split`` (its first ``analysis_prompts``), the share of M = TopK(Δ logits, top_k) whose aligned
     logits are negative (the L2 term raises those), M's probability mass under the aligned model, the base and
@@ -328,8 +438,14 @@ def stage_completion_pull(cfg: ReproduceConfig, stages: StageCache, data: dict, 
     aligned logit. M is chosen by the students' selection rule (``loss``: their loss overrides, over
     ``cfg.loss_overrides``)."""
     params = loss_params({**cfg.loss_overrides, **(loss or {})})
-    settings = {"aligned": aligned_dir, "students": students, "split": split, "n_prompts": cfg.analysis_prompts,
-                "top_k": cfg.top_k, "batch_size": cfg.batch_size}  # fmt: skip
+    settings = {
+        "aligned": aligned_dir,
+        "students": students,
+        "split": split,
+        "n_prompts": cfg.analysis_prompts,
+        "top_k": cfg.top_k,
+        "batch_size": cfg.batch_size,
+    }
     if params.selection != "vocab":  # (the default leaves the stage's settings, and so its cache, as they were)
         settings["selection"] = {"rule": params.selection, "top_p": params.selection_top_p}
     d = stages.dir(name)
@@ -339,9 +455,17 @@ def stage_completion_pull(cfg: ReproduceConfig, stages: StageCache, data: dict, 
             base, _ = _load(data["base_dir"], cfg)
             models = {n: _load(path, cfg)[0] for n, path in students.items()}
             rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data[split][: cfg.analysis_prompts]]
-            result = completion_pull(aligned, base, tok, rows, top_k=cfg.top_k, students=models,
-                                     batch_size=cfg.batch_size, selection=params.selection,
-                                     selection_top_p=params.selection_top_p)  # fmt: skip
+            result = completion_pull(
+                aligned,
+                base,
+                tok,
+                rows,
+                top_k=cfg.top_k,
+                students=models,
+                batch_size=cfg.batch_size,
+                selection=params.selection,
+                selection_top_p=params.selection_top_p,
+            )
             atomic_write_json(d / "completion_pull.json", result, indent=1)
     return json.loads((d / "completion_pull.json").read_text())
 
@@ -354,9 +478,17 @@ def bft_steps(cfg: ReproduceConfig, data: dict) -> int:
     return max(1, math.ceil(cfg.bft_epochs * len(data["harmful_train"]) / harmful_per_step))
 
 
-def bft_train_config(cfg: ReproduceConfig, data_dir: Path, base_dir: str, aligned_dir: str, out_dir: Path, *,
-                     steps: int | None = None, loss_overrides: dict | None = None,
-                     cache_dir: Path | None = None) -> dict:  # fmt: skip
+def bft_train_config(
+    cfg: ReproduceConfig,
+    data_dir: Path,
+    base_dir: str,
+    aligned_dir: str,
+    out_dir: Path,
+    *,
+    steps: int | None = None,
+    loss_overrides: dict | None = None,
+    cache_dir: Path | None = None,
+) -> dict:
     """The trainer config (as a dict for :func:`bft.trainer.config.config_from_dict`) of a miniature BFT run.
     ``cache_dir``: the teacher cache (default ``out_dir/teacher_cache``); it depends on the frozen models, the
     training rows and top_k only, so every student of one aligned model shares it."""
@@ -364,39 +496,82 @@ def bft_train_config(cfg: ReproduceConfig, data_dir: Path, base_dir: str, aligne
     steps = steps or cfg.bft_steps
     loss = {**cfg.loss_overrides, **(loss_overrides or {})}
     return {
-        "model": {"base": base_dir, "aligned": aligned_dir, "dtype": "float32", "attn_implementation": "sdpa",
-                  "gradient_checkpointing": False},
+        "model": {
+            "base": base_dir,
+            "aligned": aligned_dir,
+            "dtype": "float32",
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": False,
+        },
         "finetune": {"mode": "lora", "lora_r": cfg.bft_lora_r, "lora_alpha": 2 * cfg.bft_lora_r, "save": "merged"},
-        "data": {"harmful": str(data_dir / "harmful_train.jsonl"), "harmful_response": "dataset",
-                 "utility": str(data_dir / "benign_train.jsonl"), "harmful_ratio": cfg.harmful_ratio,
-                 "batch_size": cfg.bft_batch_size, "max_length": cfg.bft_max_length},
+        "data": {
+            "harmful": str(data_dir / "harmful_train.jsonl"),
+            "harmful_response": "dataset",
+            "utility": str(data_dir / "benign_train.jsonl"),
+            "harmful_ratio": cfg.harmful_ratio,
+            "batch_size": cfg.bft_batch_size,
+            "max_length": cfg.bft_max_length,
+        },
         # τ and λ written out (the paper's, BFTLossParams' defaults) so that earlier runs' saved settings still match
-        "loss": {"top_k": cfg.top_k, "temperature": _LOSS_DEFAULTS.temperature,
-                 "teacher_lambda": _LOSS_DEFAULTS.teacher_lambda, **loss},
-        "optim": {"name": "adamw", "lr": cfg.bft_lr, "scheduler": "cosine", "warmup_steps": max(1, steps // 10),
-                  "max_grad_norm": 1.0},
-        "train": {"max_steps": steps, "seed": cfg.seed, "output_dir": str(out_dir),
-                  "save_every": max(1, steps // 4), "device": "cpu" if dev.type == "cpu" else None},
+        "loss": {
+            "top_k": cfg.top_k,
+            "temperature": _LOSS_DEFAULTS.temperature,
+            "teacher_lambda": _LOSS_DEFAULTS.teacher_lambda,
+            **loss,
+        },
+        "optim": {
+            "name": "adamw",
+            "lr": cfg.bft_lr,
+            "scheduler": "cosine",
+            "warmup_steps": max(1, steps // 10),
+            "max_grad_norm": 1.0,
+        },
+        "train": {
+            "max_steps": steps,
+            "seed": cfg.seed,
+            "output_dir": str(out_dir),
+            "save_every": max(1, steps // 4),
+            "device": "cpu" if dev.type == "cpu" else None,
+        },
         # the frozen models run once over the training rows (exact; bft cache), not at every step of every epoch
         "teacher_cache": {"path": str(cache_dir or out_dir / "teacher_cache") if cfg.teacher_cache else None},
-    }  # fmt: skip
+    }
 
 
-def stage_bft(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, log, *, name: str = "bft",
-              after: tuple = ("data",), steps: int | None = None, loss_overrides: dict | None = None) -> str:  # fmt: skip
+def stage_bft(
+    cfg: ReproduceConfig,
+    stages: StageCache,
+    data: dict,
+    aligned_dir: str,
+    log,
+    *,
+    name: str = "bft",
+    after: tuple = ("data",),
+    steps: int | None = None,
+    loss_overrides: dict | None = None,
+) -> str:
     """Train a BFT student (LoRA on ``aligned_dir``); an interrupted identical run resumes from its checkpoints."""
     d = stages.dir(name)
     cache_dir = stages.root / "teacher_cache" / Path(aligned_dir).name
-    settings = bft_train_config(cfg, stages.dir("data"), data["base_dir"], aligned_dir, d, steps=steps,
-                                loss_overrides=loss_overrides, cache_dir=cache_dir)  # fmt: skip
+    settings = bft_train_config(
+        cfg,
+        stages.dir("data"),
+        data["base_dir"],
+        aligned_dir,
+        d,
+        steps=steps,
+        loss_overrides=loss_overrides,
+        cache_dir=cache_dir,
+    )
     final = d / "final"
     upstream_recomputed = any(dep in stages.recomputed for dep in after)  # e.g. a new aligned model, same path
     if not stages.cached(name, settings, after=after):
         if upstream_recomputed and cache_dir.exists() and cache_dir not in stages.fresh_caches:
             shutil.rmtree(cache_dir)  # built from the old models (the trainer would refuse it by its fingerprint)
         stages.fresh_caches.add(cache_dir)
-        if d.exists() and (upstream_recomputed
-                           or stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))):  # fmt: skip
+        if d.exists() and (
+            upstream_recomputed or stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))
+        ):
             shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
         with stages.computing(name, settings, keep=True) as d:
             atomic_write_json(d / "settings.json", settings, indent=1)
@@ -415,8 +590,14 @@ def _saved_bft_settings(d: Path):
 
 
 def _generation(cfg: ReproduceConfig) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=cfg.eval_tokens, batch_size=_eval_batch(cfg), do_sample=cfg.sample,
-                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)  # fmt: skip
+    return GenerationSettings(
+        max_new_tokens=cfg.eval_tokens,
+        batch_size=_eval_batch(cfg),
+        do_sample=cfg.sample,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+    )
 
 
 def _eval_batch(cfg: ReproduceConfig) -> int:
@@ -424,13 +605,23 @@ def _eval_batch(cfg: ReproduceConfig) -> int:
 
 
 def _eval_settings(cfg: ReproduceConfig) -> dict:
-    return {"prefill_ks": cfg.prefill_ks, "eval_tokens": cfg.eval_tokens, "sweep_k": cfg.sweep_k,
-            "batch_size": _eval_batch(cfg), "embedding_model": cfg.embedding_model, "sample": cfg.sample,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "judges": cfg.judges}  # fmt: skip
+    return {
+        "prefill_ks": cfg.prefill_ks,
+        "eval_tokens": cfg.eval_tokens,
+        "sweep_k": cfg.sweep_k,
+        "batch_size": _eval_batch(cfg),
+        "embedding_model": cfg.embedding_model,
+        "sample": cfg.sample,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "seed": cfg.seed,
+        "judges": cfg.judges,
+    }
 
 
-def stage_validation(cfg: ReproduceConfig, stages: StageCache, data: dict, name: str, models: dict, log,
-                     after: tuple) -> dict:  # fmt: skip
+def stage_validation(
+    cfg: ReproduceConfig, stages: StageCache, data: dict, name: str, models: dict, log, after: tuple
+) -> dict:
     """Score ``models`` (system name -> model folder) on the validation split: the ``sweep_k``-token prefill attack
     (one sampling seed) under every judge, and the perplexity of the benign validation solutions. Returns, per
     system, ``{judge: ASR, ..., "perplexity": ppl}``. This is what every choice of the reproduction is made on."""
@@ -444,9 +635,19 @@ def stage_validation(cfg: ReproduceConfig, stages: StageCache, data: dict, name:
                 model, tok = _load(path, cfg)
                 systems.append(System(system, model, tok))
             rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_val"]]
-            utility_rows = {"perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_val"]]}
-            ecfg = EvalConfig(prefill_ks=[cfg.sweep_k], utility=["perplexity"], limit=None, seed=cfg.seed,
-                              generation=_generation(cfg), judges=list(cfg.judges), threeway=False, likelihood=False)  # fmt: skip
+            utility_rows = {
+                "perplexity": [{"prompt": r["prompt"], "response": r["response"]} for r in data["benign_val"]]
+            }
+            ecfg = EvalConfig(
+                prefill_ks=[cfg.sweep_k],
+                utility=["perplexity"],
+                limit=None,
+                seed=cfg.seed,
+                generation=_generation(cfg),
+                judges=list(cfg.judges),
+                threeway=False,
+                likelihood=False,
+            )
             run_eval(systems, ecfg, d, rows=rows, utility_rows=utility_rows)
     res = load_results(d)
     out = {}
@@ -470,15 +671,34 @@ def stage_calibrate(cfg: ReproduceConfig, stages: StageCache, data: dict, log) -
     table = []
     for share in sorted(cfg.recovery_candidates):
         aligned_dir = stage_aligned(cfg, stages, data, share, log)
-        val = stage_validation(cfg, stages, data, f"calibrate/r{share:g}", {"aligned": aligned_dir}, log,
-                               after=("data", aligned_name(share)))["aligned"]  # fmt: skip
-        table.append({"share": share, "keyword": val.get("keyword"), "harm": val.get("harm"),
-                      "perplexity": val.get("perplexity"), "in_band": low <= (val.get("keyword") or 0) <= high})  # fmt: skip
+        val = stage_validation(
+            cfg,
+            stages,
+            data,
+            f"calibrate/r{share:g}",
+            {"aligned": aligned_dir},
+            log,
+            after=("data", aligned_name(share)),
+        )["aligned"]
+        table.append(
+            {
+                "share": share,
+                "keyword": val.get("keyword"),
+                "harm": val.get("harm"),
+                "perplexity": val.get("perplexity"),
+                "in_band": low <= (val.get("keyword") or 0) <= high,
+            }
+        )
         if (val.get("keyword") or 0) < low:
             break  # more recovery examples only deepen the alignment further: the larger shares cannot do better
     chosen = min(table, key=lambda r: (not r["in_band"], abs((r["keyword"] or 0) - centre)))
-    result = {"candidates": table, "share": chosen["share"], "band": [low, high], "centre": centre,
-              "measure": f"keyword ASR at k = {cfg.sweep_k} on {len(data['harmful_val'])} validation prompts"}  # fmt: skip
+    result = {
+        "candidates": table,
+        "share": chosen["share"],
+        "band": [low, high],
+        "centre": centre,
+        "measure": f"keyword ASR at k = {cfg.sweep_k} on {len(data['harmful_val'])} validation prompts",
+    }
     atomic_write_json(stages.dir("calibrate") / "chosen.json", result, indent=1)
     log(f"[calibrate] recovery share {chosen['share']:g}: validation keyword ASR {chosen['keyword']}")
     return result
@@ -517,12 +737,15 @@ def training_terms(metrics_path: Path, kl_weight: float = 1.0) -> dict:
 def point_id(overrides: dict) -> str:
     """A folder name for a set of loss overrides: ``alpha_base-1_l2_reg-0.0001``, ``completion-mass`` (``default``
     when empty)."""
-    return "_".join(f"{k}-{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}"
-                    for k, v in sorted(overrides.items())) or "default"  # fmt: skip
+    return (
+        "_".join(f"{k}-{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}" for k, v in sorted(overrides.items()))
+        or "default"
+    )
 
 
-def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str,
-                log) -> dict | None:  # fmt: skip
+def stage_sweep(
+    cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str, log
+) -> dict | None:
     """Train a student at every sweep point on ``sweep_analog`` and score each on validation; choose the point; train
     and score the ablations at it. None when no sweep is configured."""
     if not cfg.sweep:
@@ -534,13 +757,33 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
     pulls = []  # each point's completion pull; they share the aligned side (the students' start)
 
     def score(overrides: dict, folder: str) -> dict:
-        student = stage_bft(cfg, stages, data, aligned_dir, log, name=f"{folder}/bft", after=after, steps=steps,
-                            loss_overrides=overrides)  # fmt: skip
-        val = stage_validation(cfg, stages, data, f"{folder}/val", {"student": student}, log,
-                               after=after + (f"{folder}/bft",))["student"]  # fmt: skip
+        student = stage_bft(
+            cfg,
+            stages,
+            data,
+            aligned_dir,
+            log,
+            name=f"{folder}/bft",
+            after=after,
+            steps=steps,
+            loss_overrides=overrides,
+        )
+        val = stage_validation(
+            cfg, stages, data, f"{folder}/val", {"student": student}, log, after=after + (f"{folder}/bft",)
+        )["student"]
         terms = training_terms(Path(student).parent / "metrics.jsonl", overrides.get("kl_weight", 1.0))
-        pull = stage_completion_pull(cfg, stages, data, f"{folder}/pull", aligned_dir, {"student": student},
-                                     "harmful_val", log, after=after + (f"{folder}/bft",), loss=overrides)  # fmt: skip
+        pull = stage_completion_pull(
+            cfg,
+            stages,
+            data,
+            f"{folder}/pull",
+            aligned_dir,
+            {"student": student},
+            "harmful_val",
+            log,
+            after=after + (f"{folder}/bft",),
+            loss=overrides,
+        )
         pulls.append(pull)
         return {"overrides": overrides, **val, **terms, "mass_ratio": pull["students"]["student"]["mass_ratio"]}
 
@@ -562,24 +805,43 @@ def stage_sweep(cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_di
         overrides = {**chosen["overrides"], **ABLATIONS[name]}
         ablations[name] = score(overrides, f"sweep/ablation_{name}")
     ref = {**ref, **pulls[0]["aligned"], "mass_ratio": 1.0}  # the students' start
-    result = {"analog": cfg.sweep_analog, "steps": steps, "aligned": ref, "points": points,
-              "chosen": chosen["overrides"], "rule": rule, "perplexity_limit": limit, "primary_judge": primary,
-              "ablations": ablations, "n_val": len(data["harmful_val"]), "k": cfg.sweep_k}  # fmt: skip
+    result = {
+        "analog": cfg.sweep_analog,
+        "steps": steps,
+        "aligned": ref,
+        "points": points,
+        "chosen": chosen["overrides"],
+        "rule": rule,
+        "perplexity_limit": limit,
+        "primary_judge": primary,
+        "ablations": ablations,
+        "n_val": len(data["harmful_val"]),
+        "k": cfg.sweep_k,
+    }
     atomic_write_json(stages.dir("sweep") / "chosen.json", result, indent=1)
     log(f"[sweep] chosen {point_id(chosen['overrides'])} ({rule})")
     return result
 
 
-def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, models: dict, log,
-               after: tuple) -> dict:  # fmt: skip
+def stage_eval(
+    cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, models: dict, log, after: tuple
+) -> dict:
     """The test-split attacks on one analog's systems (``models``: aligned, bft student and, when trained, qi
     augmentation; plus the base and the contrastive rows). The attacks at k = 0 and ``sweep_k`` run on every test
     prompt, and ``sweep_k`` (where the claims are judged) again with every further sampling seed; the other k on the
     first ``long_k_prompts`` prompts. k = 0 and the long k get the first seed only."""
     name = f"{analog}/eval"
-    settings = {**_eval_settings(cfg), "alpha": cfg.alpha, "alphas": cfg.alphas, "gsm8k_limit": cfg.gsm8k_limit,
-                "gsm8k_tokens": cfg.gsm8k_tokens, "forms": cfg.forms, "eval_seeds": cfg.eval_seeds,
-                "long_k_prompts": cfg.long_k_prompts, "models": models}  # fmt: skip
+    settings = {
+        **_eval_settings(cfg),
+        "alpha": cfg.alpha,
+        "alphas": cfg.alphas,
+        "gsm8k_limit": cfg.gsm8k_limit,
+        "gsm8k_tokens": cfg.gsm8k_tokens,
+        "forms": cfg.forms,
+        "eval_seeds": cfg.eval_seeds,
+        "long_k_prompts": cfg.long_k_prompts,
+        "models": models,
+    }
     if cfg.eval_seeds > 1:
         settings["seed_ks"] = [cfg.sweep_k]
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_test"]]
@@ -588,9 +850,18 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str
         utility_rows["gsm8k"] = [r for r in data["benign_test"] if r.get("answer")][: cfg.gsm8k_limit]
     utility = ["perplexity"] + (["gsm8k"] if cfg.gsm8k_limit and utility_rows["gsm8k"] else [])
     gen = _generation(cfg)
-    common = dict(limit=None, seed=cfg.seed, generation=gen, judges=list(cfg.judges), threeway=True,
-                  embedding_model=cfg.embedding_model, likelihood=True, likelihood_reference="dataset",
-                  likelihood_tokens=cfg.eval_tokens, gsm8k_max_new_tokens=cfg.gsm8k_tokens)  # fmt: skip
+    common = dict(
+        limit=None,
+        seed=cfg.seed,
+        generation=gen,
+        judges=list(cfg.judges),
+        threeway=True,
+        embedding_model=cfg.embedding_model,
+        likelihood=True,
+        likelihood_reference="dataset",
+        likelihood_tokens=cfg.eval_tokens,
+        gsm8k_max_new_tokens=cfg.gsm8k_tokens,
+    )
     short_ks = [k for k in cfg.prefill_ks if k in (0, cfg.sweep_k)]
     long_ks = [k for k in cfg.prefill_ks if k not in (0, cfg.sweep_k)]
     if cfg.long_k_prompts is None:
@@ -601,23 +872,35 @@ def stage_eval(cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str
             base, tok = _load(data["base_dir"], cfg)
             aligned, _ = _load(models["aligned"], cfg)
             systems = [System("base", base, tok), System("aligned", aligned, tok)]
-            systems += [System(contrastive_name(cfg.alpha, form), aligned, tok, base_model=base, alpha=cfg.alpha, form=form)
-                        for form in cfg.forms]  # fmt: skip
+            systems += [
+                System(contrastive_name(cfg.alpha, form), aligned, tok, base_model=base, alpha=cfg.alpha, form=form)
+                for form in cfg.forms
+            ]
             for system, path in models.items():
                 if system != "aligned":
                     systems.append(System(system, _load(path, cfg)[0], tok))
             log(f"[{name}] prefill attacks k={short_ks} on {len(rows)} prompts, {[s.name for s in systems]}")
-            run_eval(systems, EvalConfig(prefill_ks=short_ks, utility=utility, **common), d / "main", rows=rows,
-                     utility_rows=utility_rows)  # fmt: skip
+            run_eval(
+                systems,
+                EvalConfig(prefill_ks=short_ks, utility=utility, **common),
+                d / "main",
+                rows=rows,
+                utility_rows=utility_rows,
+            )
             for i in range(1, cfg.eval_seeds):  # more sampling seeds: only the sweep_k attack is rerun
                 seeded = dict(common, generation=dataclasses.replace(gen, seed=cfg.seed + 1000 * i), likelihood=False)
                 log(f"[{name}] sampling seed {i + 1} of {cfg.eval_seeds}")
-                run_eval(systems, EvalConfig(prefill_ks=[cfg.sweep_k], utility=[], **seeded), d / f"main_seed{i}",
-                         rows=rows)  # fmt: skip
+                run_eval(
+                    systems, EvalConfig(prefill_ks=[cfg.sweep_k], utility=[], **seeded), d / f"main_seed{i}", rows=rows
+                )
             if long_ks:
                 log(f"[{name}] prefill attacks k={long_ks} on {min(len(rows), cfg.long_k_prompts)} prompts")
-                run_eval(systems, EvalConfig(prefill_ks=long_ks, utility=[], **dict(common, likelihood=False)),
-                         d / "long", rows=rows[: cfg.long_k_prompts])  # fmt: skip
+                run_eval(
+                    systems,
+                    EvalConfig(prefill_ks=long_ks, utility=[], **dict(common, likelihood=False)),
+                    d / "long",
+                    rows=rows[: cfg.long_k_prompts],
+                )
             sweep = [a for a in dict.fromkeys(cfg.alphas) if a != cfg.alpha]
             if sweep:
                 sweep_systems = [System(f"contrastive α={a:g}", aligned, tok, base_model=base, alpha=a) for a in sweep]
