@@ -12,6 +12,8 @@ import torch
 from bft.trainer.config import load_config
 from bft.trainer.train import METRIC_KEYS, read_metrics, train
 
+from bft.loss import BFTLoss
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -73,7 +75,7 @@ def fixed_batch_loss(student, data_files, config):
         harmful, utility, batch_size=d.batch_size, harmful_ratio=d.harmful_ratio, seed=0, pad_id=tok.pad_token_id
     )
     V = len(tok)
-    module = BFTStudent(student, {"top_k": config.loss.top_k, "backend": "reference"}, V)
+    module = BFTStudent(student, BFTLoss(top_k=config.loss.top_k, backend="reference"), V)
     losses = []
     with torch.no_grad():
         for i in range(3):
@@ -582,7 +584,7 @@ def test_one_process_checkpoint_has_the_layout_of_distributed_ones():
     def student_and_optimizer(seed):
         torch.manual_seed(seed)
         _, aligned, _ = tiny_llama_pair(seed=0)
-        student = BFTStudent(add_lora(aligned, load_config("tiny-cpu")), {}, 102)
+        student = BFTStudent(add_lora(aligned, load_config("tiny-cpu")), BFTLoss(), 102)
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         for p in params:

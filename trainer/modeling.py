@@ -18,6 +18,7 @@ import copy
 import importlib.util
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from bft.trainer.config import TINY_ALIGNED, TINY_BASE, Config
@@ -25,6 +26,9 @@ from torch import nn
 
 from bft.hf import models
 from bft.hf.models import final_hidden_states
+
+if TYPE_CHECKING:
+    from bft.loss import BFTLoss
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -311,15 +315,13 @@ class BFTStudent(nn.Module):
     detached per-row terms of :class:`bft.BFTLossOutput`.
 
     ``objective``: the :class:`bft.BFTLoss` to apply (:func:`bft.trainer.train.loss_module` builds it from the
-    config's one :class:`bft.loss.BFTLossParams`), or a mapping of its keyword arguments.
+    config's one :class:`bft.loss.BFTLossParams`).
     """
 
-    def __init__(self, model: nn.Module, objective, vocab_size: int):
-        from bft.loss import BFTLoss
-
+    def __init__(self, model: nn.Module, objective: BFTLoss, vocab_size: int):
         super().__init__()
         self.model = model
-        self.objective = objective if isinstance(objective, BFTLoss) else BFTLoss(**dict(objective))
+        self.objective = objective
         self.vocab_size = vocab_size
 
     @property
