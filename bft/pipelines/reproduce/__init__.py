@@ -45,8 +45,8 @@ from bft.pipelines.reproduce.config import (
     validate,
 )
 from bft.pipelines.reproduce.report import plot_kl_by_position, plot_sweep, render_report
+from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.pipelines.reproduce.stages import (
-    StageCache,
     aligned_name,
     bft_steps,
     stage_aligned,

@@ -1,4 +1,5 @@
-"""The stages of the miniature reproduction, each cached in its own folder (:class:`StageCache`).
+"""The stages of the miniature reproduction, each cached in its own folder
+(:class:`bft.pipelines.reproduce.stage_cache.StageCache`).
 
 data (prompts, train/validation/test splits, the base model's own responses) → aligned_r<share> (a refusal SFT
 with that share of safety-recovery examples; ``calibrate`` chooses the deeper analog's share on validation) → per
@@ -8,13 +9,11 @@ attacks) → ``sweep`` (BFT loss settings scored on validation, the chosen point
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 
 import datasets
@@ -30,6 +29,7 @@ from bft.hf.models import load_model_and_tokenizer, save_pretrained
 from bft.loss import BFTLossParams
 from bft.pipelines.refusal_sft import refusal_finetune
 from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, loss_params, torch_device
+from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import config_from_dict
 from bft.trainer.data import generate_responses
@@ -38,7 +38,6 @@ from bft.trainer.train import train
 _LOSS_DEFAULTS = BFTLossParams()
 
 __all__ = [
-    "StageCache",
     "stage_data",
     "stage_aligned",
     "stage_calibrate",
@@ -55,79 +54,6 @@ __all__ = [
     "point_id",
     "aligned_name",
 ]
-
-
-class StageCache:
-    """Stage folders with a ``stage.json`` holding the settings they were computed with.
-
-    A stage is reused when its ``stage.json`` exists (it is written last, atomically), records the same settings and
-    none of the stages it reads (``after``) was recomputed in this run; a recomputed stage is remembered so that
-    every stage reading it is recomputed too. Stage names are paths under the root (``shallow/bft``).
-    """
-
-    def __init__(self, root: Path, log):
-        self.root = root
-        self.recomputed: set[str] = set()
-        self.fresh_caches: set[Path] = set()  # teacher caches checked (or rebuilt) in this run
-        self.log = log
-
-    def dir(self, name: str) -> Path:
-        return self.root / name
-
-    def cached(self, name: str, settings: dict, after: tuple = ()) -> bool:
-        marker = self.dir(name) / "stage.json"
-        if not any(dep in self.recomputed for dep in after) and marker.is_file():
-            try:
-                if self.comparable(json.loads(marker.read_text())["settings"]) == self.comparable(settings):
-                    self.log(f"[{name}] cached: {self.dir(name)}")
-                    return True
-            except (json.JSONDecodeError, KeyError):
-                pass
-        self.recomputed.add(name)
-        return False
-
-    def comparable(self, settings):
-        """``settings`` as two runs compare them: JSON types, and every string that names a path under the root
-        written relative to it, so that ``--out runs/x`` and ``--out /abs/path/runs/x`` are the same run (before,
-        the second spelling found every stage changed and removed a trained student to retrain it)."""
-        root = self.root.resolve()
-
-        def walk(value):
-            if isinstance(value, dict):
-                return {k: walk(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [walk(v) for v in value]
-            if isinstance(value, str) and "/" in value:
-                try:
-                    return "<run>/" + Path(value).resolve().relative_to(root).as_posix()
-                except (ValueError, OSError):
-                    return value
-            return value
-
-        return walk(json.loads(json.dumps(settings)))
-
-    def start(self, name: str, *, keep: bool = False) -> Path:
-        """A clean folder for a stage about to run (a half-written earlier attempt is removed unless ``keep``: a
-        training stage keeps its checkpoints, and an interrupted run resumes)."""
-        d = self.dir(name)
-        if not keep and d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        self.log(f"[{name}] running ...")
-        return d
-
-    def finish(self, name: str, settings: dict, seconds: float) -> None:
-        atomic_write_json(self.dir(name) / "stage.json", {"settings": settings, "seconds": round(seconds, 1)}, indent=1)
-
-    @contextlib.contextmanager
-    def computing(self, name: str, settings: dict, *, keep: bool = False):
-        """``with stages.computing(name, settings) as d:`` runs a stage's body in its clean folder ``d``
-        (:meth:`start`) and marks it done with its settings and time (:meth:`finish`) only when the body returns:
-        a stage that raises is computed again next time."""
-        t0 = time.time()
-        d = self.start(name, keep=keep)
-        yield d
-        self.finish(name, settings, time.time() - t0)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
