@@ -53,21 +53,25 @@ from bft.reference import bft_loss_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
-#: the loose keywords of :func:`bft_loss` / :class:`BFTLoss` that build a :class:`BFTLossParams`, with its defaults
-_PARAM_DEFAULTS = BFTLossParams().as_kwargs()
+#: the objective's setting names (the fields of :class:`BFTLossParams`, their one declaration)
+PARAM_NAMES = tuple(BFTLossParams().as_kwargs())
 
 
-def resolve_params(params: BFTLossParams | None, loose: dict) -> BFTLossParams:
-    """``params``, or a :class:`BFTLossParams` built (and validated) from the loose keywords. Passing both is an
-    error unless every loose keyword is at its default (so a call can never silently drop a setting)."""
+def resolve_params(params: BFTLossParams | None, settings: dict) -> BFTLossParams:
+    """``params``, or a :class:`BFTLossParams` built (and validated) from ``settings``, the objective's settings
+    passed by name (``top_k=7, completion="mass"``; the rest take its defaults). Passing both is an error, so a call
+    can never silently drop a setting; an unknown name is an error naming the valid ones."""
+    unknown = sorted(set(settings) - set(PARAM_NAMES))
+    if unknown:
+        raise ValueError(f"unknown loss setting(s) {', '.join(unknown)}; the settings are {', '.join(PARAM_NAMES)}")
     if params is None:
-        return BFTLossParams(**loose)
+        return BFTLossParams(**settings)
     if not isinstance(params, BFTLossParams):
         raise ValueError(f"params must be a bft.loss.BFTLossParams, got {type(params).__name__}")
-    changed = sorted(k for k, v in loose.items() if v != _PARAM_DEFAULTS[k])
-    if changed:
+    if settings:
         raise ValueError(
-            f"pass the loss settings either as params= or as keywords, not both (got params and {', '.join(changed)})"
+            "pass the loss settings either as params= or as keywords, not both "
+            f"(got params and {', '.join(sorted(settings))})"
         )
     return params
 
@@ -327,21 +331,11 @@ def bft_loss(
     harmful: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     params: BFTLossParams | None = None,
-    top_k: int = DEFAULT_TOP_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-    teacher_lambda: float = DEFAULT_TEACHER_LAMBDA,
-    alpha_base: float = DEFAULT_ALPHA_BASE,
-    gamma: float = DEFAULT_GAMMA,
-    l2_reg: float = DEFAULT_L2_REG,
-    kl: str = "forward",
-    kl_weight: float = DEFAULT_KL_WEIGHT,
-    completion: str = "l2",
-    selection: str = "vocab",
-    selection_top_p: float = DEFAULT_SELECTION_TOP_P,
     backend: str = "auto",
     chunk_rows: int | None = None,
     topk_ids: torch.Tensor | None = None,
     risk: torch.Tensor | None = None,
+    **settings,
 ) -> BFTLossOutput:
     """The BFT objective from hidden states and lm_head weights, never holding [N, V] logits (but "reference").
 
@@ -362,21 +356,13 @@ def bft_loss(
             same tensor as ``aligned_weight`` (a LoRA student sharing its head); the aligned branch stays constant.
         harmful: [N] bool, rows that get the completion penalty (default: none).
         valid: [N] bool, rows that count at all (default: all).
-        params: the objective's settings as one :class:`BFTLossParams` (what the trainer passes), instead of the
-            keywords top_k ... completion below (which must then stay at their defaults).
-        top_k: k of the base-favored set, 1 ≤ k ≤ V. Ties at the k-th place go to the lower id.
-        temperature: τ > 0. teacher_lambda: λ (may exceed 1). kl: "forward" (default) or "reverse".
-        kl_weight: finite, >= 0, the weight of KL_n in the loss and its gradients (default 1; 0 = the "completion
-            only" ablation, no distillation). ``out.kl`` stays the unweighted KL_n.
-        completion: the completion term, one of :data:`COMPLETION_TERMS`: "l2" (default, Eq. 9 as written: pulls
-            every s_v of M towards 0, raising the negative ones), "mass" or "unlikelihood" (both lower the student's
-            probability on M and ignore a constant added to a row; l2_reg scales "l2" only; "unlikelihood" needs
-            top_k < V).
-        selection: where M is chosen, one of :data:`SELECTION_RULES`: "vocab" (default, TopK(Δ, k) over the whole
-            vocabulary, Algorithm 1 as written) or "base_topp" (TopK(Δ, k) over the base model's top-p nucleus,
-            grown to k tokens; docs/loss.md#where-m-is-chosen). The reference and torch backends select in place;
-            for "triton" the ids are computed first (:func:`bft.chunked.base_favored_rows`) and given to the kernel.
-        selection_top_p: p of "base_topp", in (0, 1].
+        params: the objective's settings as one :class:`BFTLossParams` (what the trainer passes): k, τ, λ, alpha_base,
+            gamma, l2_reg, the KL direction and weight, the completion term (:data:`COMPLETION_TERMS`; "l2" is Eq. 9
+            as written) and where M is chosen (:data:`SELECTION_RULES`). Each is declared, defaulted and documented
+            there once. For "triton" under a selection rule other than "vocab" the ids are computed first
+            (:func:`bft.chunked.base_favored_rows`) and given to the kernel.
+        **settings: or the same settings by name (``top_k=7, completion="mass"``), the rest at their defaults; not
+            together with ``params``. An unknown name raises ``ValueError`` listing the valid ones.
         backend: "auto" | "reference" | "torch" | "triton".
         chunk_rows: rows per chunk for the torch/triton backends (default: sized from a memory budget).
         topk_ids, risk: [N, top_k] int32/int64 and [N] float, given together: the base-favored ids M_n (top-k of
@@ -396,22 +382,7 @@ def bft_loss(
         "base_hidden": base_hidden,
         "base_weight": base_weight,
     }
-    params = resolve_params(
-        params,
-        {
-            "top_k": top_k,
-            "temperature": temperature,
-            "teacher_lambda": teacher_lambda,
-            "alpha_base": alpha_base,
-            "gamma": gamma,
-            "l2_reg": l2_reg,
-            "kl": kl,
-            "kl_weight": kl_weight,
-            "completion": completion,
-            "selection": selection,
-            "selection_top_p": selection_top_p,
-        },
-    )
+    params = resolve_params(params, settings)
     _validate(tensors, harmful, valid, params, backend)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
@@ -444,8 +415,8 @@ def bft_loss(
 
 
 class BFTLoss(nn.Module):
-    """:func:`bft_loss` as a module holding its settings: one :class:`BFTLossParams` (``params``, or built from the
-    same keywords as :func:`bft_loss`), the backend and the chunk size.
+    """:func:`bft_loss` as a module holding its settings: one :class:`BFTLossParams` (``params``, or its fields by
+    name as ``**settings``, as for :func:`bft_loss`), the backend and the chunk size.
 
     ``BFTLoss(top_k=100)(student_hidden, student_weight, aligned_hidden, aligned_weight, base_hidden, base_weight,
     harmful=..., valid=..., topk_ids=..., risk=...)`` returns a :class:`BFTLossOutput`.
@@ -455,37 +426,12 @@ class BFTLoss(nn.Module):
         self,
         params: BFTLossParams | None = None,
         *,
-        top_k: int = DEFAULT_TOP_K,
-        temperature: float = DEFAULT_TEMPERATURE,
-        teacher_lambda: float = DEFAULT_TEACHER_LAMBDA,
-        alpha_base: float = DEFAULT_ALPHA_BASE,
-        gamma: float = DEFAULT_GAMMA,
-        l2_reg: float = DEFAULT_L2_REG,
-        kl: str = "forward",
-        kl_weight: float = DEFAULT_KL_WEIGHT,
-        completion: str = "l2",
-        selection: str = "vocab",
-        selection_top_p: float = DEFAULT_SELECTION_TOP_P,
         backend: str = "auto",
         chunk_rows: int | None = None,
+        **settings,
     ):
         super().__init__()
-        self.params = resolve_params(
-            params,
-            {
-                "top_k": top_k,
-                "temperature": temperature,
-                "teacher_lambda": teacher_lambda,
-                "alpha_base": alpha_base,
-                "gamma": gamma,
-                "l2_reg": l2_reg,
-                "kl": kl,
-                "kl_weight": kl_weight,
-                "completion": completion,
-                "selection": selection,
-                "selection_top_p": selection_top_p,
-            },
-        )
+        self.params = resolve_params(params, settings)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
