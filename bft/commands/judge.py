@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument(
         "--compare",
         action="store_true",
-        help="also fit the MLP design and the previous MiniLM design and report them beside",
+        help="also fit an MLP on the same features and the MiniLM pair-feature design, and report them beside the chosen one",
     )
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
@@ -66,7 +66,7 @@ def fit_and_measure(*, compare: bool = False, log=print) -> tuple[dict, dict]:
         xm = minilm_featurize(q_train, r_train, embeddings=e_train)
         minilm = harm_fit.fit_harm_model(xm, y, q_train, log=lambda s: None, lm_spec=None)
         log(
-            f"[harm fit] minilm (previous design): cross-validated accuracy "
+            f"[harm fit] minilm pair-feature design: cross-validated accuracy "
             f"{harm_fit.cv_accuracy(minilm, xm, y, q_train):.3f}"
         )
         extra["minilm-logistic"] = predict_proba(minilm, minilm_featurize(q_held, r_held, embeddings=e_held)).tolist()
