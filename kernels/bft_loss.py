@@ -27,7 +27,7 @@ from .chunking import grad_hidden_sliced, rows_per_block
 # Head trains (dW): the fp32 dW accumulator (V·H·4 bytes, 2.1 GB there) dominates the memory anyway, and each dW
 # GEMM re-reads and re-writes all of it — 16 times at 512-row chunks, about 67 GB of traffic. So G is kept for a
 # *group* of chunks (512 MiB of G: 2048 rows in bf16) and dH, dW are computed once per group: 4 passes over dW
-# instead of 16, with 128 MiB logit blocks (256 rows) so the total stays what 256 MiB blocks used to need.
+# instead of 16, with smaller logit blocks (128 MiB, 256 rows) to make room for G.
 DEFAULT_BLOCK_BYTES = 192 * 2**20
 DEFAULT_BLOCK_BYTES_WITH_DW = 128 * 2**20
 DEFAULT_GROUP_BYTES = 512 * 2**20  # G of one group, in the gradient dtype (only when dW is computed)
