@@ -153,6 +153,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     u.add_argument("--lm-eval-tasks", type=_csv(str), help="lm-eval-harness tasks (optional extra)")
     u.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (default: all)")
     u.add_argument("--lm-eval-include-path", help="folder of local lm-eval task YAMLs (offline tasks)")
+    u.add_argument(
+        "--overrefusal-limit",
+        type=int,
+        help="measure over-refusal on N safe prompts (bft.eval.overrefusal; default off)",
+    )
+    u.add_argument(
+        "--no-overrefusal-contrast",
+        dest="overrefusal_contrast",
+        action="store_false",
+        default=None,
+        help="over-refusal without the 25 harmful contrast prompts",
+    )
 
 
 def build_config(args) -> tuple:

@@ -17,7 +17,8 @@ Metrics (all shares in [0, 1]; the report prints percentages):
   off-topic shares beside it);
 * HRR = the harmful rate after the fine-tuning attack (see :mod:`bft.eval.finetune`);
 * likelihood = :func:`bft.eval.likelihood.summarize_logprobs` of the reference harmful continuation (lower = safer);
-* utility = perplexity / GSM8K exact match (:mod:`bft.eval.utility`).
+* utility = perplexity / GSM8K exact match (:mod:`bft.eval.utility`), and over-refusal when
+  ``overrefusal_limit`` is set (:mod:`bft.eval.overrefusal`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from bft.eval.gcg import GCGConfig
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.judges import Judge, KeywordJudge, choose_primary_judge, judge_from_spec, judge_kind
 from bft.eval.likelihood import continuation_logprobs, summarize_logprobs
+from bft.eval.overrefusal import load_prompts as load_overrefusal_prompts
+from bft.eval.overrefusal import overrefusal
 from bft.eval.prefill import parse_ks, prefill_ids, run_prefill_attack
 from bft.eval.report import render_markdown, write_plots
 from bft.eval.semantic import ThreeWayJudge
@@ -138,6 +141,10 @@ class EvalConfig:
     lm_eval_tasks: list = field(default_factory=list)
     lm_eval_limit: int | None = None
     lm_eval_include_path: str | None = None  # a folder of local lm-eval task YAMLs (offline tasks)
+    # over-refusal (bft.eval.overrefusal): None = off; N = that many safe prompts (round-robin over categories),
+    # decoded with `generation`; overrefusal_contrast adds the 25 harmful contrast prompts as a sanity check
+    overrefusal_limit: int | None = None
+    overrefusal_contrast: bool = True
 
     def __post_init__(self):
         if isinstance(self.generation, dict):
@@ -150,6 +157,12 @@ class EvalConfig:
         unknown = set(self.utility) - {"perplexity", "gsm8k"}
         if unknown:
             raise ValueError(f"unknown utility measure(s) {sorted(unknown)}; choose from perplexity, gsm8k")
+        if self.overrefusal_limit is not None and (
+            isinstance(self.overrefusal_limit, bool)
+            or not isinstance(self.overrefusal_limit, int)
+            or self.overrefusal_limit < 1
+        ):
+            raise ValueError(f"overrefusal_limit must be a positive integer or None, got {self.overrefusal_limit!r}")
         self.alphas = [float(a) for a in self.alphas]
         if any(not a >= 0 for a in self.alphas + [self.alpha]):
             raise ValueError(f"alphas must be >= 0, got {self.alphas} / alpha={self.alpha}")
@@ -612,6 +625,13 @@ def _run_utility(system: System, config: EvalConfig, utility_rows, notes: list[s
         out["gsm8k"] = utility.gsm8k_exact_match(
             system, [r["prompt"] for r in data], [r["answer"] for r in data], settings
         )
+    if config.overrefusal_limit is not None:
+        data = rows.get("overrefusal")
+        if data is None:
+            data = load_overrefusal_prompts(limit=config.overrefusal_limit)
+            data += load_overrefusal_prompts(expected="refuse") if config.overrefusal_contrast else []
+        measured = overrefusal(system, data, settings=config.generation)
+        out["overrefusal"] = {**(measured.pop("overrefusal") or {}), **measured}
     if config.lm_eval_tasks:
         if system.contrastive:
             out["lm_eval"] = {"unavailable": "lm-eval-harness scores plain models; not run for contrastive decoding"}
