@@ -1,4 +1,4 @@
-"""Test set-up shared by every test file.
+"""Test set-up shared by every test file: the environment and fixtures (helpers the tests import: helpers.py).
 
 Triton kernels run on CPU tensors through Triton's interpreter, which must be switched on before triton is
 imported anywhere; on a machine with a GPU the kernels run natively and the CUDA tests run too.
@@ -14,13 +14,6 @@ if not torch.cuda.is_available():
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-# where backend="triton" can run: CPU tensors through the interpreter (no GPU), CUDA tensors natively (a GPU and no
-# interpreter); tests holding CPU tensors move them there for the triton backend and bring the results back
-TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-
 
 import pytest  # noqa: E402
 

@@ -8,96 +8,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, TRITON_DEVICE
+from helpers import (
+    DEFAULTS,
+    DEVICES,
+    TRITON_DEVICE,
+    assert_matches,
+    assert_topk_equivalent,
+    cce_violations,
+    delta_logits,
+    home,
+    make_case,
+    run,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bft
-from bft.reference import bft_loss_reference
 
 FAST = ["torch", "triton"]
-DEFAULTS = dict(top_k=7, temperature=2.0, teacher_lambda=1.2, alpha_base=1.0, gamma=1.0, l2_reg=0.01, kl="forward")
-
-
-def make_case(N, H, V, *, seed=0, scale=3.0, p_harmful=0.5, p_valid=0.8, integer=False, device="cpu"):
-    """Six tensors whose logits are ~N(0, scale²) (or small integers, to create exact ties), and the two masks."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = []
-    for _ in range(3):
-        if integer:
-            h = torch.randint(-1, 2, (N, H), generator=g).float()
-            w = torch.randint(-1, 2, (V, H), generator=g).float()
-        else:
-            h = torch.randn(N, H, generator=g)
-            w = torch.randn(V, H, generator=g) * (scale / H**0.5)
-        tensors += [h, w]
-    harmful = torch.rand(N, generator=g) < p_harmful
-    valid = torch.rand(N, generator=g) < p_valid
-    if N and not valid.any():
-        valid[0] = True
-    return [t.to(device) for t in tensors], harmful.to(device), valid.to(device)
-
-
-def home(backend: str) -> str:
-    """Device for inputs a test builds itself: the triton backend's own (see conftest.TRITON_DEVICE), else the CPU."""
-    return TRITON_DEVICE if backend == "triton" else "cpu"
-
-
-def run(tensors, harmful, valid, backend, *, dtype=torch.float32, shared_head=False, grad_scale=1.0, **kw):
-    """Loss, per-row outputs and gradients of one backend; "ref64"/"ref_same" run the reference in fp64/`dtype`."""
-    kw = {**DEFAULTS, **kw}
-    origin = tensors[0].device
-    if backend == "triton" and origin.type == "cpu" and TRITON_DEVICE != "cpu":  # a GPU without the interpreter
-        tensors = [t.to(TRITON_DEVICE) for t in tensors]
-        harmful, valid = harmful.to(TRITON_DEVICE), valid.to(TRITON_DEVICE)
-    xs = [t.to(dtype).clone().requires_grad_(i < 2) for i, t in enumerate(tensors)]
-    if shared_head:
-        xs[3] = xs[1]
-    if backend in ("ref64", "ref_same"):
-        cd = torch.float64 if backend == "ref64" else dtype
-        loss, rows = bft_loss_reference(*xs, harmful=harmful, valid=valid, compute_dtype=cd, **kw)
-    else:
-        rows = bft.bft_loss(*xs, harmful=harmful, valid=valid, backend=backend, **kw)
-        loss = rows.loss
-    (loss * grad_scale).backward()
-    out = {
-        "loss": loss.detach().double(),
-        "kl": rows.kl.double(),
-        "completion": rows.completion.double(),
-        "risk": rows.risk.double(),
-        "alpha": rows.alpha.double(),
-        "topk_ids": rows.topk_ids,
-        "dh": xs[0].grad.double(),
-        "dw": xs[1].grad.double(),
-    }
-    return {k: v.to(origin) for k, v in out.items()}
-
-
-def delta_logits(tensors):
-    ah, aw, bh, bw = (t.double() for t in tensors[2:])
-    return bh @ bw.T - ah @ aw.T
-
-
-def assert_topk_equivalent(ids, ref_ids, delta, valid, atol=1e-4):
-    """Same ids, or — where GEMM rounding reorders near-equal Δ — ids whose Δ values equal the reference's."""
-    assert ids.shape == ref_ids.shape
-    assert (ids[~valid] == -1).all() and (ref_ids[~valid] == -1).all()
-    for n in valid.nonzero().flatten().tolist():
-        if torch.equal(ids[n], ref_ids[n]):
-            continue
-        got = delta[n, ids[n].cpu()].sort().values
-        want = delta[n, ref_ids[n].cpu()].sort().values
-        assert torch.allclose(got, want, atol=atol), f"row {n}: top-k ids {ids[n]} vs reference {ref_ids[n]}"
-
-
-def assert_matches(fast, ref, *, V, delta, valid, rtol=2e-4, atol=2e-5):
-    for key in ("loss", "kl", "completion", "alpha", "dh", "dw"):
-        scale = ref[key].abs().max().item() if ref[key].numel() else 0.0
-        err = (fast[key].cpu() - ref[key].cpu()).abs().max().item() if ref[key].numel() else 0.0
-        assert err <= atol + rtol * scale, f"{key}: max error {err:.3g} vs scale {scale:.3g}"
-    # risk is a count of a strict inequality: a boundary element may flip under different rounding
-    assert (fast["risk"].cpu() - ref["risk"].cpu()).abs().max().item() <= 2.0 / V + 1e-7
-    assert_topk_equivalent(fast["topk_ids"].cpu(), ref["topk_ids"].cpu(), delta, valid.cpu())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,18 +247,6 @@ def test_16bit_inputs_are_no_worse_than_same_dtype_torch(dtype, backend, kl, dev
     naive = run(tensors, harmful, valid, "ref_same", dtype=dtype, kl=kl)
     fast = run(tensors, harmful, valid, backend, dtype=dtype, kl=kl)
     assert not cce_violations(fast, naive, truth)
-
-
-def cce_violations(fast, naive, truth, tol=1e-3) -> list[str]:
-    """Keys where |fast − truth| > |same-dtype torch − truth| + tol·scale (CCE's criterion), with the errors."""
-    bad = []
-    for key in ("loss", "kl", "completion", "dh", "dw"):
-        scale = truth[key].abs().max().item()
-        err_fast = (fast[key] - truth[key]).abs().max().item()
-        err_naive = (naive[key] - truth[key]).abs().max().item()
-        if not err_fast <= err_naive + tol * scale:
-            bad.append(f"{key}: fast {err_fast:.3g} vs same-dtype torch {err_naive:.3g}")
-    return bad
 
 
 def test_triton_16bit_gradient_block_matches_cuda_behaviour():

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
+from helpers import TRITON_DEVICE, assert_matches, cce_violations, delta_logits, make_case, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_loss import assert_matches, cce_violations, delta_logits, make_case, run
 
 import bft
 from bft.chunked import base_favored_rows
@@ -489,99 +488,3 @@ def test_module_forward_takes_given_ids_and_risk():
     assert torch.equal(out.topk_ids[valid], ids[valid])
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-7)
     assert "completion=mass" in repr(module)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the trainer: loss.completion in the YAML config and on the command line, carried to the loss, not in the cache
-
-
-def test_trainer_config_sets_the_completion_term():
-    from bft.trainer.config import ConfigError, load_config
-    from bft.trainer.train import loss_module
-
-    default = load_config("tiny-cpu")
-    assert default.loss.completion == "l2" and loss_module(default).params.completion == "l2"
-    config = load_config("tiny-cpu", ["loss.completion=mass"])
-    objective = loss_module(config)
-    assert objective.params == config.loss.params and objective.params.completion == "mass"
-    assert objective.backend == config.loss.backend == "torch"
-    with pytest.raises(ConfigError, match=r"^loss.completion must be one of \('l2', 'mass', 'unlikelihood'\)"):
-        load_config("tiny-cpu", ["loss.completion=l1"])
-    with pytest.raises(ConfigError, match=r"^loss.backend must be one of"):
-        load_config("tiny-cpu", ["loss.backend=cuda"])
-
-
-def test_bft_train_with_an_unknown_term_is_one_line_and_status_2(capsys):
-    from bft.cli import console_main
-
-    assert console_main(["train", "tiny-cpu", "loss.completion=logits"]) == 2
-    assert capsys.readouterr().err == (
-        "bft train: error: loss.completion must be one of ('l2', 'mass', 'unlikelihood'), got 'logits'\n"
-    )
-
-
-def test_teacher_cache_fingerprint_depends_on_top_k_but_not_the_completion_term():
-    """The cache stores TopK(b − a) ids and risk: a cache built under one completion term serves the others, one
-    built with another k does not."""
-    from bft.trainer import cache
-    from bft.trainer.config import load_config
-    from test_loss_kl_weight import _FakeTokenizer
-
-    def fp(*overrides):
-        return cache.fingerprint(load_config("tiny-cpu", list(overrides)), _FakeTokenizer(), [], [])
-
-    assert fp() == fp("loss.completion=mass") == fp("loss.completion=unlikelihood", "loss.l2_reg=0")
-    assert cache.fingerprint_differences(fp(), fp("loss.top_k=12")) == ["loss.top_k: cache 10 vs config 12"]
-
-
-@pytest.mark.parametrize("completion", SOFTMAX_TERMS)
-def test_trainer_student_applies_the_configured_term_to_given_ids(completion):
-    """BFTStudent's loss is bft_loss with the config's settings, the teacher cache's ids and risk passed through."""
-    from bft.trainer.config import load_config
-    from bft.trainer.modeling import BFTStudent
-    from bft.trainer.train import loss_module
-    from torch import nn
-
-    tensors, harmful, valid = make_case(6, 8, 30, seed=19)
-    ids, risk = base_favored_rows(*tensors[2:], top_k=3)
-    ids = torch.roll(ids, 1, dims=0)  # not this row's top-k: only a loss that uses them gets the reference's value
-    objective = loss_module(load_config("tiny-cpu", ["loss.top_k=3", f"loss.completion={completion}"]))
-    student = BFTStudent(nn.Identity(), objective, 30)
-    sh, sw, ah, aw, bh, bw = tensors
-    out = student.loss(
-        sh.view(2, 3, 8),
-        sw,
-        ah.view(2, 3, 8),
-        aw,
-        bh.view(2, 3, 8),
-        bw,
-        harmful.view(2, 3),
-        valid.view(2, 3),
-        topk_ids=ids,
-        risk=risk,
-    )
-    want = bft.bft_loss(
-        *tensors,
-        harmful=harmful,
-        valid=valid,
-        top_k=3,
-        completion=completion,
-        topk_ids=ids,
-        risk=risk,
-        backend="reference",
-    )
-    own = bft.bft_loss(*tensors, harmful=harmful, valid=valid, top_k=3, completion=completion, backend="reference")
-    torch.testing.assert_close(out["loss"], want.loss, rtol=2e-4, atol=2e-6)
-    torch.testing.assert_close(out["completion"], want.completion, rtol=2e-4, atol=2e-6)
-    assert not torch.allclose(want.completion, own.completion, rtol=2e-4, atol=2e-6)
-
-
-def test_trainer_checks_the_vocabulary_bounds_before_training():
-    from bft.trainer.config import load_config
-    from bft.trainer.train import check_loss_vocab
-
-    check_loss_vocab(load_config("tiny-cpu", ["loss.top_k=102", "loss.completion=mass"]), 102)
-    with pytest.raises(ValueError, match=r"^loss.completion='unlikelihood' needs top_k < V=102"):
-        check_loss_vocab(load_config("tiny-cpu", ["loss.top_k=102", "loss.completion=unlikelihood"]), 102)
-    with pytest.raises(ValueError, match=r"^loss.top_k=200 must be in \[1, V=102\]"):
-        check_loss_vocab(load_config("tiny-cpu", ["loss.top_k=200"]), 102)

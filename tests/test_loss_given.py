@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
-from test_loss import DEFAULTS, assert_matches, cce_violations, delta_logits, make_case, run
+from helpers import DEFAULTS, TRITON_DEVICE, assert_matches, cce_violations, delta_logits, make_case, run
 
 import bft
 from bft.chunked import base_favored_rows

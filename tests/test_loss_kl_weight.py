@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
-from test_loss import DEFAULTS, assert_matches, delta_logits, make_case, run
+from helpers import DEFAULTS, TRITON_DEVICE, assert_matches, delta_logits, make_case, run
 
 import bft
 from bft.chunked import base_favored_rows
@@ -137,62 +136,3 @@ def test_module_and_params_carry_kl_weight():
     b = bft.bft_loss(*tensors, harmful=harmful, valid=valid, top_k=5, kl_weight=0.25, backend="reference")
     assert torch.equal(a.loss, b.loss)
     assert bft.loss.BFTLossParams().kl_weight == 1.0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the trainer: loss.kl_weight in the config, forwarded to the loss, not part of the teacher cache
-
-
-def test_trainer_config_kl_weight_is_validated_and_forwarded():
-    from bft.trainer.config import ConfigError, load_config
-    from bft.trainer.train import loss_module
-
-    assert load_config("tiny-cpu").loss.kl_weight == 1.0
-    assert loss_module(load_config("tiny-cpu", ["loss.kl_weight=0"])).params.kl_weight == 0.0
-    for bad in ("-1", "nan", "inf"):
-        with pytest.raises(ConfigError, match="loss.kl_weight must be a finite number >= 0"):
-            load_config("tiny-cpu", [f"loss.kl_weight={bad}"])
-
-
-def test_trainer_student_loss_uses_kl_weight():
-    from bft.trainer.config import load_config
-    from bft.trainer.modeling import BFTStudent
-    from bft.trainer.train import loss_module
-    from torch import nn
-
-    tensors, _, valid = make_case(6, 8, 30, seed=17)
-    sh, sw, ah, aw, bh, bw = tensors
-    harmful = torch.zeros(6, dtype=torch.bool)
-
-    def loss(kl_weight):
-        objective = loss_module(load_config("tiny-cpu", ["loss.top_k=3", f"loss.kl_weight={kl_weight}"]))
-        student = BFTStudent(nn.Identity(), objective, 30)
-        out = student.loss(
-            sh.view(2, 3, 8), sw, ah.view(2, 3, 8), aw, bh.view(2, 3, 8), bw, harmful.view(2, 3), valid.view(2, 3)
-        )
-        return out["loss"].item(), out["kl"]
-
-    full, kl_full = loss(1.0)
-    half, kl_half = loss(0.5)
-    none, kl_none = loss(0.0)
-    assert full > 0 and half == pytest.approx(full / 2, rel=1e-6) and none == 0.0
-    assert torch.equal(kl_full, kl_half) and torch.equal(kl_full, kl_none)
-
-
-class _FakeTokenizer:
-    chat_template = None
-    special_tokens_map = {"eos_token": "</s>"}
-
-    def get_vocab(self):
-        return {"a": 0, "b": 1}
-
-
-def test_teacher_cache_fingerprint_ignores_kl_weight():
-    """The cache holds frozen-model states and top-k ids only: changing kl_weight must not make it stale."""
-    from bft.trainer import cache
-    from bft.trainer.config import load_config
-
-    one = cache.fingerprint(load_config("tiny-cpu"), _FakeTokenizer(), [], [])
-    zero = cache.fingerprint(load_config("tiny-cpu", ["loss.kl_weight=0"]), _FakeTokenizer(), [], [])
-    assert one == zero
-    assert not any("kl_weight" in key for key in one)

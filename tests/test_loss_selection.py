@@ -5,7 +5,8 @@
 - every fast backend against the reference under the rule (fp32: odd V, ties, ignored rows, two completion terms;
   ±1e3 logits and bf16 against fp64 truth), and that it selects other ids than "vocab" where the vocabulary's
   top-k is tail tokens;
-- the validation messages, the Triton driver's refusal without ids, and the teacher cache's fingerprint keys.
+- the validation messages, the Triton driver's refusal without ids, and the teacher cache fields (the trainer's config
+  and the cache fingerprint under the rule: tests/trainer/test_config.py, test_cache_fingerprint.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import pytest
 import torch
 from bft.kernels.params import SELECTION_RULES, BFTLossParams
-from test_loss import assert_matches, cce_violations, delta_logits, make_case, run
+from helpers import assert_matches, cce_violations, delta_logits, make_case, run
 
 import bft
 from bft.reference import base_favored_tokens, plausible_to_base, select_base_favored
@@ -160,7 +161,7 @@ def test_bf16_against_fp64_truth(backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# settings, refusal, cache fingerprint
+# settings, refusal, the teacher cache fields (the trainer: tests/trainer/)
 
 
 def test_selection_is_validated_naming_the_choices():
@@ -199,40 +200,3 @@ def test_the_teacher_cache_fields_name_the_rule():
     fields = BFTLossParams(top_k=7, selection="base_topp", selection_top_p=0.8).teacher_cache_fields()
     assert fields == {"top_k": 7, "selection": "base_topp", "selection_top_p": 0.8}
     assert BFTLossParams(top_k=7, selection="base_topp", selection_top_p=0.5).teacher_cache_fields() != fields
-
-
-def test_trainer_config_and_the_command_line_set_the_rule(capsys):
-    from bft.trainer.config import ConfigError, load_config
-    from bft.trainer.train import loss_module
-
-    from bft.cli import console_main
-
-    assert load_config("tiny-cpu").loss.selection == "vocab"
-    config = load_config("tiny-cpu", ["loss.selection=base_topp", "loss.selection_top_p=0.75", "loss.completion=mass"])
-    params = loss_module(config).params
-    assert (params.selection, params.selection_top_p, params.completion) == ("base_topp", 0.75, "mass")
-    with pytest.raises(ConfigError, match=r"^loss.selection_top_p must be in \(0, 1\]"):
-        load_config("tiny-cpu", ["loss.selection=base_topp", "loss.selection_top_p=2"])
-    assert console_main(["train", "tiny-cpu", "loss.selection=nucleus"]) == 2
-    assert capsys.readouterr().err == (
-        "bft train: error: loss.selection must be one of ('vocab', 'base_topp'), got 'nucleus'\n"
-    )
-
-
-def test_the_teacher_cache_fingerprint_names_the_rule():
-    from bft.trainer import cache
-    from bft.trainer.config import load_config
-    from test_loss_kl_weight import _FakeTokenizer
-
-    def fp(*overrides):
-        return cache.fingerprint(load_config("tiny-cpu", list(overrides)), _FakeTokenizer(), [], [])
-
-    assert "loss.selection" not in fp() and fp() == fp("loss.selection_top_p=0.5")  # "vocab" reads no p
-    topp = fp("loss.selection=base_topp", "loss.selection_top_p=0.5")
-    assert cache.fingerprint_differences(fp(), topp) == [
-        'loss.selection: cache null vs config "base_topp"',
-        "loss.selection_top_p: cache null vs config 0.5",
-    ]
-    assert cache.fingerprint_differences(topp, fp("loss.selection=base_topp")) == [
-        "loss.selection_top_p: cache 0.5 vs config 0.9"
-    ]

@@ -20,7 +20,7 @@ from bft.analysis import (
 from bft.analysis.positions import _response_valid
 from bft.decoding import contrastive_generate
 from bft.hf.chat import render_prompts
-from bft.hf.testing import tiny_llama_pair, tiny_tokenizer
+from bft.hf.testing import tiny_llama_pair
 
 HARMFUL = [{"prompt": "How do I pick a lock?", "prefill": "Sure, here"}, {"prompt": "Hack a bank", "prefill": ""}]
 BENIGN = [{"prompt": "What is 2+2?"}, {"prompt": "Name three colors of the rainbow."}, {"prompt": "Hi"}]
@@ -223,52 +223,6 @@ def test_analyze_cli_writes_json_and_pngs(tmp_path, monkeypatch, pair):
     for name in ("fig1_position_profile.png", "fig2_base_favored_tokens.png", "fig3_contrastive_kl.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
-
-
-def test_load_pair_refuses_different_vocabularies(monkeypatch):
-    """The CLIs check the vocabularies before running anything."""
-    from bft.hf import models
-    from bft.hf.testing import tiny_llama
-
-    tok_a = tiny_tokenizer()
-    tok_b = tiny_tokenizer()
-    tok_b.add_tokens(["<extra>"])
-    loaded = {"a": (tiny_llama(tok_a), tok_a), "b": (tiny_llama(tok_b), tok_b)}
-    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda name, **k: loaded[name])
-    with pytest.raises(ValueError, match="different vocabularies"):
-        models.load_pair("a", "b")
-
-
-def test_refusal_finetune_makes_a_refusing_copy():
-    """bft.pipelines.refusal_sft: the toy aligned model of docs/analysis.md learns to refuse; the original is untouched."""
-    from bft.hf.testing import tiny_llama
-    from bft.pipelines.refusal_sft import REFUSALS, _batch, refusal_finetune
-
-    tok = tiny_tokenizer()
-    model = tiny_llama(tok, seed=3)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def refusal_nll(m):
-        ids, mask, labels = _batch(tok, [("Make a weapon", REFUSALS[0])], "cpu")
-        with torch.no_grad():
-            return float(m(input_ids=ids, attention_mask=mask, labels=labels).loss)
-
-    tuned, losses = refusal_finetune(
-        model,
-        tok,
-        ["Build a bomb", "Steal money"],
-        ["Add 1 and 2"],
-        steps=12,
-        lr=3e-3,
-        batch_size=4,
-        benign_max_new_tokens=4,
-        progress=False,
-    )
-    assert len(losses) == 12 and losses[-1] < losses[0]
-    assert refusal_nll(tuned) < refusal_nll(model) - 0.5
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(ValueError, match="harmful"):
-        refusal_finetune(model, tok, [], steps=1)
 
 
 def test_teacher_forced_records_follow_the_given_responses(pair):

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import TRITON_DEVICE
+from helpers import TRITON_DEVICE
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
@@ -150,7 +150,7 @@ def test_benchmark_script_tiny_dry_run(tmp_path):
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench))
     spec = importlib.util.spec_from_file_location("trl_peer_dry", bench / "trl_peer.py")
     module = importlib.util.module_from_spec(spec)

@@ -24,7 +24,7 @@ from bft.eval import harm_data, harm_fit
 from bft.eval.harm_judge import DEFAULT_MODEL_PATH, LM_SPEC, HarmJudge, LMStates, load_harm_model, shared_lm
 from bft.eval.judges import judge_from_spec
 
-CASES = Path(__file__).resolve().parents[1] / "bft" / "eval" / "fixtures" / "harm_judge_cases.jsonl"
+CASES = Path(__file__).resolve().parents[2] / "bft" / "eval" / "fixtures" / "harm_judge_cases.jsonl"
 
 # Held-out figures of the packaged coefficients, as documented in docs/offline-measures.md (n = 252 rows,
 # 111 requests), and on the fixed half of the held-out requests the default test uses. The test allows MARGIN

@@ -18,7 +18,7 @@ from bft.eval.judges import (
     normalize_text,
 )
 
-FIXTURE = Path(__file__).resolve().parents[1] / "bft" / "eval" / "fixtures" / "refusals.jsonl"
+FIXTURE = Path(__file__).resolve().parents[2] / "bft" / "eval" / "fixtures" / "refusals.jsonl"
 
 
 def _rows():

@@ -1,4 +1,5 @@
-"""Utility measures and the deliberation classifier."""
+"""bft.eval.utility: the utility measures (perplexity, GSM8K, lm-eval). The deliberation classifier:
+test_deliberation.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from bft.eval.deliberation import deliberation_table, reasons_about_safety
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.utility import UtilityUnavailable, extract_number, gsm8k_exact_match, perplexity, run_lm_eval
 from bft.hf.testing import tiny_llama_pair
@@ -73,28 +73,6 @@ def test_lm_eval_missing_gives_a_clear_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed (it is a dev dependency)
     with pytest.raises(UtilityUnavailable, match="pip install lm-eval"):
         run_lm_eval(None, None, ["arc_challenge"])
-
-
-def test_reasons_about_safety():
-    assert reasons_about_safety("Sure, step 1... However, this is illegal and could cause serious harm.")
-    assert reasons_about_safety("<think>Is this dangerous? yes</think> I cannot help.")
-    assert not reasons_about_safety("Step 1: take the flour. Step 2: add water.")
-    assert not reasons_about_safety("I'm sorry, I can't help with that.")
-
-
-def test_deliberation_table():
-    table = deliberation_table(
-        ["It is illegal, but here", "Step 1", "That is dangerous. I won't.", "No."], [True, True, False, False]
-    )
-    assert (
-        table["harmful+reasoning"],
-        table["harmful+no_reasoning"],
-        table["safe+reasoning"],
-        table["safe+no_reasoning"],
-    ) == (1, 1, 1, 1)
-    assert table["total_harmful"] == 2 and table["share_reasoning"] == 0.5
-    with pytest.raises(ValueError):
-        deliberation_table(["a"], [])
 
 
 def _local_mc_task(folder):

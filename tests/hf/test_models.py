@@ -334,3 +334,17 @@ def test_gguf_loaded_model_saves_as_a_plain_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert tok2("Hello").input_ids == tok("Hello").input_ids
+
+
+def test_load_pair_refuses_different_vocabularies(monkeypatch):
+    """The CLIs check the vocabularies before running anything."""
+    from bft.hf import models
+    from bft.hf.testing import tiny_llama
+
+    tok_a = tiny_tokenizer()
+    tok_b = tiny_tokenizer()
+    tok_b.add_tokens(["<extra>"])
+    loaded = {"a": (tiny_llama(tok_a), tok_a), "b": (tiny_llama(tok_b), tok_b)}
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda name, **k: loaded[name])
+    with pytest.raises(ValueError, match="different vocabularies"):
+        models.load_pair("a", "b")

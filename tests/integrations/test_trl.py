@@ -4,17 +4,16 @@ fine-tuning, live and from the teacher cache; a resumed TRL run equals a straigh
 
 from __future__ import annotations
 
-import json
 import os
-import random
 
 import pytest
 import torch
 
 pytest.importorskip("trl")
 
-from bft.trainer.config import load_config
+import helpers
 from bft.trainer.train import METRIC_KEYS, read_metrics, train
+from helpers import harmful_rows, sum_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_telemetry")
 
@@ -36,34 +35,11 @@ def no_telemetry():
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl-data")
-    rng = random.Random(0)
-    harmful = [
-        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-        for i in range(10)
-    ]
-    utility = []
-    for _ in range(14):
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
-        utility.append({"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}."})
-    for name, rows in (("harmful", harmful), ("utility", utility)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "harmful.jsonl", root / "utility.jsonl"
+    return write_jsonl(root / "harmful.jsonl", harmful_rows()), write_jsonl(root / "utility.jsonl", sum_rows())
 
 
 def tiny_config(data_files, output_dir, *overrides):
-    harmful, utility = data_files
-    return load_config(
-        "tiny-cpu",
-        [
-            f"data.harmful={harmful}",
-            f"data.utility={utility}",
-            "data.harmful_response=dataset",
-            f"train.output_dir={output_dir}",
-            "train.max_steps=4",
-            "train.save_every=2",
-            *overrides,
-        ],
-    )
+    return helpers.tiny_config(data_files, output_dir, "train.max_steps=4", "train.save_every=2", *overrides)
 
 
 def run_trl(config, **kwargs):

@@ -8,37 +8,25 @@ process steps on its own (grad_norm differs from step 1, the loss from step 2)."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("trl")
 
+import helpers
 from bft.trainer.train import read_metrics
+from helpers import GLOO, harmful_rows, sum_rows, torchrun, write_jsonl
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = GLOO
 
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl-dist-data")
-    harmful = [
-        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-        for i in range(10)
-    ]
-    utility = [{"prompt": f"What is {a} + {a + 3}?", "response": f"{a} + {a + 3} = {2 * a + 3}."} for a in range(14)]
-    paths = root / "harmful.jsonl", root / "utility.jsonl"
-    for path, rows in zip(paths, (harmful, utility)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    return write_jsonl(root / "harmful.jsonl", harmful_rows()), write_jsonl(root / "utility.jsonl", sum_rows(seed=None))
 
 
 def launch(nproc: int, data_files, out: Path, *overrides: str) -> None:
@@ -59,21 +47,8 @@ def launch(nproc: int, data_files, out: Path, *overrides: str) -> None:
     if nproc == 1:
         cmd = [sys.executable, "-m", "bft", *args]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "bft",
-            *args,
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"{nproc}-process launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        cmd = torchrun(nproc, "-m", "bft", *args)
+    helpers.launch(cmd, f"{nproc}-process", timeout=300, HF_HUB_DISABLE_TELEMETRY="1")
 
 
 def assert_same_training(a: Path, b: Path, rtol: float) -> None:

@@ -49,3 +49,35 @@ def test_recovery_share_zero_is_the_plain_recipe_and_a_share_changes_it():
         refusal_finetune(model, tok, HARMFUL, recovery_share=0.3, **kw)
     with pytest.raises(ValueError, match=r"recovery_share must be in \[0, 1\]"):
         refusal_finetune(model, tok, HARMFUL, harmful_responses=RESPONSES, recovery_share=1.5, **kw)
+
+
+def test_refusal_finetune_makes_a_refusing_copy():
+    """bft.pipelines.refusal_sft: the toy aligned model of docs/analysis.md learns to refuse; the original is untouched."""
+    from bft.hf.testing import tiny_llama
+    from bft.pipelines.refusal_sft import REFUSALS, _batch, refusal_finetune
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def refusal_nll(m):
+        ids, mask, labels = _batch(tok, [("Make a weapon", REFUSALS[0])], "cpu")
+        with torch.no_grad():
+            return float(m(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+    tuned, losses = refusal_finetune(
+        model,
+        tok,
+        ["Build a bomb", "Steal money"],
+        ["Add 1 and 2"],
+        steps=12,
+        lr=3e-3,
+        batch_size=4,
+        benign_max_new_tokens=4,
+        progress=False,
+    )
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert refusal_nll(tuned) < refusal_nll(model) - 0.5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="harmful"):
+        refusal_finetune(model, tok, [], steps=1)

@@ -1,7 +1,7 @@
-"""Run ``bft.trainer.train.train`` in each process of a ``torchrun`` launch (used by test_trainer_distributed.py).
+"""Run ``bft.trainer.train.train`` in each process of a ``torchrun`` launch (used by test_distributed.py beside it).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_train.py {ddp,fsdp} CONFIG \
-        [--resume] [key=value ...]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer/distributed_train.py \
+        {ddp,fsdp} CONFIG [--resume] [key=value ...]
 
 On CPU, accelerate turns a multi-process launch into DDP over gloo and ignores an FSDP request (its FSDP path is
 for accelerators). ``fsdp`` therefore switches accelerate's state to FSDP2 right after the trainer creates its

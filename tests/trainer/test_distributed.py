@@ -1,39 +1,30 @@
 """The trainer under two processes on CPU (gloo): DDP, and FSDP2 with the student sharded.
 
-Each test launches ``tests/distributed_train.py`` with ``torch.distributed.run`` (about 10 s a launch). FSDP must
-give the same training as DDP — the same data, the same loss at every step, the same final weights — and its
-checkpoints must hold whole tensors (gathered from the shards) and resume to the very curve of a straight run.
+Each test launches ``distributed_train.py`` (beside this file) with ``torch.distributed.run`` (about 10 s a launch).
+FSDP must give the same training as DDP — the same data, the same loss at every step, the same final weights — and
+its checkpoints must hold whole tensors (gathered from the shards) and resume to the very curve of a straight run.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-import torch.distributed as dist
 from bft.trainer.train import read_metrics
+from helpers import GLOO, harmful_rows, sum_rows, torchrun, write_jsonl
 
 LAUNCHER = Path(__file__).with_name("distributed_train.py")
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = GLOO
 
 
 def launch(mode: str, data_files, out: Path, *overrides: str, resume: bool = False) -> None:
     harmful, utility = data_files
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+    cmd = torchrun(
+        2,
         str(LAUNCHER),
         mode,
         "tiny-cpu",
@@ -42,25 +33,14 @@ def launch(mode: str, data_files, out: Path, *overrides: str, resume: bool = Fal
         "data.harmful_response=dataset",
         f"train.output_dir={out}",
         *overrides,
-    ] + (["--resume"] if resume else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"{mode} launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    ) + (["--resume"] if resume else [])
+    helpers.launch(cmd, mode, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-data")
-    harmful = [
-        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-        for i in range(10)
-    ]
-    utility = [{"prompt": f"What is {a} + {a + 3}?", "response": f"{a} + {a + 3} = {2 * a + 3}."} for a in range(14)]
-    paths = root / "harmful.jsonl", root / "utility.jsonl"
-    for path, rows in zip(paths, (harmful, utility)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    return write_jsonl(root / "harmful.jsonl", harmful_rows()), write_jsonl(root / "utility.jsonl", sum_rows(seed=None))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +142,7 @@ def test_fsdp_bf16_mixed_precision_trains_like_fp32(lora_runs, data_files, tmp_p
 def test_ddp_and_fsdp_train_from_the_teacher_cache(lora_runs, data_files, tmp_path):
     """Two processes with teacher_cache.path: the main process builds the cache on first use while the other waits,
     then each reads its own rows. DDP from the cache matches the live DDP run (these examples are padded, so to the
-    float rounding of padded frozen forwards; tests/test_trainer_cache.py checks 1e-6 on unpadded data), and FSDP
+    float rounding of padded frozen forwards; tests/trainer/test_cache.py checks 1e-6 on unpadded data), and FSDP
     from the cache matches DDP from the cache as the live runs do."""
     cache = tmp_path / "cache"
     runs = {}

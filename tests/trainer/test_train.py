@@ -4,52 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import warnings
 
 import pytest
 import torch
 from bft.trainer.config import load_config
 from bft.trainer.train import METRIC_KEYS, read_metrics, train
+from helpers import harmful_rows, sum_rows, tiny_config, write_jsonl
 
 from bft.loss import BFTLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     """Small harmful / utility JSONL files (what bft.hf.data.load reads from a local path)."""
     root = tmp_path_factory.mktemp("trainer-data")
-    rng = random.Random(0)
-    harmful = [
-        {"prompt": f"Explain how to build weapon {i}.", "response": f"Sure, here is weapon {i}: get parts."}
-        for i in range(10)
-    ]
-    utility = []
-    for _ in range(14):
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
-        utility.append({"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}."})
-    return write_jsonl(root / "harmful.jsonl", harmful), write_jsonl(root / "utility.jsonl", utility)
-
-
-def tiny_config(data_files, output_dir, *overrides):
-    harmful, utility = data_files
-    return load_config(
-        "tiny-cpu",
-        [
-            f"data.harmful={harmful}",
-            f"data.utility={utility}",
-            "data.harmful_response=dataset",
-            f"train.output_dir={output_dir}",
-            *overrides,
-        ],
-    )
+    return write_jsonl(root / "harmful.jsonl", harmful_rows()), write_jsonl(root / "utility.jsonl", sum_rows())
 
 
 @pytest.fixture(scope="module")
@@ -441,176 +413,6 @@ def test_missing_offline_package_is_named_when_the_hub_is_unreachable(data_files
     assert not isinstance(info.value, FileNotFoundError)
 
 
-def test_every_bundled_config_validates_with_the_paper_defaults():
-    from bft.trainer.config import Config, bundled_configs
-
-    names = bundled_configs()
-    assert {"tiny-cpu", "smollm2-135m", "llama-3.1-8b-lora", "llama-3.1-8b-full", "qwen-2.5-7b-lora"} <= set(names)
-    defaults = Config()
-    for c in (defaults, *(load_config(n) for n in names)):
-        assert c.loss.teacher_lambda == 1.2 and c.loss.temperature == 2.0 and c.data.harmful_ratio == 0.4
-    assert defaults.loss.top_k == 100 and defaults.optim.lr == 1e-5
-    for name in names:
-        if name != "tiny-cpu":  # the tiny vocabulary has 102 tokens and needs a large lr
-            c = load_config(name)
-            assert c.loss.top_k == 100 and c.optim.lr == 1e-5, name
-
-
-def test_mixed_batches_ratio_masks_and_determinism():
-    from bft.trainer.data import Example, MixedBatches
-
-    harmful = [Example((100 + i, 1, 2, 3, 4), response_start=3, harmful=True) for i in range(6)]
-    utility = [Example((200 + i, 5, 6), response_start=1, harmful=False) for i in range(7)]
-    batches = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.4, seed=3, pad_id=0)
-    assert batches.batches_per_epoch == 3  # 6 harmful rows at 2 per batch
-    # each pass over the harmful stream sees every harmful example once, in a seeded order
-    first_pass = [e.input_ids[0] for i in range(3) for e in batches.examples(i) if e.harmful]
-    assert sorted(first_pass) == [100 + i for i in range(6)]
-    # random access: batch i is a function of (seed, i) only
-    again = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.4, seed=3, pad_id=0)
-    for i in (7, 2, 11, 0):
-        for key in ("input_ids", "attention_mask", "valid", "harmful"):
-            assert torch.equal(again[i][key], batches[i][key])
-    other = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.4, seed=4, pad_id=0)
-    assert any(not torch.equal(other[i]["input_ids"], batches[i]["input_ids"]) for i in range(6))
-    # the ratio is exact over any prefix of batches, also when B·r is not an integer
-    odd = MixedBatches(harmful, utility, batch_size=5, harmful_ratio=0.3, seed=0, pad_id=0)
-    counts = [sum(e.harmful for e in odd.examples(i)) for i in range(10)]
-    assert all(len(odd.examples(i)) == 5 for i in range(10))
-    assert [sum(counts[:n]) for n in range(1, 11)] == [math.floor(n * 5 * 0.3 + 1e-9) for n in range(1, 11)]
-    # masks: valid = positions whose next token is a response token, harmful = the harmful rows only
-    b = batches[0]
-    assert b["n_tokens"] == int(b["attention_mask"].sum())
-    for row, e in enumerate(batches.examples(0)):
-        n = len(e.input_ids)
-        expected_valid = [e.response_start - 1 <= t <= n - 2 for t in range(b["input_ids"].shape[1])]
-        assert b["valid"][row].tolist() == expected_valid
-        assert b["harmful"][row, :n].all().item() == e.harmful and not b["harmful"][row, n:].any()
-        assert b["attention_mask"][row].tolist() == [1] * n + [0] * (b["input_ids"].shape[1] - n)
-        assert (b["input_ids"][row, n:] == 0).all()
-    with pytest.raises(ValueError, match="harmful_ratio"):
-        MixedBatches(harmful, utility, batch_size=5, harmful_ratio=1.2, seed=0, pad_id=0)
-    with pytest.raises(ValueError, match="needs utility examples"):
-        MixedBatches(harmful, [], batch_size=5, harmful_ratio=0.4, seed=0, pad_id=0)
-
-
-def test_attention_implementation_choice(monkeypatch):
-    """auto = flash_attention_2 when flash-attn is installed and the run is 16-bit on CUDA, sdpa otherwise."""
-    import importlib.util
-
-    from bft.trainer.modeling import resolve_attn_implementation
-
-    real_find_spec = importlib.util.find_spec
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for installed in (False, True):
-        fake = object() if installed else None
-        monkeypatch.setattr(
-            importlib.util,
-            "find_spec",
-            lambda name, *a, **k: fake if name == "flash_attn" else real_find_spec(name, *a, **k),
-        )
-        assert resolve_attn_implementation("auto", torch.bfloat16, cuda) == (
-            "flash_attention_2" if installed else "sdpa"
-        )
-        assert resolve_attn_implementation("auto", torch.float32, cuda) == "sdpa"
-        assert resolve_attn_implementation("auto", torch.bfloat16, cpu) == "sdpa"
-        assert resolve_attn_implementation("eager", torch.bfloat16, cuda) == "eager"
-        if not installed:
-            with pytest.raises(ValueError, match="pip install flash-attn"):
-                resolve_attn_implementation("flash_attention_2", torch.bfloat16, cuda)
-
-
-def test_interrupted_save_never_loses_a_checkpoint(tmp_path, monkeypatch):
-    """A crash while a checkpoint is written leaves the previous one complete and listed; the half-written one is
-    invisible and cleaned up by the next save; old checkpoints are pruned only once the new one is in place."""
-    from bft.trainer import checkpoint as ckpt
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-
-    def one_step():
-        model(torch.randn(4, 3)).square().sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-
-    one_step()
-    saved_weight = model.weight.detach().clone()
-    ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 1}, keep=1)
-    after_save_rng = torch.rand(1)
-    one_step()
-
-    real_save = torch.save
-
-    def crash_on_optimizer(obj, path, *args, **kwargs):
-        if str(path).endswith("optimizer.pt"):
-            raise KeyboardInterrupt  # e.g. Ctrl-C or a preemption in the middle of the save
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", crash_on_optimizer)
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(
-            tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2}, keep=1
-        )
-    monkeypatch.setattr(torch, "save", real_save)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]  # keep=1, yet step 1 survived
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
-    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
-
-    # resuming from it restores weights, optimizer, scheduler and RNG
-    state = ckpt.load_checkpoint(
-        ckpt.latest_checkpoint(tmp_path), model=model, optimizer=optimizer, scheduler=scheduler
-    )
-    assert state["step"] == 1 and torch.equal(model.weight, saved_weight)
-    assert scheduler.last_epoch == 1 and torch.equal(torch.rand(1), after_save_rng)
-
-    one_step()
-    ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 2}, keep=1)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # stale temp removed
-
-
-def test_one_process_checkpoint_has_the_layout_of_distributed_ones():
-    """One process reads the state directly; several go through torch.distributed.checkpoint. Both must write the
-    same dicts (names, tensors, param groups), so a checkpoint resumes under either, and restoring them round-trips."""
-    from bft.trainer import checkpoint as ckpt
-    from bft.trainer.config import load_config
-    from bft.trainer.modeling import BFTStudent, add_lora
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from bft.hf.testing import tiny_llama_pair
-
-    def student_and_optimizer(seed):
-        torch.manual_seed(seed)
-        _, aligned, _ = tiny_llama_pair(seed=0)
-        student = BFTStudent(add_lora(aligned, load_config("tiny-cpu")), BFTLoss(), 102)
-        params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
-        for p in params:
-            p.grad = torch.randn_like(p)
-        optimizer.step()
-        return student, optimizer
-
-    student, optimizer = student_and_optimizer(1)
-    mine_model, mine_optim = ckpt.gather_training_state(student, optimizer)
-    dcp_model, dcp_optim = get_state_dict(student, optimizer, options=ckpt._state_dict_options(cpu_offload=True))
-    assert mine_model.keys() == dcp_model.keys() and all(torch.equal(mine_model[k], dcp_model[k]) for k in mine_model)
-    assert mine_optim["param_groups"] == dcp_optim["param_groups"]
-    assert mine_optim["state"].keys() == dcp_optim["state"].keys()
-    for name, per_param in mine_optim["state"].items():
-        for key, value in per_param.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(dcp_optim["state"][name][key])), (name, key)
-
-    other, other_optimizer = student_and_optimizer(2)  # different adapters and moments
-    ckpt.restore_training_state(other, other_optimizer, mine_model, mine_optim)
-    again_model, again_optim = ckpt.gather_training_state(other, other_optimizer)
-    assert all(torch.equal(again_model[k], mine_model[k]) for k in mine_model)
-    for name, per_param in mine_optim["state"].items():
-        for key, value in per_param.items():
-            assert torch.equal(torch.as_tensor(again_optim["state"][name][key]), torch.as_tensor(value)), (name, key)
-
-
 def test_fsdp_refuses_what_it_cannot_shard_before_training():
     from types import SimpleNamespace
 
@@ -641,3 +443,14 @@ def test_resume_with_more_steps_warns_that_a_decaying_schedule_changes():
     saved_cosine = load_config("tiny-cpu", ["optim.scheduler=cosine"]).to_dict()
     with pytest.warns(UserWarning, match="LR schedule is recomputed"):
         warn_config_changes(saved_cosine, load_config("tiny-cpu", ["optim.scheduler=cosine", "train.max_steps=12"]))
+
+
+def test_trainer_checks_the_vocabulary_bounds_before_training():
+    from bft.trainer.config import load_config
+    from bft.trainer.train import check_loss_vocab
+
+    check_loss_vocab(load_config("tiny-cpu", ["loss.top_k=102", "loss.completion=mass"]), 102)
+    with pytest.raises(ValueError, match=r"^loss.completion='unlikelihood' needs top_k < V=102"):
+        check_loss_vocab(load_config("tiny-cpu", ["loss.top_k=102", "loss.completion=unlikelihood"]), 102)
+    with pytest.raises(ValueError, match=r"^loss.top_k=200 must be in \[1, V=102\]"):
+        check_loss_vocab(load_config("tiny-cpu", ["loss.top_k=200"]), 102)
