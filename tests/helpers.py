@@ -5,6 +5,7 @@
   ``assert_topk_equivalent``, ``cce_violations``
 - the trainer on tiny models: ``write_jsonl``, ``harmful_rows``, ``sum_rows``, ``tiny_config``, ``FakeTokenizer``
 - multi-process launches: ``GLOO``, ``torchrun``, ``launch``
+- the reproduction at toy sizes: ``tiny_reproduce_config``
 
 conftest.py sets ``TRITON_INTERPRET`` before anything imports triton; pytest loads it before any test file, so this
 module (imported by the test files) reads the setting it made.
@@ -209,3 +210,45 @@ def launch(cmd: list[str], what: str, *, timeout: int, **env: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if proc.returncode != 0:
         pytest.fail(f"{what} launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reproduction at toy sizes (tests/pipelines/)
+
+
+def tiny_reproduce_config(model_dir, out, **overrides):
+    """A ReproduceConfig of toy sizes for the tiny random Llama saved in ``model_dir`` (every stage in seconds)."""
+    from bft.pipelines.reproduce import ReproduceConfig
+
+    sizes = dict(
+        out=str(out),
+        model=model_dir,
+        device="cpu",
+        n_train=6,
+        n_val=3,
+        n_test=3,
+        n_benign_train=4,
+        n_benign_val=2,
+        n_benign_test=3,
+        response_tokens=8,
+        batch_size=4,
+        align_steps=2,
+        analogs={"shallow": 0.0},
+        qi_augmentation=False,
+        analysis_tokens=4,
+        bft_steps=2,
+        bft_batch_size=4,
+        bft_max_length=512,
+        top_k=10,
+        prefill_ks=[0, 2],
+        eval_tokens=4,
+        alphas=[2.0],
+        sweep_k=2,
+        gsm8k_limit=2,
+        gsm8k_tokens=4,
+        forms=["logprobs"],
+        eval_seeds=1,
+        long_k_prompts=None,
+    )
+    sizes.update(overrides)
+    return ReproduceConfig(**sizes)

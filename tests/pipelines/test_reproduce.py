@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_reproduce_config as _tiny_config
 
 torch.set_num_threads(1)
 
@@ -22,43 +23,6 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
-
-
-def _tiny_config(model_dir, out, **overrides):
-    from bft.pipelines.reproduce import ReproduceConfig
-
-    sizes = dict(
-        out=str(out),
-        model=model_dir,
-        device="cpu",
-        n_train=6,
-        n_val=3,
-        n_test=3,
-        n_benign_train=4,
-        n_benign_val=2,
-        n_benign_test=3,
-        response_tokens=8,
-        batch_size=4,
-        align_steps=2,
-        analogs={"shallow": 0.0},
-        qi_augmentation=False,
-        analysis_tokens=4,
-        bft_steps=2,
-        bft_batch_size=4,
-        bft_max_length=512,
-        top_k=10,
-        prefill_ks=[0, 2],
-        eval_tokens=4,
-        alphas=[2.0],
-        sweep_k=2,
-        gsm8k_limit=2,
-        gsm8k_tokens=4,
-        forms=["logprobs"],
-        eval_seeds=1,
-        long_k_prompts=None,
-    )
-    sizes.update(overrides)
-    return ReproduceConfig(**sizes)
 
 
 @pytest.fixture(scope="module")
