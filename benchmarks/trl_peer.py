@@ -4,7 +4,7 @@
     python benchmarks/trl_peer.py --device cuda             # GPU: bf16, H=4096, V=128256, N in {2048, 8192}
     TRITON_INTERPRET=1 python benchmarks/trl_peer.py --tiny --out /tmp/x.json   # dry run (every path, tiny)
 
-Where the objectives coincide (tests/test_trl_peer.py checks the map on tiny fp32 shapes): bft's loss with no
+Where the objectives coincide (tests/benchmarks/test_trl_peer.py checks the map on tiny fp32 shapes): bft's loss with no
 completion term (l2_reg = 0) and TRL's forward KL (beta = 0) with the hybrid teacher t = λ·a + (1 − λ)·b given to
 TRL as ONE head on concatenated hidden states, [h_a | h_b]·[λ·W_a | (1 − λ)·W_b]ᵀ, and TRL's mean times τ² (bft
 scales the KL by τ², TRL does not). Rows, each one forward + backward on the same inputs:
