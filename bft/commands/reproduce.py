@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rejudge",
         action="store_true",
         help="re-score every stored attack with the current judges (no generation), then rebuild the report",
+    )
+    parser.add_argument(
+        "--resummarize",
+        action="store_true",
+        help="re-apply the verdict rules to the stored summary.json of --out (no rows needed) and rewrite it and "
+        "REPORT.md; prints each verdict that changed",
+    )
+    parser.add_argument(
+        "--render-readme",
+        action="store_true",
+        help="rewrite README.md's Results section from docs/results/**/summary.json (in the current directory)",
     )
     parser.add_argument(
         "--sweep",
@@ -85,7 +97,38 @@ def config_from_args(args) -> ReproduceConfig:
     return cfg
 
 
+def resummarize(folder: str | Path) -> list[str]:
+    """Re-apply the verdict rules (:func:`bft.pipelines.reproduce.summary.apply_rules`) to ``folder/summary.json``
+    and rewrite it and ``folder/REPORT.md``; returns the verdicts that changed."""
+    from bft.atomic import atomic_write_json, atomic_write_text
+    from bft.pipelines.reproduce.report import render_report
+    from bft.pipelines.reproduce.summary import apply_rules, verdict_changes
+
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resummarize needs a summary.json in {folder}; none found")
+    try:
+        before = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from exc
+    after = apply_rules(before)
+    atomic_write_json(path, after, indent=1)
+    atomic_write_text(Path(folder) / "REPORT.md", render_report(after, after.get("environment") or {}))
+    return verdict_changes(before, after)
+
+
 def run(args) -> int:
+    if getattr(args, "render_readme", False):
+        from bft.pipelines.reproduce.readme import main as render_readme
+
+        return render_readme([])
+    if getattr(args, "resummarize", False):
+        folder = args.out or "runs/reproduce"
+        changes = resummarize(folder)
+        print(f"bft reproduce --resummarize: {folder}: {len(changes)} verdict(s) changed", file=sys.stderr)
+        for line in changes:
+            print(line)
+        return 0
     cfg = config_from_args(args)
     print(f"bft reproduce: {'quick' if cfg.quick else 'default'} mode, output in {cfg.out}", file=sys.stderr)
     if getattr(args, "rejudge", False):
