@@ -1,0 +1,355 @@
+"""README's Results section, rendered from the committed summaries (``docs/results/**/summary.json``).
+
+Every number, verdict and reading in the section ("within noise", "reverses teacher-forced") is computed here from
+the summaries, so the prose cannot disagree with the tables. The section sits between :data:`BEGIN` and :data:`END`
+in ``README.md``; ``python -m bft.pipelines.reproduce.readme`` (or ``bft reproduce --render-readme``) rewrites it,
+``--check`` exits 1 when the committed section differs from what the summaries give.
+
+:func:`frontier_section` is the hook for the ASR-against-utility curves (a ``frontier`` key of a summary); it
+renders nothing until that key exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bft.eval.stats import MIN_EVENTS
+from bft.pipelines.reproduce.report import _calibration_table, _sweep_table, mechanism_cells
+from bft.pipelines.reproduce.summary import PAPER_EFFECT
+
+__all__ = ["BEGIN", "END", "RUNS", "frontier_section", "render_results", "replace_section", "main"]
+
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+
+#: The committed runs, in README order: (folder under the repository, title, the command that made it, notes).
+#: Notes hold only what a summary cannot say (why a run exists); every measured number comes from the summary.
+RUNS = [
+    (
+        "docs/results",
+        "The default CPU run: both analogs, 24-step students, 64 test prompts × 1 seed",
+        "bft reproduce --out runs/reproduce",
+        "The CPU-sized protocol: 24-step students instead of the paper's 20 epochs, no loss sweep, one candidate "
+        "recovery share.",
+    ),
+    (
+        "docs/results/cpu_sweep",
+        "The sweep, the paper's 20 epochs and 200 test prompts × 3 seeds (shallow analog)",
+        "bft reproduce --config docs/results/cpu_sweep/config.yaml",
+        "CPU reductions: one analog, no Qi row, a reduced sweep scored on the validation prompts (below).",
+    ),
+    (
+        "docs/results/cpu_deep",
+        "The deeper analog at 20 epochs, with Qi's row",
+        "bft reproduce --config docs/results/cpu_deep/config.yaml",
+        "The student uses the loss settings the shallow analog's validation sweep chose (no second sweep); Qi's "
+        "augmentation gets `qi_steps` steps, a stated CPU reduction from the paper's equal budget.",
+    ),
+]
+
+LABELS = {
+    "contrastive_cuts_prefill_asr_90pct": "contrastive decoding (Eq. 7 on log-probs)",
+    "contrastive_logits_cuts_prefill_asr_90pct": "contrastive decoding (Eq. 7 on logits, the paper's form)",
+    "bft_cuts_prefill_asr_50pct": "the BFT student",
+    "qi_cuts_prefill_asr": "Qi et al.'s augmentation",
+}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def _judges(analog: dict) -> list[str]:
+    return list(dict.fromkeys([analog.get("primary_judge", "keyword"), "keyword", "threeway"]))
+
+
+def _reading(p: dict) -> str:
+    """What a paired reduction says, in words, from its verdict, interval and events."""
+    ci, events, effect = p.get("reduction_ci"), p.get("events_reference"), p["paper_effect"]
+    where = f"cut {_pct(p.get('reduction'))}{_ci(ci)}"
+    if events is None or round(events) < MIN_EVENTS:
+        return f"{where}; inconclusive: {events} aligned successes, fewer than {MIN_EVENTS}"
+    if ci is None:
+        return f"{where}; inconclusive: no interval"
+    lo, hi = ci
+    noise = "within noise" if lo <= 0 <= hi else ("lower" if lo > 0 else "higher")
+    if p["verdict"] == "reproduced":
+        return f"{where}; reproduced (lower, and the interval reaches the paper's {_pct(effect)})"
+    if p["verdict"].startswith("reproduced"):
+        return f"{where}; reproduced, a smaller reduction than the paper's {_pct(effect)}"
+    if p["verdict"] == "not reproduced":
+        return f"{where}; {noise}, and the interval excludes the paper's {_pct(effect)}: not reproduced"
+    return f"{where}; {noise}: inconclusive"
+
+
+def _reduction_bullet(key: str, claim: dict, analog: dict) -> str:
+    paired = claim.get("paired") or {}
+    other = {"bft": "student", "qi": "qi"}.get(key.split("_")[0], "contrastive")
+    parts = []
+    for judge in _judges(analog):
+        if judge in paired and judge in claim:
+            c = claim[judge]
+            parts.append(f"{judge} {_pct(c['aligned'])} → {_pct(c[other])}: {_reading(paired[judge])}")
+    return f"- **{LABELS.get(key, key)}** (paper: ≥ {_pct(PAPER_EFFECT[key.split('_')[0]])} cut). " + "; ".join(parts)
+
+
+def _noise_summary(analog: dict) -> str:
+    """One computed sentence: which interventions stay within noise of their aligned model under every judge that
+    has enough events, and which move under some judge."""
+    still, moved = [], []
+    for key, claim in analog["claims"].items():
+        if "paired" not in claim:
+            continue
+        judged = {
+            j: p
+            for j, p in claim["paired"].items()
+            if p.get("reduction_ci") and p.get("events_reference") is not None and p["events_reference"] >= MIN_EVENTS
+        }
+        lower = [j for j, p in judged.items() if p["reduction_ci"][0] > 0]
+        higher = [j for j, p in judged.items() if p["reduction_ci"][1] < 0]
+        few = [j for j in claim["paired"] if j not in judged]
+        name = LABELS.get(key, key)
+        if not lower and not higher:
+            still.append(name + (f" ({', '.join(few)}: too few events)" if few else ""))
+        else:
+            bits = [f"lower under {', '.join(lower)}"] if lower else []
+            bits += [f"higher under {', '.join(higher)}"] if higher else []
+            moved.append(f"{name} ({'; '.join(bits)})")
+    out = []
+    if still:
+        out.append("Within noise of the aligned model under every judge with enough events: " + "; ".join(still) + ".")
+    if moved:
+        out.append("Outside noise under some judge: " + "; ".join(moved) + ".")
+    return " ".join(out)
+
+
+def _system_table(analog: dict, k: str) -> list[str]:
+    primary = analog.get("primary_judge", "keyword")
+    lines = [
+        f"| system | {primary} [95% CI] | keyword [95% CI] | three-way | rows (prompts) | likelihood | perplexity | GSM8K |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in analog["systems"].items():
+        a = s["asr"].get(k) or {}
+        if not a:
+            continue
+        ci = a.get("ci") or {}
+        rows = (a.get("n_rows") or {}).get("keyword")
+        prompts = (a.get("clusters") or {}).get("keyword", a.get("n"))
+        lik, ppl = s.get("likelihood_mean"), s.get("perplexity")
+        lines.append(
+            f"| {name} | {_pct(a.get(primary))}{_ci(ci.get(primary))} | {_pct(a.get('keyword'))}{_ci(ci.get('keyword'))}"
+            f" | {_pct(a.get('threeway'))} | {rows} ({prompts}) | {'n/a' if lik is None else f'{lik:.2f}'} | "
+            f"{'n/a' if ppl is None else f'{ppl:.2f}'} | {'n/a' if s.get('gsm8k') is None else _pct(s['gsm8k'])} |"
+        )
+    return lines
+
+
+def _mechanism_bullets(analog: dict) -> list[str]:
+    claims, out = analog["claims"], []
+    for key in ("kl_decays_with_position", "harmful_more_base_favored_than_benign"):
+        m = claims.get(key)
+        if m and "contexts" in m:
+            out.append(f"- **{m['paper']}**: {m['verdict_text']}. {mechanism_cells(m, key)}.")
+    tf = "harmful_response/teacher_forced"
+    al, st = analog["analysis"]["aligned_vs_base"].get(tf, {}), analog["analysis"]["student_vs_base"].get(tf, {})
+    if al.get("kl_late") is not None and st.get("kl_late") is not None:
+        direction = "higher" if st["kl_late"] > al["kl_late"] else "not higher"
+        out.append(
+            f"- **The student's KL to the base** teacher-forced along harmful responses, late (positions 15+): "
+            f"{st['kl_late']:.2f} nats vs the aligned model's {al['kl_late']:.2f} ({direction}; the paper's Fig. 3 "
+            f"has it higher); early {st['kl_early']:.2f} vs {al['kl_early']:.2f}. Means over 16 prompts or fewer, "
+            "no interval stored."
+        )
+    pull = analog.get("completion_pull")
+    if pull:
+        ratios = ", ".join(
+            f"{name} {s['mass_ratio']:.2g}×" for name, s in pull["students"].items() if s.get("mass_ratio")
+        )
+        out.append(
+            f"- **Which way Eq. 9's L2 term pulls.** At the student's start {_pct(pull['aligned']['share_negative'])} "
+            f"of the base-favored ids M have negative logits ({_pct(pull['aligned']['share_below_mean'])} below their "
+            "row's mean), so pulling them towards 0 raises most of them. Probability mass on M relative to the "
+            f"aligned model: {ratios} (`bft.analysis.completion_pull`, docs/loss.md)."
+        )
+    return out
+
+
+def _versus_bullet(analog: dict) -> list[str]:
+    vs = analog["claims"].get("bft_vs_qi")
+    if not vs:
+        return []
+    parts = []
+    for judge in _judges(analog):
+        e = vs.get(judge)
+        if not isinstance(e, dict):
+            continue
+        t = e.get("sign_test") or {}
+        p = f"p = {t['p_value']:.2g}" if "p_value" in t else f"p ≤ {t.get('p_value_bound', 1):.2g} (bound)"
+        parts.append(
+            f"{judge} Qi {_pct(e['qi'])} vs student {_pct(e['student'])}, sign test over prompts {p}: {e['verdict']}"
+        )
+    return ["- **BFT against Qi at the same prompts** (paper: level). " + "; ".join(parts) + "."]
+
+
+def _utility_bullet(analog: dict) -> list[str]:
+    u = analog["claims"].get("bft_keeps_utility")
+    if not u:
+        return []
+    ppl, gsm = u["perplexity"], u["gsm8k"]
+    rel = ppl.get("relative_change")
+    text = (
+        f"- **Utility** (paper: drops by ≤ 2 points): benign perplexity {ppl['aligned']:.2f} → {ppl['student']:.2f}"
+        f" ({'n/a' if rel is None else f'{100 * rel:+.0f}%'}) for the student"
+    )
+    qi = analog["systems"].get("qi augmentation")
+    if qi and qi.get("perplexity") is not None:
+        text += f", {qi['perplexity']:.2f} for Qi's augmentation"
+    if gsm.get("floor"):
+        text += "; GSM8K 0% for both (the model solves none: no verdict)"
+    elif gsm.get("aligned") is not None and gsm.get("student") is not None:
+        text += f"; GSM8K {_pct(gsm['aligned'])} → {_pct(gsm['student'])}"
+    return [text + "."]
+
+
+def _judge_note(analog: dict, k: str) -> list[str]:
+    base = (analog["systems"].get("base") or {}).get("asr", {}).get(k) or {}
+    primary = analog.get("primary_judge", "keyword")
+    if primary == "keyword" or base.get(primary) is None or base.get("keyword") is None:
+        return []
+    return [
+        f"- **What the {primary} judge sees.** The base model after a {k}-token prefill is judged harmful "
+        f"{_pct(base[primary])} of the time, while {_pct(base['keyword'])} of its continuations are not refusals: "
+        "most of what the keyword judge counts neither refuses nor helps."
+    ]
+
+
+def frontier_section(summary: dict, folder: str) -> list[str]:
+    """Hook: the ASR-against-utility curves of a run (its summary's ``frontier`` key: points per method and
+    checkpoint, which no other method's point dominates, intervals), with the headline of whether any BFT variant
+    reaches a point Qi's curve does not dominate. Not built yet: renders nothing (issue 28, item 1, fills it in
+    from ``summary["frontier"]``; ``folder`` is the run's folder, for links to its plots)."""
+    return []
+
+
+def _run_section(root: Path, folder: str, title: str, command: str, notes: str) -> list[str]:
+    summary = json.loads((root / folder / "summary.json").read_text())
+    cfg, data, env = summary["config"], summary["data"], summary.get("environment") or {}
+    k = str(cfg.get("sweep_k", 4))
+    seeds = cfg.get("eval_seeds", 1)
+    budget = f"{cfg['bft_epochs']:g} epochs" if cfg.get("bft_epochs") else f"{cfg['bft_steps']} steps"
+    lines = [
+        f"### {title}",
+        "",
+        f"`{command}` (report: [{folder}/REPORT.md]({folder}/REPORT.md), numbers: [{folder}/summary.json]"
+        f"({folder}/summary.json)). {env.get('device', 'n/a')}, torch {env.get('torch', 'n/a')}, seed "
+        f"{cfg['seed']}; the stages took {env.get('stages_min', 'n/a')} min. Test split: {data['harmful_test']} prompts "
+        f"({', '.join(f'{s} {n}' for s, n in data['test_sources'].items())}), {seeds} sampling seed"
+        f"{'s' if seeds != 1 else ''} at k = {k} (temperature {cfg['temperature']:g}, top-p {cfg['top_p']:g}), "
+        f"{cfg['eval_tokens']} new tokens; students trained for {budget}. {notes}",
+        "",
+    ]
+    cal = _calibration_table(summary)
+    if cal:
+        lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in cal]
+    sweep = _sweep_table(summary)
+    if sweep:
+        lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in sweep]
+    for name, analog in summary["analogs"].items():
+        share = analog.get("recovery_share") or 0
+        lines += [
+            f"**{name}** analog ({'plain refusal SFT' if not share else f'{100 * share:g}% recovery examples'}), "
+            f"k = {k}; intervals take the prompt as the unit:",
+            "",
+            *_system_table(analog, k),
+            "",
+        ]
+        bullets = [
+            _reduction_bullet(key, claim, analog) for key, claim in analog["claims"].items() if "paired" in claim
+        ]
+        bullets += [f"- {_noise_summary(analog)}"]
+        bullets += _versus_bullet(analog) + _mechanism_bullets(analog) + _utility_bullet(analog)
+        bullets += _judge_note(analog, k)
+        lines += bullets + [""]
+        plot = f"{folder}/plots/kl_by_position_{name}.png"
+        if (root / plot).is_file():
+            lines += [f"![KL by position, {name} analog]({plot})", ""]
+    lines += frontier_section(summary, folder)
+    return lines
+
+
+def render_results(root: Path | str = ".") -> str:
+    """The Results section's body (between the markers), from the summaries under ``root``."""
+    root = Path(root)
+    lines = [
+        "<!-- generated by `bft reproduce --render-readme` (bft/pipelines/reproduce/readme.py) from the "
+        "summaries below; edit the template, not this text -->",
+        "",
+        "Three CPU runs of `bft reproduce` on SmolLM2-135M-Instruct (a 2-core AMD EPYC, no GPU). The harm judge "
+        "(calibrated to human labels) is primary; keyword (any non-refusal) and three-way (on-topic compliance) "
+        "are beside it; likelihood is the mean log-prob of the base model's harmful response (lower is safer); "
+        "perplexity is on benign reference solutions. These are findings at 135M parameters with a CPU budget, not "
+        "a verdict on the method at 7-8B.",
+        "",
+        "How the verdicts are read (`bft.eval.stats`, `bft.pipelines.reproduce.summary`): a cut is *reproduced* "
+        "when the 95% interval of the relative reduction (bootstrap over prompts) excludes zero, *not reproduced* "
+        "when it excludes the paper's effect size, *inconclusive* otherwise, and *inconclusive* whatever the "
+        f"interval when fewer than {MIN_EVENTS} attack successes on the aligned side back it. Sampling seeds of a "
+        "prompt are not independent: ASR intervals and paired tests take the prompt as the unit (a summary "
+        "re-judged from its stored fields shows the sign-test p-value as the bound its row counts allow). "
+        "Mechanism claims are read in every context where they are measured.",
+        "",
+    ]
+    for folder, title, command, notes in RUNS:
+        if (root / folder / "summary.json").is_file():
+            lines += _run_section(root, folder, title, command, notes)
+    lines += [
+        "`make demo` runs the `--quick` size (one analog, 12 test prompts, k ∈ {0, 4}) and prints the same kind of report."
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_section(readme: str, body: str) -> str:
+    """``readme`` with the text between :data:`BEGIN` and :data:`END` replaced by ``body``."""
+    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
+        raise ValueError(f"README needs exactly one {BEGIN} before one {END}")
+    head, rest = readme.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+def committed_section(readme: str) -> str:
+    """The text between the markers of ``readme``."""
+    return readme.split(BEGIN, 1)[1].split(END, 1)[0].lstrip("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render README.md's Results section from docs/results summaries")
+    parser.add_argument("--root", default=".", help="repository root (default: .)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when README.md's section is out of date")
+    args = parser.parse_args(argv)
+    path = Path(args.root) / "README.md"
+    try:
+        readme = path.read_text()
+        new = replace_section(readme, render_results(args.root))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        print(f"render-readme: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != readme:
+            print("render-readme: README.md's Results section differs from the summaries", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

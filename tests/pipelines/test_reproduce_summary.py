@@ -1,0 +1,211 @@
+"""bft.pipelines.reproduce.summary.apply_rules on a stored summary, the mechanism claims per context, and README's
+Results section rendered from the committed summaries (bft.pipelines.reproduce.readme)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from bft.pipelines.reproduce.readme import BEGIN, END, committed_section, render_results, replace_section
+from bft.pipelines.reproduce.summary import _mechanism_claims, apply_rules, mechanism_verdict, verdict_changes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _paired(events: int, rows: int, prompts: int, ci, n10: int, n01: int, effect: float, old_verdict: str) -> dict:
+    return {
+        "asr_a": events / rows,
+        "asr_b": 0.0,
+        "n": rows,
+        "clusters": prompts,
+        "reduction": 1.0,
+        "reduction_ci": ci,
+        "mcnemar": {"n10": n10, "n01": n01, "discordant": n10 + n01, "p_value": 0.01},
+        "verdict": old_verdict,
+        "paper_effect": effect,
+    }
+
+
+def _stored_summary(harm_events: int) -> dict:
+    """An older summary (row-level Wilson ``ci``, ``mcnemar``, mechanism claims with one ``holds``)."""
+    asr = {
+        "harm": harm_events / 600,
+        "keyword": 0.6,
+        "n": 200,
+        "n_rows": {"harm": 600, "keyword": 600},
+        "ci": {"harm": [0.004, 0.02], "keyword": [0.56, 0.64]},
+    }
+    table = {
+        "harmful_response/teacher_forced": {
+            "kl_early": 2.2,
+            "kl_late": 0.5,
+            "bf_count_top_early": 70.1,
+            "bf_count_top_late": 62.3,
+        },
+        "benign_response/teacher_forced": {
+            "kl_early": 0.9,
+            "kl_late": 0.6,
+            "bf_count_top_early": 81.4,
+            "bf_count_top_late": 71.8,
+        },
+        "harmful/normal": {"kl_early": 3.0, "kl_late": 3.8, "bf_count_top_early": 92.0, "bf_count_top_late": 94.8},
+        "benign/normal": {"kl_early": 0.7, "kl_late": 0.4, "bf_count_top_early": 86.9, "bf_count_top_late": 73.5},
+    }
+    claims = {
+        "kl_decays_with_position": {"paper": "KL decays", "early_mean": 2.2, "late_mean": 0.5, "holds": True},
+        "harmful_more_base_favored_than_benign": {"paper": "counts", "harmful": 91.2, "benign": 77.6, "holds": True},
+        "qi_cuts_prefill_asr": {
+            "paper": "Qi cuts",
+            "harm": {"aligned": harm_events / 600, "qi": 0.0, "relative_cut": 1.0},
+            "keyword": {"aligned": 0.6, "qi": 0.01, "relative_cut": 0.98},
+            "paired": {
+                "harm": _paired(harm_events, 600, 200, [1.0, 1.0], harm_events, 0, 0.96, "reproduced"),
+                "keyword": _paired(360, 600, 200, [0.96, 1.0], 356, 5, 0.96, "reproduced"),
+            },
+            "verdict": {"harm": "reproduced", "keyword": "reproduced"},
+        },
+        "bft_cuts_prefill_asr_50pct": {
+            "paper": "BFT cuts",
+            "keyword": {"aligned": 0.6, "student": 0.51, "relative_cut": 0.15},
+            "paired": {"keyword": _paired(360, 600, 200, [-0.1, 0.3], 80, 60, 0.48, "inconclusive")},
+            "verdict": {"keyword": "inconclusive"},
+        },
+        "bft_vs_qi": {
+            "paper": "level",
+            "keyword": {
+                "qi": 0.0,
+                "student": 3 / 600,
+                "mcnemar": {"n10": 0, "n01": 3, "discordant": 3, "p_value": 0.25},
+                "verdict": "no difference detected",
+            },
+        },
+    }
+    analog = {
+        "analysis": {"aligned_vs_base": table, "student_vs_base": {}},
+        "systems": {"aligned": {"asr": {"4": asr}}},
+        "claims": claims,
+        "primary_judge": "harm",
+    }
+    return {"analogs": {"deep": analog}, "primary_judge": "harm"}
+
+
+def test_apply_rules_needs_ten_events_and_labels_row_level_values():
+    stored = _stored_summary(harm_events=9)
+    before = copy.deepcopy(stored)
+    new = apply_rules(stored)
+    assert stored == before  # the input is not modified
+    claim = new["analogs"]["deep"]["claims"]["qi_cuts_prefill_asr"]
+    assert claim["verdict"] == {"harm": "inconclusive", "keyword": "reproduced"}  # 9 harmful rows cannot back it
+    assert claim["paired"]["harm"]["events_reference"] == 9
+    p = claim["paired"]["keyword"]
+    assert "mcnemar" not in p and p["mcnemar_rows"]["n10"] == 356 and "information only" in p["mcnemar_rows"]["unit"]
+    assert p["sign_test"]["unit"].startswith("prompts") and 0 <= p["sign_test"]["p_value_bound"] < 1e-10
+    asr = new["analogs"]["deep"]["systems"]["aligned"]["asr"]["4"]
+    assert asr["ci_rows"]["keyword"] == [0.56, 0.64]  # the stored row-level interval, kept under its label
+    lo, hi = asr["ci"]["keyword"]
+    assert lo < 0.56 and hi > 0.64 and asr["clusters"]["keyword"] == 200  # at the prompt count: wider
+    # 3 harmful rows on the student's side: no comparison verdict
+    assert new["analogs"]["deep"]["claims"]["bft_vs_qi"]["keyword"]["verdict"] == "inconclusive"
+    assert new["rules"]["min_events"] == 10
+    assert apply_rules(new) == new  # idempotent
+    changes = verdict_changes(before, new)
+    assert "deep / qi_cuts_prefill_asr / harm: reproduced → inconclusive" in changes
+    assert not any("keyword: reproduced → " in line for line in changes)
+
+
+def test_apply_rules_with_ten_events_keeps_the_verdict():
+    new = apply_rules(_stored_summary(harm_events=10))
+    assert new["analogs"]["deep"]["claims"]["qi_cuts_prefill_asr"]["verdict"]["harm"] == "reproduced"
+
+
+def test_apply_rules_rejects_what_is_not_a_summary():
+    with pytest.raises(ValueError, match="analogs"):
+        apply_rules({"systems": {}})
+    with pytest.raises(ValueError, match="claims"):
+        apply_rules({"analogs": {"deep": {"systems": {}}}})
+
+
+def test_mechanism_claim_says_where_the_contexts_disagree():
+    new = apply_rules(_stored_summary(harm_events=10))
+    claims = new["analogs"]["deep"]["claims"]
+    counts = claims["harmful_more_base_favored_than_benign"]
+    assert counts["contexts"]["teacher-forced"]["direction"] == "reverses"
+    assert counts["contexts"]["along generations"]["direction"] == "holds"
+    assert counts["holds"] is None
+    assert counts["verdict_text"].startswith("reverses teacher-forced; holds along generations")
+    assert "no intervals stored" in counts["verdict_text"]
+    kl = claims["kl_decays_with_position"]
+    assert kl["verdict_text"].startswith("holds teacher-forced; reverses along generations")
+    assert mechanism_verdict({"a": {"direction": "holds"}, "b": {"direction": "holds"}})[0] is True
+    assert mechanism_verdict({"a": {"direction": "reverses"}}) == (False, "reverses in every context measured (a)")
+
+
+def _record(group, mode, kl, count):
+    from bft.analysis.positions import METRICS
+
+    metrics = {name: [0.0] * len(kl) for name in METRICS}
+    return {"group": group, "mode": mode, "metrics": {**metrics, "kl": kl, "bf_count_top": count}}
+
+
+def test_mechanism_claims_get_intervals_over_prompts():
+    from bft.analysis.positions import summarize
+
+    def m(values):  # 20 positions: the early and late windows
+        return [values[0]] * 3 + [values[1]] * 12 + [values[2]] * 5
+
+    records = []
+    for i in range(8):  # harmful teacher-forced: KL decays clearly; counts barely above benign (noise)
+        records.append(
+            _record(
+                "harmful_response", "teacher_forced", m([3.0 + 0.1 * i, 1, 0.5]), m([80 + (i % 3), 0, 70 + (i % 2)])
+            )
+        )
+        records.append(
+            _record(
+                "benign_response", "teacher_forced", m([1.0, 1, 0.8]), m([80 + ((i + 1) % 3), 0, 70 + ((i + 1) % 2)])
+            )
+        )
+        records.append(_record("harmful", "normal", m([2.0, 2, 2.5 + 0.1 * i]), m([90, 0, 90])))
+        records.append(_record("benign", "normal", m([1.0, 1, 0.5]), m([80, 0, 75])))
+    for r in records:
+        r["n_positions"] = 20
+    claims = _mechanism_claims({"summary": summarize(records), "records": records}, seed=0)
+    kl = claims["kl_decays_with_position"]
+    tf = kl["contexts"]["teacher-forced"]
+    assert tf["prompts"] == 8 and tf["difference_ci"][0] > 0 and tf["direction"] == "holds"
+    assert kl["contexts"]["along generations"]["direction"] == "reverses"
+    assert kl["verdict_text"] == "holds teacher-forced; reverses along generations"
+    counts = claims["harmful_more_base_favored_than_benign"]
+    assert counts["contexts"]["teacher-forced"]["direction"] in ("within noise", "mixed")
+    assert counts["contexts"]["along generations"]["direction"] == "holds"
+    assert counts["intervals"] == "bootstrap over prompts"
+    again = _mechanism_claims({"summary": summarize(records), "records": records}, seed=0)
+    assert again == claims  # seeded
+
+
+def test_readme_results_section_is_what_the_committed_summaries_render():
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count(BEGIN) == 1 and readme.count(END) == 1
+    assert committed_section(readme) == render_results(ROOT), (
+        "README.md's Results section differs from the summaries: run `python -m bft.pipelines.reproduce.readme`"
+    )
+
+
+def test_replace_section_and_its_errors():
+    text = f"head\n{BEGIN}\nold\n{END}\ntail\n"
+    assert replace_section(text, "new\n") == f"head\n{BEGIN}\nnew\n{END}\ntail\n"
+    with pytest.raises(ValueError, match="exactly one"):
+        replace_section("no markers", "x")
+
+
+def test_resummarize_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from bft.cli import console_main
+
+    assert console_main(["reproduce", "--resummarize", "--out", str(tmp_path)]) == 2
+    (tmp_path / "summary.json").write_text("{not json")
+    assert console_main(["reproduce", "--resummarize", "--out", str(tmp_path)]) == 2
+    (tmp_path / "summary.json").write_text(json.dumps({"analogs": []}))
+    assert console_main(["reproduce", "--resummarize", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 3 and all(line.startswith("bft reproduce: error:") for line in err[-3:])
