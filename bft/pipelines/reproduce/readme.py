@@ -285,6 +285,42 @@ def _run_section(root: Path, folder: str, title: str, command: str, notes: str) 
     return lines
 
 
+def _at_a_glance(root: Path) -> list[str]:
+    """Every run and analog against every claim: the verdict per judge (harm · keyword · three-way), the mechanism
+    claims' reading per context."""
+    cols, rows = [], {}
+    for folder, _title, _, _ in RUNS:
+        path = root / folder / "summary.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        for name, analog in summary["analogs"].items():
+            cols.append(f"{folder.removeprefix('docs/results').strip('/') or 'default'}: {name}")
+            for key, claim in analog["claims"].items():
+                if "verdict_text" in claim:
+                    cell = claim["verdict_text"].replace(" (direction of the means; no intervals stored)", "")
+                elif isinstance(claim.get("verdict"), dict):
+                    cell = " · ".join(claim["verdict"].get(j, "n/a") for j in _judges(analog))
+                else:
+                    continue
+                label = LABELS.get(key, claim.get("paper", key))
+                rows.setdefault(label, {})[cols[-1]] = cell.replace(
+                    "reproduced (a smaller reduction than the paper's)", "smaller"
+                )
+    if not cols:
+        return []
+    lines = [
+        "**At a glance** (runs below; a cut's verdict under harm · keyword · three-way, *smaller*: reproduced, a "
+        "smaller reduction than the paper's; mechanism claims per context, directions of the stored means):",
+        "",
+        "| claim | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for label, cells in rows.items():
+        lines.append(f"| {label} | " + " | ".join(cells.get(c, "—") for c in cols) + " |")
+    return lines + [""]
+
+
 def render_results(root: Path | str = ".") -> str:
     """The Results section's body (between the markers), from the summaries under ``root``."""
     root = Path(root)
@@ -307,6 +343,7 @@ def render_results(root: Path | str = ".") -> str:
         "Mechanism claims are read in every context where they are measured.",
         "",
     ]
+    lines += _at_a_glance(root)
     for folder, title, command, notes in RUNS:
         if (root / folder / "summary.json").is_file():
             lines += _run_section(root, folder, title, command, notes)
