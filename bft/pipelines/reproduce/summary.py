@@ -549,7 +549,19 @@ def _row_counts_to_prompt_test(entry: dict, n: int | None, clusters: int | None)
         entry["mcnemar_rows"] = {**entry.pop("mcnemar"), "unit": ROW_LEVEL}
     mc = entry.get("mcnemar_rows")
     if "sign_test" not in entry and mc and n and clusters:
-        entry["sign_test"] = sign_test_bound(mc["n10"], mc["n01"], clusters, math.ceil(n / clusters))
+        bound = sign_test_bound(mc["n10"], mc["n01"], clusters, math.ceil(n / clusters))
+        if n == clusters:  # one row per prompt: the rows are the prompts, and the bound is the exact sign test
+            entry["sign_test"] = {
+                "positive": mc["n10"],
+                "negative": mc["n01"],
+                "ties": clusters - mc["n10"] - mc["n01"],
+                "clusters": clusters,
+                "rows": n,
+                "p_value": bound["p_value_bound"],
+                "unit": "prompts",
+            }
+        else:
+            entry["sign_test"] = bound
 
 
 def _rejudge_mechanism(analog: dict) -> None:
