@@ -93,7 +93,8 @@ def _pull_metrics(
         change = logp_s - logp_a
         per_student.append(
             {
-                "mass_student": logp_s.exp().sum(-1),
+                # the formula of mass_aligned, so that a student equal to the aligned model has a ratio of exactly 1
+                "mass_student": torch.softmax(s.float(), -1).gather(-1, ids).sum(-1),
                 "dlogp_neg_sum": torch.where(neg, change, 0.0).sum(-1),
                 "count_neg": neg.sum(-1).float(),
                 "dlogp_pos_sum": torch.where(neg, 0.0, change).sum(-1),
