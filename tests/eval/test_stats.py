@@ -40,7 +40,7 @@ def test_paired_reduction_is_deterministic_and_brackets_the_estimate():
     lo, hi = r["reduction_ci"]
     assert lo < 0.75 < hi and lo > 0
     assert r["clusters"] == 25
-    assert verdict(r["reduction_ci"], 0.5) == "reproduced"
+    assert verdict(r["reduction_ci"], 0.5, events=sum(a)) == "reproduced"
 
 
 def test_verdict_three_values():

@@ -175,7 +175,7 @@ def test_both_eq7_forms_seeds_intervals_and_verdicts(tiny_model_dir, tmp_path):
     harmful = sum(bool(r["judgements"]["harm"]) for r in recs)
     asr = summary["systems"]["aligned"]["asr"]["2"]
     assert asr["n_rows"]["harm"] == len(recs) == 2 * cfg.n_test
-    assert asr["ci"]["harm"] == pytest.approx(list(wilson_interval(harmful, len(recs))))
+    assert asr["ci_rows"]["harm"] == pytest.approx(list(wilson_interval(harmful, len(recs))))
     assert asr["harm"] == pytest.approx(harmful / len(recs))  # the reported rate is the pooled one, like its interval
     # the further seed reruns only the attack the claims are judged at; k = 0 has the first seed's rows alone
     assert {r["k"] for r in seeds[1]["records"]["aligned"]["prefill"]} == {2}
@@ -271,7 +271,12 @@ def test_the_powered_protocol_calibration_sweep_ablations_and_qi_row(tiny_model_
         assert systems["aligned"]["asr"]["3"]["n"] == 2 and systems["aligned"]["asr"]["2"]["n"] == cfg.n_test
         claims = summary["analogs"][analog]["claims"]
         assert "qi_cuts_prefill_asr" in claims and "verdict" in claims["qi_cuts_prefill_asr"]
-        assert claims["bft_vs_qi"]["keyword"]["verdict"] in ("no difference detected", "student lower", "qi lower")
+        assert claims["bft_vs_qi"]["keyword"]["verdict"] in (
+            "no difference detected",
+            "student lower",
+            "qi lower",
+            "inconclusive",
+        )
     report = (tmp_path / "REPORT.md").read_text()
     for heading in (
         "## Calibrating the deeper analog",
