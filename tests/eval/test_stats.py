@@ -44,15 +44,15 @@ def test_paired_reduction_is_deterministic_and_brackets_the_estimate():
 
 
 def test_verdict_three_values():
-    assert verdict([0.1, 0.95], 0.9) == "reproduced"
-    assert verdict([0.1, 0.4], 0.9).startswith("reproduced (a smaller")
-    assert verdict([-0.3, 0.4], 0.9) == "not reproduced"
-    assert verdict([-0.3, 0.95], 0.9) == "inconclusive"
-    assert verdict(None, 0.9) == "inconclusive"
+    assert verdict([0.1, 0.95], 0.9, events=10) == "reproduced"
+    assert verdict([0.1, 0.4], 0.9, events=10).startswith("reproduced (a smaller")
+    assert verdict([-0.3, 0.4], 0.9, events=10) == "not reproduced"
+    assert verdict([-0.3, 0.95], 0.9, events=10) == "inconclusive"
+    assert verdict(None, 0.9, events=10) == "inconclusive"
 
 
 def test_no_effect_at_small_n_is_inconclusive():
     a = [True, False] * 8
     b = [False, True] * 8
     r = paired_reduction(a, b, resamples=400)
-    assert verdict(r["reduction_ci"], 0.5) == "inconclusive"
+    assert verdict(r["reduction_ci"], 0.5, events=10) == "inconclusive"  # the interval decides, not the count
