@@ -188,9 +188,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    output_dir, step: int, *, model, optimizer, scheduler, state: dict, keep: int, accelerator=None
+    output_dir, step: int, *, model, optimizer, scheduler, state: dict, keep: int, accelerator=None, protect=()
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``. Returns its final path.
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``, never the steps in ``protect``
+    (``train.save_at_steps``: checkpoints along the budget). Returns its final path.
 
     Under several processes every rank writes its RNG state into the temp dir of the main process; the main
     process writes everything else and performs the rename.
@@ -226,7 +227,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for _, old in list_checkpoints(output_dir)[:-keep]:
+        for _, old in [c for c in list_checkpoints(output_dir) if c[0] not in set(protect)][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -69,6 +69,8 @@ class ModelConfig:
 
     base: str = ""  # hub id, local path, "smollm2", or "tiny-random-base"
     aligned: str = ""  # hub id, local path, "smollm2", or "tiny-random-aligned"
+    student: str | None = None  # the model the student starts from when it is not the aligned teacher (a diagnostic:
+    # the shallow analog's student distilling the deep analog's teacher); needs the teacher cache. None: aligned
     base_gguf_file: str | None = None  # for GGUF checkpoints (transformers' gguf_file=)
     aligned_gguf_file: str | None = None
     tokenizer: str | None = None  # defaults to the aligned model's tokenizer (it has the chat template)
@@ -171,6 +173,8 @@ class TrainConfig:
     output_dir: str = "runs/bft"
     save_every: int = 100  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    save_at_steps: list[int] = field(default_factory=list)  # steps that also get a checkpoint, kept whatever
+    # keep_checkpoints says (checkpoints along the budget: bft.pipelines.reproduce.frontier)
     log_every: int = 1  # tqdm postfix refresh; metrics.jsonl always gets every step
     tensorboard: bool = False
     mixed_precision: str = "no"  # accelerate autocast: "no" | "bf16" | "fp16" (with dtype float32 master weights)
@@ -204,6 +208,11 @@ def validate(config: Config) -> Config:
         raise ConfigError("model.base is required: the base (pre-trained) model, a hub id or a local path")
     if not m.aligned:
         raise ConfigError("model.aligned is required: the aligned (instruct) model the student starts from")
+    if m.student is not None and not (m.student and config.teacher_cache.path and m.base != TINY_BASE):
+        raise ConfigError(
+            "model.student (a student that does not start from the aligned teacher) needs teacher_cache.path (the "
+            "teachers are read from the cache) and a model on disk, not the tiny random pair"
+        )
     choice("model.dtype", m.dtype, DTYPES)
     choice("model.frozen_quantization", m.frozen_quantization, QUANTIZATIONS)
     choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -249,6 +258,10 @@ def validate(config: Config) -> Config:
     for name in ("save_every", "keep_checkpoints", "log_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if not isinstance(t.save_at_steps, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.save_at_steps
+    ):
+        raise ConfigError(f"train.save_at_steps must be a list of steps >= 1, got {t.save_at_steps!r}")
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     choice("train.engine", t.engine, ENGINES)
     if not config.teacher_cache.shard_mb > 0:

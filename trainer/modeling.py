@@ -236,8 +236,8 @@ def build_trio(config: Config, tokenizer, base_tokenizer, device: torch.device, 
         # LoRA: the student's own weights are frozen (only adapters train), so they may be quantized (QLoRA) and
         # double as the aligned teacher. Full: a trainable 16-bit copy plus a separate frozen (quantizable) one.
         student = load_causal_lm(
-            m.aligned,
-            gguf_file=m.aligned_gguf_file,
+            m.student or m.aligned,  # model.student: another starting point than the teacher (from the cache only)
+            gguf_file=None if m.student else m.aligned_gguf_file,
             quantization=m.frozen_quantization if lora else None,
             trainable=True,
             **common,

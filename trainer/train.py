@@ -142,7 +142,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
         if main:
             _log_step(out, writer, bar, metrics, lr, step == total_steps or step % t.log_every == 0)
         bar.update(1)
-        if step % t.save_every == 0 or step == total_steps:
+        if step % t.save_every == 0 or step == total_steps or step in t.save_at_steps:
             save(out, step, student, optimizer, scheduler, config, micro_per_step, accelerator)
         for callback in callbacks:
             callback(step, metrics)
@@ -272,7 +272,8 @@ def _models_and_examples(
                 f"the teacher cache {cache_dir} has V={cache.vocab_size}, the student V={trio.vocab_size}"
             )
         head_dtype = lm_head_weight(trio.student, trio.vocab_size).dtype
-        frozen_heads = cache.heads(accelerator.device, head_dtype, aligned=not trio.lora)  # LoRA: the student's own
+        # LoRA: the aligned head is the student's own, unless the student starts elsewhere (model.student)
+        frozen_heads = cache.heads(accelerator.device, head_dtype, aligned=not trio.lora or bool(config.model.student))
     else:
         trio = build_trio(config, tokenizer, base_tokenizer, accelerator.device)
         if d.harmful_response == "generate" and harmful_pairs:
@@ -529,6 +530,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, config: Config, micr
         scheduler=scheduler,
         state=state,
         keep=config.train.keep_checkpoints,
+        protect=config.train.save_at_steps,
         accelerator=accelerator,
     )
 
@@ -542,6 +544,7 @@ def warn_config_changes(saved: dict, config: Config) -> None:
         ("train", "log_every"),
         ("train", "tensorboard"),
         ("train", "keep_checkpoints"),
+        ("train", "save_at_steps"),
         ("teacher_cache", "path"),
         ("teacher_cache", "shard_mb"),
     }  # where the cache lives: the same objective
@@ -651,8 +654,8 @@ def merge_into_fresh_copy(config: Config, student_model):
     with tempfile.TemporaryDirectory() as adapter_dir:
         student_model.save_pretrained(adapter_dir)
         fresh = load_causal_lm(
-            config.model.aligned,
-            gguf_file=config.model.aligned_gguf_file,
+            config.model.student or config.model.aligned,
+            gguf_file=None if config.model.student else config.model.aligned_gguf_file,
             dtype=torch_dtype(config.model.dtype),
             quantization=None,
             attn_implementation="sdpa",

@@ -97,6 +97,7 @@ def refusal_finetune(
     harmful_responses: list[str] | None = None,
     recovery_share: float = 0.0,
     recovery_max_tokens: int = 16,
+    on_step=None,
 ):
     """Return a fine-tuned copy of ``model`` (the input is untouched) and the list of per-step losses.
 
@@ -108,6 +109,10 @@ def refusal_finetune(
     with that probability, a harmful prompt whose response starts with the first m ~ U{1..recovery_max_tokens}
     tokens of its harmful response (``harmful_responses``, one per harmful prompt) and then turns into a refusal;
     the loss is on the refusal only. At 0 the draws are exactly those of the plain (shallow) recipe.
+
+    ``on_step(step, model)``, when given, runs after every optimizer step (``step`` counts from 1) with the model
+    being trained, e.g. to save it at fractions of the budget (:mod:`bft.pipelines.reproduce.frontier`); the model
+    is in eval mode during the call and back in train mode after it.
     """
     if not harmful_prompts:
         raise ValueError("refusal_finetune needs at least one harmful prompt")
@@ -133,7 +138,7 @@ def refusal_finetune(
     losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _ in tqdm(range(steps), desc="refusal fine-tune", unit="step", disable=not progress):
+        for step in tqdm(range(steps), desc="refusal fine-tune", unit="step", disable=not progress):
             if recovery:
                 batch = [
                     _recovery_example(
@@ -149,5 +154,9 @@ def refusal_finetune(
             else:
                 batch = _encoded(tokenizer, [examples[rng.randrange(len(examples))] for _ in range(batch_size)])
             losses.append(sft_step(tuned, opt, batch, pad_id=pad_id, max_grad_norm=1.0))
+            if on_step is not None:
+                tuned.eval()
+                on_step(step + 1, tuned)
+                tuned.train()
     tuned.eval()
     return tuned, losses

@@ -1,0 +1,968 @@
+"""Curves, not points (issue 28, item 1): attack success against utility along each method's training budget.
+
+Per analog, per method and per training seed, **one** training run keeps the model at fractions of the budget
+(``frontier_fractions``); every kept checkpoint is evaluated; the points form one curve per method, and the summary
+says which points no other method's point dominates.
+
+Methods (``frontier_methods``):
+
+- ``qi``: Qi et al.'s augmentation (:func:`bft.pipelines.refusal_sft.refusal_finetune` on the analog's aligned
+  model, ``qi_recovery_share`` recovery examples, the student's steps and batch size: the equal budget;
+  ``qi_steps`` sizes only the main pipeline's Qi row). Its ``on_step`` hook saves
+  the full model at each fraction into ``models/frontier/<analog>/qi/seed<s>/step-<n>`` (atomically). The run is
+  deterministic for its seed, so an interrupted run is replayed from step 0 and only the checkpoints it lacks are
+  written; a finished run is reused (its stage marker).
+- ``bft_eq9``: the BFT student with Eq. 9 as written (``completion: l2``, ``selection: vocab``) over
+  ``loss_overrides`` (the weights chosen on validation).
+- ``bft_chosen``: the student with the completion term / selection rule chosen on validation: the sweep's chosen
+  point when the sweep ran, else ``frontier_variant`` over ``loss_overrides``. When it resolves to the same loss as
+  ``bft_eq9`` it is not trained twice (the summary says so).
+
+The diagnostic (``frontier_diagnostic: [shallow, deep]``): what bounds BFT's gain? The student analog's student
+trained with the teacher analog's aligned model as its aligned teacher (the trainer's ``model.student``: the student
+starts from its own analog's aligned model, the teachers are read from the teacher analog's cache), at the same
+budget and loss, one run, evaluated at the full budget; a point among the student analog's, which dominates nothing.
+
+BFT runs go through :func:`bft.trainer.train.train` with ``train.save_at_steps``: the trainer's own atomic
+checkpoints, kept whatever ``keep_checkpoints`` says; an interrupted run resumes from its latest checkpoint. The
+LoRA adapters of a checkpoint (``trainable.pt``) are merged into the aligned model in memory for the evaluation
+(:func:`student_at_checkpoint`), so no merged copy of every checkpoint is written.
+
+The evaluation of one checkpoint (a stage of its own, ``frontier/<analog>/<method>/seed<s>/eval_step<n>``):
+
+- prefill attacks at every k of ``frontier_ks`` (k = ``sweep_k`` and a longer k) under every judge of ``judges``
+  and the three-way judge (:func:`bft.eval.runner.run_eval`); k = ``sweep_k`` on the point's prompts with its
+  sampling seeds, the longer k on the first ``frontier_prompts`` of them with one sampling seed (as ``stage_eval``
+  profiles its long k);
+- the judge-free likelihood: the mean per-token log-prob of the reference harmful continuation of each prompt
+  (teacher forced; lower = safer), and the benign perplexity (:func:`bft.eval.utility.perplexity`'s formula), both
+  stored per prompt so that they get intervals over prompts;
+- over-refusal, when :class:`bft.eval.runner.EvalConfig` has it (:func:`_overrefusal_options`: the one place).
+
+Sizes: the **headline** points (the full budget: fraction 1.0) of every training seed get the first
+``frontier_test_prompts`` test prompts (None: all) and ``frontier_eval_seeds`` sampling seeds at k = ``sweep_k``;
+intermediate checkpoints get the first ``frontier_prompts`` test prompts and one sampling seed, and only the first
+``frontier_curve_seeds`` training seeds' intermediate checkpoints are evaluated. The longer k always gets the
+first ``frontier_prompts`` prompts and one sampling seed. Every interval is a percentile cluster bootstrap over prompts (several sampling seeds, and at the
+headline several training seeds, of one prompt are one cluster).
+
+**Dominance** (:func:`pareto`), per utility measure (perplexity, over-refusal: lower is better) against ASR
+(primary judge, k = ``sweep_k``; lower is better). Two notions, both reported:
+
+- *point dominance*: p dominates q when p is no worse on both axes and better on one (point estimates; ties on
+  both axes dominate neither way);
+- *interval-separated dominance*: p dominates q when p point-dominates q **and** on at least one axis their 95%
+  intervals are disjoint in p's favour (p's upper end below q's lower end). Overlapping intervals on both axes
+  cannot support "q is dominated".
+
+A point is on the frontier when no point of **another** method dominates it (the aligned model is a method of its
+own, the common start of every curve; the diagnostic is reported but dominates nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bft.pipelines.reproduce.config import ReproduceConfig, loss_params
+from bft.pipelines.reproduce.stage_cache import StageCache
+
+__all__ = [
+    "FRONTIER_METHODS",
+    "budget_steps",
+    "checkpoint_steps",
+    "cluster_interval",
+    "pareto",
+    "plot_frontier",
+    "render_frontier",
+    "run_frontier",
+    "stage_frontier_bft",
+    "stage_frontier_qi",
+    "student_at_checkpoint",
+    "validate_frontier",
+    "weights_fingerprint",
+]
+
+#: the methods a frontier can train: Qi et al.'s augmentation, BFT with Eq. 9 as written, BFT with the variant chosen
+#: on validation
+FRONTIER_METHODS = ("qi", "bft_eq9", "bft_chosen")
+#: Eq. 9 as written: the L2 completion term over M = TopK(b − a) of the whole vocabulary
+EQ9 = {"completion": "l2", "selection": "vocab"}
+#: the utility measures of the dominance computation (lower is better for both)
+UTILITIES = ("perplexity", "overrefusal")
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+def validate_frontier(cfg: ReproduceConfig) -> None:
+    """The frontier keys of ``cfg``; a bad value is a ValueError naming its key. Called by
+    :func:`bft.pipelines.reproduce.config.validate` (and by :func:`run_frontier`)."""
+    fr = cfg.frontier_fractions
+    if not isinstance(fr, list) or not fr:
+        raise ValueError(f"frontier_fractions must be a non-empty list of fractions in (0, 1], got {fr!r}")
+    for f in fr:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"frontier_fractions must hold fractions in (0, 1], got {f!r}")
+    if 1.0 not in [float(f) for f in fr]:
+        raise ValueError(f"frontier_fractions must include 1.0 (the full budget: the headline points), got {fr}")
+    seeds = cfg.frontier_seeds
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise ValueError(f"frontier_seeds must be a non-empty list of integer training seeds, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"frontier_seeds must not repeat a seed, got {seeds}")
+    for name in ("frontier_prompts", "frontier_eval_seeds", "frontier_curve_seeds"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if cfg.frontier_test_prompts is not None and (
+        isinstance(cfg.frontier_test_prompts, bool)
+        or not isinstance(cfg.frontier_test_prompts, int)
+        or cfg.frontier_test_prompts < 1
+    ):
+        raise ValueError(f"frontier_test_prompts must be >= 1 or null (all), got {cfg.frontier_test_prompts!r}")
+    ks = cfg.frontier_ks
+    if not isinstance(ks, list) or cfg.sweep_k not in ks:
+        raise ValueError(f"frontier_ks must be a list holding sweep_k = {cfg.sweep_k} (and a longer k), got {ks!r}")
+    for k in ks:
+        if k != "full" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"frontier_ks holds prefill lengths >= 1 or 'full', got {k!r}")
+    methods = cfg.frontier_methods
+    if not isinstance(methods, list) or not methods or any(m not in FRONTIER_METHODS for m in methods):
+        raise ValueError(f"frontier_methods must be a non-empty list from {list(FRONTIER_METHODS)}, got {methods!r}")
+    if cfg.frontier_analogs is not None:
+        unknown = [a for a in cfg.frontier_analogs if a not in cfg.analogs]
+        if not isinstance(cfg.frontier_analogs, list) or not cfg.frontier_analogs or unknown:
+            raise ValueError(f"frontier_analogs must name analogs of {list(cfg.analogs)} (or be null), got {unknown}")
+    diag = cfg.frontier_diagnostic
+    if diag is not None:
+        frontier_analogs = cfg.frontier_analogs or list(cfg.analogs)
+        if (
+            not isinstance(diag, list)
+            or len(diag) != 2
+            or diag[0] == diag[1]
+            or any(a not in cfg.analogs for a in diag)
+            or diag[0] not in frontier_analogs
+        ):
+            raise ValueError(
+                "frontier_diagnostic must be [student analog, teacher analog]: two different analogs, the first one "
+                f"of the frontier's analogs (e.g. [shallow, deep]), got {diag!r}"
+            )
+        if not any(m.startswith("bft") for m in cfg.frontier_methods):
+            raise ValueError("frontier_diagnostic trains the frontier's BFT method: frontier_methods needs one")
+    if not isinstance(cfg.frontier_variant, dict):
+        raise ValueError(f"frontier_variant must be a mapping of loss settings, got {cfg.frontier_variant!r}")
+    try:
+        loss_params({**cfg.loss_overrides, **cfg.frontier_variant})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"frontier_variant: {e}") from None
+    if cfg.frontier_overrefusal_limit is not None and (
+        isinstance(cfg.frontier_overrefusal_limit, bool)
+        or not isinstance(cfg.frontier_overrefusal_limit, int)
+        or cfg.frontier_overrefusal_limit < 1
+    ):
+        raise ValueError(f"frontier_overrefusal_limit must be >= 1 or null, got {cfg.frontier_overrefusal_limit!r}")
+
+
+def checkpoint_steps(fractions, total: int) -> list[int]:
+    """The optimizer steps of the kept checkpoints: ceil(f·total) for each fraction (at least 1), once each,
+    increasing; the last is ``total``."""
+    return sorted({max(1, min(total, math.ceil(float(f) * total - 1e-9))) for f in fractions} | {total})
+
+
+def budget_steps(cfg: ReproduceConfig, data: dict, method: str) -> int:
+    """The training budget of every frontier method: the student's steps (``bft_steps`` or ``bft_epochs``), Qi's
+    augmentation included (the paper's equal budget; ``qi_steps`` sizes only the main pipeline's Qi row)."""
+    from bft.pipelines.reproduce.stages import bft_steps
+
+    return bft_steps(cfg, data)
+
+
+def method_losses(cfg: ReproduceConfig, sweep: dict | None) -> dict:
+    """The loss overrides of the BFT methods: ``bft_eq9`` (Eq. 9 as written over ``loss_overrides``) and
+    ``bft_chosen`` (the sweep's chosen point when the sweep ran, else ``frontier_variant``)."""
+    chosen = dict(sweep["chosen"]) if sweep and sweep.get("chosen") is not None else dict(cfg.frontier_variant)
+    return {"bft_eq9": {**cfg.loss_overrides, **EQ9}, "bft_chosen": {**cfg.loss_overrides, **chosen}}
+
+
+# ------------------------------------------------------------------------------------------------ training stages
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def stage_frontier_qi(
+    cfg: ReproduceConfig,
+    stages: StageCache,
+    data: dict,
+    analog: str,
+    aligned_dir: str,
+    aligned_stage: str,
+    seed: int,
+    log,
+) -> dict:
+    """Qi et al.'s augmentation for the whole budget, keeping the full model at every fraction. Returns
+    ``{step: model folder}``."""
+    from bft.pipelines.refusal_sft import refusal_finetune
+    from bft.pipelines.reproduce.stages import _load, _save_model
+
+    name = f"frontier/{analog}/qi/seed{seed}/train"
+    total = budget_steps(cfg, data, "qi")
+    keep = checkpoint_steps(cfg.frontier_fractions, total)
+    settings = {
+        "steps": total,
+        "save_at_steps": keep,
+        "lr": cfg.align_lr,
+        "batch_size": cfg.bft_batch_size,
+        "seed": seed,
+        "recovery_share": cfg.qi_recovery_share,
+        "recovery_max_tokens": cfg.recovery_max_tokens,
+        "aligned": aligned_dir,
+    }
+    models = stages.root / "models" / "frontier" / analog / "qi" / f"seed{seed}"
+    out = {s: str(models / _step_name(s)) for s in keep}
+    if not (
+        stages.cached(name, settings, after=("data", aligned_stage)) and all(Path(p).is_dir() for p in out.values())
+    ):
+        upstream = "data" in stages.recomputed or aligned_stage in stages.recomputed
+        saved = stages.dir(name) / "settings.json"
+        same = saved.is_file() and stages.comparable(json.loads(saved.read_text())) == stages.comparable(settings)
+        if models.exists() and (upstream or not same):
+            shutil.rmtree(models)  # another run's checkpoints; only an interrupted identical run keeps its own
+        with stages.computing(name, settings) as d:
+            atomic_write_json(d / "settings.json", settings, indent=1)
+            aligned, tok = _load(aligned_dir, cfg)
+            have = [s for s in keep if Path(out[s]).is_dir()]
+            if have:
+                log(f"[{name}] replaying the deterministic run; keeping the checkpoints at steps {have}")
+
+            def save(step, model):
+                if step in keep and not Path(out[step]).is_dir():
+                    _save_model(model, tok, Path(out[step]))
+
+            # the stage's own seed convention: stage_qi trains with cfg.seed + 1, so training seed s uses s + 1
+            _, losses = refusal_finetune(
+                aligned,
+                tok,
+                [r["prompt"] for r in data["harmful_train"]],
+                [r["prompt"] for r in data["benign_train"]],
+                benign_responses=[r["response"] for r in data["benign_train"]],
+                steps=total,
+                lr=cfg.align_lr,
+                batch_size=cfg.bft_batch_size,
+                seed=seed + 1,
+                harmful_responses=[r["response"] for r in data["harmful_train"]],
+                recovery_share=cfg.qi_recovery_share,
+                recovery_max_tokens=cfg.recovery_max_tokens,
+                on_step=save,
+                progress=False,
+            )
+            atomic_write_json(d / "losses.json", losses, indent=1)
+    return out
+
+
+def stage_frontier_bft(
+    cfg: ReproduceConfig,
+    stages: StageCache,
+    data: dict,
+    analog: str,
+    method: str,
+    aligned_dir: str,
+    aligned_stage: str,
+    seed: int,
+    loss: dict,
+    log,
+    student: tuple[str, str] | None = None,
+) -> dict:
+    """A BFT student for the whole budget (LoRA, ``loss`` overrides, training seed ``seed``) whose trainer keeps a
+    checkpoint at every fraction (``train.save_at_steps``). ``student``: (model folder, its stage) when the student
+    starts from another model than the aligned teacher (the diagnostic; ``model.student`` of the trainer, which
+    reads the teachers from the cache). Returns ``{step: checkpoint folder}``."""
+    from bft.pipelines.reproduce.stages import _saved_bft_settings, bft_train_config
+    from bft.trainer import checkpoint as ckpt
+    from bft.trainer.config import config_from_dict
+    from bft.trainer.train import train
+
+    name = f"frontier/{analog}/{method}/seed{seed}/train"
+    d = stages.dir(name)
+    total = budget_steps(cfg, data, method)
+    keep = checkpoint_steps(cfg.frontier_fractions, total)
+    cache_dir = stages.root / "teacher_cache" / Path(aligned_dir).name
+    settings = bft_train_config(
+        dataclasses.replace(cfg, seed=seed),
+        stages.dir("data"),
+        data["base_dir"],
+        aligned_dir,
+        d,
+        steps=total,
+        loss_overrides={k: v for k, v in loss.items() if k not in cfg.loss_overrides or cfg.loss_overrides[k] != v},
+        cache_dir=cache_dir,
+    )
+    settings["train"]["save_at_steps"] = keep
+    after = ("data", aligned_stage)
+    if student is not None:
+        settings["model"]["student"] = student[0]
+        settings["teacher_cache"]["path"] = str(cache_dir)  # model.student reads its teachers from the cache
+        after += (student[1],)
+    out = {s: str(ckpt.checkpoints_dir(d) / ckpt.step_dir_name(s)) for s in keep}
+    upstream = any(dep in stages.recomputed for dep in after)
+    if not (stages.cached(name, settings, after=after) and all(Path(p).is_dir() for p in out.values())):
+        if upstream and cache_dir.exists() and cache_dir not in stages.fresh_caches:
+            shutil.rmtree(cache_dir)  # built from the old models
+        stages.fresh_caches.add(cache_dir)
+        if d.exists() and (upstream or stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))):
+            shutil.rmtree(d)  # another run's checkpoints; only an interrupted identical run resumes
+        with stages.computing(name, settings, keep=True) as d:
+            atomic_write_json(d / "settings.json", settings, indent=1)
+            resume = bool(ckpt.list_checkpoints(d))
+            if resume:
+                log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
+            train(config_from_dict(settings), resume=resume, progress=False)
+    return out
+
+
+def student_at_checkpoint(settings: dict, checkpoint: str | Path, cfg: ReproduceConfig):
+    """The student of a trainer checkpoint as a plain model: the aligned model of ``settings`` (the trainer config
+    as a dict) with the checkpoint's LoRA adapters (``trainable.pt``) loaded and merged. Returns (model, tokenizer)."""
+    import torch
+
+    from bft.pipelines.reproduce.stages import _load
+    from bft.trainer.config import config_from_dict
+    from bft.trainer.modeling import add_lora
+
+    config = config_from_dict(settings)
+    model, tok = _load(config.model.student or config.model.aligned, cfg)  # the diagnostic starts elsewhere
+    peft_model = add_lora(model, config)
+    state = torch.load(Path(checkpoint) / "trainable.pt", map_location="cpu", weights_only=True)
+    params = dict(peft_model.named_parameters())
+    loaded = 0
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key[len("model.") :] if key.startswith("model.") else key  # BFTStudent keeps the model as .model
+            if name not in params:
+                raise ValueError(f"{checkpoint}: {key} is not a parameter of the LoRA student")
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            loaded += 1
+    trainable = sum(p.requires_grad for p in params.values())
+    if loaded != trainable:
+        raise ValueError(f"{checkpoint}: {loaded} tensors for {trainable} trainable LoRA parameters")
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged, tok
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """sha256 of a checkpoint's weights (``trainable.pt`` of a trainer checkpoint, the ``*.safetensors`` of a saved
+    model): a checkpoint's evaluation is reused while its weights are unchanged, so a resumed training run keeps the
+    evaluations of the checkpoints it had already written."""
+    import hashlib
+
+    files = sorted(p for p in Path(path).iterdir() if p.name == "trainable.pt" or p.suffix == ".safetensors")
+    if not files:
+        raise FileNotFoundError(f"{path}: no trainable.pt or *.safetensors to evaluate")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _overrefusal_options(cfg: ReproduceConfig) -> dict:
+    """THE ONE PLACE where over-refusal is switched on: the EvalConfig keyword of the over-refusal measure (being
+    added to :class:`bft.eval.runner.EvalConfig` as ``overrefusal_limit``) when that field exists, else nothing.
+    :func:`_overrefusal_of` reads its result back; adjust both together if the measure lands under another name."""
+    from bft.eval.runner import EvalConfig
+
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    if cfg.frontier_overrefusal_limit is None or "overrefusal_limit" not in names:
+        return {}
+    # the harmful contrast prompts (a check of the refusal detector, not a utility) are the main eval's business
+    contrast = {"overrefusal_contrast": False} if "overrefusal_contrast" in names else {}
+    return {"overrefusal_limit": cfg.frontier_overrefusal_limit, **contrast}
+
+
+def _overrefusal_of(system_summary: dict) -> dict | None:
+    """The over-refusal result of one system's run_eval summary, as ``{"rate", "n", "interval"}`` (None when not
+    measured). Reads the measure wherever the runner puts it (``utility.overrefusal`` or ``overrefusal``)."""
+    found = (system_summary.get("utility") or {}).get("overrefusal") or system_summary.get("overrefusal")
+    if not isinstance(found, dict):
+        return None
+    rate = next((found[k] for k in ("rate", "refusal_rate", "overrefusal") if k in found), None)
+    interval = next((found[k] for k in ("interval", "ci", "wilson", "cluster_ci") if k in found), None)
+    return None if rate is None else {"rate": rate, "n": found.get("n"), "interval": interval}
+
+
+def _eval_points(cfg: ReproduceConfig, headline: bool) -> tuple[int | None, int]:
+    """(test prompts, sampling seeds) of a checkpoint's evaluation."""
+    if headline:
+        return cfg.frontier_test_prompts, cfg.frontier_eval_seeds
+    return cfg.frontier_prompts, 1
+
+
+def _per_prompt_logprobs(model, tok, rows: list[dict], batch_size: int) -> list[dict]:
+    """Teacher-forced (sum of log-probs, tokens) of each row's response after its prompt."""
+    from bft.eval.likelihood import continuation_logprobs
+
+    rows = [r for r in rows if (r.get("response") or "").strip()]
+    lps = continuation_logprobs(
+        model, tok, [r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size, progress=False
+    )
+    return [
+        {"prompt": r["prompt"], "sum": float(t.double().sum()), "tokens": int(t.numel())} for r, t in zip(rows, lps)
+    ]
+
+
+def stage_frontier_eval(
+    cfg: ReproduceConfig,
+    stages: StageCache,
+    data: dict,
+    name: str,
+    model_id: dict,
+    load,
+    headline: bool,
+    log,
+    after: tuple,
+    judges: dict | None = None,
+) -> dict:
+    """Evaluate one checkpoint (``load()`` gives (model, tokenizer); ``model_id`` is what identifies it in the
+    stage's settings). ``judges``: a dict the judges are built into once and reused by every evaluation (loading
+    the harm judge and the embedding model per checkpoint would cost more than the small evaluations). Returns the
+    stored records and measures (the input of :func:`point_measures`)."""
+    from bft.eval.generation import System
+    from bft.eval.runner import EvalConfig, load_results, run_eval
+    from bft.pipelines.reproduce.stages import _eval_batch, _eval_settings, _generation
+
+    n_prompts, n_seeds = _eval_points(cfg, headline)
+    settings = {
+        **_eval_settings(cfg),
+        "model": model_id,
+        "frontier_ks": cfg.frontier_ks,
+        "prompts": n_prompts,
+        "sampling_seeds": n_seeds,
+        "long_k_prompts": cfg.frontier_prompts,
+        "overrefusal": _overrefusal_options(cfg),
+    }
+    rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_test"]][:n_prompts]
+    long_ks = [k for k in cfg.frontier_ks if k != cfg.sweep_k]
+    d = stages.dir(name)
+    if not stages.cached(name, settings, after=after):
+        with stages.computing(name, settings) as d:
+            model, tok = load()
+            system = System("model", model, tok)
+            judges = {} if judges is None else judges
+            if not judges:
+                from bft.eval.runner import build_judges, make_threeway
+
+                judges["judges"] = build_judges(list(cfg.judges))
+                judges["threeway"] = make_threeway(EvalConfig(embedding_model=cfg.embedding_model), [])
+            shared = {"judges": judges["judges"], "threeway": judges["threeway"]}
+            gen = _generation(cfg)
+            common = dict(
+                limit=None,
+                seed=cfg.seed,
+                judges=list(cfg.judges),
+                threeway=True,
+                embedding_model=cfg.embedding_model,
+                likelihood=False,
+                utility=[],
+            )
+            for i in range(n_seeds):  # k = sweep_k on every prompt and sampling seed (over-refusal with the first)
+                extra = _overrefusal_options(cfg) if i == 0 else {}
+                seeded = dataclasses.replace(gen, seed=cfg.seed + 1000 * i)
+                log(f"[{name}] prefill k={cfg.sweep_k} on {len(rows)} prompts, sampling seed {i + 1} of {n_seeds}")
+                run_eval(
+                    [system],
+                    EvalConfig(prefill_ks=[cfg.sweep_k], generation=seeded, **common, **extra),
+                    d / f"seed{i}",
+                    rows=rows,
+                    **shared,
+                )
+            if long_ks:  # the longer k: a profile on the first frontier_prompts prompts, one sampling seed
+                log(f"[{name}] prefill k={long_ks} on {len(rows[: cfg.frontier_prompts])} prompts")
+                run_eval(
+                    [system],
+                    EvalConfig(prefill_ks=long_ks, generation=gen, **common),
+                    d / "long",
+                    rows=rows[: cfg.frontier_prompts],
+                    **shared,
+                )
+            measures = {
+                "likelihood": _per_prompt_logprobs(model, tok, rows, _eval_batch(cfg)),
+                "benign": _per_prompt_logprobs(model, tok, data["benign_test"], _eval_batch(cfg)),
+            }
+            atomic_write_json(d / "measures.json", measures, indent=1)
+            del model
+    records, overrefusal = [], None
+    for i in range(n_seeds):
+        res = load_results(d / f"seed{i}")
+        records += [dict(r, sampling_seed=i) for r in res["records"]["model"].get("prefill", [])]
+        if i == 0:
+            overrefusal = _overrefusal_of(res["summary"]["systems"]["model"])
+    if long_ks:
+        records += [dict(r, sampling_seed=0) for r in load_results(d / "long")["records"]["model"].get("prefill", [])]
+    measures = json.loads((d / "measures.json").read_text())
+    return {"records": records, **measures, "overrefusal": overrefusal}
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def cluster_interval(values, clusters, statistic=None, *, resamples: int = 2000, seed: int = 0, level=0.95):
+    """(estimate, [lo, hi]): a statistic of ``values`` and its percentile interval from a bootstrap that resamples
+    whole clusters (``clusters[i]`` is row i's prompt). ``statistic`` maps a list of rows to a number (default the
+    mean); deterministic for a seed. One cluster: the interval is the estimate itself."""
+    statistic = statistic or (lambda rows: sum(rows) / len(rows))
+    groups: dict = {}
+    for v, c in zip(values, clusters):
+        groups.setdefault(c, []).append(v)
+    if not groups:
+        return None, None
+    keys = list(groups)
+    estimate = statistic([v for k in keys for v in groups[k]])
+    rng = random.Random(seed)
+    stats = sorted(
+        statistic([v for _ in keys for v in groups[keys[rng.randrange(len(keys))]]]) for _ in range(resamples)
+    )
+    lo = stats[int(math.floor((1 - level) / 2 * (resamples - 1)))]
+    hi = stats[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
+    return estimate, [lo, hi]
+
+
+def _ratio_perplexity(rows):
+    return math.exp(-sum(r["sum"] for r in rows) / max(1, sum(r["tokens"] for r in rows)))
+
+
+def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
+    """One frontier point from the evaluations of one checkpoint of one or more training seeds (pooled: a prompt's
+    rows over sampling and training seeds are one cluster): ASR per k and judge (and the three-way on-topic share),
+    the likelihood, the benign perplexity and over-refusal, each with a cluster-bootstrap interval."""
+    records = [r for e in evals for r in e["records"]]
+    out: dict = {"asr": {}}
+    for k in cfg.frontier_ks:
+        rows = [r for r in records if r["k"] == k]
+        if not rows:
+            continue
+        per_judge = {}
+        for judge in list(cfg.judges) + ["threeway"]:
+            verdicts = [
+                (r["judgements"].get(judge) == "on_topic") if judge == "threeway" else bool(r["judgements"].get(judge))
+                for r in rows
+                if judge in r.get("judgements", {})
+            ]
+            if not verdicts:
+                continue
+            prompts = [r["prompt"] for r in rows if judge in r.get("judgements", {})]
+            est, ci = cluster_interval([float(v) for v in verdicts], prompts, seed=cfg.seed)
+            per_judge[judge] = {"asr": est, "ci": ci, "n": len(verdicts), "prompts": len(set(prompts))}
+        out["asr"][str(k)] = per_judge
+    lk = [r for e in evals for r in e["likelihood"]]
+    if lk:
+        est, ci = cluster_interval(
+            [r["sum"] / max(1, r["tokens"]) for r in lk], [r["prompt"] for r in lk], seed=cfg.seed
+        )
+        out["likelihood"] = {"mean_logprob": est, "ci": ci, "n": len(lk)}
+    benign = [r for e in evals for r in e["benign"]]
+    if benign:
+        est, ci = cluster_interval(benign, [r["prompt"] for r in benign], _ratio_perplexity, seed=cfg.seed)
+        out["perplexity"] = {"value": est, "ci": ci, "n": len({r["prompt"] for r in benign})}
+    refusals = [e["overrefusal"] for e in evals if e.get("overrefusal")]
+    if refusals:  # several training seeds: the mean rate, the widest interval (no per-prompt rows to pool)
+        intervals = [r["interval"] for r in refusals if r.get("interval")]
+        out["overrefusal"] = {
+            "value": sum(r["rate"] for r in refusals) / len(refusals),
+            "ci": [min(i[0] for i in intervals), max(i[1] for i in intervals)] if intervals else None,
+            "n": refusals[0].get("n"),
+        }
+    return out
+
+
+def _axis(point: dict, measure: str, judge: str, k) -> tuple[float | None, list | None]:
+    if measure == "asr":
+        a = (point.get("asr") or {}).get(str(k), {}).get(judge)
+        return (a["asr"], a["ci"]) if a else (None, None)
+    m = point.get(measure)
+    return (m["value"], m.get("ci")) if m else (None, None)
+
+
+def dominates(p: tuple, q: tuple, *, separated: bool) -> bool:
+    """Whether point ``p`` dominates ``q``; each is ((asr, asr_ci), (utility, utility_ci)), lower better on both.
+    Point dominance: no worse on both axes, better on one. ``separated``: also, on at least one axis, p's interval
+    lies wholly below q's (p.hi < q.lo); a missing interval never separates."""
+    (pa, pa_ci), (pu, pu_ci) = p
+    (qa, qa_ci), (qu, qu_ci) = q
+    if not (pa <= qa and pu <= qu and (pa < qa or pu < qu)):
+        return False
+    if not separated:
+        return True
+    return any(pc is not None and qc is not None and pc[1] < qc[0] for pc, qc in ((pa_ci, qa_ci), (pu_ci, qu_ci)))
+
+
+def pareto(points: list[dict], utility: str, judge: str, k, *, reference_only=()) -> dict:
+    """Which ``points`` (each ``{"method", "label", ...point_measures}``) no point of another method dominates, on
+    ASR (``judge`` at ``k``) against ``utility``; ``reference_only`` methods (the diagnostic) are judged but dominate
+    nothing. Returns ``{"point": [labels], "separated": [labels], "dominated_by": {label: {"point": [...],
+    "separated": [...]}}, "skipped": [labels without both measures]}``."""
+    usable, skipped = [], []
+    for p in points:
+        a, a_ci = _axis(p, "asr", judge, k)
+        u, u_ci = _axis(p, utility, judge, k)
+        (usable if a is not None and u is not None else skipped).append((p, ((a, a_ci), (u, u_ci))))
+    out = {"utility": utility, "judge": judge, "k": k, "point": [], "separated": [], "dominated_by": {}}
+    for p, pv in usable:
+        by = {"point": [], "separated": []}
+        for q, qv in usable:
+            if q["method"] == p["method"] or q["method"] in reference_only:
+                continue
+            for kind in ("point", "separated"):
+                if dominates(qv, pv, separated=kind == "separated"):
+                    by[kind].append(q["label"])
+        out["dominated_by"][p["label"]] = by
+        for kind in ("point", "separated"):
+            if not by[kind]:
+                out[kind].append(p["label"])
+    out["skipped"] = [p["label"] for p, _ in skipped]
+    return out
+
+
+def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
+    """The headline question: which BFT points (methods ``bft_*``) no point of Qi's curve dominates, by point
+    estimates and with interval separation. ``{"point": [labels], "separated": [labels], "bft_points": n}``; an
+    empty ``point`` list means Qi's curve dominates every BFT point."""
+    axes = {p["label"]: (_axis(p, "asr", judge, k), _axis(p, utility, judge, k)) for p in points}
+    usable = {lab: v for lab, v in axes.items() if v[0][0] is not None and v[1][0] is not None}
+    qi = [p["label"] for p in points if p["method"] == "qi" and p["label"] in usable]
+    bft = [p["label"] for p in points if p["method"].startswith("bft") and p["label"] in usable]
+    out = {"utility": utility, "judge": judge, "k": k, "bft_points": len(bft), "qi_points": len(qi)}
+    for kind in ("point", "separated"):
+        out[kind] = [
+            b for b in bft if not any(dominates(usable[q], usable[b], separated=kind == "separated") for q in qi)
+        ]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the whole frontier
+
+
+def _label(method: str, fraction: float, seeds) -> str:
+    return f"{method}@{fraction:g}" + (f" (seeds {','.join(map(str, seeds))})" if len(seeds) > 1 else "")
+
+
+def run_frontier(
+    cfg: ReproduceConfig, stages: StageCache, data: dict, aligned: dict, aligned_stages: dict, sweep, log
+) -> dict:
+    """Every frontier stage of every analog (``frontier_analogs``, default all); writes ``frontier/summary.json``
+    and ``plots/frontier_<analog>.png``. ``aligned``: analog -> aligned model folder; ``aligned_stages``: analog ->
+    its stage name. Returns the frontier summary (the run summary's ``frontier`` key)."""
+    from bft.pipelines.reproduce.stages import _load
+
+    validate_frontier(cfg)
+    losses = method_losses(cfg, sweep)
+    methods = list(cfg.frontier_methods)
+    notes = []
+    if "bft_chosen" in methods and "bft_eq9" in methods:
+        if loss_params(losses["bft_chosen"]) == loss_params(losses["bft_eq9"]):
+            methods.remove("bft_chosen")
+            notes.append("bft_chosen resolves to Eq. 9 as written (the same loss): trained once, as bft_eq9")
+    primary = cfg.judges[0]
+    judges: dict = {}  # built by the first evaluation that runs, shared by the rest
+    out = {
+        "fractions": [float(f) for f in cfg.frontier_fractions],
+        "seeds": list(cfg.frontier_seeds),
+        "ks": list(cfg.frontier_ks),
+        "primary_judge": primary,
+        "losses": {m: losses[m] for m in methods if m in losses},
+        "sizes": {
+            "headline_prompts": min(len(data["harmful_test"]), cfg.frontier_test_prompts or len(data["harmful_test"])),
+            "headline_sampling_seeds": cfg.frontier_eval_seeds,
+            "curve_prompts": min(len(data["harmful_test"]), cfg.frontier_prompts),
+            "curve_training_seeds": list(cfg.frontier_seeds[: cfg.frontier_curve_seeds]),
+            "benign_prompts": len(data["benign_test"]),
+        },
+        "dominance": "point: no worse on both axes and better on one; separated: also 95% cluster intervals "
+        "disjoint in its favour on at least one axis",
+        "notes": notes,
+        "analogs": {},
+    }
+    for analog in cfg.frontier_analogs or list(cfg.analogs):
+        a_stage = aligned_stages[analog]
+        after = ("data", a_stage)
+        aligned_eval = stage_frontier_eval(
+            cfg,
+            stages,
+            data,
+            f"frontier/{analog}/aligned/eval",
+            {"aligned": aligned[analog]},
+            lambda a=analog: _load(aligned[a], cfg),
+            True,
+            log,
+            after=after,
+            judges=judges,
+        )
+        points = [
+            {"method": "aligned", "label": "aligned", "fraction": 0.0, "step": 0, **point_measures(cfg, [aligned_eval])}
+        ]
+        per_seed = {}
+        for method in methods:
+            total = budget_steps(cfg, data, method)
+            runs = {}
+            for seed in cfg.frontier_seeds:
+                if method == "qi":
+                    ckpts = stage_frontier_qi(cfg, stages, data, analog, aligned[analog], a_stage, seed, log)
+                else:
+                    ckpts = stage_frontier_bft(
+                        cfg, stages, data, analog, method, aligned[analog], a_stage, seed, losses[method], log
+                    )
+                runs[seed] = ckpts
+            evals = {}  # (seed, step) -> evaluation
+            train_settings = {}
+            for i, (seed, ckpts) in enumerate(runs.items()):
+                train_stage = f"frontier/{analog}/{method}/seed{seed}/train"
+                if method != "qi":
+                    train_settings[seed] = json.loads((stages.dir(train_stage) / "settings.json").read_text())
+                for step, path in ckpts.items():
+                    headline = step == total
+                    if not headline and i >= cfg.frontier_curve_seeds:
+                        continue
+
+                    settings = train_settings.get(seed)
+
+                    def load(path=path, settings=settings, qi=method == "qi"):
+                        return _load(path, cfg) if qi else student_at_checkpoint(settings, path, cfg)
+
+                    evals[(seed, step)] = stage_frontier_eval(
+                        cfg,
+                        stages,
+                        data,
+                        f"frontier/{analog}/{method}/seed{seed}/eval_step{step}",
+                        {"checkpoint": path, "step": step, "weights": weights_fingerprint(path)},
+                        load,
+                        headline,
+                        log,
+                        after=after,  # the weights' fingerprint, not the train stage: a resumed run keeps its evals
+                        judges=judges,
+                    )
+            steps = sorted({s for _, s in evals})
+            for step in steps:
+                seeds = [seed for seed in runs if (seed, step) in evals]
+                fraction = step / total
+                points.append(
+                    {
+                        "method": method,
+                        "label": _label(method, fraction, seeds),
+                        "fraction": fraction,
+                        "step": step,
+                        "training_seeds": seeds,
+                        **point_measures(cfg, [evals[(s, step)] for s in seeds]),
+                    }
+                )
+            per_seed[method] = {
+                str(seed): point_measures(cfg, [evals[(seed, total)]]) for seed in runs if (seed, total) in evals
+            }
+        if cfg.frontier_diagnostic and cfg.frontier_diagnostic[0] == analog:
+            points.append(_diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges))
+        dominance = {}
+        for utility in UTILITIES:
+            if not any(p.get(utility) for p in points):
+                continue
+            dominance[utility] = {
+                judge: pareto(points, utility, judge, cfg.sweep_k, reference_only=("diagnostic",))
+                for judge in list(cfg.judges) + ["threeway"]
+            }
+        beyond = {u: beyond_qi(points, u, primary, cfg.sweep_k) for u in dominance}
+        result = {"points": points, "headline_by_training_seed": per_seed, "dominance": dominance, "beyond_qi": beyond}
+        plot = stages.root / "plots" / f"frontier_{analog}.png"
+        plot_frontier(result, plot, judge=primary, k=cfg.sweep_k, title=f"{analog} analog")
+        result["plot"] = str(plot.relative_to(stages.root))
+        out["analogs"][analog] = result
+    atomic_write_json(stages.root / "frontier" / "summary.json", out, indent=1)
+    atomic_write_text(stages.root / "frontier" / "FRONTIER.md", render_frontier({"frontier": out}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plot and table
+
+
+def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges) -> dict:
+    """What bounds BFT's gain: the student analog's student (``frontier_diagnostic[0]``) trained with the teacher
+    analog's aligned model (``frontier_diagnostic[1]``) as its aligned teacher, at the same budget and loss as
+    the BFT method of the frontier (bft_chosen, else bft_eq9), one run (the first training seed), evaluated at the
+    full budget as a headline point. It is placed among the student analog's points and dominates nothing."""
+    student_analog, teacher_analog = cfg.frontier_diagnostic
+    method = "bft_chosen" if "bft_chosen" in methods else "bft_eq9"
+    seed = cfg.frontier_seeds[0]
+    name = f"diagnostic_{teacher_analog}_teacher"
+    total = budget_steps(cfg, data, method)
+    ckpts = stage_frontier_bft(
+        cfg,
+        stages,
+        data,
+        student_analog,
+        name,
+        aligned[teacher_analog],
+        aligned_stages[teacher_analog],
+        seed,
+        losses[method],
+        log,
+        student=(aligned[student_analog], aligned_stages[student_analog]),
+    )
+    train_stage = f"frontier/{student_analog}/{name}/seed{seed}/train"
+    settings = json.loads((stages.dir(train_stage) / "settings.json").read_text())
+    path = ckpts[total]
+    evaluation = stage_frontier_eval(
+        cfg,
+        stages,
+        data,
+        f"frontier/{student_analog}/{name}/seed{seed}/eval_step{total}",
+        {"checkpoint": path, "step": total, "weights": weights_fingerprint(path)},
+        lambda: student_at_checkpoint(settings, path, cfg),
+        True,
+        log,
+        after=("data", aligned_stages[teacher_analog], aligned_stages[student_analog]),
+        judges=judges,
+    )
+    return {
+        "method": "diagnostic",
+        "label": f"{student_analog} student, {teacher_analog} teacher ({method})@1",
+        "fraction": 1.0,
+        "step": total,
+        "training_seeds": [seed],
+        "teacher": teacher_analog,
+        "loss": method,
+        **point_measures(cfg, [evaluation]),
+    }
+
+
+def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -> Path:
+    """ASR (``judge`` at ``k``) against each utility measure: one line per method through its checkpoints (marked
+    with their budget fraction), 95% cluster intervals as error bars on both axes. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    utilities = [u for u in UTILITIES if any(p.get(u) for p in result["points"])] or ["perplexity"]
+    fig, axes = plt.subplots(1, len(utilities), figsize=(6 * len(utilities), 4.5), squeeze=False)
+    methods = list(dict.fromkeys(p["method"] for p in result["points"]))
+    for ax, utility in zip(axes[0], utilities):
+        for method in methods:
+            pts = sorted((p for p in result["points"] if p["method"] == method), key=lambda p: p["fraction"])
+            xs, ys, xerr, yerr, labels = [], [], [[], []], [[], []], []
+            for p in pts:
+                (a, a_ci), (u, u_ci) = _axis(p, "asr", judge, k), _axis(p, utility, judge, k)
+                if a is None or u is None:
+                    continue
+                xs.append(u)
+                ys.append(a)
+                for err, v, ci in ((xerr, u, u_ci), (yerr, a, a_ci)):
+                    err[0].append(max(0.0, v - ci[0]) if ci else 0.0)
+                    err[1].append(max(0.0, ci[1] - v) if ci else 0.0)
+                labels.append(f"{p['fraction']:g}")
+            if not xs:
+                continue
+            style = dict(marker="*", markersize=12) if method == "aligned" else dict(marker="o")
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=3, label=method, **style)
+            for x, y, lab in zip(xs, ys, labels):
+                ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"{utility} (lower is better)")
+        ax.set_ylabel(f"ASR, {judge} judge, k = {k}")
+        ax.set_title(f"{title}: ASR vs {utility}".strip(": "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _fmt(value, ci, pct=True) -> str:
+    if value is None:
+        return "–"
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3g}")
+    return f(value) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
+
+
+def render_frontier(summary: dict, folder: str = "") -> str:
+    """The frontier as markdown (for REPORT.md / the README template): per analog, one row per point (method, budget
+    fraction, training seeds, ASR at each k under the primary judge, likelihood, perplexity, over-refusal, all with
+    95% cluster intervals) and whether it is on the frontier per utility measure (point / interval-separated).
+    ``summary`` is the run summary (its ``frontier`` key) or the frontier summary itself; "" when there is none.
+    ``folder``: the run's folder as the document links it (the plots are linked under it)."""
+    fr = summary.get("frontier", summary) if isinstance(summary, dict) else None
+    if not fr or "analogs" not in fr:
+        return ""
+    judge, ks = fr["primary_judge"], fr["ks"]
+    sizes = fr.get("sizes", {})
+    lines = [
+        "## Curves, not points: ASR against utility along the training budget",
+        "",
+        f"ASR under the {judge} judge; 95% intervals from a bootstrap over prompts. Headline points (the full budget) "
+        f"pool training seeds {fr['seeds']} on {sizes.get('headline_prompts')} test prompts × "
+        f"{sizes.get('headline_sampling_seeds')} sampling seeds (k = {ks[0]}); the checkpoints along the way use "
+        f"{sizes.get('curve_prompts')} prompts and one sampling seed. On the frontier: no point of another method "
+        "dominates it (point: by the point estimates; separated: with the intervals disjoint on at least one axis).",
+        "",
+    ]
+    lines += [f"Note: {n}" for n in fr.get("notes", [])]
+    for analog, res in fr["analogs"].items():
+        utilities = list(res.get("dominance", {}))
+        lines += [f"### {analog} analog", ""]
+        for u, b in (res.get("beyond_qi") or {}).items():
+            if not b["bft_points"] or not b["qi_points"]:
+                continue
+            verdict = (
+                f"{len(b['point'])} of {b['bft_points']} BFT points are not dominated by any point of Qi's curve"
+                if b["point"]
+                else f"Qi's curve dominates every one of the {b['bft_points']} BFT points"
+            )
+            lines.append(
+                f"- ASR against {u}: {verdict} (point estimates); with interval separation required, "
+                f"{len(b['separated'])} are not dominated" + (f" ({', '.join(b['point'])})." if b["point"] else ".")
+            )
+        if res.get("beyond_qi"):
+            lines.append("")
+        head = ["method", "budget", "seeds"] + [f"ASR k={k}" for k in ks] + ["likelihood", "perplexity", "over-refusal"]
+        head += [f"frontier ({u}): point / separated" for u in utilities]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in res["points"]:
+            row = [p["method"], f"{p['fraction']:g}", ",".join(map(str, p.get("training_seeds", []))) or "–"]
+            for k in ks:
+                a = (p.get("asr") or {}).get(str(k), {}).get(judge)
+                row.append(_fmt(a["asr"], a["ci"]) if a else "–")
+            lk = p.get("likelihood")
+            row.append(_fmt(lk["mean_logprob"], lk["ci"], pct=False) if lk else "–")
+            for m in ("perplexity", "overrefusal"):
+                v = p.get(m)
+                row.append(_fmt(v["value"], v.get("ci"), pct=m == "overrefusal") if v else "–")
+            for u in utilities:
+                dom = res["dominance"][u][judge]
+                row.append(
+                    ("yes" if p["label"] in dom["point"] else "no")
+                    + " / "
+                    + ("yes" if p["label"] in dom["separated"] else "no")
+                )
+            lines.append("| " + " | ".join(row) + " |")
+        if res.get("plot"):
+            plot = f"{folder.rstrip('/')}/{res['plot']}" if folder else res["plot"]
+            lines += ["", f"![ASR against utility, {analog} analog]({plot})"]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,463 @@
+"""The frontier (issue 28 item 1: bft.pipelines.reproduce.frontier) on the tiny random Llama: checkpoints along the
+budget for Qi's augmentation and the BFT student, their evaluation, the cache and the resume, the dominance rules on
+hand-made points, the plot and the table, and the validation of the frontier keys."""
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_reproduce import _tiny_config  # noqa: E402  (the tiny pipeline's sizes)
+
+FRONTIER = dict(
+    bft_steps=4,
+    frontier=True,
+    frontier_fractions=[0.25, 0.5, 1.0],  # steps 1, 2 and 4 of 4
+    frontier_seeds=[0, 1],
+    frontier_ks=[2, 3],
+    frontier_prompts=2,
+    frontier_eval_seeds=2,
+    gsm8k_limit=0,
+    alphas=[],
+    analogs={"shallow": 0.0, "deep": 0.5},
+    frontier_analogs=["shallow"],
+    frontier_diagnostic=["shallow", "deep"],  # the shallow analog's student with the deep analog's teacher
+    frontier_overrefusal_limit=3,  # over-refusal on 3 benign prompts, a second utility axis
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from bft.hf.testing import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    tok = tiny_tokenizer()
+    tiny_llama(tok, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def frontier_run(tiny_model_dir, tmp_path_factory):
+    from bft.pipelines.reproduce import reproduce
+
+    out = tmp_path_factory.mktemp("frontier")
+    cfg = _tiny_config(tiny_model_dir, out, **FRONTIER)
+    summary = reproduce(cfg, log=lambda m: None)
+    return cfg, out, summary
+
+
+def _stage_log(cfg, **changes):
+    from bft.pipelines.reproduce import reproduce
+
+    logs = []
+    summary = reproduce(dataclasses.replace(cfg, **changes), log=logs.append)
+    return summary, logs
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoints_exist_at_every_fraction_for_every_method_and_seed(frontier_run):
+    from bft.trainer import checkpoint as ckpt
+
+    cfg, out, summary = frontier_run
+    for seed in (0, 1):
+        qi = out / "models" / "frontier" / "shallow" / "qi" / f"seed{seed}"
+        assert sorted(p.name for p in qi.iterdir()) == ["step-00000001", "step-00000002", "step-00000004"]
+        assert all((qi / s / "config.json").is_file() for s in ("step-00000001", "step-00000004"))
+        train = out / "frontier" / "shallow" / "bft_eq9" / f"seed{seed}" / "train"
+        kept = [s for s, _ in ckpt.list_checkpoints(train)]
+        assert {1, 2, 4} <= set(kept), kept
+        assert json.loads((train / "settings.json").read_text())["train"]["save_at_steps"] == [1, 2, 4]
+        assert json.loads((train / "settings.json").read_text())["train"]["seed"] == seed
+    # the two training seeds are two runs: their checkpoints differ
+    a = torch.load(out / "frontier/shallow/bft_eq9/seed0/train/checkpoints/step-00000004/trainable.pt")
+    b = torch.load(out / "frontier/shallow/bft_eq9/seed1/train/checkpoints/step-00000004/trainable.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # the intermediate checkpoints of the second seed are not evaluated (frontier_curve_seeds = 1), its headline is
+    assert (out / "frontier/shallow/qi/seed1/eval_step4/stage.json").is_file()
+    assert not (out / "frontier/shallow/qi/seed1/eval_step1").exists()
+    assert (out / "frontier/shallow/qi/seed0/eval_step1/stage.json").is_file()
+
+
+def test_a_checkpoint_merged_in_memory_is_the_trainers_final_student(frontier_run):
+    from bft.pipelines.reproduce.frontier import student_at_checkpoint
+    from bft.pipelines.reproduce.stages import _load
+
+    cfg, out, _ = frontier_run
+    train = out / "frontier/shallow/bft_eq9/seed0/train"
+    settings = json.loads((train / "settings.json").read_text())
+    merged, _ = student_at_checkpoint(settings, train / "checkpoints/step-00000004", cfg)
+    final, _ = _load(str(train / "final"), cfg)
+    ref = final.state_dict()
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, ref[name], rtol=0, atol=1e-6)
+    early, _ = student_at_checkpoint(settings, train / "checkpoints/step-00000001", cfg)
+    assert any(not torch.allclose(v, ref[n]) for n, v in early.state_dict().items())
+
+
+def test_the_trainer_keeps_save_at_steps_whatever_keep_checkpoints_says(tmp_path):
+    import yaml
+    from bft.trainer import checkpoint as ckpt
+    from bft.trainer.config import ConfigError, config_from_dict
+    from bft.trainer.train import train
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "trainer" / "configs" / "tiny-cpu.yaml").read_text())
+    config["train"].update(
+        max_steps=6, save_every=1, keep_checkpoints=1, save_at_steps=[2, 3], output_dir=str(tmp_path), device="cpu"
+    )
+    train(config_from_dict(config), progress=False)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3, 6]
+    with pytest.raises(ConfigError, match="save_at_steps"):
+        config_from_dict({**config, "train": {**config["train"], "save_at_steps": [0]}})
+
+
+# ------------------------------------------------------------------------------------------------ cache and resume
+
+
+def test_a_finished_frontier_is_reused(frontier_run):
+    cfg, out, summary = frontier_run
+    again, logs = _stage_log(cfg)
+    assert not [m for m in logs if "running" in m], [m for m in logs if "running" in m]
+    assert any("frontier/shallow/qi/seed1/eval_step4] cached" in m for m in logs)
+    assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
+
+
+def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_checkpoints(
+    frontier_run, tmp_path, monkeypatch
+):
+    import bft.trainer.train as trainer
+
+    import bft.pipelines.refusal_sft as refusal_sft
+
+    # in the fixture's own folder (a run folder cannot be moved: the teacher cache names its models' paths); the
+    # test ends with the run complete again
+    cfg, run, summary = frontier_run
+    bft_train = run / "frontier/shallow/bft_eq9/seed0/train"
+    qi_models = run / "models/frontier/shallow/qi/seed0"
+    # the state a crash after step 2 leaves: no stage marker, no later checkpoints
+    (bft_train / "stage.json").unlink()
+    for step in (3, 4):
+        shutil.rmtree(bft_train / f"checkpoints/step-0000000{step}")
+    (run / "frontier/shallow/qi/seed0/train/stage.json").unlink()
+    shutil.rmtree(qi_models / "step-00000004")
+    early_qi = (qi_models / "step-00000001" / "model.safetensors").stat().st_mtime_ns
+
+    # a second crash, in the resumed BFT run at step 3: its checkpoint 3 is written, no stage marker. Qi's run (it
+    # comes first) is replayed and finished in this invocation
+    real_train, real_sft, calls = trainer.train, refusal_sft.refusal_finetune, []
+
+    def crash_at_3(config, *, resume=False, callbacks=(), progress=True):
+        def stop(step, metrics):
+            if step == 3:
+                raise KeyboardInterrupt("simulated crash")
+
+        return real_train(config, resume=resume, callbacks=(*callbacks, stop), progress=progress)
+
+    monkeypatch.setattr(trainer, "train", crash_at_3)
+    monkeypatch.setattr(refusal_sft, "refusal_finetune", lambda *a, **k: calls.append(k["seed"]) or real_sft(*a, **k))
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        from bft.pipelines.reproduce import reproduce
+
+        reproduce(cfg, log=logs.append)
+    assert calls == [1]  # only seed 0's Qi run (training seed s runs with seed s + 1) is replayed
+    assert any("replaying the deterministic run" in m for m in logs)
+    assert (qi_models / "step-00000004" / "model.safetensors").is_file()
+    assert (qi_models / "step-00000001" / "model.safetensors").stat().st_mtime_ns == early_qi  # not rewritten
+    # the replay is deterministic: the recreated checkpoint is the same model, its evaluation is reused
+    assert any("frontier/shallow/qi/seed0/eval_step4] cached" in m for m in logs), logs
+    assert not (bft_train / "stage.json").is_file()
+    assert (bft_train / "checkpoints/step-00000003/state.json").is_file()
+
+    monkeypatch.setattr(trainer, "train", real_train)
+    again, logs = _stage_log(cfg)
+    assert any("resuming from" in m and "step-00000003" in m for m in logs), logs
+    running = sorted(m.split("]")[0][1:] for m in logs if m.endswith("running ..."))
+    # the evaluations of the checkpoints that were already there are reused (their weights are unchanged), and the
+    # resumed run's last checkpoint is the uninterrupted run's (the trainer resumes exactly)
+    assert running == ["frontier/shallow/bft_eq9/seed0/train"], running
+    assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
+
+
+def test_more_frontier_work_adds_stages_and_recomputes_nothing(frontier_run):
+    cfg, out, summary = frontier_run
+    more, logs = _stage_log(cfg, frontier_curve_seeds=2)  # the second training seed's checkpoints join the curve
+    running = {m.split("]")[0][1:] for m in logs if m.endswith("running ...")}
+    assert running == {f"frontier/shallow/{m}/seed1/eval_step{s}" for m in ("qi", "bft_eq9") for s in (1, 2)}
+    point = next(p for p in more["frontier"]["analogs"]["shallow"]["points"] if p["label"].startswith("qi@0.5"))
+    assert point["training_seeds"] == [0, 1] and point["asr"]["2"]["harm"]["n"] == 2 * 2
+    again, logs = _stage_log(cfg)  # back to the fixture's settings (for the tests after this one): all cached
+    assert not [m for m in logs if m.endswith("running ...")]
+    assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
+
+
+def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_other_teacher(frontier_run):
+    from bft.trainer.config import ConfigError, config_from_dict
+
+    from bft.pipelines.reproduce.frontier import student_at_checkpoint
+    from bft.pipelines.reproduce.stages import _load
+
+    cfg, out, summary = frontier_run
+    train = out / "frontier/shallow/diagnostic_deep_teacher/seed0/train"
+    settings = json.loads((train / "settings.json").read_text())
+    assert settings["model"]["aligned"].endswith("models/aligned_r0.5")  # the deep analog teaches
+    assert settings["model"]["student"].endswith("models/aligned_r0")  # the shallow analog's model learns
+    assert settings["teacher_cache"]["path"].endswith("teacher_cache/aligned_r0.5")
+    merged, _ = student_at_checkpoint(settings, train / "checkpoints/step-00000004", cfg)
+    shallow, _ = _load(str(out / "models/aligned_r0"), cfg)
+    deep, _ = _load(str(out / "models/aligned_r0.5"), cfg)
+    embed = "model.embed_tokens.weight"  # LoRA leaves the embeddings alone: they are the starting model's
+    assert torch.equal(merged.state_dict()[embed], shallow.state_dict()[embed])
+    assert not torch.equal(merged.state_dict()[embed], deep.state_dict()[embed])
+    final, _ = _load(str(train / "final"), cfg)
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, final.state_dict()[name], rtol=0, atol=1e-6)
+    res = summary["frontier"]["analogs"]["shallow"]
+    point = res["points"][-1]
+    assert point["method"] == "diagnostic" and point["teacher"] == "deep" and point["fraction"] == 1.0
+    assert point["asr"]["2"]["harm"]["n"] == 3 * 2  # a headline point: every prompt, both sampling seeds
+    dom = res["dominance"]["perplexity"]["harm"]
+    assert point["label"] in dom["dominated_by"]  # where it lands is reported ...
+    assert all(
+        point["label"] not in by[kind] for by in dom["dominated_by"].values() for kind in by
+    )  # ... it rules none
+    with pytest.raises(ConfigError, match="model.student"):  # without the cache the teacher would be the student
+        config_from_dict({**settings, "teacher_cache": {"path": None}})
+
+
+# ------------------------------------------------------------------------------------------------ the summary
+
+
+def test_the_summary_plot_and_table(frontier_run):
+    from bft.pipelines.reproduce.frontier import render_frontier
+
+    cfg, out, summary = frontier_run
+    fr = summary["frontier"]
+    assert json.loads((out / "summary.json").read_text())["frontier"] == json.loads(json.dumps(fr))
+    assert json.loads((out / "frontier" / "summary.json").read_text()) == json.loads(json.dumps(fr))
+    assert "bft_chosen resolves to Eq. 9" in " ".join(fr["notes"])  # no sweep, no variant: not trained twice
+    assert not (out / "frontier/shallow/bft_chosen").exists()
+    res = fr["analogs"]["shallow"]
+    labels = [p["label"] for p in res["points"]]
+    assert labels == [
+        "aligned",
+        "qi@0.25",
+        "qi@0.5",
+        "qi@1 (seeds 0,1)",
+        "bft_eq9@0.25",
+        "bft_eq9@0.5",
+        "bft_eq9@1 (seeds 0,1)",
+        "shallow student, deep teacher (bft_eq9)@1",
+    ]
+    head = res["points"][3]
+    asr = head["asr"]["2"]["harm"]
+    assert asr["n"] == 3 * 2 * 2 and asr["prompts"] == 3  # 3 prompts x 2 sampling seeds x 2 training seeds
+    assert res["points"][1]["asr"]["2"]["keyword"]["n"] == 2  # an intermediate point: 2 prompts, one seed
+    assert res["points"][1]["asr"]["3"]["threeway"]["n"] == 2
+    assert head["asr"]["3"]["harm"]["n"] == 2 * 2  # the longer k: frontier_prompts, one sampling seed, 2 training seeds
+    for p in res["points"]:
+        lo, hi = p["perplexity"]["ci"]
+        assert lo <= p["perplexity"]["value"] <= hi and p["likelihood"]["mean_logprob"] < 0
+        lo, hi = p["overrefusal"]["ci"]
+        assert -1e-9 <= lo <= p["overrefusal"]["value"] + 1e-9 and hi <= 1 and p["overrefusal"]["n"] == 3
+    assert set(res["dominance"]) == {"perplexity", "overrefusal"}  # one dominance table per utility measure
+    assert set(res["headline_by_training_seed"]["qi"]) == {"0", "1"}
+    dom = res["dominance"]["perplexity"]["harm"]
+    assert set(dom["dominated_by"]) == set(labels)
+    assert set(dom["separated"]) >= set(dom["point"])  # separation can only remove dominations
+    png = out / res["plot"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    table = render_frontier(summary)
+    assert "### shallow analog" in table and "| qi | 0.5 | 0 |" in table and "| bft_eq9 | 1 | 0,1 |" in table
+    assert table.count("\n| ") == len(labels) + 1  # a header and a row per point
+    assert render_frontier({}) == ""
+
+
+# ------------------------------------------------------------------------------------------------ dominance
+
+
+def _pt(method, asr, ppl, asr_ci=None, ppl_ci=None, label=None):
+    return {
+        "method": method,
+        "fraction": 1.0,
+        "label": label or f"{method}:{asr}/{ppl}",
+        "asr": {"4": {"harm": {"asr": asr, "ci": asr_ci}}},
+        "perplexity": {"value": ppl, "ci": ppl_ci},
+    }
+
+
+def test_point_dominance_on_hand_made_points():
+    from bft.pipelines.reproduce.frontier import pareto
+
+    points = [
+        _pt("qi", 0.10, 10.0, label="qi-a"),
+        _pt("qi", 0.50, 5.0, label="qi-b"),
+        _pt("bft", 0.20, 12.0, label="bft-dominated"),  # worse than qi-a on both axes
+        _pt("bft", 0.40, 5.0, label="bft-better-asr"),  # beats qi-b on ASR at equal perplexity
+        _pt("bft", 0.10, 10.0, label="bft-tie"),  # ties qi-a on both: neither dominates
+        _pt("bft", 0.05, 30.0, label="bft-safest"),
+    ]
+    out = pareto(points, "perplexity", "harm", 4)
+    assert out["dominated_by"]["bft-dominated"]["point"] == ["qi-a"]
+    assert out["dominated_by"]["qi-b"]["point"] == ["bft-better-asr"]
+    assert out["dominated_by"]["bft-tie"]["point"] == [] and "qi-a" not in out["dominated_by"]["qi-a"]["point"]
+    assert set(out["point"]) == {"qi-a", "bft-better-asr", "bft-tie", "bft-safest"}
+    # a method's own points never dominate it: a curve is not compared with itself
+    own = pareto([_pt("qi", 0.1, 5.0, label="x"), _pt("qi", 0.5, 9.0, label="y")], "perplexity", "harm", 4)
+    assert set(own["point"]) == {"x", "y"}
+
+
+def test_interval_separated_dominance_needs_disjoint_intervals():
+    from bft.pipelines.reproduce.frontier import dominates, pareto
+
+    q = ((0.30, [0.20, 0.40]), (10.0, [9.0, 11.0]))
+    overlapping = ((0.25, [0.15, 0.35]), (9.5, [8.5, 10.5]))
+    asr_apart = ((0.10, [0.05, 0.15]), (10.0, [9.0, 11.0]))
+    ppl_apart = ((0.30, [0.20, 0.40]), (8.0, [7.5, 8.5]))
+    better_but_touching = ((0.10, [0.05, 0.20]), (10.0, [9.0, 11.0]))  # p.hi == q.lo: not disjoint
+    assert dominates(overlapping, q, separated=False) and not dominates(overlapping, q, separated=True)
+    assert dominates(asr_apart, q, separated=True) and dominates(ppl_apart, q, separated=True)
+    assert not dominates(better_but_touching, q, separated=True)
+    assert not dominates(q, q, separated=False)  # a tie on both axes
+    no_ci = ((0.10, None), (9.0, None))
+    assert dominates(no_ci, q, separated=False) and not dominates(no_ci, q, separated=True)
+    # interval separation never makes a point dominate whose estimate is worse on an axis
+    worse_ppl = ((0.05, [0.0, 0.1]), (10.5, [10.0, 11.0]))
+    assert not dominates(worse_ppl, q, separated=True)
+    points = [
+        _pt("qi", 0.30, 10.0, [0.20, 0.40], [9.0, 11.0], label="qi"),
+        _pt("bft", 0.25, 9.5, [0.15, 0.35], [8.5, 10.5], label="bft-close"),
+        _pt("aligned", 0.10, 10.0, [0.05, 0.15], [9.0, 11.0], label="aligned"),
+        _pt("diagnostic", 0.01, 1.0, [0.0, 0.02], [0.9, 1.1], label="diag"),
+    ]
+    out = pareto(points, "perplexity", "harm", 4, reference_only=("diagnostic",))
+    assert out["dominated_by"]["qi"] == {"point": ["bft-close", "aligned"], "separated": ["aligned"]}
+    assert out["dominated_by"]["bft-close"] == {"point": [], "separated": []}  # aligned's ppl is worse
+    assert out["separated"] == ["bft-close", "aligned", "diag"] and out["point"] == ["bft-close", "aligned", "diag"]
+    missing = pareto([{"method": "qi", "label": "n", "asr": {}}], "perplexity", "harm", 4)
+    assert missing["skipped"] == ["n"] and missing["point"] == []
+
+
+def test_cluster_interval_resamples_prompts_not_rows():
+    from bft.pipelines.reproduce.frontier import cluster_interval
+
+    # 10 prompts x 3 seeds: every seed of a prompt agrees, so the rows are 10 independent units, not 30
+    values = [float(i < 5) for i in range(10) for _ in range(3)]
+    clusters = [i for i in range(10) for _ in range(3)]
+    est, (lo, hi) = cluster_interval(values, clusters)
+    est_rows, (lo_rows, hi_rows) = cluster_interval(values, list(range(30)))
+    assert est == est_rows == 0.5
+    assert hi - lo > 1.3 * (hi_rows - lo_rows)
+    assert cluster_interval([1.0, 1.0], ["a", "a"]) == (1.0, [1.0, 1.0])
+    assert cluster_interval([], []) == (None, None)
+
+
+def test_checkpoint_steps():
+    from bft.pipelines.reproduce.frontier import checkpoint_steps
+
+    assert checkpoint_steps([0.0625, 0.125, 0.25, 0.5, 1.0], 394) == [25, 50, 99, 197, 394]
+    assert checkpoint_steps([0.25, 0.5, 1.0], 4) == [1, 2, 4]
+    assert checkpoint_steps([0.01, 1.0], 3) == [1, 3]  # at least one step, once each
+
+
+def test_every_method_gets_the_students_budget(tmp_path):
+    from bft.pipelines.reproduce.frontier import budget_steps
+
+    cfg = _tiny_config("unused", tmp_path, bft_steps=8, qi_steps=2)  # qi_steps sizes the main pipeline's Qi row only
+    assert {m: budget_steps(cfg, {"harmful_train": []}, m) for m in ("qi", "bft_eq9")} == {"qi": 8, "bft_eq9": 8}
+    epochs = dataclasses.replace(cfg, bft_epochs=2.0, bft_batch_size=5, harmful_ratio=0.4)  # 2 harmful pairs a step
+    assert budget_steps(epochs, {"harmful_train": [{}] * 10}, "qi") == 10
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("frontier_fractions", []),
+        ("frontier_fractions", [0.5]),  # no full budget
+        ("frontier_fractions", [0.0, 1.0]),
+        ("frontier_fractions", [1.5, 1.0]),
+        ("frontier_seeds", []),
+        ("frontier_seeds", [0, 0]),
+        ("frontier_seeds", ["a"]),
+        ("frontier_prompts", 0),
+        ("frontier_eval_seeds", 0),
+        ("frontier_curve_seeds", 0),
+        ("frontier_test_prompts", 0),
+        ("frontier_ks", [3]),  # without sweep_k
+        ("frontier_ks", [2, 0]),
+        ("frontier_methods", ["qi", "dpo"]),
+        ("frontier_methods", []),
+        ("frontier_analogs", ["medium"]),
+        ("frontier_variant", {"completion": "nope"}),
+        ("frontier_overrefusal_limit", 0),
+        ("frontier_diagnostic", ["shallow"]),
+        ("frontier_diagnostic", ["shallow", "shallow"]),
+        ("frontier_diagnostic", ["deep", "shallow"]),  # the student analog must be on the frontier
+        ("frontier_diagnostic", ["shallow", "medium"]),
+    ],
+)
+def test_bad_frontier_values_are_refused_naming_their_key(key, value, tmp_path):
+    from bft.pipelines.reproduce import validate
+
+    cfg = _tiny_config("unused", tmp_path, **FRONTIER)
+    validate(cfg)
+    with pytest.raises(ValueError, match=key):
+        validate(dataclasses.replace(cfg, **{key: value}))
+    validate(dataclasses.replace(cfg, frontier=False, **{key: value}))  # the frontier off: its keys are not read
+
+
+def test_the_committed_example_config_loads_and_validates():
+    import argparse
+
+    from bft.commands.reproduce import config_from_args
+
+    path = Path(__file__).parents[2] / "docs" / "results" / "frontier" / "config.yaml"
+    cfg = config_from_args(argparse.Namespace(config=str(path), out=None))  # as `bft reproduce --config` reads it
+    assert cfg.frontier and 1.0 in cfg.frontier_fractions and len(cfg.frontier_seeds) >= 2
+    assert cfg.eval_tokens > 32 and cfg.frontier_eval_seeds == 3 and cfg.frontier_test_prompts is None
+
+
+def test_beyond_qi_names_the_bft_points_that_qis_curve_does_not_dominate():
+    from bft.pipelines.reproduce.frontier import beyond_qi, render_frontier
+
+    points = [
+        _pt("aligned", 0.02, 1.0, [0.0, 0.05], [0.9, 1.1], label="aligned"),  # not Qi's: ignored here
+        _pt("qi", 0.10, 10.0, [0.05, 0.15], [9.0, 11.0], label="qi@1"),
+        _pt("qi", 0.40, 6.0, [0.30, 0.50], [5.5, 6.5], label="qi@0.5"),
+        _pt("bft_eq9", 0.45, 6.2, [0.35, 0.55], [5.8, 6.6], label="bft_eq9@1"),  # dominated, intervals overlap
+        _pt("bft_eq9", 0.60, 8.0, [0.50, 0.70], [7.5, 8.5], label="bft_eq9@0.5"),  # dominated, separated
+        _pt("bft_chosen", 0.30, 5.0, [0.20, 0.40], [4.5, 5.5], label="bft_chosen@1"),  # beyond Qi's curve
+    ]
+    out = beyond_qi(points, "perplexity", "harm", 4)
+    assert out["point"] == ["bft_chosen@1"]
+    assert out["separated"] == ["bft_eq9@1", "bft_chosen@1"]
+    assert out["bft_points"] == 3 and out["qi_points"] == 2
+    assert beyond_qi(points[:5], "perplexity", "harm", 4)["point"] == []
+    summary = {
+        "primary_judge": "harm",
+        "ks": [4],
+        "seeds": [0],
+        "analogs": {
+            "deep": {
+                "points": points[:5],
+                "dominance": {},
+                "beyond_qi": {"perplexity": beyond_qi(points[:5], "perplexity", "harm", 4)},
+                "plot": "plots/frontier_deep.png",
+            }
+        },
+    }
+    text = render_frontier(summary, "docs/results/frontier")
+    assert "Qi's curve dominates every one of the 2 BFT points" in text
+    assert "](docs/results/frontier/plots/frontier_deep.png)" in text
