@@ -262,6 +262,8 @@ def validate(config: Config) -> Config:
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.save_at_steps
     ):
         raise ConfigError(f"train.save_at_steps must be a list of steps >= 1, got {t.save_at_steps!r}")
+    if t.save_at_steps and t.engine != "bft":
+        raise ConfigError("train.save_at_steps is the bft engine's (trainer/train.py); TRL saves on its own schedule")
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     choice("train.engine", t.engine, ENGINES)
     if not config.teacher_cache.shard_mb > 0:

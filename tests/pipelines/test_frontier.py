@@ -118,6 +118,8 @@ def test_the_trainer_keeps_save_at_steps_whatever_keep_checkpoints_says(tmp_path
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3, 6]
     with pytest.raises(ConfigError, match="save_at_steps"):
         config_from_dict({**config, "train": {**config["train"], "save_at_steps": [0]}})
+    with pytest.raises(ConfigError, match="save_at_steps"):  # TRL's trainer saves on its own schedule
+        config_from_dict({**config, "train": {**config["train"], "engine": "trl"}})
 
 
 # ------------------------------------------------------------------------------------------------ cache and resume
