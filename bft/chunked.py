@@ -12,16 +12,19 @@ Two things differ from the reference in *how*, never in *what* (tests compare ev
   which is the same set in O(V) (a full sort was ~40% of the backend's CPU time at V = 65,536).
 - gradients: forward KL τ(p_s − p_t); reverse KL τ·p_s·(log p_s − log p_t − KL/τ²), times kl_weight; the
   completion term's times harmful·α (:func:`completion_and_grad`: L2 2·l2_reg·s_v at the k ids, scattered; the
-  softmax terms dense). All are scaled by 1/#valid (``scale``) on the fly.
+  softmax terms, "log_mass" included, dense). All are scaled by 1/#valid (``scale``) on the fly.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from bft.kernels.chunking import grad_hidden_sliced, logits_sliced, rows_per_block
 from bft.reference import (
     COMPLETION_TERMS,
+    DEFAULT_COMPLETION_FLOOR,
     DEFAULT_SELECTION_TOP_P,
     base_favored_density,
     hybrid_teacher_logits,
@@ -118,7 +121,15 @@ def base_favored_rows(
     return ids, risk
 
 
-def completion_and_grad(s: torch.Tensor, ids: torch.Tensor, *, completion: str, l2_reg: float, want_grad: bool):
+def completion_and_grad(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    completion: str,
+    l2_reg: float,
+    want_grad: bool,
+    completion_floor: float = DEFAULT_COMPLETION_FLOOR,
+):
     """The completion term of :func:`bft.reference.completion_values` on wide [C, V] logits s and ids [C, k] (M),
     and its gradient written out, as ``(value [C], add_grad)``: ``add_grad(g, scale, weight)`` adds
     scale·weight[:, None]·∂value/∂s to the [C, V] block g in place (None unless ``want_grad``). With
@@ -127,9 +138,12 @@ def completion_and_grad(s: torch.Tensor, ids: torch.Tensor, *, completion: str, 
         "l2"            l2_reg·Σ_{v∈M} s_v²            ∂/∂s_j = 2·l2_reg·s_j on M, 0 off M (scattered to the k ids)
         "mass"          P                              ∂/∂s_j = π_j·Q on M,  −P·π_j off M
         "unlikelihood"  −log Q                         ∂/∂s_j = π_j on M,    −P·π_j/Q = −P·q_j off M
+        "log_mass"      c = max(0, log P − log p_f)    ∂/∂s_j = 1[c > 0]·r_j·Q on M,  −1[c > 0]·π_j off M
 
-    where q = softmax of s over the complement of M. P and Q come from log-sum-exps over M and over its complement
-    (never 1 − P), so −log Q and q are exact however close P is to 1.
+    where q = softmax of s over the complement of M, r = softmax of s over M and p_f = ``completion_floor`` (at
+    exactly c = 0 the subgradient is 0). P and Q come from log-sum-exps over M and over its complement (never
+    1 − P), so −log Q, q and r·Q (= r − π on M) are exact however close P is to 1, and log P = lse_M − lse however
+    small P is.
     """
     s_ids = torch.gather(s, -1, ids)
     if completion == "l2":
@@ -139,14 +153,19 @@ def completion_and_grad(s: torch.Tensor, ids: torch.Tensor, *, completion: str, 
             g.scatter_add_(-1, ids, (2.0 * l2_reg * scale) * weight[:, None] * s_ids)
 
         return value, add_l2 if want_grad else None
-    if completion not in ("mass", "unlikelihood"):
+    if completion not in ("mass", "unlikelihood", "log_mass"):
         raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {completion!r}")
     in_m = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, ids, True)
     lse_c = torch.logsumexp(s.masked_fill(in_m, float("-inf")), dim=-1)  # the complement of M
     lse_m = torch.logsumexp(s_ids, dim=-1)
     lse = torch.logaddexp(lse_m, lse_c)
     P = torch.exp(lse_m - lse)
-    value = P if completion == "mass" else lse - lse_c
+    if completion == "mass":
+        value = P
+    elif completion == "unlikelihood":
+        value = lse - lse_c
+    else:
+        value = torch.relu(lse_m - lse - math.log(completion_floor))
     if not want_grad:
         return value, None
 
@@ -154,8 +173,12 @@ def completion_and_grad(s: torch.Tensor, ids: torch.Tensor, *, completion: str, 
         if completion == "mass":  # π_j·(1[j∈M] − P)
             pi = torch.exp(s - lse[:, None])
             dense = torch.where(in_m, pi * torch.exp(lse_c - lse)[:, None], -P[:, None] * pi)
-        else:  # π_j on M, −P·q_j off M
+        elif completion == "unlikelihood":  # π_j on M, −P·q_j off M
             dense = torch.where(in_m, torch.exp(s - lse[:, None]), -P[:, None] * torch.exp(s - lse_c[:, None]))
+        else:  # 1[c > 0]·(r_j·Q on M, −π_j off M), r = softmax over M
+            Q = torch.exp(lse_c - lse)
+            dense = torch.where(in_m, torch.exp(s - lse_m[:, None]) * Q[:, None], -torch.exp(s - lse[:, None]))
+            dense.mul_((value > 0).to(s.dtype)[:, None])
         g.add_(dense.mul_(scale * weight[:, None]))
 
     return value, add_softmax
@@ -187,7 +210,12 @@ def row_terms_and_grad(s, a, b, harmful, *, params, scale: float, want_grad: boo
     else:
         ids, risk = topk_ids.long(), risk.to(s.dtype)
     completion, add_completion_grad = completion_and_grad(
-        s, ids, completion=params.completion, l2_reg=params.l2_reg, want_grad=want_grad
+        s,
+        ids,
+        completion=params.completion,
+        l2_reg=params.l2_reg,
+        want_grad=want_grad,
+        completion_floor=params.completion_floor,
     )
     alpha = params.alpha_base * (1.0 + params.gamma * risk)
     weight = harmful.to(s.dtype) * alpha  # harmful_n·α_n

@@ -346,6 +346,7 @@ def bft_loss(
         completion_n = l2_reg·Σ_{v ∈ M} s_v²                        (completion="l2", Eq. 9; M = TopK(Δ, k))
                      = Σ_{v ∈ M} π_s(v)                            ("mass", π_s = softmax(s))
                      = −log(1 − Σ_{v ∈ M} π_s(v))                  ("unlikelihood")
+                     = max(0, log Σ_{v ∈ M} π_s(v) − log p_floor)  ("log_mass", p_floor = completion_floor)
         risk_n       = |{v : log_softmax(b)_v > log_softmax(a)_v}| / V
         α_n          = alpha_base·(1 + γ·risk_n)                   (no gradient)
         loss         = Σ_{n valid} (kl_weight·KL_n + harmful_n·α_n·completion_n) / max(1, #valid)

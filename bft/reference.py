@@ -15,6 +15,7 @@ Notation, per row n (one token position), with the three models' logits over a v
     completion_n = l2_reg·Σ_{v∈M_n} s_v²                               completion="l2": Eq. 9 (on the student)
                  = Σ_{v∈M_n} π_s(v)                                    completion="mass", π_s = softmax(s)
                  = −log(1 − Σ_{v∈M_n} π_s(v))                          completion="unlikelihood"
+                 = max(0, log Σ_{v∈M_n} π_s(v) − log p_floor)          completion="log_mass", p_floor = completion_floor
     risk_n = |{v : log_softmax(b)_v > log_softmax(a)_v}| / V           base-favored density (Eq. 6, 10)
     α_n = alpha_base·(1 + γ·risk_n)                                    adaptive strength (Eq. 11), a constant
     loss = Σ_{n valid} (kl_weight·KL_n + harmful_n·α_n·completion_n) / max(1, #valid)
@@ -39,6 +40,16 @@ With P = Σ_{v∈M} π_s(v) and Q = 1 − P = Σ_{v∉M} π_s(v), their gradient
 "unlikelihood" is computed as logsumexp(s) − logsumexp_{v∉M}(s), which is exact however close P is to 1; it is
 infinite when M is the whole vocabulary, so it needs k < V.
 
+Both gradients are proportional to P, so they vanish where the student already puts little mass on M (on a real
+model P ~ 1e-4, docs/loss.md#completion-terms). "log_mass" is the hinge c = max(0, log P − log p_floor), with
+log P = logsumexp_{v∈M}(s) − logsumexp(s) and p_floor = completion_floor (default 1e-6):
+
+    log_mass:      ∂/∂s_j = 1[c > 0]·(1[j∈M]·softmax(s_M)_j − π_s(j))  = 1[c > 0]·softmax(s_M)_j·Q on M,
+                                                                         −1[c > 0]·π_s(j) off M
+
+an O(1) gradient however small P is, until P falls below p_floor, where the term and its gradient are 0 (at exactly
+c = 0 the subgradient 0 is used). It is unchanged by a constant added to a row, like the other two softmax terms.
+
 Where M is chosen (:data:`SELECTION_RULES`). "vocab" ranks the whole vocabulary by Δ, as Algorithm 1 does; on a
 real pair that is mostly tokens neither model would sample. "base_topp" ranks only the tokens the base model finds
 plausible: with the base's tokens in descending π_b order (equal logits: lower id first),
@@ -55,12 +66,14 @@ same rule, so ``topk_ids`` is deterministic and comparable across backends.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from bft.kernels.params import (  # the settings every backend shares
     COMPLETION_TERMS,
+    DEFAULT_COMPLETION_FLOOR,
     DEFAULT_SELECTION_TOP_P,
     KL_DIRECTIONS,
     SELECTION_RULES,
@@ -212,7 +225,14 @@ class BFTRowTerms:
     row_loss: torch.Tensor  # [N] = kl_weight·kl + harmful·alpha·completion
 
 
-def completion_values(s: torch.Tensor, ids: torch.Tensor, *, completion: str = "l2", l2_reg: float = 1.0):
+def completion_values(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    completion: str = "l2",
+    l2_reg: float = 1.0,
+    completion_floor: float = DEFAULT_COMPLETION_FLOOR,
+):
     """The completion term of each row of wide [N, V] logits s on the ids ``ids`` [N, k] (M), differentiable in s.
 
     With M = the k ids of a row and softmax at temperature 1::
@@ -220,6 +240,8 @@ def completion_values(s: torch.Tensor, ids: torch.Tensor, *, completion: str = "
         "l2"            l2_reg·Σ_{v∈M} s_v²                  (Eq. 9 as written)
         "mass"          Σ_{v∈M} softmax(s)_v
         "unlikelihood"  −log(1 − Σ_{v∈M} softmax(s)_v) = logsumexp(s) − logsumexp_{v∉M}(s)   (needs k < V)
+        "log_mass"      max(0, logsumexp_{v∈M}(s) − logsumexp(s) − log completion_floor)
+                        (relu: the subgradient at exactly 0 is 0)
     """
     if completion == "l2":
         return l2_reg * torch.gather(s, -1, ids).square().sum(-1)
@@ -228,6 +250,9 @@ def completion_values(s: torch.Tensor, ids: torch.Tensor, *, completion: str = "
     if completion == "unlikelihood":
         rest = s.scatter(-1, ids, float("-inf"))  # s with M removed
         return torch.logsumexp(s, dim=-1) - torch.logsumexp(rest, dim=-1)
+    if completion == "log_mass":
+        log_p = torch.logsumexp(torch.gather(s, -1, ids), dim=-1) - torch.logsumexp(s, dim=-1)
+        return torch.relu(log_p - math.log(completion_floor))
     raise ValueError(f"completion must be one of {COMPLETION_TERMS}, got {completion!r}")
 
 
@@ -250,6 +275,7 @@ def bft_row_terms(
     completion: str = "l2",
     selection: str = "vocab",
     selection_top_p: float = DEFAULT_SELECTION_TOP_P,
+    completion_floor: float = DEFAULT_COMPLETION_FLOOR,
 ) -> BFTRowTerms:
     """The objective's per-row terms from full-vocabulary logits s, a, b of shape [N, V] (already wide dtype).
 
@@ -257,8 +283,8 @@ def bft_row_terms(
     ``topk_ids`` [N, k] and ``risk`` [N], when given (both or neither), are M_n and risk_n computed beforehand from
     the same a and b (a teacher cache); they replace the top-k of Δ and the count, and nothing else changes.
     ``kl_weight`` scales KL_n in ``row_loss`` only; ``kl`` is reported unweighted. ``completion`` names the
-    completion term (:func:`completion_values`); ``selection`` / ``selection_top_p`` where M is chosen
-    (:func:`select_base_favored`; not read when ``topk_ids`` is given).
+    completion term (:func:`completion_values`; ``completion_floor`` is "log_mass"'s p_floor); ``selection`` /
+    ``selection_top_p`` where M is chosen (:func:`select_base_favored`; not read when ``topk_ids`` is given).
     """
     tau = float(temperature)
     a = a.detach()
@@ -285,7 +311,7 @@ def bft_row_terms(
         ids = topk_ids.long()
         risk = risk.detach().to(s.dtype)
     alpha = (alpha_base * (1.0 + gamma * risk)).detach()
-    completion_n = completion_values(s, ids, completion=completion, l2_reg=l2_reg)
+    completion_n = completion_values(s, ids, completion=completion, l2_reg=l2_reg, completion_floor=completion_floor)
     row_loss = kl_weight * kl_n + harmful.to(s.dtype) * alpha * completion_n
     return BFTRowTerms(kl=kl_n, completion=completion_n, risk=risk, alpha=alpha, topk_ids=ids, row_loss=row_loss)
 

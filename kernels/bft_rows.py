@@ -25,9 +25,15 @@ lse(s) follow from it and the k kept values. α_n needs the count, so a pass 3 w
 the completion term's off M, −P·π_j ("mass") or −P·q_j ("unlikelihood", q = softmax over the complement), both
 times harmful_n·α_n; then the k lanes of M are overwritten with the KL gradient of the kept s plus π_j·Q ("mass")
 or π_j ("unlikelihood"), and s is restored at M. Without a gradient there is no pass 3.
+
+``COMPLETION`` 3 = "log_mass", c = max(0, log P − log p_floor) with log P = lse(s_M) − lse(s) (``log_floor`` =
+log p_floor), runs the same passes: its gradient is 1[c > 0]·(−π_j) off M (pass 3) and 1[c > 0]·softmax(s_M)_j·Q on
+M (= softmax(s_M)_j − π_j, without the cancellation), both times harmful_n·α_n; 0 at exactly c = 0.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -85,6 +91,7 @@ def _bft_rows_kernel(
     alpha_base,
     gamma,
     l2_reg,
+    log_floor,
     kl_weight,
     grad_scale,
     K: tl.constexpr,
@@ -237,12 +244,18 @@ def _bft_rows_kernel(
         Q = tl.exp(lse_c - lse)
         if COMPLETION == 1:  # "mass": P
             completion = P
-        else:  # "unlikelihood": −log Q
+        elif COMPLETION == 2:  # "unlikelihood": −log Q
             completion = lse - lse_c
+        else:  # "log_mass": max(0, log P − log p_floor); its gradient is on only where c > 0 (0 at c = 0)
+            completion = tl.maximum(lse_m - lse - log_floor, 0.0)
+            hinge = (completion > 0.0).to(tl.float32)
         if WRITE_GRAD:
             # pass 3: KL gradient plus the completion term's off M: −P·π_j ("mass"), −P·q_j ("unlikelihood", q the
-            # softmax over the complement); s = −inf on M, so those lanes get junk that the sparse store replaces
+            # softmax over the complement), −1[c > 0]·π_j ("log_mass"); s = −inf on M, so those lanes get junk that
+            # the sparse store replaces
             c_scale = grad_scale * weight
+            if COMPLETION == 3:
+                c_scale = c_scale * hinge
             for v0 in range(0, V, BV):
                 offs = v0 + tl.arange(0, BV)
                 mask = offs < V
@@ -253,18 +266,23 @@ def _bft_rows_kernel(
                 g = _kl_grad(s_kl, a, b, inv_tau, tau, lam, lse_s, lse_t, kl_raw, REVERSE) * kl_grad_scale
                 if COMPLETION == 1:
                     g = g - (c_scale * P) * tl.exp(s - lse)
-                else:
+                elif COMPLETION == 2:
                     g = g - (c_scale * P) * tl.exp(s - lse_c)
+                else:
+                    g = g - c_scale * tl.exp(s - lse)
                 tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
             tl.debug_barrier()  # pass 3's stores (and loads of the row) are done before M's lanes are rewritten
-            # on M: the KL gradient from the kept s, plus π_j·Q ("mass") or π_j ("unlikelihood")
+            # on M: the KL gradient from the kept s, plus π_j·Q ("mass"), π_j ("unlikelihood") or
+            # 1[c > 0]·softmax(s_M)_j·Q ("log_mass")
             a_top = tl.load(a_row + ids, mask=kmask, other=0.0)
             b_top = tl.load(b_row + ids, mask=kmask, other=0.0)
             g_top = _kl_grad(s_top, a_top, b_top, inv_tau, tau, lam, lse_s, lse_t, kl_raw, REVERSE) * kl_grad_scale
             if COMPLETION == 1:
                 g_top = g_top + c_scale * tl.exp(s_top - lse) * Q
-            else:
+            elif COMPLETION == 2:
                 g_top = g_top + c_scale * tl.exp(s_top - lse)
+            else:
+                g_top = g_top + c_scale * tl.exp(s_top - lse_m) * Q
             tl.store(g_row + ids, g_top.to(g_ptr.dtype.element_ty), mask=kmask)
         else:
             tl.debug_barrier()  # pass 2's loads of the row are done before M's lanes are restored
@@ -296,8 +314,8 @@ def bft_rows(S, A, B, G, harmful, *, params, grad_scale, topk_ids=None, risk=Non
     (any float dtype, [n, V]) unless G is None. Returns per-row kl, completion, count, risk, alpha, row_loss,
     topk_ids. ``params``: the objective's settings (:class:`bft.kernels.params.BFTLossParams`); ``kl_weight``
     scales KL_n in row_loss and its gradient, ``kl`` is returned unweighted. ``params.completion`` selects the
-    compiled completion term; the softmax terms ("mass", "unlikelihood") write −inf into S at M while the kernel
-    runs and restore it.
+    compiled completion term; the softmax terms ("mass", "unlikelihood", "log_mass") write −inf into S at M while
+    the kernel runs and restore it.
 
     ``topk_ids`` [n, top_k] (int32/int64, distinct ids per row) and ``risk`` [n] (fp32), given together: the
     kernel is compiled without the running top-k and the base-favored count (and without the log-sum-exps of a and
@@ -366,6 +384,7 @@ def _launch(S, A, B, G, harmful, out, params, grad_scale, topk_ids, risk):
         float(p.alpha_base),
         float(p.gamma),
         float(p.l2_reg),
+        math.log(p.completion_floor),
         float(p.kl_weight),
         float(grad_scale),
         K=p.top_k,

@@ -21,7 +21,10 @@ KL_DIRECTIONS = ("forward", "reverse")
 #:   "l2"            l2_reg·Σ_{v∈M} s_v²       Eq. 9 as written (pulls every s_v towards 0; the default)
 #:   "mass"          Σ_{v∈M} π(v)              lowers the student's probability on M; shift-invariant
 #:   "unlikelihood"  −log(1 − Σ_{v∈M} π(v))    the same, with a gradient that does not vanish as π(M) → 1
-COMPLETION_TERMS = ("l2", "mass", "unlikelihood")
+#:   "log_mass"      max(0, log Σ_{v∈M} π(v) − log completion_floor)
+#:                                             lowers log π(M) until π(M) < completion_floor, by an O(1) gradient
+#:                                             however small π(M) is (the other two vanish with it)
+COMPLETION_TERMS = ("l2", "mass", "unlikelihood", "log_mass")
 
 #: Where M is chosen (docs/loss.md#where-m-is-chosen), with π_b = softmax(b) the base model's distribution:
 #:   "vocab"      M = TopK(b − a, k) over the whole vocabulary (Algorithm 1 as written; the default)
@@ -37,6 +40,7 @@ DEFAULT_GAMMA = 1.0
 DEFAULT_L2_REG = 1e-4
 DEFAULT_KL_WEIGHT = 1.0
 DEFAULT_SELECTION_TOP_P = 0.9
+DEFAULT_COMPLETION_FLOOR = 1e-6
 
 
 def _real(x) -> bool:
@@ -60,6 +64,8 @@ class BFTLossParams:
     completion:     one of :data:`COMPLETION_TERMS` ("l2": Eq. 9 as written)
     selection:      where M is chosen, one of :data:`SELECTION_RULES` ("vocab": the whole vocabulary, as written)
     selection_top_p: p of selection="base_topp", in (0, 1] (read by that rule only)
+    completion_floor: p_floor of completion="log_mass", a probability in (0, 1) (read by that term only): the term
+                    is max(0, log π(M) − log p_floor), so it stops pushing once M's mass is below p_floor (1e-6)
     """
 
     top_k: int = DEFAULT_TOP_K
@@ -73,6 +79,7 @@ class BFTLossParams:
     completion: str = "l2"
     selection: str = "vocab"
     selection_top_p: float = DEFAULT_SELECTION_TOP_P
+    completion_floor: float = DEFAULT_COMPLETION_FLOOR
 
     def __post_init__(self):
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
@@ -100,6 +107,11 @@ class BFTLossParams:
             raise ValueError(f"selection must be one of {SELECTION_RULES}, got {self.selection!r}")
         if not (_real(self.selection_top_p) and 0 < self.selection_top_p <= 1):
             raise ValueError(f"selection_top_p must be in (0, 1], got {self.selection_top_p!r}")
+        if not (_real(self.completion_floor) and 0 < self.completion_floor < 1):
+            raise ValueError(
+                f"completion_floor must be a probability in (0, 1) (M's mass below which completion='log_mass' "
+                f"stops pushing), got {self.completion_floor!r}"
+            )
 
     def check_vocab(self, V: int) -> None:
         """The checks that need the vocabulary size V."""
@@ -117,10 +129,11 @@ class BFTLossParams:
 
     def teacher_cache_fields(self) -> dict:
         """The settings a frozen-teacher cache's contents depend on: it stores M and risk (which depends on no
-        setting), so top_k and the selection rule. The completion term, τ, λ, α, l2_reg, the KL direction and weight
-        are all applied to the cached ids at training time and may change under one cache. Under the default
-        selection ("vocab") the rule is left out, so a cache built before the rule existed stays valid; any other
-        rule adds ``selection`` and its parameter, so a cache built under one rule is refused under another."""
+        setting), so top_k and the selection rule. The completion term (and its floor), τ, λ, α, l2_reg, the KL
+        direction and weight are all applied to the cached ids at training time and may change under one cache.
+        Under the default selection ("vocab") the rule is left out, so a cache built before the rule existed stays
+        valid; any other rule adds ``selection`` and its parameter, so a cache built under one rule is refused under
+        another."""
         if self.selection == "vocab":
             return {"top_k": self.top_k}
         return {"top_k": self.top_k, "selection": self.selection, "selection_top_p": self.selection_top_p}

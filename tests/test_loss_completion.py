@@ -4,12 +4,17 @@
   top-k ids, ±1e3 logits against fp64 truth), and bf16 with CCE's criterion against fp64 truth;
 - the reference against the equations written out by hand in fp64, and its gradient against the closed forms of
   docs/loss.md;
-- properties: adding a constant to a row of student logits changes neither the loss nor the gradients of "mass" and
-  "unlikelihood" (it does change "l2"); a small step against the gradient lowers the student's probability mass on
-  M, also where every logit of M is very negative, where "l2" raises it instead.
+- properties: adding a constant to a row of student logits changes neither the loss nor the gradients of "mass",
+  "unlikelihood" and "log_mass" (it does change "l2"); a small step against the gradient lowers the student's
+  probability mass on M, also where every logit of M is very negative, where "l2" raises it instead;
+- "log_mass": its hinge is off (value and gradient 0) below completion_floor and at exactly it, and a plain step of
+  a fixed size lowers a tiny mass on M by a large factor where "mass"'s gradient, proportional to that mass, barely
+  moves it.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -30,12 +35,11 @@ def on(backend, *xs):
     return [x.to(device) for x in xs]
 
 
-def test_the_registry_names_three_terms_and_l2_stays_the_default():
-    assert bft.COMPLETION_TERMS == ("l2", "mass", "unlikelihood")
-    import inspect
-
-    assert inspect.signature(bft.bft_loss).parameters["completion"].default == "l2"
+def test_the_registry_names_four_terms_and_l2_stays_the_default():
+    assert bft.COMPLETION_TERMS == ("l2", "mass", "unlikelihood", "log_mass")
+    assert bft.loss.resolve_params(None, {}).completion == "l2"  # what bft_loss uses without completion=
     assert bft.loss.BFTLossParams().completion == "l2"
+    assert bft.loss.BFTLossParams().completion_floor == 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,26 +253,44 @@ def test_reference_matches_hand_written_equations(completion):
         top = sorted(range(50), key=lambda v: (-delta[v].item(), v))[:7]
         z = sum(torch.exp(s[n, v]).item() for v in range(50))
         mass = sum(torch.exp(s[n, v]).item() for v in top) / z
-        want = mass if completion == "mass" else -torch.log1p(torch.tensor(-mass, dtype=torch.float64)).item()
+        want = {
+            "mass": mass,
+            "unlikelihood": -torch.log1p(torch.tensor(-mass, dtype=torch.float64)).item(),
+            "log_mass": max(0.0, math.log(mass) - math.log(1e-6)),
+        }[completion]
         assert out["completion"][n].item() == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("completion", COMPLETION_TERMS)
 def test_reference_gradient_is_the_documented_closed_form(completion):
-    """∂/∂s_j: "l2" 2·l2_reg·s_j·1[j∈M]; "mass" π_j(1[j∈M] − P); "unlikelihood" π_j(1[j∈M] − P)/(1 − P)."""
+    """∂/∂s_j: "l2" 2·l2_reg·s_j·1[j∈M]; "mass" π_j(1[j∈M] − P); "unlikelihood" π_j(1[j∈M] − P)/(1 − P);
+    "log_mass" 1[P > p_floor]·(1[j∈M]·softmax(s_M)_j − π_j) (p_floor = 0.05 here: some rows are below it)."""
     from bft.reference import completion_values
 
     g = torch.Generator().manual_seed(3)
-    s = (3 * torch.randn(5, 40, generator=g, dtype=torch.float64)).requires_grad_(True)
-    ids = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(5)])
-    completion_values(s, ids, completion=completion, l2_reg=0.3).sum().backward()
+    s = (3 * torch.randn(8, 40, generator=g, dtype=torch.float64)).requires_grad_(True)
+    ids = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(8)])
+    completion_values(s, ids, completion=completion, l2_reg=0.3, completion_floor=0.05).sum().backward()
     x = s.detach()
     in_m = torch.zeros_like(x).scatter_(1, ids, 1.0)
     pi = torch.softmax(x, 1)
     P = (pi * in_m).sum(1, keepdim=True)
-    want = {"l2": 2 * 0.3 * x * in_m, "mass": pi * (in_m - P), "unlikelihood": pi * (in_m - P) / (1 - P)}
+    r = torch.softmax(x.masked_fill(in_m == 0, float("-inf")), 1)  # softmax over M
+    on = (P > 0.05).double()
+    assert 0 < on.sum() < 8  # the hinge is on in some rows and off in others
+    want = {
+        "l2": 2 * 0.3 * x * in_m,
+        "mass": pi * (in_m - P),
+        "unlikelihood": pi * (in_m - P) / (1 - P),
+        "log_mass": on * (r - pi),
+    }
     torch.testing.assert_close(s.grad, want[completion])
-    wrong = {"l2": pi * (in_m - P), "mass": 2 * 0.3 * x * in_m, "unlikelihood": pi * (in_m - P)}
+    wrong = {
+        "l2": pi * (in_m - P),
+        "mass": 2 * 0.3 * x * in_m,
+        "unlikelihood": pi * (in_m - P),
+        "log_mass": r - pi,  # without the hinge
+    }
     assert not torch.allclose(s.grad, wrong[completion])  # the closed forms are told apart
 
 
@@ -311,6 +333,7 @@ def test_a_constant_added_to_a_row_changes_nothing_but_l2(completion, backend):
         assert not any(same[:2])  # the comparison can fail: Σ s_v² moves with the row
     else:
         assert all(same)
+        assert (zero["completion"][valid] > 0).all()  # "log_mass": its hinge is on, the gradients are not 0
 
 
 def pull_case(rows_m: list[float], V=64, k=5, seed=0):
@@ -339,13 +362,14 @@ def mass_on(s, m):
 def test_a_small_step_against_the_gradient_moves_the_mass_on_m(completion, backend):
     """Row 0-1: every logit of M at about −30 (mass ~1e-13), the case Eq. 9's L2 gets backwards; row 2: random;
     row 3: M at +8 (most of the mass). Only the completion term acts (kl_weight = 0, every row harmful). A step of
-    0.1 against each row's gradient must lower the student's mass on M everywhere for "mass" and "unlikelihood";
-    "l2" raises the very negative logits of M, and with them the mass."""
+    0.1 against each row's gradient must lower the student's mass on M everywhere for the softmax terms
+    ("log_mass" with a floor of 1e-30, below every row's mass); "l2" raises the very negative logits of M, and with
+    them the mass."""
     levels = [-30.0, -30.0, None, 8.0]
     tensors, m = pull_case(levels, seed=4)
     N = len(levels)
     harmful, valid = torch.ones(N, dtype=torch.bool), torch.ones(N, dtype=torch.bool)
-    out = run(tensors, harmful, valid, backend, top_k=5, kl_weight=0.0, completion=completion)
+    out = run(tensors, harmful, valid, backend, top_k=5, kl_weight=0.0, completion=completion, completion_floor=1e-30)
     assert torch.equal(out["topk_ids"].sort(1).values, m.sort(1).values)  # M is the set the case built
     s, g = tensors[0].double(), out["dh"]
     step = s - 0.1 * g / g.norm(dim=1, keepdim=True)
@@ -372,10 +396,94 @@ def test_the_pull_test_can_fail(completion):
         top_k=5,
         kl_weight=0.0,
         completion=completion,
+        completion_floor=1e-30,
     )
     s, g = tensors[0].double(), out["dh"]
     ascent = s + 0.1 * g / g.norm(dim=1, keepdim=True)
     assert (mass_on(ascent, m) > mass_on(s, m)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "log_mass": a hinge at completion_floor, and a pull that does not vanish with M's mass
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_log_mass_is_off_below_the_floor(backend):
+    """Rows 0-1 hold ~1e-14 of their mass on M, below the default floor 1e-6: value 0 and gradient exactly 0 (only
+    the completion term acts); rows 2-3 are above it. With a floor of 1e-20 the same rows 0-1 are on again."""
+    tensors, m = pull_case([-30.0, -30.0, None, 8.0], seed=4)
+    mass = mass_on(tensors[0], m)
+    assert (mass[:2] < 1e-6).all() and (mass[2:] > 1e-6).all()
+    ones = torch.ones(4, dtype=torch.bool)
+    kw = {"top_k": 5, "kl_weight": 0.0, "completion": "log_mass"}
+    out = run(tensors, ones, ones, backend, **kw)
+    assert (out["completion"][:2] == 0).all() and (out["dh"][:2] == 0).all()
+    torch.testing.assert_close(out["completion"][2:], (mass[2:] / 1e-6).log(), rtol=1e-5, atol=1e-5)
+    assert (out["dh"][2:].abs().sum(1) > 1e-3).all()  # row 3 (P ≈ 1): the L1 norm is 2·Q·α/N, small but not 0
+    lower = run(tensors, ones, ones, backend, completion_floor=1e-20, **kw)
+    torch.testing.assert_close(lower["completion"], (mass / 1e-20).log(), rtol=1e-5, atol=1e-4)
+    assert (lower["dh"][:2].abs().sum(1) > 0.1).all()  # the check can fail: the hinge is what zeroes rows 0-1
+
+
+@pytest.mark.parametrize("backend", ["ref64", "reference", *FAST])
+def test_log_mass_at_exactly_the_floor_takes_the_subgradient_0(backend):
+    """Equal logits over V = 4 with M two of them: P = 1/2 exactly, so at p_floor = 1/2 log P − log p_floor is exactly
+    0 (checked in fp64) and the gradient is 0; just below (p_floor = 0.49) it is not."""
+    V = 4
+    s, a, b = torch.zeros(2, V), torch.zeros(2, V), torch.zeros(2, V)
+    b[:, :2] = 5.0  # M = {0, 1}
+    eye = torch.eye(V)
+    tensors = [s, eye, a, eye.clone(), b, eye.clone()]
+    assert torch.logsumexp(s[0, :2].double(), 0) - torch.logsumexp(s[0].double(), 0) - math.log(0.5) == 0
+    ones = torch.ones(2, dtype=torch.bool)
+    dtype = {"dtype": torch.float64} if backend == "ref64" else {}
+    kw = {"top_k": 2, "kl_weight": 0.0, "completion": "log_mass", **dtype}
+    at = run(tensors, ones, ones, backend, completion_floor=0.5, **kw)
+    assert (at["completion"] == 0).all() and (at["dh"] == 0).all() and (at["dw"] == 0).all()
+    below = run(tensors, ones, ones, backend, completion_floor=0.49, **kw)
+    torch.testing.assert_close(below["completion"], torch.full((2,), math.log(0.5 / 0.49), dtype=torch.float64))
+    assert (below["dh"].abs().amax(1) > 0.1).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_log_mass_pulls_a_tiny_mass_down_where_mass_barely_moves_it(backend):
+    """Every logit of M at about −10 (M holds ~1e-6 of each row's mass, above the floor 1e-12 set here): one plain
+    step s − lr·∂loss/∂s with lr = 1 lowers that mass by > 5% under "log_mass", whose gradient on M is
+    softmax(s_M)·Q ≈ 1/k per id; under "mass" and "unlikelihood", whose gradients are proportional to the mass, the
+    same step lowers it by less than 1e-4 of itself."""
+    tensors, m = pull_case([-10.0, -10.0, -10.0], seed=7)
+    before = mass_on(tensors[0], m)
+    assert (before > 1e-12).all() and (before < 1e-5).all()
+    ones = torch.ones(3, dtype=torch.bool)
+    ratio = {}
+    for completion in SOFTMAX_TERMS:
+        out = run(tensors, ones, ones, backend, top_k=5, kl_weight=0.0, completion=completion, completion_floor=1e-12)
+        ratio[completion] = mass_on(tensors[0].double() - out["dh"], m) / before
+    assert (ratio["log_mass"] < 0.95).all(), ratio
+    for completion in ("mass", "unlikelihood"):
+        assert (ratio[completion] < 1).all() and (ratio[completion] > 1 - 1e-4).all(), ratio
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_log_mass_with_m_the_whole_vocabulary_is_minus_log_floor_without_gradient(backend):
+    tensors, harmful, valid = make_case(4, 8, 40, seed=3, p_harmful=1.0)
+    out = run(tensors, harmful, valid, backend, top_k=40, completion="log_mass", completion_floor=1e-3)
+    kl_only = run(tensors, harmful, valid, "reference", top_k=40, alpha_base=0.0, completion="log_mass")
+    torch.testing.assert_close(
+        out["completion"][valid], torch.full((int(valid.sum()),), -math.log(1e-3), dtype=torch.float64)
+    )
+    for key in ("dh", "dw"):  # log P ≡ 0 has no gradient: only the KL's remains
+        torch.testing.assert_close(out[key], kl_only[key], rtol=2e-4, atol=2e-6)
+
+
+def test_completion_floor_is_validated_wherever_it_is_given():
+    tensors, _, _ = make_case(3, 4, 20, seed=1)
+    for floor in (0, 1, 1.5, -0.1, float("inf"), None):
+        with pytest.raises(ValueError, match="completion_floor must be a probability in"):
+            bft.bft_loss(*tensors, top_k=3, completion="log_mass", completion_floor=floor, backend="reference")
+    with pytest.raises(ValueError, match="completion_floor must be a probability in"):
+        bft.BFTLoss(completion_floor=0.0)
+    assert bft.BFTLoss(completion="log_mass", completion_floor=1e-9).params.completion_floor == 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,7 +533,7 @@ def test_fuzz_triton_backend(problem):
 def test_an_unknown_term_is_refused_naming_the_valid_ones():
     tensors, _, _ = make_case(3, 4, 20, seed=1)
     for backend in ("reference", "torch"):
-        with pytest.raises(ValueError, match=r"completion must be one of \('l2', 'mass', 'unlikelihood'\)"):
+        with pytest.raises(ValueError, match=r"completion must be one of \('l2', 'mass', 'unlikelihood', 'log_mass'\)"):
             bft.bft_loss(*tensors, top_k=3, completion="logit", backend=backend)
     with pytest.raises(ValueError, match="completion must be one of"):
         bft.BFTLoss(completion="L2")
@@ -455,7 +563,7 @@ def test_params_object_equals_the_keywords_and_refuses_both():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"completion": "l1"}, r"completion must be one of \('l2', 'mass', 'unlikelihood'\), got 'l1'"),
+        ({"completion": "l1"}, r"completion must be one of \('l2', 'mass', 'unlikelihood', 'log_mass'\), got 'l1'"),
         ({"kl": "both"}, r"kl must be one of \('forward', 'reverse'\)"),
         ({"top_k": 0}, "top_k must be >= 1, got 0"),
         ({"top_k": True}, "top_k must be an int"),
@@ -463,6 +571,12 @@ def test_params_object_equals_the_keywords_and_refuses_both():
         ({"teacher_lambda": float("nan")}, "teacher_lambda must be a finite number"),
         ({"l2_reg": -1e-4}, "l2_reg must be >= 0"),
         ({"kl_weight": float("nan")}, "kl_weight must be a finite number >= 0"),
+        ({"completion_floor": 0.0}, r"completion_floor must be a probability in \(0, 1\).*got 0.0"),
+        ({"completion_floor": 1.0}, r"completion_floor must be a probability in \(0, 1\).*got 1.0"),
+        ({"completion_floor": -1e-6}, "completion_floor must be a probability in"),
+        ({"completion_floor": float("nan")}, "completion_floor must be a probability in"),
+        ({"completion_floor": True}, "completion_floor must be a probability in"),
+        ({"completion_floor": "1e-6"}, "completion_floor must be a probability in"),
     ],
 )
 def test_params_are_validated_when_built(change, message):

@@ -18,6 +18,17 @@ def test_trainer_config_kl_weight_is_validated_and_forwarded():
             load_config("tiny-cpu", [f"loss.kl_weight={bad}"])
 
 
+def test_trainer_config_takes_the_log_mass_floor():
+    from bft.trainer.config import ConfigError, load_config
+    from bft.trainer.train import loss_module
+
+    assert load_config("tiny-cpu").loss.completion_floor == 1e-6
+    params = loss_module(load_config("tiny-cpu", ["loss.completion=log_mass", "loss.completion_floor=1e-9"])).params
+    assert (params.completion, params.completion_floor) == ("log_mass", 1e-9)
+    with pytest.raises(ConfigError, match=r"^loss.completion_floor must be a probability in \(0, 1\)"):
+        load_config("tiny-cpu", ["loss.completion_floor=0"])
+
+
 def test_trainer_config_and_the_command_line_set_the_rule(capsys):
     from bft.trainer.config import ConfigError, load_config
     from bft.trainer.train import loss_module
@@ -46,7 +57,9 @@ def test_trainer_config_sets_the_completion_term():
     objective = loss_module(config)
     assert objective.params == config.loss.params and objective.params.completion == "mass"
     assert objective.backend == config.loss.backend == "torch"
-    with pytest.raises(ConfigError, match=r"^loss.completion must be one of \('l2', 'mass', 'unlikelihood'\)"):
+    with pytest.raises(
+        ConfigError, match=r"^loss.completion must be one of \('l2', 'mass', 'unlikelihood', 'log_mass'\)"
+    ):
         load_config("tiny-cpu", ["loss.completion=l1"])
     with pytest.raises(ConfigError, match=r"^loss.backend must be one of"):
         load_config("tiny-cpu", ["loss.backend=cuda"])
@@ -57,7 +70,7 @@ def test_bft_train_with_an_unknown_term_is_one_line_and_status_2(capsys):
 
     assert console_main(["train", "tiny-cpu", "loss.completion=logits"]) == 2
     assert capsys.readouterr().err == (
-        "bft train: error: loss.completion must be one of ('l2', 'mass', 'unlikelihood'), got 'logits'\n"
+        "bft train: error: loss.completion must be one of ('l2', 'mass', 'unlikelihood', 'log_mass'), got 'logits'\n"
     )
 
 
