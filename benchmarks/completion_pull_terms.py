@@ -18,7 +18,7 @@ import json
 import time
 
 import torch
-from bft.kernels.params import COMPLETION_TERMS, SELECTION_RULES
+from bft.kernels.params import COMPLETION_TERMS, SELECTION_RULES, BFTLossParams
 
 import bft
 from bft.analysis import completion_pull
@@ -137,7 +137,8 @@ def main(argv=None):
         "rows": f"{len(rows)} harmful prompts x one response, teacher-forced (trained and measured on the same)",
         "training": f"full fine-tuning of a copy of the aligned model, Adam lr {args.lr}, {args.steps} steps, "
         f"kl_weight 0 (the completion term alone), alpha_base 1, gamma 1, l2_reg 1e-4, "
-        f"top_k {args.top_k}, selection_top_p 0.9, every row harmful",
+        f"top_k {args.top_k}, selection_top_p 0.9, completion_floor {BFTLossParams().completion_floor:g} "
+        f"(log_mass), every row harmful",
         "seconds": round(time.time() - started, 1),
     }
     report = {"setup": setup, "results": results}
