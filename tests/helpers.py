@@ -249,6 +249,9 @@ def tiny_reproduce_config(model_dir, out, **overrides):
         forms=["logprobs"],
         eval_seeds=1,
         long_k_prompts=None,
+        # the near-duplicate split embeds the whole prompt pool with MiniLM (about a minute on 2 cores); the tests of
+        # the split itself (tests/pipelines/test_reproduce.py, tests/eval/test_dedup.py) turn it on
+        dedup_threshold=None,
     )
     sizes.update(overrides)
     return ReproduceConfig(**sizes)

@@ -198,7 +198,7 @@ def cluster_wilson_interval(
     else:
         deff = float(max(len(g) for g in groups.values()))
     n_eff = n / deff
-    lo, hi = _wilson_real(p, n_eff, z)
+    lo, hi = wilson_interval_real(p, n_eff, z)
     return {
         "ci": [lo, hi],
         "rate": p,
@@ -210,7 +210,7 @@ def cluster_wilson_interval(
     }
 
 
-def _wilson_real(p: float, n: float, z: float = Z95) -> tuple[float, float]:
+def wilson_interval_real(p: float, n: float, z: float = Z95) -> tuple[float, float]:
     """The Wilson interval at a (possibly fractional) sample size ``n``."""
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom

@@ -1,20 +1,17 @@
-"""The frontier (issue 28 item 1: bft.pipelines.reproduce.frontier) on the tiny random Llama: checkpoints along the
+"""The frontier (bft.pipelines.reproduce.frontier) on the tiny random Llama: checkpoints along the
 budget for Qi's augmentation and the BFT student, their evaluation, the cache and the resume, the dominance rules on
 hand-made points, the plot and the table, and the validation of the frontier keys."""
 
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_reproduce_config as _tiny_config
 
 torch.set_num_threads(1)
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_reproduce import _tiny_config  # noqa: E402  (the tiny pipeline's sizes)
 
 FRONTIER = dict(
     bft_steps=4,
@@ -90,13 +87,13 @@ def test_checkpoints_exist_at_every_fraction_for_every_method_and_seed(frontier_
 
 def test_a_checkpoint_merged_in_memory_is_the_trainers_final_student(frontier_run):
     from bft.pipelines.reproduce.frontier import student_at_checkpoint
-    from bft.pipelines.reproduce.stages import _load
+    from bft.pipelines.reproduce.stages import load_pretrained
 
     cfg, out, _ = frontier_run
     train = out / "frontier/shallow/bft_eq9/seed0/train"
     settings = json.loads((train / "settings.json").read_text())
     merged, _ = student_at_checkpoint(settings, train / "checkpoints/step-00000004", cfg)
-    final, _ = _load(str(train / "final"), cfg)
+    final, _ = load_pretrained(str(train / "final"), cfg)
     ref = final.state_dict()
     for name, value in merged.state_dict().items():
         torch.testing.assert_close(value, ref[name], rtol=0, atol=1e-6)
@@ -136,9 +133,7 @@ def test_a_finished_frontier_is_reused(frontier_run):
 def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_checkpoints(
     frontier_run, tmp_path, monkeypatch
 ):
-    import bft.trainer.train as trainer
-
-    import bft.pipelines.refusal_sft as refusal_sft
+    import bft.pipelines.reproduce.frontier as frontier
 
     # in the fixture's own folder (a run folder cannot be moved: the teacher cache names its models' paths); the
     # test ends with the run complete again
@@ -155,7 +150,7 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
 
     # a second crash, in the resumed BFT run at step 3: its checkpoint 3 is written, no stage marker. Qi's run (it
     # comes first) is replayed and finished in this invocation
-    real_train, real_sft, calls = trainer.train, refusal_sft.refusal_finetune, []
+    real_train, real_sft, calls = frontier.train, frontier.refusal_finetune, []
 
     def crash_at_3(config, *, resume=False, callbacks=(), progress=True):
         def stop(step, metrics):
@@ -164,8 +159,8 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
 
         return real_train(config, resume=resume, callbacks=(*callbacks, stop), progress=progress)
 
-    monkeypatch.setattr(trainer, "train", crash_at_3)
-    monkeypatch.setattr(refusal_sft, "refusal_finetune", lambda *a, **k: calls.append(k["seed"]) or real_sft(*a, **k))
+    monkeypatch.setattr(frontier, "train", crash_at_3)
+    monkeypatch.setattr(frontier, "refusal_finetune", lambda *a, **k: calls.append(k["seed"]) or real_sft(*a, **k))
     logs = []
     with pytest.raises(KeyboardInterrupt):
         from bft.pipelines.reproduce import reproduce
@@ -180,7 +175,7 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
     assert not (bft_train / "stage.json").is_file()
     assert (bft_train / "checkpoints/step-00000003/state.json").is_file()
 
-    monkeypatch.setattr(trainer, "train", real_train)
+    monkeypatch.setattr(frontier, "train", real_train)
     again, logs = _stage_log(cfg)
     assert any("resuming from" in m and "step-00000003" in m for m in logs), logs
     running = sorted(m.split("]")[0][1:] for m in logs if m.endswith("running ..."))
@@ -206,7 +201,7 @@ def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_othe
     from bft.trainer.config import ConfigError, config_from_dict
 
     from bft.pipelines.reproduce.frontier import student_at_checkpoint
-    from bft.pipelines.reproduce.stages import _load
+    from bft.pipelines.reproduce.stages import load_pretrained
 
     cfg, out, summary = frontier_run
     train = out / "frontier/shallow/diagnostic_deep_teacher/seed0/train"
@@ -215,12 +210,12 @@ def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_othe
     assert settings["model"]["student"].endswith("models/aligned_r0")  # the shallow analog's model learns
     assert settings["teacher_cache"]["path"].endswith("teacher_cache/aligned_r0.5")
     merged, _ = student_at_checkpoint(settings, train / "checkpoints/step-00000004", cfg)
-    shallow, _ = _load(str(out / "models/aligned_r0"), cfg)
-    deep, _ = _load(str(out / "models/aligned_r0.5"), cfg)
+    shallow, _ = load_pretrained(str(out / "models/aligned_r0"), cfg)
+    deep, _ = load_pretrained(str(out / "models/aligned_r0.5"), cfg)
     embed = "model.embed_tokens.weight"  # LoRA leaves the embeddings alone: they are the starting model's
     assert torch.equal(merged.state_dict()[embed], shallow.state_dict()[embed])
     assert not torch.equal(merged.state_dict()[embed], deep.state_dict()[embed])
-    final, _ = _load(str(train / "final"), cfg)
+    final, _ = load_pretrained(str(train / "final"), cfg)
     for name, value in merged.state_dict().items():
         torch.testing.assert_close(value, final.state_dict()[name], rtol=0, atol=1e-6)
     res = summary["frontier"]["analogs"]["shallow"]

@@ -346,7 +346,7 @@ def test_the_sweep_takes_completion_terms_and_selection_rules_and_refuses_l2_reg
     with pytest.raises(
         ValueError,
         match=r"^sweep.completion: completion must be one of \('l2', 'mass', "
-        r"'unlikelihood'\), got 'l1'",
+        r"'unlikelihood', 'log_mass'\), got 'l1'",
     ):
         validate(ReproduceConfig(sweep={"completion": ["mass", "l1"]}))
     with pytest.raises(ValueError, match=r"^sweep.selection: selection must be one of \('vocab', 'base_topp'\)"):
@@ -377,7 +377,10 @@ def test_bft_reproduce_maps_the_default_sweep_and_refuses_an_unknown_term_in_one
     assert "l2_reg" in config_from_args(parser.parse_args(["--sweep"])).sweep
     assert console_main(["reproduce", "loss_overrides.completion=logits"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "completion must be one of ('l2', 'mass', 'unlikelihood'), got 'logits'" in err
+    assert (
+        err.count("\n") == 1
+        and "completion must be one of ('l2', 'mass', 'unlikelihood', 'log_mass'), got 'logits'" in err
+    )
 
 
 @pytest.mark.parametrize("completion", ["l2", "mass", "unlikelihood"])
@@ -445,3 +448,31 @@ def test_stop_after_sweep_scores_the_sweep_and_stops(tiny_model_dir, tmp_path, c
         validate(ReproduceConfig(stop_after="eval"))
     with pytest.raises(ValueError, match="stop_after: sweep needs a sweep"):
         validate(ReproduceConfig(stop_after="sweep"))
+
+
+def test_the_split_keeps_near_duplicate_clusters_whole(monkeypatch, tmp_path):
+    """With dedup_threshold set, train takes whole near-duplicate clusters and the held-out pool one prompt per
+    cluster (the clustering itself is tested in tests/eval/test_dedup.py; here a fake one pairs prompts 2i, 2i+1)."""
+    from bft.pipelines.reproduce import stages
+
+    seen = {}
+
+    def pairs(texts, threshold):
+        seen["threshold"] = threshold
+        return [int(t[1:]) // 2 for t in texts]
+
+    monkeypatch.setattr(stages, "near_duplicate_groups", pairs)
+    rows = [{"prompt": f"p{i}", "source": "s"} for i in range(40)]
+    cfg = _tiny_config("unused", tmp_path, n_train=6, n_val=3, n_test=3, dedup_threshold=0.85)
+    train, held_out = stages.split_prompts(rows, cfg)
+    assert seen["threshold"] == 0.85
+    cluster = {f"p{i}": i // 2 for i in range(40)}
+    train_clusters = {cluster[r["prompt"]] for r in train}
+    held_clusters = [cluster[r["prompt"]] for r in held_out]
+    assert len(train) == 6 and len(train_clusters) == 3  # whole pairs
+    assert not train_clusters & set(held_clusters)  # no cluster on both sides
+    assert len(held_clusters) == len(set(held_clusters)) == 17  # one prompt per remaining cluster
+    with pytest.raises(ValueError, match="near-duplicate clusters"):
+        stages.split_prompts(
+            rows, _tiny_config("unused", tmp_path, n_train=6, n_val=10, n_test=10, dedup_threshold=0.85)
+        )

@@ -44,7 +44,9 @@ from bft.pipelines.reproduce.config import (
     torch_device,
     validate,
 )
+from bft.pipelines.reproduce.frontier import run_frontier
 from bft.pipelines.reproduce.report import plot_kl_by_position, plot_sweep, render_report
+from bft.pipelines.reproduce.screening import screen_sweep
 from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.pipelines.reproduce.stages import (
     aligned_name,
@@ -81,7 +83,8 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     sweep = None
     if cfg.sweep:
         a = cfg.sweep_analog
-        sweep = stage_sweep(cfg, stages, data, aligned[a], aligned_name(shares[a]), log)
+        score_sweep = screen_sweep if cfg.sweep_score == "teacher_forced" else stage_sweep
+        sweep = score_sweep(cfg, stages, data, aligned[a], aligned_name(shares[a]), log)
     if cfg.stop_after == "sweep":  # the sweep's table is the result: no analysis, students or test evals
         summary = {
             "config": cfg.to_dict(),
@@ -134,6 +137,10 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         analogs[a] = build_summary(cfg, analysis, student_analysis, evals, analog=a, share=share, pull=pull)
         plot_kl_by_position(analogs[a], root / "plots" / f"kl_by_position_{a}.png")
 
+    frontier = None
+    if cfg.frontier:  # checkpoints along the training budget, every one evaluated
+        frontier = run_frontier(cfg, stages, data, aligned, {a: aligned_name(s) for a, s in shares.items()}, sweep, log)
+
     summary = {
         "config": cfg.to_dict(),
         "data": data["stats"],
@@ -142,6 +149,8 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         "analogs": analogs,
         "primary_judge": next(iter(analogs.values()))["primary_judge"],
     }
+    if frontier is not None:
+        summary["frontier"] = frontier
     environment = _environment(cfg, root, started)
     summary["environment"] = environment
     atomic_write_json(root / "summary.json", summary, indent=1)

@@ -20,6 +20,8 @@ __all__ = [
     "analog_share",
     "default_sweep",
     "loss_params",
+    "validate_frontier",
+    "FRONTIER_METHODS",
 ]
 
 #: ``bft reproduce --sweep``: the grid of BFT loss settings tried on the validation split. alpha_base × l2_reg spans
@@ -49,6 +51,15 @@ RECOVERY_TARGET = (0.35, 0.60, 0.475)
 #: the values of ReproduceConfig.stop_after: None runs every stage, "sweep" stops after the validation sweep
 STOP_AFTER = (None, "sweep")
 
+#: the methods a frontier can train: Qi et al.'s augmentation, BFT with Eq. 9 as written, BFT with the variant chosen
+#: on validation
+FRONTIER_METHODS = ("qi", "bft_eq9", "bft_chosen")
+
+#: the values of ReproduceConfig.sweep_score: how each sweep point is scored on validation. "generation": the
+#: sweep_k-token prefill attack under every judge (stages.stage_validation); "teacher_forced": judge-free teacher-forced
+#: measures on the screening split, no generation (bft.pipelines.reproduce.screening)
+SWEEP_SCORES = ("generation", "teacher_forced")
+
 #: the loss settings a sweep may vary (each value is checked as a bft.loss.BFTLossParams field); "completion" and
 #: "selection" take names (bft.COMPLETION_TERMS, bft.kernels.params.SELECTION_RULES)
 SWEEP_KEYS = (
@@ -62,6 +73,7 @@ SWEEP_KEYS = (
     "completion",
     "selection",
     "selection_top_p",
+    "completion_floor",
 )
 
 
@@ -82,6 +94,10 @@ class ReproduceConfig:
     n_benign_train: int = 32
     n_benign_val: int = 8
     n_benign_test: int = 16
+    # near-duplicate-free harmful splits (bft.eval.dedup): prompts whose all-MiniLM-L6-v2 cosine similarity is at
+    # least this are one cluster (single linkage); train takes whole clusters, validation and test one prompt per
+    # cluster. None: disjoint by exact text only (the splits of the committed results before it)
+    dedup_threshold: float | None = 0.85
     response_tokens: int = 32  # length of the base model's harmful responses / benign answers
     batch_size: int = 8  # the refusal SFT's batch, and every generation's unless eval_batch_size is set
     eval_batch_size: int | None = None  # rows per generation batch of the attacks and validation scoring (None:
@@ -125,6 +141,13 @@ class ReproduceConfig:
     sweep_analog: str = "shallow"
     sweep_steps: int | None = None
     sweep_max_ppl_increase: float = 0.10
+    # how the sweep points are scored (SWEEP_SCORES): "generation" (above), or "teacher_forced": screening without
+    # generation (the harmful likelihood after a sweep_k-token prefill, M's mass, benign perplexity as the guard;
+    # bft.pipelines.reproduce.screening) on screen_n_val harmful / screen_n_benign benign prompts (None: the validation
+    # split's n_val / n_benign_val; more are drawn past the data stage's splits in their own stage, screen_data)
+    sweep_score: str = "generation"
+    screen_n_val: int | None = None
+    screen_n_benign: int | None = None
     ablations: list = field(default_factory=lambda: list(ABLATIONS))
     # "sweep": stop once the sweep (and its ablations) is scored; no analysis, student, Qi row or test eval, and no
     # REPORT.md (summary.json holds the sweep). None runs every stage
@@ -150,6 +173,21 @@ class ReproduceConfig:
     gsm8k_limit: int = 0  # 0 skips GSM8K exact match (perplexity is always measured)
     gsm8k_tokens: int = 128
     embedding_model: str | None = None  # three-way judge embedding model; None = packaged all-MiniLM-L6-v2
+    # the frontier (bft.pipelines.reproduce.frontier): per analog, method and training seed one
+    # run over the whole budget keeping checkpoints at these fractions, each evaluated; False: none of it runs
+    frontier: bool = False
+    frontier_fractions: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
+    frontier_seeds: list = field(default_factory=lambda: [0, 1])  # training seeds (all at the full budget)
+    frontier_curve_seeds: int = 1  # the first N training seeds whose intermediate checkpoints are evaluated
+    frontier_methods: list = field(default_factory=lambda: ["qi", "bft_eq9", "bft_chosen"])
+    frontier_variant: dict = field(default_factory=dict)  # bft_chosen's loss settings when no sweep ran
+    frontier_analogs: list | None = None  # None: every analog
+    frontier_ks: list = field(default_factory=lambda: [4, 20])  # sweep_k and a longer k
+    frontier_test_prompts: int | None = None  # test prompts of the headline (full-budget) points; None: all
+    frontier_prompts: int = 64  # test prompts of the intermediate checkpoints (one sampling seed)
+    frontier_eval_seeds: int = 3  # sampling seeds of the headline points at k = sweep_k
+    frontier_overrefusal_limit: int | None = None  # benign over-refusal prompts, when the runner has the measure
+    frontier_diagnostic: list | None = None  # [student analog, teacher analog], e.g. [shallow, deep]: one more run
     quick: bool = False
 
     def to_dict(self) -> dict:
@@ -234,6 +272,12 @@ def validate(cfg: ReproduceConfig) -> None:
     ):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.dedup_threshold is not None and (
+        isinstance(cfg.dedup_threshold, bool)
+        or not isinstance(cfg.dedup_threshold, (int, float))
+        or not 0.0 < cfg.dedup_threshold <= 1.0
+    ):
+        raise ValueError(f"dedup_threshold must be a cosine similarity in (0, 1] or null, got {cfg.dedup_threshold!r}")
     if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
         raise ValueError(f"eval_batch_size must be >= 1 (or null: batch_size), got {cfg.eval_batch_size}")
     if not any(k != 0 for k in cfg.prefill_ks):
@@ -278,6 +322,11 @@ def validate(cfg: ReproduceConfig) -> None:
         unknown = [a for a in cfg.ablations if a not in ABLATIONS]
         if unknown:
             raise ValueError(f"unknown ablations {unknown}; choose from {list(ABLATIONS)}")
+    if cfg.sweep_score not in SWEEP_SCORES:
+        raise ValueError(f"sweep_score must be one of {list(SWEEP_SCORES)}, got {cfg.sweep_score!r}")
+    for name in ("screen_n_val", "screen_n_benign"):
+        if getattr(cfg, name) is not None and (isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < 1):
+            raise ValueError(f"{name} must be >= 1 (or null: the validation split's size), got {getattr(cfg, name)!r}")
     if cfg.stop_after not in STOP_AFTER:
         raise ValueError(f"stop_after must be one of {list(STOP_AFTER)}, got {cfg.stop_after!r}")
     if cfg.stop_after == "sweep" and not cfg.sweep:
@@ -292,6 +341,81 @@ def validate(cfg: ReproduceConfig) -> None:
         check_form(form)
     if not 0.0 <= cfg.harmful_ratio <= 1.0:
         raise ValueError(f"harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
+    if cfg.frontier:
+        validate_frontier(cfg)
+
+
+def validate_frontier(cfg: ReproduceConfig) -> None:
+    """The frontier keys of ``cfg``; a bad value is a ValueError naming its key. Called by
+    :func:`validate` (and by :func:`bft.pipelines.reproduce.frontier.run_frontier`)."""
+    fr = cfg.frontier_fractions
+    if not isinstance(fr, list) or not fr:
+        raise ValueError(f"frontier_fractions must be a non-empty list of fractions in (0, 1], got {fr!r}")
+    for f in fr:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"frontier_fractions must hold fractions in (0, 1], got {f!r}")
+    if 1.0 not in [float(f) for f in fr]:
+        raise ValueError(f"frontier_fractions must include 1.0 (the full budget: the headline points), got {fr}")
+    seeds = cfg.frontier_seeds
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise ValueError(f"frontier_seeds must be a non-empty list of integer training seeds, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"frontier_seeds must not repeat a seed, got {seeds}")
+    for name in ("frontier_prompts", "frontier_eval_seeds", "frontier_curve_seeds"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if cfg.frontier_test_prompts is not None and (
+        isinstance(cfg.frontier_test_prompts, bool)
+        or not isinstance(cfg.frontier_test_prompts, int)
+        or cfg.frontier_test_prompts < 1
+    ):
+        raise ValueError(f"frontier_test_prompts must be >= 1 or null (all), got {cfg.frontier_test_prompts!r}")
+    ks = cfg.frontier_ks
+    if not isinstance(ks, list) or cfg.sweep_k not in ks:
+        raise ValueError(f"frontier_ks must be a list holding sweep_k = {cfg.sweep_k} (and a longer k), got {ks!r}")
+    for k in ks:
+        if k != "full" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"frontier_ks holds prefill lengths >= 1 or 'full', got {k!r}")
+    methods = cfg.frontier_methods
+    if not isinstance(methods, list) or not methods or any(m not in FRONTIER_METHODS for m in methods):
+        raise ValueError(f"frontier_methods must be a non-empty list from {list(FRONTIER_METHODS)}, got {methods!r}")
+    if cfg.frontier_analogs is not None:
+        unknown = [a for a in cfg.frontier_analogs if a not in cfg.analogs]
+        if not isinstance(cfg.frontier_analogs, list) or not cfg.frontier_analogs or unknown:
+            raise ValueError(f"frontier_analogs must name analogs of {list(cfg.analogs)} (or be null), got {unknown}")
+    diag = cfg.frontier_diagnostic
+    if diag is not None:
+        frontier_analogs = cfg.frontier_analogs or list(cfg.analogs)
+        if (
+            not isinstance(diag, list)
+            or len(diag) != 2
+            or diag[0] == diag[1]
+            or any(a not in cfg.analogs for a in diag)
+            or diag[0] not in frontier_analogs
+        ):
+            raise ValueError(
+                "frontier_diagnostic must be [student analog, teacher analog]: two different analogs, the first one "
+                f"of the frontier's analogs (e.g. [shallow, deep]), got {diag!r}"
+            )
+        if not any(m.startswith("bft") for m in cfg.frontier_methods):
+            raise ValueError("frontier_diagnostic trains the frontier's BFT method: frontier_methods needs one")
+    if not isinstance(cfg.frontier_variant, dict):
+        raise ValueError(f"frontier_variant must be a mapping of loss settings, got {cfg.frontier_variant!r}")
+    try:
+        loss_params({**cfg.loss_overrides, **cfg.frontier_variant})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"frontier_variant: {e}") from None
+    if cfg.frontier_overrefusal_limit is not None and (
+        isinstance(cfg.frontier_overrefusal_limit, bool)
+        or not isinstance(cfg.frontier_overrefusal_limit, int)
+        or cfg.frontier_overrefusal_limit < 1
+    ):
+        raise ValueError(f"frontier_overrefusal_limit must be >= 1 or null, got {cfg.frontier_overrefusal_limit!r}")
 
 
 def loss_params(loss: dict):

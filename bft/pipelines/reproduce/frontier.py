@@ -1,4 +1,4 @@
-"""Curves, not points (issue 28, item 1): attack success against utility along each method's training budget.
+"""Curves, not points: attack success against utility along each method's training budget.
 
 Per analog, per method and per training seed, **one** training run keeps the model at fractions of the budget
 (``frontier_fractions``); every kept checkpoint is evaluated; the points form one curve per method, and the summary
@@ -70,11 +70,28 @@ import shutil
 from pathlib import Path
 
 from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from bft.pipelines.reproduce.config import ReproduceConfig, loss_params
+from bft.eval.generation import System
+from bft.eval.likelihood import continuation_logprobs
+from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
+from bft.pipelines.refusal_sft import refusal_finetune
+from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
 from bft.pipelines.reproduce.stage_cache import StageCache
+from bft.pipelines.reproduce.stages import (
+    bft_steps,
+    bft_train_config,
+    eval_batch_size,
+    eval_settings,
+    generation_settings,
+    load_pretrained,
+    save_model,
+    saved_bft_settings,
+)
+from bft.trainer import checkpoint as ckpt
+from bft.trainer.config import config_from_dict
+from bft.trainer.modeling import add_lora
+from bft.trainer.train import train
 
 __all__ = [
-    "FRONTIER_METHODS",
     "budget_steps",
     "checkpoint_steps",
     "cluster_interval",
@@ -85,13 +102,9 @@ __all__ = [
     "stage_frontier_bft",
     "stage_frontier_qi",
     "student_at_checkpoint",
-    "validate_frontier",
     "weights_fingerprint",
 ]
 
-#: the methods a frontier can train: Qi et al.'s augmentation, BFT with Eq. 9 as written, BFT with the variant chosen
-#: on validation
-FRONTIER_METHODS = ("qi", "bft_eq9", "bft_chosen")
 #: Eq. 9 as written: the L2 completion term over M = TopK(b − a) of the whole vocabulary
 EQ9 = {"completion": "l2", "selection": "vocab"}
 #: the utility measures of the dominance computation (lower is better for both)
@@ -99,79 +112,6 @@ UTILITIES = ("perplexity", "overrefusal")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-
-
-def validate_frontier(cfg: ReproduceConfig) -> None:
-    """The frontier keys of ``cfg``; a bad value is a ValueError naming its key. Called by
-    :func:`bft.pipelines.reproduce.config.validate` (and by :func:`run_frontier`)."""
-    fr = cfg.frontier_fractions
-    if not isinstance(fr, list) or not fr:
-        raise ValueError(f"frontier_fractions must be a non-empty list of fractions in (0, 1], got {fr!r}")
-    for f in fr:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-            raise ValueError(f"frontier_fractions must hold fractions in (0, 1], got {f!r}")
-    if 1.0 not in [float(f) for f in fr]:
-        raise ValueError(f"frontier_fractions must include 1.0 (the full budget: the headline points), got {fr}")
-    seeds = cfg.frontier_seeds
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise ValueError(f"frontier_seeds must be a non-empty list of integer training seeds, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"frontier_seeds must not repeat a seed, got {seeds}")
-    for name in ("frontier_prompts", "frontier_eval_seeds", "frontier_curve_seeds"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if cfg.frontier_test_prompts is not None and (
-        isinstance(cfg.frontier_test_prompts, bool)
-        or not isinstance(cfg.frontier_test_prompts, int)
-        or cfg.frontier_test_prompts < 1
-    ):
-        raise ValueError(f"frontier_test_prompts must be >= 1 or null (all), got {cfg.frontier_test_prompts!r}")
-    ks = cfg.frontier_ks
-    if not isinstance(ks, list) or cfg.sweep_k not in ks:
-        raise ValueError(f"frontier_ks must be a list holding sweep_k = {cfg.sweep_k} (and a longer k), got {ks!r}")
-    for k in ks:
-        if k != "full" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"frontier_ks holds prefill lengths >= 1 or 'full', got {k!r}")
-    methods = cfg.frontier_methods
-    if not isinstance(methods, list) or not methods or any(m not in FRONTIER_METHODS for m in methods):
-        raise ValueError(f"frontier_methods must be a non-empty list from {list(FRONTIER_METHODS)}, got {methods!r}")
-    if cfg.frontier_analogs is not None:
-        unknown = [a for a in cfg.frontier_analogs if a not in cfg.analogs]
-        if not isinstance(cfg.frontier_analogs, list) or not cfg.frontier_analogs or unknown:
-            raise ValueError(f"frontier_analogs must name analogs of {list(cfg.analogs)} (or be null), got {unknown}")
-    diag = cfg.frontier_diagnostic
-    if diag is not None:
-        frontier_analogs = cfg.frontier_analogs or list(cfg.analogs)
-        if (
-            not isinstance(diag, list)
-            or len(diag) != 2
-            or diag[0] == diag[1]
-            or any(a not in cfg.analogs for a in diag)
-            or diag[0] not in frontier_analogs
-        ):
-            raise ValueError(
-                "frontier_diagnostic must be [student analog, teacher analog]: two different analogs, the first one "
-                f"of the frontier's analogs (e.g. [shallow, deep]), got {diag!r}"
-            )
-        if not any(m.startswith("bft") for m in cfg.frontier_methods):
-            raise ValueError("frontier_diagnostic trains the frontier's BFT method: frontier_methods needs one")
-    if not isinstance(cfg.frontier_variant, dict):
-        raise ValueError(f"frontier_variant must be a mapping of loss settings, got {cfg.frontier_variant!r}")
-    try:
-        loss_params({**cfg.loss_overrides, **cfg.frontier_variant})
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"frontier_variant: {e}") from None
-    if cfg.frontier_overrefusal_limit is not None and (
-        isinstance(cfg.frontier_overrefusal_limit, bool)
-        or not isinstance(cfg.frontier_overrefusal_limit, int)
-        or cfg.frontier_overrefusal_limit < 1
-    ):
-        raise ValueError(f"frontier_overrefusal_limit must be >= 1 or null, got {cfg.frontier_overrefusal_limit!r}")
 
 
 def checkpoint_steps(fractions, total: int) -> list[int]:
@@ -183,7 +123,6 @@ def checkpoint_steps(fractions, total: int) -> list[int]:
 def budget_steps(cfg: ReproduceConfig, data: dict, method: str) -> int:
     """The training budget of every frontier method: the student's steps (``bft_steps`` or ``bft_epochs``), Qi's
     augmentation included (the paper's equal budget; ``qi_steps`` sizes only the main pipeline's Qi row)."""
-    from bft.pipelines.reproduce.stages import bft_steps
 
     return bft_steps(cfg, data)
 
@@ -214,8 +153,6 @@ def stage_frontier_qi(
 ) -> dict:
     """Qi et al.'s augmentation for the whole budget, keeping the full model at every fraction. Returns
     ``{step: model folder}``."""
-    from bft.pipelines.refusal_sft import refusal_finetune
-    from bft.pipelines.reproduce.stages import _load, _save_model
 
     name = f"frontier/{analog}/qi/seed{seed}/train"
     total = budget_steps(cfg, data, "qi")
@@ -242,14 +179,14 @@ def stage_frontier_qi(
             shutil.rmtree(models)  # another run's checkpoints; only an interrupted identical run keeps its own
         with stages.computing(name, settings) as d:
             atomic_write_json(d / "settings.json", settings, indent=1)
-            aligned, tok = _load(aligned_dir, cfg)
+            aligned, tok = load_pretrained(aligned_dir, cfg)
             have = [s for s in keep if Path(out[s]).is_dir()]
             if have:
                 log(f"[{name}] replaying the deterministic run; keeping the checkpoints at steps {have}")
 
             def save(step, model):
                 if step in keep and not Path(out[step]).is_dir():
-                    _save_model(model, tok, Path(out[step]))
+                    save_model(model, tok, Path(out[step]))
 
             # the stage's own seed convention: stage_qi trains with cfg.seed + 1, so training seed s uses s + 1
             _, losses = refusal_finetune(
@@ -289,10 +226,6 @@ def stage_frontier_bft(
     checkpoint at every fraction (``train.save_at_steps``). ``student``: (model folder, its stage) when the student
     starts from another model than the aligned teacher (the diagnostic; ``model.student`` of the trainer, which
     reads the teachers from the cache). Returns ``{step: checkpoint folder}``."""
-    from bft.pipelines.reproduce.stages import _saved_bft_settings, bft_train_config
-    from bft.trainer import checkpoint as ckpt
-    from bft.trainer.config import config_from_dict
-    from bft.trainer.train import train
 
     name = f"frontier/{analog}/{method}/seed{seed}/train"
     d = stages.dir(name)
@@ -321,7 +254,7 @@ def stage_frontier_bft(
         if upstream and cache_dir.exists() and cache_dir not in stages.fresh_caches:
             shutil.rmtree(cache_dir)  # built from the old models
         stages.fresh_caches.add(cache_dir)
-        if d.exists() and (upstream or stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))):
+        if d.exists() and (upstream or stages.comparable(settings) != stages.comparable(saved_bft_settings(d))):
             shutil.rmtree(d)  # another run's checkpoints; only an interrupted identical run resumes
         with stages.computing(name, settings, keep=True) as d:
             atomic_write_json(d / "settings.json", settings, indent=1)
@@ -337,12 +270,8 @@ def student_at_checkpoint(settings: dict, checkpoint: str | Path, cfg: Reproduce
     as a dict) with the checkpoint's LoRA adapters (``trainable.pt``) loaded and merged. Returns (model, tokenizer)."""
     import torch
 
-    from bft.pipelines.reproduce.stages import _load
-    from bft.trainer.config import config_from_dict
-    from bft.trainer.modeling import add_lora
-
     config = config_from_dict(settings)
-    model, tok = _load(config.model.student or config.model.aligned, cfg)  # the diagnostic starts elsewhere
+    model, tok = load_pretrained(config.model.student or config.model.aligned, cfg)  # the diagnostic starts elsewhere
     peft_model = add_lora(model, config)
     state = torch.load(Path(checkpoint) / "trainable.pt", map_location="cpu", weights_only=True)
     params = dict(peft_model.named_parameters())
@@ -387,7 +316,6 @@ def _overrefusal_options(cfg: ReproduceConfig) -> dict:
     """THE ONE PLACE where over-refusal is switched on: the EvalConfig keyword of the over-refusal measure (being
     added to :class:`bft.eval.runner.EvalConfig` as ``overrefusal_limit``) when that field exists, else nothing.
     :func:`_overrefusal_of` reads its result back; adjust both together if the measure lands under another name."""
-    from bft.eval.runner import EvalConfig
 
     names = {f.name for f in dataclasses.fields(EvalConfig)}
     if cfg.frontier_overrefusal_limit is None or "overrefusal_limit" not in names:
@@ -417,7 +345,6 @@ def _eval_points(cfg: ReproduceConfig, headline: bool) -> tuple[int | None, int]
 
 def _per_prompt_logprobs(model, tok, rows: list[dict], batch_size: int) -> list[dict]:
     """Teacher-forced (sum of log-probs, tokens) of each row's response after its prompt."""
-    from bft.eval.likelihood import continuation_logprobs
 
     rows = [r for r in rows if (r.get("response") or "").strip()]
     lps = continuation_logprobs(
@@ -444,13 +371,10 @@ def stage_frontier_eval(
     stage's settings). ``judges``: a dict the judges are built into once and reused by every evaluation (loading
     the harm judge and the embedding model per checkpoint would cost more than the small evaluations). Returns the
     stored records and measures (the input of :func:`point_measures`)."""
-    from bft.eval.generation import System
-    from bft.eval.runner import EvalConfig, load_results, run_eval
-    from bft.pipelines.reproduce.stages import _eval_batch, _eval_settings, _generation
 
     n_prompts, n_seeds = _eval_points(cfg, headline)
     settings = {
-        **_eval_settings(cfg),
+        **eval_settings(cfg),
         "model": model_id,
         "frontier_ks": cfg.frontier_ks,
         "prompts": n_prompts,
@@ -467,12 +391,10 @@ def stage_frontier_eval(
             system = System("model", model, tok)
             judges = {} if judges is None else judges
             if not judges:
-                from bft.eval.runner import build_judges, make_threeway
-
                 judges["judges"] = build_judges(list(cfg.judges))
                 judges["threeway"] = make_threeway(EvalConfig(embedding_model=cfg.embedding_model), [])
             shared = {"judges": judges["judges"], "threeway": judges["threeway"]}
-            gen = _generation(cfg)
+            gen = generation_settings(cfg)
             common = dict(
                 limit=None,
                 seed=cfg.seed,
@@ -503,8 +425,8 @@ def stage_frontier_eval(
                     **shared,
                 )
             measures = {
-                "likelihood": _per_prompt_logprobs(model, tok, rows, _eval_batch(cfg)),
-                "benign": _per_prompt_logprobs(model, tok, data["benign_test"], _eval_batch(cfg)),
+                "likelihood": _per_prompt_logprobs(model, tok, rows, eval_batch_size(cfg)),
+                "benign": _per_prompt_logprobs(model, tok, data["benign_test"], eval_batch_size(cfg)),
             }
             atomic_write_json(d / "measures.json", measures, indent=1)
             del model
@@ -669,7 +591,6 @@ def run_frontier(
     """Every frontier stage of every analog (``frontier_analogs``, default all); writes ``frontier/summary.json``
     and ``plots/frontier_<analog>.png``. ``aligned``: analog -> aligned model folder; ``aligned_stages``: analog ->
     its stage name. Returns the frontier summary (the run summary's ``frontier`` key)."""
-    from bft.pipelines.reproduce.stages import _load
 
     validate_frontier(cfg)
     losses = method_losses(cfg, sweep)
@@ -708,7 +629,7 @@ def run_frontier(
             data,
             f"frontier/{analog}/aligned/eval",
             {"aligned": aligned[analog]},
-            lambda a=analog: _load(aligned[a], cfg),
+            lambda a=analog: load_pretrained(aligned[a], cfg),
             True,
             log,
             after=after,
@@ -743,7 +664,7 @@ def run_frontier(
                     settings = train_settings.get(seed)
 
                     def load(path=path, settings=settings, qi=method == "qi"):
-                        return _load(path, cfg) if qi else student_at_checkpoint(settings, path, cfg)
+                        return load_pretrained(path, cfg) if qi else student_at_checkpoint(settings, path, cfg)
 
                     evals[(seed, step)] = stage_frontier_eval(
                         cfg,

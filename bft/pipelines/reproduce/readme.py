@@ -3,10 +3,8 @@
 Every number, verdict and reading in the section ("within noise", "reverses teacher-forced") is computed here from
 the summaries, so the prose cannot disagree with the tables. The section sits between :data:`BEGIN` and :data:`END`
 in ``README.md``; ``python -m bft.pipelines.reproduce.readme`` (or ``bft reproduce --render-readme``) rewrites it,
-``--check`` exits 1 when the committed section differs from what the summaries give.
-
-:func:`frontier_section` is the hook for the ASR-against-utility curves (a ``frontier`` key of a summary); it
-renders nothing until that key exists.
+``--check`` exits 1 when the committed section differs from what the summaries give. A run with a ``frontier`` key
+adds its ASR-against-utility curves (:func:`frontier_section`).
 """
 
 from __future__ import annotations
@@ -17,7 +15,8 @@ import sys
 from pathlib import Path
 
 from bft.eval.stats import MIN_EVENTS
-from bft.pipelines.reproduce.report import _calibration_table, _sweep_table, mechanism_cells
+from bft.pipelines.reproduce.frontier import render_frontier
+from bft.pipelines.reproduce.report import calibration_table, mechanism_cells, sweep_table
 from bft.pipelines.reproduce.summary import PAPER_EFFECT
 
 __all__ = ["BEGIN", "END", "RUNS", "frontier_section", "render_results", "replace_section", "main"]
@@ -232,11 +231,11 @@ def _judge_note(analog: dict, k: str) -> list[str]:
 
 
 def frontier_section(summary: dict, folder: str) -> list[str]:
-    """Hook: the ASR-against-utility curves of a run (its summary's ``frontier`` key: points per method and
-    checkpoint, which no other method's point dominates, intervals), with the headline of whether any BFT variant
-    reaches a point Qi's curve does not dominate. Not built yet: renders nothing (issue 28, item 1, fills it in
-    from ``summary["frontier"]``; ``folder`` is the run's folder, for links to its plots)."""
-    return []
+    """The ASR-against-utility curves of a run (its summary's ``frontier`` key: the points per method and checkpoint,
+    which of them no other method's point dominates, with intervals; :func:`bft.pipelines.reproduce.frontier.render_frontier`),
+    nothing when the run has none. ``folder`` is the run's folder, for the links to its plots."""
+    text = render_frontier(summary["frontier"], folder) if "frontier" in summary else ""
+    return text.splitlines() if text else []
 
 
 def _run_section(root: Path, folder: str, title: str, command: str, notes: str) -> list[str]:
@@ -256,10 +255,10 @@ def _run_section(root: Path, folder: str, title: str, command: str, notes: str) 
         f"{cfg['eval_tokens']} new tokens; students trained for {budget}. {notes}",
         "",
     ]
-    cal = _calibration_table(summary)
+    cal = calibration_table(summary)
     if cal:
         lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in cal]
-    sweep = _sweep_table(summary)
+    sweep = sweep_table(summary)
     if sweep:
         lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in sweep]
     for name, analog in summary["analogs"].items():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bft.atomic import atomic_save_figure
 from bft.eval.stats import MIN_EVENTS, wilson_interval
+from bft.pipelines.reproduce.screening import screen_table
 
 __all__ = ["render_report", "plot_kl_by_position", "plot_sweep"]
 
@@ -102,7 +103,7 @@ def _header(summary: dict, environment: dict) -> list[str]:
     ]
 
 
-def _calibration_table(summary: dict) -> list[str]:
+def calibration_table(summary: dict) -> list[str]:
     cal = summary.get("calibration")
     if not cal:
         return []
@@ -133,10 +134,12 @@ def _point_label(overrides: dict) -> str:
     )
 
 
-def _sweep_table(summary: dict) -> list[str]:
+def sweep_table(summary: dict) -> list[str]:
     sw = summary.get("sweep")
     if not sw:
         return []
+    if sw.get("score") == "teacher_forced":  # screened without generation: its own measures and rule
+        return ["## Sweep of the BFT loss (validation split, screened without generation)", "", *screen_table(sw), ""]
     primary = sw["primary_judge"]
     lines = [
         "## Sweep of the BFT loss (validation split)",
@@ -465,8 +468,8 @@ def _analog_section(name: str, analog: dict, cfg: dict) -> list[str]:
 
 
 def render_report(summary: dict, environment: dict) -> str:
-    lines = _header(summary, environment) + _verdict_overview(summary) + _calibration_table(summary)
-    lines += _sweep_table(summary)
+    lines = _header(summary, environment) + _verdict_overview(summary) + calibration_table(summary)
+    lines += sweep_table(summary)
     for name, analog in summary["analogs"].items():
         lines += _analog_section(name, analog, summary["config"])
     sweep_plot = "`plots/sweep.png`, " if summary.get("sweep") else ""
@@ -479,6 +482,35 @@ def render_report(summary: dict, environment: dict) -> str:
     return "\n".join(lines)
 
 
+def _plot_screened_sweep(sweep: dict, path: Path, plt) -> None:
+    """A screened sweep: each point's harmful likelihood after the prefill (the selection measure, lower is safer)
+    against its benign perplexity, the aligned model, the perplexity limit and the chosen point marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ref = sweep["aligned"]
+    ax.scatter([ref["perplexity"]], [ref["harmful_loglik"]], marker="s", color="black", label="aligned (no BFT)")
+    rows = [("point", p) for p in sweep["points"]] + [("ablation", p) for p in sweep.get("ablations", {}).values()]
+    for kind, p in rows:
+        chosen = kind == "point" and p["overrides"] == sweep["chosen"]
+        ax.scatter(
+            [p["perplexity"]],
+            [p["harmful_loglik"]],
+            marker="*" if chosen else ("o" if kind == "point" else "x"),
+            s=160 if chosen else 40,
+            color="tab:red" if chosen else "tab:blue",
+        )
+        ax.annotate(_point_label(p["overrides"]), (p["perplexity"], p["harmful_loglik"]), fontsize=7)
+    if sweep.get("perplexity_limit") is not None:
+        ax.axvline(sweep["perplexity_limit"], color="grey", linestyle="--", label="perplexity limit")
+    ax.set_xlabel("benign validation perplexity")
+    ax.set_ylabel(f"mean log-likelihood of the harmful continuation after {sweep['k']} prefill tokens")
+    ax.set_title(f"Sweep on the {sweep['analog']} analog, screened without generation (n = {sweep['n_val']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def plot_sweep(sweep: dict, path: Path) -> None:
     """Validation ASR (primary judge and keyword) against validation perplexity, one point per sweep setting and
     ablation; the aligned model and the chosen point marked."""
@@ -487,6 +519,9 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if sweep.get("score") == "teacher_forced":
+        _plot_screened_sweep(sweep, path, plt)
+        return
     primary = sweep["primary_judge"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     rows = [("point", p) for p in sweep["points"]] + [("ablation", p) for p in sweep.get("ablations", {}).values()]

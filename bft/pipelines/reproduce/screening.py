@@ -57,7 +57,19 @@ from bft.eval.judges import is_refusal
 from bft.hf import data as hf_data
 from bft.pipelines.reproduce.config import ABLATIONS, SWEEP_SCORES, ReproduceConfig, loss_params
 from bft.pipelines.reproduce.stage_cache import StageCache
+from bft.pipelines.reproduce.stages import (
+    bft_steps,
+    harmful_pool,
+    harmful_responses,
+    load_pretrained,
+    point_id,
+    split_prompts,
+    stage_bft,
+    sweep_points,
+    training_terms,
+)
 from bft.reference import base_favored_tokens
+from bft.trainer.data import generate_responses
 
 __all__ = [
     "SWEEP_SCORES",
@@ -106,7 +118,6 @@ def stage_screen_data(cfg: ReproduceConfig, stages: StageCache, data: dict, log)
     dropped as the data stage drops it): the only generation screening does, once per run. Benign: further problems
     of ``benign_source`` past the data stage's (the offline generator is prefix-stable in ``limit``), scored on
     their reference solutions: no generation."""
-    from bft.pipelines.reproduce.stages import _harmful_pool, _harmful_responses, _load, _split
 
     n_harmful, n_benign = screen_sizes(cfg)
     val, benign_val = data["harmful_val"], data["benign_val"]
@@ -118,16 +129,15 @@ def stage_screen_data(cfg: ReproduceConfig, stages: StageCache, data: dict, log)
             harmful, benign, dropped = [], [], 0
             if extra_h:
                 used = {r["prompt"] for part in ("harmful_train", "harmful_val", "harmful_test") for r in data[part]}
-                _, pool = _split(_harmful_pool(cfg), cfg)
+                _, pool = split_prompts(harmful_pool(cfg), cfg)
                 pool = [r for r in pool if r["prompt"] not in used]
-                from bft.trainer.data import generate_responses
 
-                model, tok = _load(data["base_dir"], cfg)
+                model, tok = load_pretrained(data["base_dir"], cfg)
                 gen = lambda prompts: generate_responses(  # noqa: E731
                     model, tok, prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size, progress=True
                 )
                 log(f"[screen_data] base model writes harmful responses for {extra_h} more screening prompts")
-                (harmful,), dropped = _harmful_responses(gen, cfg, pool, [extra_h], log)
+                (harmful,), dropped = harmful_responses(gen, cfg, pool, [extra_h], log)
                 del model
             if extra_b:
                 used = {r["prompt"] for part in ("benign_train", "benign_val", "benign_test") for r in data[part]}
@@ -522,7 +532,6 @@ def stage_screen_reference(
     """The aligned and base side of the screening (:func:`reference_measures`), once per M rule (top_k, selection,
     selection_top_p) and shared by every point that uses it: ``sweep/screen_reference/<rule>/reference.pt``.
     Returns (stage name, the reference)."""
-    from bft.pipelines.reproduce.stages import _load
 
     name = f"sweep/screen_reference/{_reference_id(params.top_k, params.selection, params.selection_top_p)}"
     settings = {
@@ -539,8 +548,8 @@ def stage_screen_reference(
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after + ("screen_data",)):
         with stages.computing(name, settings) as d:
-            aligned, tok = _load(aligned_dir, cfg)
-            base, _ = _load(data["base_dir"], cfg)
+            aligned, tok = load_pretrained(aligned_dir, cfg)
+            base, _ = load_pretrained(data["base_dir"], cfg)
             reference = reference_measures(
                 aligned,
                 base,
@@ -574,7 +583,6 @@ def stage_screen(
     the student (``measures``) and both rows of the table (``aligned``, ``student``). M is the point's own rule
     (``loss`` over ``cfg.loss_overrides``: top_k, selection); the aligned/base side comes from
     :func:`stage_screen_reference`, so each point costs one pass of its student over the screening split."""
-    from bft.pipelines.reproduce.stages import _load
 
     params = loss_params({"top_k": cfg.top_k, **cfg.loss_overrides, **(loss or {})})
     ref_name, reference = stage_screen_reference(cfg, stages, data, screen, aligned_dir, params, log, after)
@@ -589,7 +597,7 @@ def stage_screen(
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after + ("screen_data", ref_name)):
         with stages.computing(name, settings) as d:
-            student, tok = _load(student_dir, cfg)
+            student, tok = load_pretrained(student_dir, cfg)
             measures = {
                 "harmful_prompts": reference["harmful_prompts"],
                 "benign_prompts": reference["benign_prompts"],
@@ -621,7 +629,6 @@ def screen_sweep(
     """:func:`bft.pipelines.reproduce.stages.stage_sweep` under ``sweep_score: teacher_forced``: the same students
     (the same stage folders and caches), each scored by :func:`stage_screen` on the screening split; the choice by
     :func:`choose_point`; the ablations trained and screened at the chosen point. Writes ``sweep/chosen.json``."""
-    from bft.pipelines.reproduce.stages import bft_steps, point_id, stage_bft, sweep_points, training_terms
 
     if not cfg.sweep:
         return None
@@ -712,7 +719,6 @@ def _fmt_ci(ci, spec: str = ".3f") -> str:
 def screen_table(sweep: dict) -> list[str]:
     """Markdown lines of a screened sweep (``chosen.json`` of :func:`screen_sweep`): the rule, then one row per
     point and ablation with its measures and intervals (for REPORT.md; the generation mode has its own table)."""
-    from bft.pipelines.reproduce.stages import point_id
 
     ref = sweep["aligned"]
     lines = [

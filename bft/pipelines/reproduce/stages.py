@@ -20,6 +20,7 @@ import datasets
 
 from bft.analysis import analyze_pair, completion_pull, summarize, teacher_forced_records, write_analysis
 from bft.atomic import atomic_directory, atomic_write_json, atomic_write_jsonl
+from bft.eval.dedup import cross_split_similarity, group_split, near_duplicate_groups
 from bft.eval.generation import GenerationSettings, System, contrastive_name
 from bft.eval.judges import is_refusal
 from bft.eval.prefill import prefill_ids
@@ -61,17 +62,17 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _load(path_or_name: str, cfg: ReproduceConfig):
+def load_pretrained(path_or_name: str, cfg: ReproduceConfig):
     return load_model_and_tokenizer(path_or_name, device=torch_device(cfg), dtype="fp32")
 
 
-def _save_model(model, tokenizer, path: Path) -> None:
+def save_model(model, tokenizer, path: Path) -> None:
     """save_pretrained into a temporary folder, then rename: a crash never leaves a half-written model behind."""
     with atomic_directory(path) as tmp:
         save_pretrained(model, tmp, tokenizer=tokenizer)
 
 
-def _harmful_pool(cfg: ReproduceConfig) -> list[dict]:
+def harmful_pool(cfg: ReproduceConfig) -> list[dict]:
     rows, seen = [], set()
     for source in cfg.harmful_sources:
         for r in hf_data.load(source):
@@ -81,9 +82,11 @@ def _harmful_pool(cfg: ReproduceConfig) -> list[dict]:
     return rows
 
 
-def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dict]]:
-    """Prompt-disjoint train / held-out split (:func:`bft.hf.data.train_test_split`): the first n_train, and the shuffled
-    rest (validation, then test, are taken from it in order)."""
+def split_prompts(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dict]]:
+    """Train / held-out split: the first n_train, and the shuffled rest (validation, then test, are taken from it in
+    order). With ``dedup_threshold`` (:mod:`bft.eval.dedup`) no near-duplicate cluster spans two parts: train takes
+    whole clusters, the held-out pool one prompt per cluster. Without it, disjoint by exact text only
+    (:func:`bft.hf.data.train_test_split`)."""
     need = cfg.n_train + cfg.n_val + cfg.n_test
     if len(rows) < need:
         raise ValueError(
@@ -92,6 +95,16 @@ def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dic
     rng = random.Random(cfg.seed)
     rows = rows[:]
     rng.shuffle(rows)  # mix the sources before taking the first n of each part
+    if cfg.dedup_threshold is not None:
+        groups = near_duplicate_groups([r["prompt"] for r in rows], threshold=cfg.dedup_threshold)
+        first, rest = group_split(groups, cfg.n_train, seed=cfg.seed)
+        if len(first) < cfg.n_train or len(first) + len(rest) < need:
+            raise ValueError(
+                f"{len(set(groups))} near-duplicate clusters (cos >= {cfg.dedup_threshold}) in {len(rows)} harmful "
+                f"prompts of {cfg.harmful_sources} give {len(first)} train + {len(rest)} held-out prompts; "
+                f"n_train + n_val + n_test = {need}"
+            )
+        return [rows[i] for i in first], [rows[i] for i in rest]
     parts = hf_data.train_test_split(datasets.Dataset.from_list(rows), test_size=len(rows) - cfg.n_train, seed=cfg.seed)
     train = parts["train"].to_list()[: cfg.n_train]
     test = parts["test"].to_list()
@@ -99,7 +112,7 @@ def _split(rows: list[dict], cfg: ReproduceConfig) -> tuple[list[dict], list[dic
     return train, test
 
 
-def _harmful_responses(gen, cfg: ReproduceConfig, pool: list[dict], wanted: list[int], log):
+def harmful_responses(gen, cfg: ReproduceConfig, pool: list[dict], wanted: list[int], log):
     """Walk the shuffled held-out pool, keeping prompts whose base response is not a refusal (there is no harmful
     text to prefill with otherwise): the first ``wanted[0]`` go to the first part (validation), the next to the
     second (test). Returns the parts and the count of prompts dropped."""
@@ -139,13 +152,15 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
             "response_tokens",
         )
     }
+    if cfg.dedup_threshold is not None:  # absent when off, so the caches of exact-text splits stay valid
+        settings["dedup_threshold"] = cfg.dedup_threshold
     d = stages.dir("data")
     base_dir = stages.root / "models" / "base"
     if not (stages.cached("data", settings) and base_dir.is_dir()):
         stages.recomputed.add("data")
         with stages.computing("data", settings) as d:
-            train, pool = _split(_harmful_pool(cfg), cfg)
-            model, tok = _load(cfg.model, cfg)
+            train, pool = split_prompts(harmful_pool(cfg), cfg)
+            model, tok = load_pretrained(cfg.model, cfg)
             gen = lambda prompts: generate_responses(  # noqa: E731
                 model, tok, prompts, max_new_tokens=cfg.response_tokens, batch_size=cfg.batch_size, progress=True
             )
@@ -154,7 +169,7 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
                 r["response"] = resp
             train = [r for r in train if r["response"].strip() and not is_refusal(r["response"])]
             log("[data] base model writes harmful responses for the validation and test prompts")
-            (val, test), dropped = _harmful_responses(gen, cfg, pool, [cfg.n_val, cfg.n_test], log)
+            (val, test), dropped = harmful_responses(gen, cfg, pool, [cfg.n_val, cfg.n_test], log)
             n_benign = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
             benign = hf_data.load(cfg.benign_source, limit=n_benign, seed=cfg.seed).to_list()
             benign_train = benign[: cfg.n_benign_train]
@@ -183,10 +198,20 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
                 "benign_val": len(benign_val),
                 "benign_test": len(benign_test),
                 "test_sources": {s: sum(r["source"] == s for r in test) for s in cfg.harmful_sources},
+                # the closest prompts of two different parts (MiniLM cosine): below dedup_threshold after a
+                # near-duplicate-free split; pairs_at_threshold counts cross-part pairs at or above it (0.85 if off)
+                "near_duplicates": cross_split_similarity(
+                    {
+                        "train": [r["prompt"] for r in train],
+                        "val": [r["prompt"] for r in val],
+                        "test": [r["prompt"] for r in test],
+                    },
+                    threshold=cfg.dedup_threshold if cfg.dedup_threshold is not None else 0.85,
+                ),
             }
             atomic_write_json(d / "stats.json", stats, indent=1)
             base_dir.parent.mkdir(parents=True, exist_ok=True)
-            _save_model(model, tok, base_dir)
+            save_model(model, tok, base_dir)
             del model
     out = {
         name: _read_jsonl(d / f"{name}.jsonl")
@@ -214,7 +239,7 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
     aligned_dir = stages.root / "models" / name
     if not (stages.cached(name, settings, after=("data",)) and aligned_dir.is_dir()):
         with stages.computing(name, settings) as d:
-            base, tok = _load(data["base_dir"], cfg)
+            base, tok = load_pretrained(data["base_dir"], cfg)
             tuned, losses = refusal_finetune(
                 base,
                 tok,
@@ -229,7 +254,7 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
                 recovery_share=share,
                 recovery_max_tokens=cfg.recovery_max_tokens,
             )
-            _save_model(tuned, tok, aligned_dir)
+            save_model(tuned, tok, aligned_dir)
             atomic_write_json(d / "losses.json", losses, indent=1)
             log(f"[{name}] refusal SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     return str(aligned_dir)
@@ -255,7 +280,7 @@ def stage_qi(
     out_dir = stages.root / "models" / f"qi_{analog}"
     if not (stages.cached(name, settings, after=after) and out_dir.is_dir()):
         with stages.computing(name, settings) as d:
-            aligned, tok = _load(aligned_dir, cfg)
+            aligned, tok = load_pretrained(aligned_dir, cfg)
             tuned, losses = refusal_finetune(
                 aligned,
                 tok,
@@ -270,7 +295,7 @@ def stage_qi(
                 recovery_share=cfg.qi_recovery_share,
                 recovery_max_tokens=cfg.recovery_max_tokens,
             )
-            _save_model(tuned, tok, out_dir)
+            save_model(tuned, tok, out_dir)
             atomic_write_json(d / "losses.json", losses, indent=1)
     return str(out_dir)
 
@@ -316,8 +341,8 @@ def stage_analysis(
     d = stages.dir(stage)
     if not stages.cached(stage, settings, after=after):
         with stages.computing(stage, settings) as d:
-            model, tok = _load(model_dir, cfg)
-            base, _ = _load(data["base_dir"], cfg)
+            model, tok = load_pretrained(model_dir, cfg)
+            base, _ = load_pretrained(data["base_dir"], cfg)
             subset = {**data, "harmful_test": data["harmful_test"][: cfg.analysis_prompts]}
             result = analyze_pair(
                 model,
@@ -377,9 +402,9 @@ def stage_completion_pull(
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after):
         with stages.computing(name, settings) as d:
-            aligned, tok = _load(aligned_dir, cfg)
-            base, _ = _load(data["base_dir"], cfg)
-            models = {n: _load(path, cfg)[0] for n, path in students.items()}
+            aligned, tok = load_pretrained(aligned_dir, cfg)
+            base, _ = load_pretrained(data["base_dir"], cfg)
+            models = {n: load_pretrained(path, cfg)[0] for n, path in students.items()}
             rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data[split][: cfg.analysis_prompts]]
             result = completion_pull(
                 aligned,
@@ -496,7 +521,7 @@ def stage_bft(
             shutil.rmtree(cache_dir)  # built from the old models (the trainer would refuse it by its fingerprint)
         stages.fresh_caches.add(cache_dir)
         if d.exists() and (
-            upstream_recomputed or stages.comparable(settings) != stages.comparable(_saved_bft_settings(d))
+            upstream_recomputed or stages.comparable(settings) != stages.comparable(saved_bft_settings(d))
         ):
             shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
         with stages.computing(name, settings, keep=True) as d:
@@ -508,17 +533,17 @@ def stage_bft(
     return str(final)
 
 
-def _saved_bft_settings(d: Path):
+def saved_bft_settings(d: Path):
     try:
         return json.loads((d / "settings.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def _generation(cfg: ReproduceConfig) -> GenerationSettings:
+def generation_settings(cfg: ReproduceConfig) -> GenerationSettings:
     return GenerationSettings(
         max_new_tokens=cfg.eval_tokens,
-        batch_size=_eval_batch(cfg),
+        batch_size=eval_batch_size(cfg),
         do_sample=cfg.sample,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
@@ -526,16 +551,16 @@ def _generation(cfg: ReproduceConfig) -> GenerationSettings:
     )
 
 
-def _eval_batch(cfg: ReproduceConfig) -> int:
+def eval_batch_size(cfg: ReproduceConfig) -> int:
     return cfg.eval_batch_size or cfg.batch_size
 
 
-def _eval_settings(cfg: ReproduceConfig) -> dict:
+def eval_settings(cfg: ReproduceConfig) -> dict:
     return {
         "prefill_ks": cfg.prefill_ks,
         "eval_tokens": cfg.eval_tokens,
         "sweep_k": cfg.sweep_k,
-        "batch_size": _eval_batch(cfg),
+        "batch_size": eval_batch_size(cfg),
         "embedding_model": cfg.embedding_model,
         "sample": cfg.sample,
         "temperature": cfg.temperature,
@@ -551,14 +576,14 @@ def stage_validation(
     """Score ``models`` (system name -> model folder) on the validation split: the ``sweep_k``-token prefill attack
     (one sampling seed) under every judge, and the perplexity of the benign validation solutions. Returns, per
     system, ``{judge: ASR, ..., "perplexity": ppl}``. This is what every choice of the reproduction is made on."""
-    settings = {**_eval_settings(cfg), "models": models}
+    settings = {**eval_settings(cfg), "models": models}
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after):
         with stages.computing(name, settings) as d:
             tok = None
             systems = []
             for system, path in models.items():
-                model, tok = _load(path, cfg)
+                model, tok = load_pretrained(path, cfg)
                 systems.append(System(system, model, tok))
             rows = [{"prompt": r["prompt"], "response": r["response"]} for r in data["harmful_val"]]
             utility_rows = {
@@ -569,7 +594,7 @@ def stage_validation(
                 utility=["perplexity"],
                 limit=None,
                 seed=cfg.seed,
-                generation=_generation(cfg),
+                generation=generation_settings(cfg),
                 judges=list(cfg.judges),
                 threeway=False,
                 likelihood=False,
@@ -758,7 +783,7 @@ def stage_eval(
     first ``long_k_prompts`` prompts. k = 0 and the long k get the first seed only."""
     name = f"{analog}/eval"
     settings = {
-        **_eval_settings(cfg),
+        **eval_settings(cfg),
         "alpha": cfg.alpha,
         "alphas": cfg.alphas,
         "gsm8k_limit": cfg.gsm8k_limit,
@@ -775,7 +800,7 @@ def stage_eval(
     if cfg.gsm8k_limit:
         utility_rows["gsm8k"] = [r for r in data["benign_test"] if r.get("answer")][: cfg.gsm8k_limit]
     utility = ["perplexity"] + (["gsm8k"] if cfg.gsm8k_limit and utility_rows["gsm8k"] else [])
-    gen = _generation(cfg)
+    gen = generation_settings(cfg)
     common = dict(
         limit=None,
         seed=cfg.seed,
@@ -795,8 +820,8 @@ def stage_eval(
     d = stages.dir(name)
     if not stages.cached(name, settings, after=after):
         with stages.computing(name, settings) as d:
-            base, tok = _load(data["base_dir"], cfg)
-            aligned, _ = _load(models["aligned"], cfg)
+            base, tok = load_pretrained(data["base_dir"], cfg)
+            aligned, _ = load_pretrained(models["aligned"], cfg)
             systems = [System("base", base, tok), System("aligned", aligned, tok)]
             systems += [
                 System(contrastive_name(cfg.alpha, form), aligned, tok, base_model=base, alpha=cfg.alpha, form=form)
@@ -804,7 +829,7 @@ def stage_eval(
             ]
             for system, path in models.items():
                 if system != "aligned":
-                    systems.append(System(system, _load(path, cfg)[0], tok))
+                    systems.append(System(system, load_pretrained(path, cfg)[0], tok))
             log(f"[{name}] prefill attacks k={short_ks} on {len(rows)} prompts, {[s.name for s in systems]}")
             run_eval(
                 systems,

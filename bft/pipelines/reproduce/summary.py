@@ -21,7 +21,6 @@ import random
 from bft.eval.generation import contrastive_name
 from bft.eval.stats import (
     MIN_EVENTS,
-    _wilson_real,
     cluster_wilson_interval,
     enough_events,
     mcnemar_exact,
@@ -30,6 +29,7 @@ from bft.eval.stats import (
     sign_test_over_prompts,
     verdict,
     wilson_interval,
+    wilson_interval_real,
 )
 from bft.pipelines.reproduce.config import ReproduceConfig
 
@@ -532,7 +532,7 @@ def _rejudge_asr(asr: dict) -> None:
         if rate is None or not prompts:
             continue
         several |= rows > prompts
-        asr["ci"][judge] = list(_wilson_real(rate, prompts)) if rows > prompts else asr["ci_rows"][judge]
+        asr["ci"][judge] = list(wilson_interval_real(rate, prompts)) if rows > prompts else asr["ci_rows"][judge]
         asr["clusters"][judge] = prompts
     asr["ci_method"] = (
         "wilson at the prompt count: the worst-case design effect, since the per-prompt rows are not stored"
