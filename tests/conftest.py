@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved to disk (seed 0): the base model of the toy-size pipelines."""
+    from bft.hf.testing import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    tok = tiny_tokenizer()
+    tiny_llama(tok, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -255,3 +255,21 @@ def tiny_reproduce_config(model_dir, out, **overrides):
     )
     sizes.update(overrides)
     return ReproduceConfig(**sizes)
+
+
+def tiny_train_argv(output_dir, harmful, utility, *options):
+    """``bft train`` arguments for two steps of the tiny-cpu config on the given harmful / utility JSONL files (the
+    harmful responses read from the dataset), with ``options`` (e.g. ``"--engine", "trl"``) added."""
+    return [
+        "train",
+        "tiny-cpu",
+        *options,
+        "--max-steps",
+        "2",
+        "--output-dir",
+        str(output_dir),
+        "--no-progress",
+        f"data.harmful={harmful}",
+        f"data.utility={utility}",
+        "data.harmful_response=dataset",
+    ]

@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 
 import helpers
 from bft.trainer.train import METRIC_KEYS, read_metrics, train
-from helpers import harmful_rows, sum_rows, write_jsonl
+from helpers import harmful_rows, sum_rows, tiny_train_argv, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_telemetry")
 
@@ -133,22 +133,7 @@ def test_cli_engine_trl(data_files, tmp_path, capsys):
     from bft.cli import main
 
     harmful, utility = data_files
-    code = main(
-        [
-            "train",
-            "tiny-cpu",
-            "--engine",
-            "trl",
-            "--max-steps",
-            "2",
-            "--output-dir",
-            str(tmp_path),
-            "--no-progress",
-            f"data.harmful={harmful}",
-            f"data.utility={utility}",
-            "data.harmful_response=dataset",
-        ]
-    )
+    code = main(tiny_train_argv(tmp_path, harmful, utility, "--engine", "trl"))
     assert code == 0
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert (tmp_path / "final" / "config.json").is_file()

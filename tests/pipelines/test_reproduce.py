@@ -14,18 +14,6 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from bft.hf.testing import tiny_llama, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-base")
-    tok = tiny_tokenizer()
-    model = tiny_llama(tok, seed=0)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     from bft.pipelines.reproduce import reproduce
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_reproduce_config as _tiny_config
 
 from bft.pipelines.reproduce.screening import (
     bootstrap_interval,
@@ -191,50 +192,6 @@ def test_sweep_score_and_screening_sizes_are_validated():
 
 
 # ------------------------------------------------------------------------------------------------- the sweep, screened
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from bft.hf.testing import tiny_llama, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-base")
-    tok = tiny_tokenizer()
-    tiny_llama(tok, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def _tiny_config(model_dir, out, **overrides):
-    from bft.pipelines.reproduce import ReproduceConfig
-
-    sizes = dict(
-        out=str(out),
-        model=model_dir,
-        device="cpu",
-        n_train=6,
-        n_val=3,
-        n_test=3,
-        n_benign_train=4,
-        n_benign_val=2,
-        n_benign_test=3,
-        response_tokens=8,
-        batch_size=4,
-        align_steps=2,
-        analogs={"shallow": 0.0},
-        qi_augmentation=False,
-        analysis_tokens=4,
-        bft_steps=2,
-        bft_batch_size=4,
-        bft_max_length=512,
-        top_k=10,
-        prefill_ks=[0, 2],
-        eval_tokens=4,
-        sweep_k=2,
-        forms=["logprobs"],
-        long_k_prompts=None,
-    )
-    sizes.update(overrides)
-    return ReproduceConfig(**sizes)
 
 
 def test_the_sweep_screened_without_generation_end_to_end(tiny_model_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from bft.trainer.config import load_config
 from bft.trainer.train import METRIC_KEYS, read_metrics, train
-from helpers import harmful_rows, sum_rows, tiny_config, write_jsonl
+from helpers import harmful_rows, sum_rows, tiny_config, tiny_train_argv, write_jsonl
 
 from bft.loss import BFTLoss
 
@@ -216,20 +216,7 @@ def test_cli_end_to_end(data_files, tmp_path, capsys):
     from bft.cli import main
 
     harmful, utility = data_files
-    code = main(
-        [
-            "train",
-            "tiny-cpu",
-            "--max-steps",
-            "2",
-            "--output-dir",
-            str(tmp_path),
-            "--no-progress",
-            f"data.harmful={harmful}",
-            f"data.utility={utility}",
-            "data.harmful_response=dataset",
-        ]
-    )
+    code = main(tiny_train_argv(tmp_path, harmful, utility))
     assert code == 0
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert (tmp_path / "final" / "config.json").is_file()
