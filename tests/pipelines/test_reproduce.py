@@ -5,9 +5,11 @@ Llama so the wiring — data split, refusal SFT, analysis, BFT training, attacks
 """
 
 import json
+import re
 
 import pytest
 import torch
+from bft.kernels.params import COMPLETION_TERMS
 from helpers import tiny_reproduce_config as _tiny_config
 
 torch.set_num_threads(1)
@@ -333,8 +335,7 @@ def test_the_sweep_takes_completion_terms_and_selection_rules_and_refuses_l2_reg
     ]
     with pytest.raises(
         ValueError,
-        match=r"^sweep.completion: completion must be one of \('l2', 'mass', "
-        r"'unlikelihood', 'log_mass'\), got 'l1'",
+        match=rf"^sweep.completion: completion must be one of {re.escape(str(COMPLETION_TERMS))}, got 'l1'",
     ):
         validate(ReproduceConfig(sweep={"completion": ["mass", "l1"]}))
     with pytest.raises(ValueError, match=r"^sweep.selection: selection must be one of \('vocab', 'base_topp'\)"):
@@ -365,16 +366,13 @@ def test_bft_reproduce_maps_the_default_sweep_and_refuses_an_unknown_term_in_one
     assert "l2_reg" in config_from_args(parser.parse_args(["--sweep"])).sweep
     assert console_main(["reproduce", "loss_overrides.completion=logits"]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.count("\n") == 1
-        and "completion must be one of ('l2', 'mass', 'unlikelihood', 'log_mass'), got 'logits'" in err
-    )
+    assert err.count("\n") == 1 and f"completion must be one of {COMPLETION_TERMS}, got 'logits'" in err
 
 
-@pytest.mark.parametrize("completion", ["l2", "mass", "unlikelihood"])
+@pytest.mark.parametrize("completion", COMPLETION_TERMS)
 def test_the_kl_only_ablation_removes_every_completion_term(completion):
     """kl_only at a point with any completion term leaves the KL alone: the loss and gradients equal those of the
-    same rows with no harmful row (l2_reg = 0, the old ablation, left "mass" and "unlikelihood" on)."""
+    same rows with no harmful row (l2_reg = 0 would leave every term but "l2" on)."""
     import bft
     from bft.pipelines.reproduce.config import ABLATIONS
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from bft.kernels.params import COMPLETION_TERMS
 from bft.trainer.config import load_config
 
 
@@ -57,9 +60,7 @@ def test_trainer_config_sets_the_completion_term():
     objective = loss_module(config)
     assert objective.params == config.loss.params and objective.params.completion == "mass"
     assert objective.backend == config.loss.backend == "torch"
-    with pytest.raises(
-        ConfigError, match=r"^loss.completion must be one of \('l2', 'mass', 'unlikelihood', 'log_mass'\)"
-    ):
+    with pytest.raises(ConfigError, match=rf"^loss.completion must be one of {re.escape(str(COMPLETION_TERMS))}"):
         load_config("tiny-cpu", ["loss.completion=l1"])
     with pytest.raises(ConfigError, match=r"^loss.backend must be one of"):
         load_config("tiny-cpu", ["loss.backend=cuda"])
@@ -70,7 +71,7 @@ def test_bft_train_with_an_unknown_term_is_one_line_and_status_2(capsys):
 
     assert console_main(["train", "tiny-cpu", "loss.completion=logits"]) == 2
     assert capsys.readouterr().err == (
-        "bft train: error: loss.completion must be one of ('l2', 'mass', 'unlikelihood', 'log_mass'), got 'logits'\n"
+        f"bft train: error: loss.completion must be one of {COMPLETION_TERMS}, got 'logits'\n"
     )
 
 
