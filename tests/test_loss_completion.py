@@ -589,7 +589,7 @@ def test_params_are_validated_when_built(change, message):
 
 
 def test_module_forward_takes_given_ids_and_risk():
-    """BFTLoss.forward passes the teacher cache's ids and risk on (it used to drop them)."""
+    """BFTLoss.forward passes the teacher cache's ids and risk on to bft_loss."""
     tensors, harmful, valid = make_case(6, 8, 80, seed=9)
     g = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(80, generator=g)[:4] for _ in range(6)])

@@ -9,7 +9,7 @@ backward included. With C rows per chunk, a [C, V] fp32 block is C·V·4 bytes; 
     torch:  about a dozen blocks (logits, softmaxes, their gradients) + the same dW accumulator
 
 plus per-row vectors and [N, H] gradients. Any [N, V] tensor, a whole fp32 copy of a 16-bit head, or a second
-full-size copy of dW (what backward used to make when it scaled the saved gradient) breaks these bounds.
+full-size copy of dW (what backward would make if it scaled the saved gradient out of place) breaks these bounds.
 """
 
 from __future__ import annotations
