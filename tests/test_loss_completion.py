@@ -558,6 +558,11 @@ def test_params_object_equals_the_keywords_and_refuses_both():
         bft.BFTLoss(params, top_k=3)
     with pytest.raises(ValueError, match="params must be a bft.loss.BFTLossParams"):
         bft.bft_loss(*tensors, params=params.as_kwargs())
+    # a misspelt setting is named with the valid ones, never silently dropped (each is declared once, in BFTLossParams)
+    with pytest.raises(ValueError, match=r"unknown loss setting\(s\) topk; the settings are top_k, temperature"):
+        bft.bft_loss(*tensors, topk=5)
+    with pytest.raises(ValueError, match=r"unknown loss setting\(s\) lambda_"):
+        bft.BFTLoss(lambda_=1.2)
 
 
 @pytest.mark.parametrize(
