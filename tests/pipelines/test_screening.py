@@ -209,8 +209,11 @@ def test_the_sweep_screened_without_generation_end_to_end(tiny_model_dir, tmp_pa
         screen_n_benign=4,
     )
     validate(cfg)
-    summary = reproduce(cfg, log=lambda m: None)
+    logs = []
+    summary = reproduce(cfg, log=logs.append)
     sweep = summary["sweep"]
+    # one aligned/base reference pass for the three students of one M rule, not one after each newly trained student
+    assert sum("[sweep/screen_reference/" in m and "running" in m for m in logs) == 1
     on_disk = json.loads((tmp_path / "sweep" / "chosen.json").read_text())
     assert on_disk["chosen"] == sweep["chosen"] and on_disk["score"] == "teacher_forced"
     assert [p["overrides"] for p in sweep["points"]] == [{"completion": "l2"}, {"completion": "mass"}]

@@ -577,12 +577,15 @@ def stage_screen(
     student_dir: str,
     log,
     after: tuple,
+    student_stage: str,
     loss: dict | None = None,
 ) -> dict:
     """One point's teacher-forced screening: ``screen.json`` holds the per-prompt measures of the aligned model and
     the student (``measures``) and both rows of the table (``aligned``, ``student``). M is the point's own rule
     (``loss`` over ``cfg.loss_overrides``: top_k, selection); the aligned/base side comes from
-    :func:`stage_screen_reference`, so each point costs one pass of its student over the screening split."""
+    :func:`stage_screen_reference`, so each point costs one pass of its student over the screening split. ``after``:
+    the stages the aligned side depends on (the reference's too); ``student_stage``: the stage that trained the
+    student, which only this point's screen depends on."""
 
     params = loss_params({"top_k": cfg.top_k, **cfg.loss_overrides, **(loss or {})})
     ref_name, reference = stage_screen_reference(cfg, stages, data, screen, aligned_dir, params, log, after)
@@ -595,7 +598,7 @@ def stage_screen(
         "n_boot": N_BOOT,
     }
     d = stages.dir(name)
-    if not stages.cached(name, settings, after=after + ("screen_data", ref_name)):
+    if not stages.cached(name, settings, after=after + (student_stage, "screen_data", ref_name)):
         with stages.computing(name, settings) as d:
             student, tok = load_pretrained(student_dir, cfg)
             measures = {
@@ -658,7 +661,8 @@ def screen_sweep(
             aligned_dir,
             student,
             log,
-            after=after + (f"{folder}/bft",),
+            after=after,
+            student_stage=f"{folder}/bft",
             loss=overrides,
         )
         per_prompt[point_id(overrides)] = result["measures"]["students"]["student"]

@@ -18,13 +18,16 @@ class StageCache:
     """Stage folders with a ``stage.json`` holding the settings they were computed with.
 
     A stage is reused when its ``stage.json`` exists (it is written last, atomically), records the same settings and
-    none of the stages it reads (``after``) was recomputed in this run; a recomputed stage is remembered so that
-    every stage reading it is recomputed too. Stage names are paths under the root (``shallow/bft``).
+    none of the stages it reads (``after``) was recomputed in this run after it; a recomputed stage is remembered so
+    that every stage reading it is recomputed too, once (a stage computed in this run after the stages it reads is
+    reused when it is asked for again). Stage names are paths under the root (``shallow/bft``).
     """
 
     def __init__(self, root: Path, log):
         self.root = root
         self.recomputed: set[str] = set()
+        self.finished: dict[str, int] = {}  # stage -> its place in the order stages finished in this run
+        self._finish_count = 0
         self.fresh_caches: set[Path] = set()  # teacher caches checked (or rebuilt) in this run
         self.log = log
 
@@ -33,7 +36,7 @@ class StageCache:
 
     def cached(self, name: str, settings: dict, after: tuple = ()) -> bool:
         marker = self.dir(name) / "stage.json"
-        if not any(dep in self.recomputed for dep in after) and marker.is_file():
+        if not any(self._stale(name, dep) for dep in after) and marker.is_file():
             try:
                 if self.comparable(json.loads(marker.read_text())["settings"]) == self.comparable(settings):
                     self.log(f"[{name}] cached: {self.dir(name)}")
@@ -42,6 +45,12 @@ class StageCache:
                 pass
         self.recomputed.add(name)
         return False
+
+    def _stale(self, name: str, dep: str) -> bool:
+        """Whether ``dep``, read by stage ``name``, was recomputed in this run and ``name`` not since it finished."""
+        if dep not in self.recomputed:
+            return False
+        return not (dep in self.finished and name in self.finished and self.finished[dep] < self.finished[name])
 
     def comparable(self, settings):
         """``settings`` as two runs compare them: JSON types, and every string that names a path under the root
@@ -75,6 +84,7 @@ class StageCache:
 
     def finish(self, name: str, settings: dict, seconds: float) -> None:
         atomic_write_json(self.dir(name) / "stage.json", {"settings": settings, "seconds": round(seconds, 1)}, indent=1)
+        self.finished[name] = self._finish_count = self._finish_count + 1
 
     @contextlib.contextmanager
     def computing(self, name: str, settings: dict, *, keep: bool = False):
