@@ -30,13 +30,16 @@ FRONTIER = dict(
 )
 
 
+FIRST_RUN_LOG: list = []  # the fixture's log lines, in order
+
+
 @pytest.fixture(scope="module")
 def frontier_run(tiny_model_dir, tmp_path_factory):
     from bft.pipelines.reproduce import reproduce
 
     out = tmp_path_factory.mktemp("frontier")
     cfg = _tiny_config(tiny_model_dir, out, **FRONTIER)
-    summary = reproduce(cfg, log=lambda m: None)
+    summary = reproduce(cfg, log=FIRST_RUN_LOG.append)
     return cfg, out, summary
 
 
@@ -174,6 +177,33 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
     assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
 
 
+def test_one_training_seeds_curves_are_whole_before_the_next_seed_starts(frontier_run):
+    running = [m.split("]")[0][1:] for m in FIRST_RUN_LOG if m.endswith("running ...")]
+    frontier = [n for n in running if n.startswith("frontier/shallow/") and "/seed" in n and "diagnostic" not in n]
+    seeds = [int(name.split("/seed")[1].split("/")[0]) for name in frontier]
+    assert seeds == sorted(seeds) and set(seeds) == {0, 1}, frontier  # every seed-0 stage before any seed-1 stage
+    assert {name.split("/")[2] for name in frontier} == {"qi", "bft_eq9"}
+
+
+def test_frontier_only_skips_the_main_stages_and_keeps_the_frontier(frontier_run):
+    cfg, out, summary = frontier_run
+    only, logs = _stage_log(cfg, frontier_only=True)
+    assert not [m for m in logs if m.endswith("running ...")]
+    main = [m for m in logs if not m.startswith("[frontier/") and ("/bft]" in m or "/eval]" in m or "analysis" in m)]
+    assert not main  # the main stages are not even read
+    assert only["analogs"] == {} and only["primary_judge"] == cfg.judges[0]
+    assert only["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
+    assert "## Curves, not points" in (out / "REPORT.md").read_text()
+    _stage_log(cfg)  # back to the fixture's summary.json for the tests after this one
+
+
+def test_frontier_only_needs_the_frontier(tmp_path):
+    from bft.pipelines.reproduce import validate
+
+    with pytest.raises(ValueError, match="frontier_only"):
+        validate(_tiny_config("unused", tmp_path, frontier_only=True))
+
+
 def test_more_frontier_work_adds_stages_and_recomputes_nothing(frontier_run):
     cfg, out, summary = frontier_run
     more, logs = _stage_log(cfg, frontier_curve_seeds=2)  # the second training seed's checkpoints join the curve
@@ -271,12 +301,13 @@ def test_the_summary_plot_and_table(frontier_run):
 # ------------------------------------------------------------------------------------------------ dominance
 
 
-def _pt(method, asr, ppl, asr_ci=None, ppl_ci=None, label=None):
+def _pt(method, asr, ppl, asr_ci=None, ppl_ci=None, label=None, seeds=(0, 1), n=600, fraction=1.0):
     return {
         "method": method,
-        "fraction": 1.0,
+        "fraction": fraction,
         "label": label or f"{method}:{asr}/{ppl}",
-        "asr": {"4": {"harm": {"asr": asr, "ci": asr_ci}}},
+        "training_seeds": list(seeds),
+        "asr": {"4": {"harm": {"asr": asr, "ci": asr_ci, "n": n}}},
         "perplexity": {"value": ppl, "ci": ppl_ci},
     }
 
@@ -411,7 +442,7 @@ def test_the_committed_example_config_loads_and_validates():
 
     path = Path(__file__).parents[2] / "docs" / "results" / "frontier" / "config.yaml"
     cfg = config_from_args(argparse.Namespace(config=str(path), out=None))  # as `bft reproduce --config` reads it
-    assert cfg.frontier and 1.0 in cfg.frontier_fractions and len(cfg.frontier_seeds) >= 2
+    assert cfg.frontier and 1.0 in cfg.frontier_fractions and cfg.frontier_seeds[0] == 0
     assert cfg.eval_tokens > 32 and cfg.frontier_eval_seeds == 3 and cfg.frontier_test_prompts is None
 
 
@@ -447,3 +478,28 @@ def test_beyond_qi_names_the_bft_points_that_qis_curve_does_not_dominate():
     text = render_frontier(summary, "docs/results/frontier")
     assert "Qi's curve dominates every one of the 2 BFT points" in text
     assert "](docs/results/frontier/plots/frontier_deep.png)" in text
+
+
+def test_the_headline_verdict_needs_two_training_seeds_and_ten_aligned_successes():
+    from bft.pipelines.reproduce.frontier import beyond_qi
+
+    def verdict(points):
+        return beyond_qi(points, "perplexity", "harm", 4)["verdict"]
+
+    aligned = _pt("aligned", 0.50, 5.0, [0.45, 0.55], [4.9, 5.1], label="aligned", n=600)  # 300 successes
+    qi = _pt("qi", 0.10, 6.0, [0.05, 0.15], [5.8, 6.2], label="qi@1")
+    separated = _pt("bft_eq9", 0.40, 7.0, [0.35, 0.45], [6.8, 7.2], label="bft_eq9@1")  # dominated beyond the CIs
+    overlapping = _pt("bft_eq9", 0.12, 6.1, [0.06, 0.18], [5.9, 6.3], label="bft_eq9@1")  # dominated within them
+    escaping = _pt("bft_eq9", 0.20, 5.5, [0.15, 0.25], [5.3, 5.7], label="bft_eq9@1")  # better perplexity than Qi
+    assert verdict([aligned, qi, separated]) == "dominated"
+    assert verdict([aligned, qi, overlapping]).startswith("dominated by point estimates only: inconclusive")
+    assert verdict([aligned, qi, escaping]) == "not dominated by the point estimates"
+    one_seed = _pt("bft_eq9", 0.40, 7.0, [0.35, 0.45], [6.8, 7.2], label="bft_eq9@1", seeds=(0,))
+    assert verdict([aligned, qi, one_seed]).startswith("inconclusive: one training seed")
+    # an intermediate checkpoint of one seed does not count: only the full-budget points are the headline
+    curve = _pt("bft_eq9", 0.45, 7.5, [0.4, 0.5], [7.3, 7.7], label="bft_eq9@0.5", seeds=(0,), fraction=0.5)
+    assert verdict([aligned, qi, separated, curve]) == "dominated"
+    rare = _pt("aligned", 0.015, 5.0, [0.005, 0.03], [4.9, 5.1], label="aligned", n=600)  # 9 successes
+    out = beyond_qi([rare, qi, separated], "perplexity", "harm", 4)
+    assert out["aligned_events"] == 9 and out["verdict"].startswith("inconclusive: 9 attack successes")
+    assert verdict([aligned, separated]).startswith("inconclusive: no BFT or no Qi point")

@@ -200,7 +200,7 @@ def test_the_sweep_screened_without_generation_end_to_end(tiny_model_dir, tmp_pa
     cfg = _tiny_config(
         tiny_model_dir,
         tmp_path,
-        sweep={"completion": ["l2", "mass"]},
+        sweep={"completion": ["l2", "mass"], "selection": ["base_topp"]},
         sweep_steps=3,
         ablations=["kl_only"],
         stop_after="sweep",
@@ -212,13 +212,21 @@ def test_the_sweep_screened_without_generation_end_to_end(tiny_model_dir, tmp_pa
     logs = []
     summary = reproduce(cfg, log=logs.append)
     sweep = summary["sweep"]
-    # one aligned/base reference pass for the three students of one M rule, not one after each newly trained student
-    assert sum("[sweep/screen_reference/" in m and "running" in m for m in logs) == 1
+    # one aligned/base reference pass per M rule (three students share the vocab rule's), not one after each
+    # newly trained student
+    assert sum("[sweep/screen_reference/" in m and "running" in m for m in logs) == 2
+    # one frozen-teacher cache per M rule: a cache built under one rule is refused under another
+    caches = sorted(p.name for p in (tmp_path / "teacher_cache").iterdir())
+    assert len(caches) == 2 and caches[1] == caches[0] + "-selection-base_topp-selection_top_p-0.9", caches
     on_disk = json.loads((tmp_path / "sweep" / "chosen.json").read_text())
     assert on_disk["chosen"] == sweep["chosen"] and on_disk["score"] == "teacher_forced"
-    assert [p["overrides"] for p in sweep["points"]] == [{"completion": "l2"}, {"completion": "mass"}]
+    assert [p["overrides"] for p in sweep["points"]] == [
+        {"completion": "l2"},
+        {"completion": "mass"},
+        {"selection": "base_topp"},
+    ]
     # scored by the teacher-forced screen, never by the generation-based validation stage
-    for point in ("completion-l2", "completion-mass", "ablation_kl_only"):
+    for point in ("completion-l2", "completion-mass", "selection-base_topp", "ablation_kl_only"):
         assert (tmp_path / "sweep" / point / "screen" / "screen.json").is_file()
         assert not (tmp_path / "sweep" / point / "val").exists()
     assert not (tmp_path / "sweep" / "aligned").exists()

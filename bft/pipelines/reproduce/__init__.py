@@ -44,7 +44,7 @@ from bft.pipelines.reproduce.config import (
     torch_device,
     validate,
 )
-from bft.pipelines.reproduce.frontier import run_frontier
+from bft.pipelines.reproduce.frontier import render_frontier, run_frontier
 from bft.pipelines.reproduce.report import plot_kl_by_position, plot_sweep, render_report
 from bft.pipelines.reproduce.screening import screen_sweep
 from bft.pipelines.reproduce.stage_cache import StageCache
@@ -100,7 +100,7 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         return summary
     loss = sweep["chosen"] if sweep else {}
     analogs = {}
-    for a, share in shares.items():
+    for a, share in ({} if cfg.frontier_only else shares).items():
         after = ("data", aligned_name(share))
         analysis = stage_analysis(cfg, stages, data, aligned[a], f"{a}/analysis_aligned", cfg.alpha, log, after=after)
         student = stage_bft(
@@ -147,7 +147,7 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         "calibration": calibration,
         "sweep": sweep,
         "analogs": analogs,
-        "primary_judge": next(iter(analogs.values()))["primary_judge"],
+        "primary_judge": next(iter(analogs.values()))["primary_judge"] if analogs else cfg.judges[0],
     }
     if frontier is not None:
         summary["frontier"] = frontier
@@ -156,7 +156,10 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     atomic_write_json(root / "summary.json", summary, indent=1)
     if sweep:
         plot_sweep(sweep, root / "plots" / "sweep.png")
-    atomic_write_text(root / "REPORT.md", render_report(summary, environment))
+    report = render_report(summary, environment)
+    if frontier is not None:
+        report += "\n" + render_frontier(summary)
+    atomic_write_text(root / "REPORT.md", report)
     return summary
 
 

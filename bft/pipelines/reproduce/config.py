@@ -176,6 +176,9 @@ class ReproduceConfig:
     # the frontier (bft.pipelines.reproduce.frontier): per analog, method and training seed one
     # run over the whole budget keeping checkpoints at these fractions, each evaluated; False: none of it runs
     frontier: bool = False
+    # the frontier alone: the per-analog main stages (analyses, the one student, Qi's row, the pull, the main
+    # evaluation) are skipped, since the frontier evaluates the aligned model and every method's checkpoints itself
+    frontier_only: bool = False
     frontier_fractions: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
     frontier_seeds: list = field(default_factory=lambda: [0, 1])  # training seeds (all at the full budget)
     frontier_curve_seeds: int = 1  # the first N training seeds whose intermediate checkpoints are evaluated
@@ -341,6 +344,8 @@ def validate(cfg: ReproduceConfig) -> None:
         check_form(form)
     if not 0.0 <= cfg.harmful_ratio <= 1.0:
         raise ValueError(f"harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
+    if cfg.frontier_only and not cfg.frontier:
+        raise ValueError("frontier_only: true needs frontier: true (it keeps only the frontier's stages)")
     if cfg.frontier:
         validate_frontier(cfg)
 

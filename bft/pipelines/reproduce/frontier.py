@@ -73,6 +73,7 @@ from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
+from bft.eval.stats import MIN_EVENTS
 from bft.pipelines.refusal_sft import refusal_finetune
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
 from bft.pipelines.reproduce.stage_cache import StageCache
@@ -85,6 +86,7 @@ from bft.pipelines.reproduce.stages import (
     load_pretrained,
     save_model,
     saved_bft_settings,
+    teacher_cache_dir,
 )
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import config_from_dict
@@ -231,7 +233,7 @@ def stage_frontier_bft(
     d = stages.dir(name)
     total = budget_steps(cfg, data, method)
     keep = checkpoint_steps(cfg.frontier_fractions, total)
-    cache_dir = stages.root / "teacher_cache" / Path(aligned_dir).name
+    cache_dir = teacher_cache_dir(cfg, stages.root, aligned_dir, loss)
     settings = bft_train_config(
         dataclasses.replace(cfg, seed=seed),
         stages.dir("data"),
@@ -564,8 +566,15 @@ def pareto(points: list[dict], utility: str, judge: str, k, *, reference_only=()
 
 def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     """The headline question: which BFT points (methods ``bft_*``) no point of Qi's curve dominates, by point
-    estimates and with interval separation. ``{"point": [labels], "separated": [labels], "bft_points": n}``; an
-    empty ``point`` list means Qi's curve dominates every BFT point."""
+    estimates and with interval separation, and the verdict those lists support.
+
+    Returns ``{"point": [labels], "separated": [labels], "bft_points", "qi_points", "training_seeds",
+    "aligned_events", "verdict"}``; an empty ``point`` list means Qi's curve dominates every BFT point. The verdict is
+    "inconclusive" unless the full-budget points of both methods pool at least two training seeds and the aligned
+    model has at least ``MIN_EVENTS`` attack successes under ``judge`` at ``k`` (the ASR the curves start from);
+    then "dominated" (every BFT point is dominated beyond the intervals), "dominated by point estimates only"
+    (within the intervals: inconclusive), or "not dominated" (some BFT point escapes Qi's curve; ``separated``
+    says whether beyond the intervals)."""
     axes = {p["label"]: (_axis(p, "asr", judge, k), _axis(p, utility, judge, k)) for p in points}
     usable = {lab: v for lab, v in axes.items() if v[0][0] is not None and v[1][0] is not None}
     qi = [p["label"] for p in points if p["method"] == "qi" and p["label"] in usable]
@@ -575,6 +584,25 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
         out[kind] = [
             b for b in bft if not any(dominates(usable[q], usable[b], separated=kind == "separated") for q in qi)
         ]
+    headline = [p for p in points if p["method"] == "qi" or p["method"].startswith("bft")]
+    headline = [p for p in headline if p["fraction"] == 1.0]
+    out["training_seeds"] = min((len(p.get("training_seeds", [])) for p in headline), default=0)
+    aligned = next((p for p in points if p["method"] == "aligned"), None)
+    a = ((aligned or {}).get("asr") or {}).get(str(k), {}).get(judge)
+    out["aligned_events"] = round(a["asr"] * a["n"]) if a else None
+    if not bft or not qi:
+        verdict = "inconclusive: no BFT or no Qi point to compare"
+    elif out["training_seeds"] < 2:
+        verdict = "inconclusive: one training seed (a headline needs two)"
+    elif out["aligned_events"] is None or out["aligned_events"] < MIN_EVENTS:
+        verdict = f"inconclusive: {out['aligned_events']} attack successes on the aligned model (< {MIN_EVENTS})"
+    elif not out["separated"]:
+        verdict = "dominated"
+    elif not out["point"]:
+        verdict = "dominated by point estimates only: inconclusive within the intervals"
+    else:
+        verdict = "not dominated by the point estimates"
+    out["verdict"] = verdict
     return out
 
 
@@ -638,35 +666,32 @@ def run_frontier(
         points = [
             {"method": "aligned", "label": "aligned", "fraction": 0.0, "step": 0, **point_measures(cfg, [aligned_eval])}
         ]
-        per_seed = {}
-        for method in methods:
-            total = budget_steps(cfg, data, method)
-            runs = {}
-            for seed in cfg.frontier_seeds:
+        # seed-major: every method's run and evaluations for one training seed before the next seed, so that an
+        # invocation cut short leaves whole curves of the first seeds
+        totals = {m: budget_steps(cfg, data, m) for m in methods}
+        runs = {m: {} for m in methods}  # method -> seed -> {step: checkpoint}
+        evals = {m: {} for m in methods}  # method -> (seed, step) -> evaluation
+        for i, seed in enumerate(cfg.frontier_seeds):
+            for method in methods:
                 if method == "qi":
                     ckpts = stage_frontier_qi(cfg, stages, data, analog, aligned[analog], a_stage, seed, log)
+                    settings = None
                 else:
                     ckpts = stage_frontier_bft(
                         cfg, stages, data, analog, method, aligned[analog], a_stage, seed, losses[method], log
                     )
-                runs[seed] = ckpts
-            evals = {}  # (seed, step) -> evaluation
-            train_settings = {}
-            for i, (seed, ckpts) in enumerate(runs.items()):
-                train_stage = f"frontier/{analog}/{method}/seed{seed}/train"
-                if method != "qi":
-                    train_settings[seed] = json.loads((stages.dir(train_stage) / "settings.json").read_text())
+                    train_stage = stages.dir(f"frontier/{analog}/{method}/seed{seed}/train")
+                    settings = json.loads((train_stage / "settings.json").read_text())
+                runs[method][seed] = ckpts
                 for step, path in ckpts.items():
-                    headline = step == total
+                    headline = step == totals[method]
                     if not headline and i >= cfg.frontier_curve_seeds:
                         continue
-
-                    settings = train_settings.get(seed)
 
                     def load(path=path, settings=settings, qi=method == "qi"):
                         return load_pretrained(path, cfg) if qi else student_at_checkpoint(settings, path, cfg)
 
-                    evals[(seed, step)] = stage_frontier_eval(
+                    evals[method][(seed, step)] = stage_frontier_eval(
                         cfg,
                         stages,
                         data,
@@ -678,9 +703,11 @@ def run_frontier(
                         after=after,  # the weights' fingerprint, not the train stage: a resumed run keeps its evals
                         judges=judges,
                     )
-            steps = sorted({s for _, s in evals})
-            for step in steps:
-                seeds = [seed for seed in runs if (seed, step) in evals]
+        per_seed = {}
+        for method in methods:
+            total, done = totals[method], evals[method]
+            for step in sorted({s for _, s in done}):
+                seeds = [seed for seed in runs[method] if (seed, step) in done]
                 fraction = step / total
                 points.append(
                     {
@@ -689,11 +716,11 @@ def run_frontier(
                         "fraction": fraction,
                         "step": step,
                         "training_seeds": seeds,
-                        **point_measures(cfg, [evals[(s, step)] for s in seeds]),
+                        **point_measures(cfg, [done[(s, step)] for s in seeds]),
                     }
                 )
             per_seed[method] = {
-                str(seed): point_measures(cfg, [evals[(seed, total)]]) for seed in runs if (seed, total) in evals
+                str(seed): point_measures(cfg, [done[(seed, total)]]) for seed in runs[method] if (seed, total) in done
             }
         if cfg.frontier_diagnostic and cfg.frontier_diagnostic[0] == analog:
             points.append(_diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges))
@@ -856,7 +883,8 @@ def render_frontier(summary: dict, folder: str = "") -> str:
                 else f"Qi's curve dominates every one of the {b['bft_points']} BFT points"
             )
             lines.append(
-                f"- ASR against {u}: {verdict} (point estimates); with interval separation required, "
+                f"- ASR against {u}: **{b.get('verdict', 'no verdict stored')}**. {verdict} (point estimates); "
+                "with interval separation required, "
                 f"{len(b['separated'])} are not dominated" + (f" ({', '.join(b['point'])})." if b["point"] else ".")
             )
         if res.get("beyond_qi"):

@@ -215,6 +215,8 @@ def _sweep_row(label: str, point: dict, primary: str, n: int | None) -> str:
 def _verdict_overview(summary: dict) -> list[str]:
     primary = summary["primary_judge"]
     names = list(summary["analogs"])
+    if not names:  # a frontier-only run: its verdicts are the frontier's
+        return []
     keys = [k for k in next(iter(summary["analogs"].values()))["claims"] if k not in ("bft_vs_qi",)]
     lines = [
         "## Verdicts at a glance",

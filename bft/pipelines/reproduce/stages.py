@@ -441,8 +441,7 @@ def bft_train_config(
     cache_dir: Path | None = None,
 ) -> dict:
     """The trainer config (as a dict for :func:`bft.trainer.config.config_from_dict`) of a miniature BFT run.
-    ``cache_dir``: the teacher cache (default ``out_dir/teacher_cache``); it depends on the frozen models, the
-    training rows and top_k only, so every student of one aligned model shares it."""
+    ``cache_dir``: the teacher cache (default ``out_dir/teacher_cache``; the stages pass :func:`teacher_cache_dir`)."""
     dev = torch_device(cfg)
     steps = steps or cfg.bft_steps
     loss = {**cfg.loss_overrides, **(loss_overrides or {})}
@@ -489,6 +488,18 @@ def bft_train_config(
     }
 
 
+def teacher_cache_dir(cfg: ReproduceConfig, root: Path, aligned_dir: str, loss_overrides: dict | None = None) -> Path:
+    """The frozen-teacher cache of the students of ``aligned_dir`` under ``loss_overrides``. A cache depends on the
+    frozen models, the training rows and the loss settings of :meth:`BFTLossParams.teacher_cache_fields` (top_k, the
+    selection rule), and the trainer refuses one built under other settings; so every student of one aligned model
+    and one such setting shares a folder: ``teacher_cache/<aligned>`` under the run's top_k and the default rule,
+    ``teacher_cache/<aligned>-<key>-<value>...`` under any other."""
+    loss = {"top_k": cfg.top_k, **cfg.loss_overrides, **(loss_overrides or {})}
+    fields = loss_params(loss).teacher_cache_fields()
+    extra = "".join(f"-{k}-{v}" for k, v in fields.items() if not (k == "top_k" and v == cfg.top_k))
+    return root / "teacher_cache" / f"{Path(aligned_dir).name}{extra}"
+
+
 def stage_bft(
     cfg: ReproduceConfig,
     stages: StageCache,
@@ -503,7 +514,7 @@ def stage_bft(
 ) -> str:
     """Train a BFT student (LoRA on ``aligned_dir``); an interrupted identical run resumes from its checkpoints."""
     d = stages.dir(name)
-    cache_dir = stages.root / "teacher_cache" / Path(aligned_dir).name
+    cache_dir = teacher_cache_dir(cfg, stages.root, aligned_dir, loss_overrides)
     settings = bft_train_config(
         cfg,
         stages.dir("data"),
