@@ -209,3 +209,46 @@ def test_resummarize_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert console_main(["reproduce", "--resummarize", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 3 and all(line.startswith("bft reproduce: error:") for line in err[-3:])
+
+
+def test_a_frontier_only_run_renders_its_headline_first_and_its_table(tmp_path):
+    """A run with the frontier alone (no per-analog claims): the Results section opens with its headline verdict,
+    and its run section carries the frontier table and no claims table."""
+    point = {
+        "method": "aligned",
+        "label": "aligned",
+        "fraction": 0.0,
+        "asr": {"4": {"harm": {"asr": 0.5, "ci": [0.4, 0.6], "n": 600}}},
+        "perplexity": {"value": 5.4, "ci": [5.2, 5.6]},
+    }
+    beyond = {
+        "utility": "perplexity",
+        "judge": "harm",
+        "k": 4,
+        "point": [],
+        "separated": [],
+        "bft_points": 5,
+        "qi_points": 5,
+        "training_seeds": 1,
+        "verdict": "inconclusive: one training seed (a headline needs two)",
+    }
+    summary = {
+        "config": {"seed": 0, "sweep_k": 4, "bft_epochs": 20, "temperature": 0.7, "top_p": 0.9, "eval_tokens": 64},
+        "data": {"harmful_test": 200, "test_sources": {"advbench": 120, "harmbench": 80}},
+        "analogs": {},
+        "frontier": {
+            "primary_judge": "harm",
+            "ks": [4],
+            "seeds": [0],
+            "sizes": {},
+            "analogs": {"deep": {"points": [point], "dominance": {}, "beyond_qi": {"perplexity": beyond}}},
+        },
+    }
+    folder = tmp_path / "docs" / "results" / "frontier"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    text = render_results(tmp_path)
+    assert text.count("One CPU run of") == 1 and "**Is BFT on the frontier?**" in text
+    headline = text.index("- deep analog, ASR (harm judge, k = 4) against perplexity: **inconclusive: one training")
+    assert headline < text.index("### The frontier") < text.index("## Curves, not points")
+    assert "| aligned | 0 | – | 50.0% [40.0%, 60.0%] |" in text and "Verdicts at a glance" not in text
