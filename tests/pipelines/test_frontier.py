@@ -126,6 +126,7 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
     frontier_run, tmp_path, monkeypatch
 ):
     import bft.pipelines.reproduce.frontier as frontier
+    import bft.pipelines.reproduce.stages as stages
 
     # in the fixture's own folder (a run folder cannot be moved: the teacher cache names its models' paths); the
     # test ends with the run complete again
@@ -142,7 +143,7 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
 
     # a second crash, in the resumed BFT run at step 3: its checkpoint 3 is written, no stage marker. Qi's run (it
     # comes first) is replayed and finished in this invocation
-    real_train, real_sft, calls = frontier.train, frontier.refusal_finetune, []
+    real_train, real_sft, calls = stages.train, frontier.refusal_finetune, []
 
     def crash_at_3(config, *, resume=False, callbacks=(), progress=True):
         def stop(step, metrics):
@@ -151,7 +152,7 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
 
         return real_train(config, resume=resume, callbacks=(*callbacks, stop), progress=progress)
 
-    monkeypatch.setattr(frontier, "train", crash_at_3)
+    monkeypatch.setattr(stages, "train", crash_at_3)  # the training stage (stages.train_stage) calls it
     monkeypatch.setattr(frontier, "refusal_finetune", lambda *a, **k: calls.append(k["seed"]) or real_sft(*a, **k))
     logs = []
     with pytest.raises(KeyboardInterrupt):
@@ -167,7 +168,7 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
     assert not (bft_train / "stage.json").is_file()
     assert (bft_train / "checkpoints/step-00000003/state.json").is_file()
 
-    monkeypatch.setattr(frontier, "train", real_train)
+    monkeypatch.setattr(stages, "train", real_train)
     again, logs = _stage_log(cfg)
     assert any("resuming from" in m and "step-00000003" in m for m in logs), logs
     running = sorted(m.split("]")[0][1:] for m in logs if m.endswith("running ..."))

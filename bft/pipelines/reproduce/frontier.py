@@ -85,13 +85,12 @@ from bft.pipelines.reproduce.stages import (
     generation_settings,
     load_pretrained,
     save_model,
-    saved_bft_settings,
     teacher_cache_dir,
+    train_stage,
 )
 from bft.trainer import checkpoint as ckpt
 from bft.trainer.config import config_from_dict
 from bft.trainer.modeling import add_lora
-from bft.trainer.train import train
 
 __all__ = [
     "budget_steps",
@@ -174,7 +173,7 @@ def stage_frontier_qi(
     if not (
         stages.cached(name, settings, after=("data", aligned_stage)) and all(Path(p).is_dir() for p in out.values())
     ):
-        upstream = "data" in stages.recomputed or aligned_stage in stages.recomputed
+        upstream = stages.upstream_changed(name, ("data", aligned_stage))
         saved = stages.dir(name) / "settings.json"
         same = saved.is_file() and stages.comparable(json.loads(saved.read_text())) == stages.comparable(settings)
         if models.exists() and (upstream or not same):
@@ -251,19 +250,7 @@ def stage_frontier_bft(
         settings["teacher_cache"]["path"] = str(cache_dir)  # model.student reads its teachers from the cache
         after += (student[1],)
     out = {s: str(ckpt.checkpoints_dir(d) / ckpt.step_dir_name(s)) for s in keep}
-    upstream = any(dep in stages.recomputed for dep in after)
-    if not (stages.cached(name, settings, after=after) and all(Path(p).is_dir() for p in out.values())):
-        if upstream and cache_dir.exists() and cache_dir not in stages.fresh_caches:
-            shutil.rmtree(cache_dir)  # built from the old models
-        stages.fresh_caches.add(cache_dir)
-        if d.exists() and (upstream or stages.comparable(settings) != stages.comparable(saved_bft_settings(d))):
-            shutil.rmtree(d)  # another run's checkpoints; only an interrupted identical run resumes
-        with stages.computing(name, settings, keep=True) as d:
-            atomic_write_json(d / "settings.json", settings, indent=1)
-            resume = bool(ckpt.list_checkpoints(d))
-            if resume:
-                log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
-            train(config_from_dict(settings), resume=resume, progress=False)
+    train_stage(stages, name, settings, after=after, cache_dir=cache_dir, log=log, outputs=out.values(), progress=False)
     return out
 
 

@@ -36,7 +36,7 @@ class StageCache:
 
     def cached(self, name: str, settings: dict, after: tuple = ()) -> bool:
         marker = self.dir(name) / "stage.json"
-        if not any(self._stale(name, dep) for dep in after) and marker.is_file():
+        if not self.upstream_changed(name, after) and marker.is_file():
             try:
                 if self.comparable(json.loads(marker.read_text())["settings"]) == self.comparable(settings):
                     self.log(f"[{name}] cached: {self.dir(name)}")
@@ -45,6 +45,11 @@ class StageCache:
                 pass
         self.recomputed.add(name)
         return False
+
+    def upstream_changed(self, name: str, after: tuple) -> bool:
+        """Whether a stage that ``name`` reads (``after``) was recomputed in this run and ``name`` not since: what
+        ``name`` left on disk (checkpoints, a cache built from the old models) belongs to the old inputs."""
+        return any(self._stale(name, dep) for dep in after)
 
     def _stale(self, name: str, dep: str) -> bool:
         """Whether ``dep``, read by stage ``name``, was recomputed in this run and ``name`` not since it finished."""

@@ -525,23 +525,42 @@ def stage_bft(
         loss_overrides=loss_overrides,
         cache_dir=cache_dir,
     )
-    final = d / "final"
-    upstream_recomputed = any(dep in stages.recomputed for dep in after)  # e.g. a new aligned model, same path
-    if not stages.cached(name, settings, after=after):
-        if upstream_recomputed and cache_dir.exists() and cache_dir not in stages.fresh_caches:
-            shutil.rmtree(cache_dir)  # built from the old models (the trainer would refuse it by its fingerprint)
-        stages.fresh_caches.add(cache_dir)
-        if d.exists() and (
-            upstream_recomputed or stages.comparable(settings) != stages.comparable(saved_bft_settings(d))
-        ):
-            shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
-        with stages.computing(name, settings, keep=True) as d:
-            atomic_write_json(d / "settings.json", settings, indent=1)
-            resume = bool(ckpt.list_checkpoints(d))
-            if resume:
-                log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
-            train(config_from_dict(settings), resume=resume)
-    return str(final)
+    train_stage(stages, name, settings, after=after, cache_dir=cache_dir, log=log)
+    return str(d / "final")
+
+
+def train_stage(
+    stages: StageCache,
+    name: str,
+    settings: dict,
+    *,
+    after: tuple,
+    cache_dir: Path,
+    log,
+    outputs=(),
+    progress: bool = True,
+) -> Path:
+    """A BFT training stage (``settings``: the trainer config as a dict): reused when cached and every folder of
+    ``outputs`` exists; else trained, an interrupted identical run resuming from its checkpoints. Checkpoints of
+    another run (other settings, or a stage it reads recomputed) are discarded first, and the teacher cache
+    ``cache_dir`` is rebuilt (once per run) when the models it was built from were recomputed: the trainer would
+    refuse it by its fingerprint. Returns the stage folder."""
+    d = stages.dir(name)
+    if stages.cached(name, settings, after=after) and all(Path(p).is_dir() for p in outputs):
+        return d
+    upstream = stages.upstream_changed(name, after)  # e.g. a new aligned model at the same path
+    if upstream and cache_dir.exists() and cache_dir not in stages.fresh_caches:
+        shutil.rmtree(cache_dir)
+    stages.fresh_caches.add(cache_dir)
+    if d.exists() and (upstream or stages.comparable(settings) != stages.comparable(saved_bft_settings(d))):
+        shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
+    with stages.computing(name, settings, keep=True) as d:
+        atomic_write_json(d / "settings.json", settings, indent=1)
+        resume = bool(ckpt.list_checkpoints(d))
+        if resume:
+            log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
+        train(config_from_dict(settings), resume=resume, progress=progress)
+    return d
 
 
 def saved_bft_settings(d: Path):
