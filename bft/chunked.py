@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from bft.kernels.chunking import grad_hidden_sliced, logits_sliced, rows_per_block
+from bft.kernels.chunking import fused_outputs, grad_hidden_sliced, logits_sliced, rows_per_block, store_rows
 from bft.reference import (
     COMPLETION_TERMS,
     DEFAULT_COMPLETION_FLOOR,
@@ -257,16 +257,7 @@ def bft_forward_backward_torch(
     C = chunk_rows or default_chunk_rows(V)
     wide = torch.promote_types(sh.dtype, torch.float32)
     dev = sh.device
-    out = {
-        "loss_sum": torch.zeros((), dtype=wide, device=dev),
-        "kl": torch.empty(N, dtype=wide, device=dev),
-        "completion": torch.empty(N, dtype=wide, device=dev),
-        "risk": torch.empty(N, dtype=wide, device=dev),
-        "alpha": torch.empty(N, dtype=wide, device=dev),
-        "topk_ids": torch.empty(N, params.top_k, dtype=torch.int64, device=dev),
-        "grad_hidden": torch.empty(sh.shape, dtype=wide, device=dev) if need_dh else None,
-        "grad_weight": torch.zeros(sw.shape, dtype=wide, device=dev) if need_dw else None,
-    }
+    out = fused_outputs(N, V, sh.shape[1], params.top_k, wide, dev, need_dh=need_dh, need_dw=need_dw)
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
         a = logits_fp32(ah[r0:r1], aw)
@@ -277,9 +268,7 @@ def bft_forward_backward_torch(
             s, a, b, harmful[r0:r1], params=params, scale=scale, want_grad=need_dh or need_dw, **given
         )
         del a, b, s
-        out["loss_sum"] += terms["row_loss"].sum()
-        for name in ("kl", "completion", "risk", "alpha", "topk_ids"):
-            out[name][r0:r1] = terms[name]
+        store_rows(out, terms, r0, r1)
         if need_dh:
             out["grad_hidden"][r0:r1] = _grad_hidden(g, sw)
         if need_dw:

@@ -17,7 +17,7 @@ import torch
 
 from .bft_logits import mm_fp32_out, three_logits
 from .bft_rows import bft_rows
-from .chunking import grad_hidden_sliced, rows_per_block
+from .chunking import fused_outputs, grad_hidden_sliced, rows_per_block, store_rows
 
 # fp32 bytes of one [C, V] logit block; a chunk holds 3 of them (S, A, B) plus its rows of the gradient block G.
 #
@@ -130,16 +130,7 @@ def bft_forward_backward_triton(
     if sh.dtype == torch.float64:  # the kernels accumulate in fp32; fp64 inputs are rounded once, up front
         sh, sw, ah, aw, bh, bw = (x.float() for x in (sh, sw, ah, aw, bh, bw))
 
-    out = {
-        "loss_sum": torch.zeros((), dtype=torch.float32, device=dev),
-        "kl": torch.empty(N, dtype=torch.float32, device=dev),
-        "completion": torch.empty(N, dtype=torch.float32, device=dev),
-        "risk": torch.empty(N, dtype=torch.float32, device=dev),
-        "alpha": torch.empty(N, dtype=torch.float32, device=dev),
-        "topk_ids": torch.empty(N, params.top_k, dtype=torch.int64, device=dev),
-        "grad_hidden": torch.empty(N, sh.shape[1], dtype=torch.float32, device=dev) if need_dh else None,
-        "grad_weight": torch.zeros(V, sh.shape[1], dtype=torch.float32, device=dev) if need_dw else None,
-    }
+    out = fused_outputs(N, V, sh.shape[1], params.top_k, torch.float32, dev, need_dh=need_dh, need_dw=need_dw)
     g0 = 0  # first row of the current group of G
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
@@ -158,12 +149,7 @@ def bft_forward_backward_triton(
             topk_ids=None if topk_ids is None else topk_ids[r0:r1],
             risk=None if risk is None else risk[r0:r1],
         )
-        out["loss_sum"] += rows["row_loss"].sum()
-        out["kl"][r0:r1] = rows["kl"]
-        out["completion"][r0:r1] = rows["completion"]
-        out["risk"][r0:r1] = rows["risk"]
-        out["alpha"][r0:r1] = rows["alpha"]
-        out["topk_ids"][r0:r1] = rows["topk_ids"]
+        store_rows(out, rows, r0, r1)
         if want_grad and (r1 - g0 == G.shape[0] or r1 == N):  # the group is full (or the rows end): its GEMMs
             g_group = G[: r1 - g0]
             if need_dh:

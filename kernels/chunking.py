@@ -39,3 +39,27 @@ def grad_hidden_sliced(g: torch.Tensor, weight: torch.Tensor, out: torch.Tensor)
     for v0, v1 in vocab_slices(weight.shape[0], weight.shape[1]):
         out += g[:, v0:v1] @ weight[v0:v1].to(out.dtype)
     return out
+
+
+#: The per-row outputs of a fused backend, copied chunk by chunk from its row terms.
+ROW_OUTPUTS = ("kl", "completion", "risk", "alpha", "topk_ids")
+
+
+def fused_outputs(N: int, V: int, H: int, top_k: int, dtype, device, *, need_dh: bool, need_dw: bool) -> dict:
+    """The output dict of a fused backend (``bft.chunked`` and the Triton driver fill the same one): the loss sum,
+    the per-row terms of :data:`ROW_OUTPUTS` (``topk_ids`` int64 [N, top_k], the rest [N] in ``dtype``), and the
+    gradients of the student's hidden states [N, H] and LM-head weight [V, H] when asked for (else None)."""
+    out = {"loss_sum": torch.zeros((), dtype=dtype, device=device)}
+    for name in ROW_OUTPUTS:
+        shape, kind = ((N, top_k), torch.int64) if name == "topk_ids" else ((N,), dtype)
+        out[name] = torch.empty(shape, dtype=kind, device=device)
+    out["grad_hidden"] = torch.empty(N, H, dtype=dtype, device=device) if need_dh else None
+    out["grad_weight"] = torch.zeros(V, H, dtype=dtype, device=device) if need_dw else None
+    return out
+
+
+def store_rows(out: dict, rows: dict, r0: int, r1: int) -> None:
+    """Add a chunk's row losses (rows ``r0:r1``) to ``out["loss_sum"]`` and copy its per-row terms into ``out``."""
+    out["loss_sum"] += rows["row_loss"].sum()
+    for name in ROW_OUTPUTS:
+        out[name][r0:r1] = rows[name]
