@@ -560,8 +560,8 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     "inconclusive" unless the full-budget points of both methods pool at least two training seeds and the aligned
     model has at least ``MIN_EVENTS`` attack successes under ``judge`` at ``k`` (the ASR the curves start from);
     then "dominated" (every BFT point is dominated beyond the intervals), "dominated by point estimates only"
-    (within the intervals: inconclusive), or "not dominated" (some BFT point escapes Qi's curve; ``separated``
-    says whether beyond the intervals)."""
+    (within the intervals: inconclusive), or "not dominated by the point estimates" (some BFT point escapes Qi's
+    curve; ``separated`` says whether beyond the intervals)."""
     axes = {p["label"]: (_axis(p, "asr", judge, k), _axis(p, utility, judge, k)) for p in points}
     usable = {lab: v for lab, v in axes.items() if v[0][0] is not None and v[1][0] is not None}
     qi = [p["label"] for p in points if p["method"] == "qi" and p["label"] in usable]
@@ -667,8 +667,8 @@ def run_frontier(
                     ckpts = stage_frontier_bft(
                         cfg, stages, data, analog, method, aligned[analog], a_stage, seed, losses[method], log
                     )
-                    train_stage = stages.dir(f"frontier/{analog}/{method}/seed{seed}/train")
-                    settings = json.loads((train_stage / "settings.json").read_text())
+                    train_dir = stages.dir(f"frontier/{analog}/{method}/seed{seed}/train")
+                    settings = json.loads((train_dir / "settings.json").read_text())
                 runs[method][seed] = ckpts
                 for step, path in ckpts.items():
                     headline = step == totals[method]
