@@ -178,6 +178,42 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
     assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
 
 
+def test_an_earlier_qi_checkpoint_replays_only_the_steps_up_to_it(frontier_run, monkeypatch):
+    import bft.pipelines.reproduce.frontier as frontier
+
+    cfg, run, summary = frontier_run
+    qi_models = run / "models/frontier/shallow/qi/seed0"
+    stored = json.loads((run / "frontier/shallow/qi/seed0/train/losses.json").read_text())
+    written = {p.name: (p / "model.safetensors").stat().st_mtime_ns for p in qi_models.iterdir()}
+    real_sft, calls = frontier.refusal_finetune, []
+    monkeypatch.setattr(frontier, "refusal_finetune", lambda *a, **k: calls.append(k) or real_sft(*a, **k))
+
+    more, logs = _stage_log(cfg, frontier_qi_fractions=[0.25, 0.5, 0.75, 1.0])  # Qi alone gains step 3 of 4
+    running = sorted(m.split("]")[0][1:] for m in logs if m.endswith("running ..."))
+    assert running == [
+        "frontier/shallow/qi/seed0/eval_step3",
+        "frontier/shallow/qi/seed0/train",
+        "frontier/shallow/qi/seed1/train",
+    ], running  # the BFT runs keep frontier_fractions; seed 1's curve is not evaluated (frontier_curve_seeds 1)
+    assert [(k["seed"], k["steps"]) for k in calls] == [(1, 3), (2, 3)]  # 3 of 4 steps, not the whole run
+    for name, mtime in written.items():  # the checkpoints already written are kept as they are
+        assert (qi_models / name / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (qi_models / "step-00000003" / "model.safetensors").is_file()
+    train = run / "frontier/shallow/qi/seed0/train"
+    assert json.loads((train / "losses.json").read_text())[3:] == stored[3:]
+    assert json.loads((train / "replay.json").read_text())["max_abs_loss_drift"] < 1e-6  # the same run
+    fractions = [p["fraction"] for p in more["frontier"]["analogs"]["shallow"]["points"] if p["method"] == "qi"]
+    assert fractions == [0.25, 0.5, 0.75, 1.0] and more["frontier"]["qi_fractions"] == [0.25, 0.5, 0.75, 1.0]
+    assert more["frontier"]["fractions"] == [0.25, 0.5, 1.0]
+
+    calls.clear()
+    again, logs = _stage_log(cfg)  # back to the fixture's fractions: nothing is trained again
+    assert not calls
+    assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
+    for seed in (0, 1):
+        shutil.rmtree(run / f"models/frontier/shallow/qi/seed{seed}/step-00000003")
+
+
 def test_one_training_seeds_curves_are_whole_before_the_next_seed_starts(frontier_run):
     running = [m.split("]")[0][1:] for m in FIRST_RUN_LOG if m.endswith("running ...")]
     frontier = [n for n in running if n.startswith("frontier/shallow/") and "/seed" in n and "diagnostic" not in n]
@@ -406,6 +442,8 @@ def test_every_method_gets_the_students_budget(tmp_path):
         ("frontier_fractions", [0.5]),  # no full budget
         ("frontier_fractions", [0.0, 1.0]),
         ("frontier_fractions", [1.5, 1.0]),
+        ("frontier_qi_fractions", [0.5]),
+        ("frontier_qi_fractions", []),
         ("frontier_seeds", []),
         ("frontier_seeds", [0, 0]),
         ("frontier_seeds", ["a"]),

@@ -180,6 +180,9 @@ class ReproduceConfig:
     # evaluation) are skipped, since the frontier evaluates the aligned model and every method's checkpoints itself
     frontier_only: bool = False
     frontier_fractions: list = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
+    # Qi's own list when its curve needs other points (e.g. earlier ones: its first steps already move it far);
+    # None: frontier_fractions. The BFT runs keep frontier_fractions either way.
+    frontier_qi_fractions: list | None = None
     frontier_seeds: list = field(default_factory=lambda: [0, 1])  # training seeds (all at the full budget)
     frontier_curve_seeds: int = 1  # the first N training seeds whose intermediate checkpoints are evaluated
     frontier_methods: list = field(default_factory=lambda: ["qi", "bft_eq9", "bft_chosen"])
@@ -353,14 +356,17 @@ def validate(cfg: ReproduceConfig) -> None:
 def validate_frontier(cfg: ReproduceConfig) -> None:
     """The frontier keys of ``cfg``; a bad value is a ValueError naming its key. Called by
     :func:`validate` (and by :func:`bft.pipelines.reproduce.frontier.run_frontier`)."""
-    fr = cfg.frontier_fractions
-    if not isinstance(fr, list) or not fr:
-        raise ValueError(f"frontier_fractions must be a non-empty list of fractions in (0, 1], got {fr!r}")
-    for f in fr:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-            raise ValueError(f"frontier_fractions must hold fractions in (0, 1], got {f!r}")
-    if 1.0 not in [float(f) for f in fr]:
-        raise ValueError(f"frontier_fractions must include 1.0 (the full budget: the headline points), got {fr}")
+    for key in ("frontier_fractions", "frontier_qi_fractions"):
+        fr = getattr(cfg, key)
+        if fr is None and key == "frontier_qi_fractions":
+            continue
+        if not isinstance(fr, list) or not fr:
+            raise ValueError(f"{key} must be a non-empty list of fractions in (0, 1], got {fr!r}")
+        for f in fr:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise ValueError(f"{key} must hold fractions in (0, 1], got {f!r}")
+        if 1.0 not in [float(f) for f in fr]:
+            raise ValueError(f"{key} must include 1.0 (the full budget: the headline points), got {fr}")
     seeds = cfg.frontier_seeds
     if (
         not isinstance(seeds, list)

@@ -1,7 +1,7 @@
 """Curves, not points: attack success against utility along each method's training budget.
 
 Per analog, per method and per training seed, **one** training run keeps the model at fractions of the budget
-(``frontier_fractions``); every kept checkpoint is evaluated; the points form one curve per method, and the summary
+(``frontier_fractions``; Qi's own ``frontier_qi_fractions`` when given); every kept checkpoint is evaluated; the points form one curve per method, and the summary
 says which points no other method's point dominates.
 
 Methods (``frontier_methods``):
@@ -11,7 +11,8 @@ Methods (``frontier_methods``):
   ``qi_steps`` sizes only the main pipeline's Qi row). Its ``on_step`` hook saves
   the full model at each fraction into ``models/frontier/<analog>/qi/seed<s>/step-<n>`` (atomically). The run is
   deterministic for its seed, so an interrupted run is replayed from step 0 and only the checkpoints it lacks are
-  written; a finished run is reused (its stage marker).
+  written; a finished run is reused (its stage marker), and checkpoints added to it replay only the steps up to
+  the last new one (the learning rate is constant: the first n steps are the whole run's).
 - ``bft_eq9``: the BFT student with Eq. 9 as written (``completion: l2``, ``selection: vocab``) over
   ``loss_overrides`` (the weights chosen on validation).
 - ``bft_chosen``: the student with the completion term / selection rule chosen on validation: the sweep's chosen
@@ -152,12 +153,16 @@ def stage_frontier_qi(
     seed: int,
     log,
 ) -> dict:
-    """Qi et al.'s augmentation for the whole budget, keeping the full model at every fraction. Returns
-    ``{step: model folder}``."""
+    """Qi et al.'s augmentation for the whole budget, keeping the full model at every fraction
+    (``frontier_qi_fractions``, else ``frontier_fractions``). Returns ``{step: model folder}``.
+
+    The run is deterministic for its settings and its learning rate constant, so its first n steps are those of
+    the whole run: checkpoints added to a finished run (a changed fraction list) come from a replay of only the
+    steps up to the last missing one, and the checkpoints already written are kept."""
 
     name = f"frontier/{analog}/qi/seed{seed}/train"
     total = budget_steps(cfg, data, "qi")
-    keep = checkpoint_steps(cfg.frontier_fractions, total)
+    keep = checkpoint_steps(cfg.frontier_qi_fractions or cfg.frontier_fractions, total)
     settings = {
         "steps": total,
         "save_at_steps": keep,
@@ -175,39 +180,65 @@ def stage_frontier_qi(
     ):
         upstream = stages.upstream_changed(name, ("data", aligned_stage))
         saved = stages.dir(name) / "settings.json"
-        same = saved.is_file() and stages.comparable(json.loads(saved.read_text())) == stages.comparable(settings)
-        if models.exists() and (upstream or not same):
-            shutil.rmtree(models)  # another run's checkpoints; only an interrupted identical run keeps its own
+        same_run = (
+            saved.is_file()
+            and not upstream
+            and _run_identity(stages.comparable(json.loads(saved.read_text())))
+            == _run_identity(stages.comparable(settings))
+        )
+        stored = stages.dir(name) / "losses.json"
+        finished = json.loads(stored.read_text()) if same_run and stored.is_file() else None
+        if finished is not None and len(finished) != total:
+            finished = None
+        if models.exists() and not same_run:
+            shutil.rmtree(models)  # another run's checkpoints; only the same run keeps its own
         with stages.computing(name, settings) as d:
             atomic_write_json(d / "settings.json", settings, indent=1)
-            aligned, tok = load_pretrained(aligned_dir, cfg)
+            if finished is not None:  # kept across an interrupted replay
+                atomic_write_json(d / "losses.json", finished, indent=1)
             have = [s for s in keep if Path(out[s]).is_dir()]
+            missing = [s for s in keep if s not in have]
             if have:
                 log(f"[{name}] replaying the deterministic run; keeping the checkpoints at steps {have}")
+            # a finished run's losses are stored: the replay stops at the last missing checkpoint
+            steps = total if finished is None else max(missing, default=0)
+            losses = list(finished or [])
+            if steps:
+                aligned, tok = load_pretrained(aligned_dir, cfg)
 
-            def save(step, model):
-                if step in keep and not Path(out[step]).is_dir():
-                    save_model(model, tok, Path(out[step]))
+                def save(step, model):
+                    if step in keep and not Path(out[step]).is_dir():
+                        save_model(model, tok, Path(out[step]))
 
-            # the stage's own seed convention: stage_qi trains with cfg.seed + 1, so training seed s uses s + 1
-            _, losses = refusal_finetune(
-                aligned,
-                tok,
-                [r["prompt"] for r in data["harmful_train"]],
-                [r["prompt"] for r in data["benign_train"]],
-                benign_responses=[r["response"] for r in data["benign_train"]],
-                steps=total,
-                lr=cfg.align_lr,
-                batch_size=cfg.bft_batch_size,
-                seed=seed + 1,
-                harmful_responses=[r["response"] for r in data["harmful_train"]],
-                recovery_share=cfg.qi_recovery_share,
-                recovery_max_tokens=cfg.recovery_max_tokens,
-                on_step=save,
-                progress=False,
-            )
+                # the stage's own seed convention: stage_qi trains with cfg.seed + 1, so training seed s uses s + 1
+                _, replayed = refusal_finetune(
+                    aligned,
+                    tok,
+                    [r["prompt"] for r in data["harmful_train"]],
+                    [r["prompt"] for r in data["benign_train"]],
+                    benign_responses=[r["response"] for r in data["benign_train"]],
+                    steps=steps,
+                    lr=cfg.align_lr,
+                    batch_size=cfg.bft_batch_size,
+                    seed=seed + 1,
+                    harmful_responses=[r["response"] for r in data["harmful_train"]],
+                    recovery_share=cfg.qi_recovery_share,
+                    recovery_max_tokens=cfg.recovery_max_tokens,
+                    on_step=save,
+                    progress=False,
+                )
+                if finished is not None:
+                    drift = max(abs(a - b) for a, b in zip(replayed, finished))
+                    log(f"[{name}] replayed {steps} of {total} steps; largest |loss - stored loss| = {drift:.3g}")
+                    atomic_write_json(d / "replay.json", {"steps": steps, "max_abs_loss_drift": drift}, indent=1)
+                losses = replayed + losses[steps:]
             atomic_write_json(d / "losses.json", losses, indent=1)
     return out
+
+
+def _run_identity(settings: dict) -> dict:
+    """What decides a Qi run's weights: its settings less the steps it keeps."""
+    return {k: v for k, v in settings.items() if k != "save_at_steps"}
 
 
 def stage_frontier_bft(
@@ -619,6 +650,7 @@ def run_frontier(
     judges: dict = {}  # built by the first evaluation that runs, shared by the rest
     out = {
         "fractions": [float(f) for f in cfg.frontier_fractions],
+        "qi_fractions": [float(f) for f in cfg.frontier_qi_fractions or cfg.frontier_fractions],
         "seeds": list(cfg.frontier_seeds),
         "ks": list(cfg.frontier_ks),
         "primary_judge": primary,
