@@ -257,7 +257,7 @@ def stage_frontier_bft(
     """A BFT student for the whole budget (LoRA, ``loss`` overrides, training seed ``seed``) whose trainer keeps a
     checkpoint at every fraction (``train.save_at_steps``). ``student``: (model folder, its stage) when the student
     starts from another model than the aligned teacher (the diagnostic; ``model.student`` of the trainer, which
-    reads the teachers from the cache). Returns ``{step: checkpoint folder}``."""
+    reads the teachers from the cache). Returns ``({step: checkpoint folder}, the trainer config as a dict)``."""
 
     name = f"frontier/{analog}/{method}/seed{seed}/train"
     d = stages.dir(name)
@@ -282,7 +282,7 @@ def stage_frontier_bft(
         after += (student[1],)
     out = {s: str(ckpt.checkpoints_dir(d) / ckpt.step_dir_name(s)) for s in keep}
     train_stage(stages, name, settings, after=after, cache_dir=cache_dir, log=log, outputs=out.values(), progress=False)
-    return out
+    return out, settings
 
 
 def student_at_checkpoint(settings: dict, checkpoint: str | Path, cfg: ReproduceConfig):
@@ -696,11 +696,9 @@ def run_frontier(
                     ckpts = stage_frontier_qi(cfg, stages, data, analog, aligned[analog], a_stage, seed, log)
                     settings = None
                 else:
-                    ckpts = stage_frontier_bft(
+                    ckpts, settings = stage_frontier_bft(
                         cfg, stages, data, analog, method, aligned[analog], a_stage, seed, losses[method], log
                     )
-                    train_dir = stages.dir(f"frontier/{analog}/{method}/seed{seed}/train")
-                    settings = json.loads((train_dir / "settings.json").read_text())
                 runs[method][seed] = ckpts
                 for step, path in ckpts.items():
                     headline = step == totals[method]
@@ -775,7 +773,7 @@ def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log
     seed = cfg.frontier_seeds[0]
     name = f"diagnostic_{teacher_analog}_teacher"
     total = budget_steps(cfg, data, method)
-    ckpts = stage_frontier_bft(
+    ckpts, settings = stage_frontier_bft(
         cfg,
         stages,
         data,
@@ -788,8 +786,6 @@ def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log
         log,
         student=(aligned[student_analog], aligned_stages[student_analog]),
     )
-    train_stage = f"frontier/{student_analog}/{name}/seed{seed}/train"
-    settings = json.loads((stages.dir(train_stage) / "settings.json").read_text())
     path = ckpts[total]
     evaluation = stage_frontier_eval(
         cfg,

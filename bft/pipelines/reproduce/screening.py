@@ -161,15 +161,20 @@ def stage_screen_data(cfg: ReproduceConfig, stages: StageCache, data: dict, log)
 # each student
 
 
-def _response_ids(tok, rows: list[dict]) -> torch.Tensor:
-    """The response tokens the teacher-forced positions of ``rows`` predict, concatenated
-    (:func:`bft.hf.chat.encode_chat` tokenizes the response exactly so; :func:`teacher_forced_logits` drops the
-    end-of-turn token)."""
-    return torch.tensor([t for r in rows for t in tok(r["response"], add_special_tokens=False).input_ids])
-
-
-def _pieces(x: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
-    return list(torch.split(x, lengths))
+def _teacher_forced_rows(models: list, tok, rows: list[dict], *, batch_size: int, desc: str, progress: bool):
+    """Per kept row of ``rows`` (empty responses skipped), in order: (the row, its response token ids [T], every
+    model's fp32 logits [T, V] at the positions that predict them), from batched teacher-forced passes
+    (:func:`teacher_forced_logits`)."""
+    for _, chunk, logits, lengths in teacher_forced_logits(
+        models, tok, rows, batch_size=batch_size, desc=desc, progress=progress
+    ):
+        # encode_chat tokenizes the response exactly so; teacher_forced_logits drops the end-of-turn token
+        targets = torch.tensor([t for r in chunk for t in tok(r["response"], add_special_tokens=False).input_ids])
+        if len(targets) != sum(lengths):
+            raise ValueError("response tokenization differs from the chat encoding's")
+        per_model = [torch.split(x, lengths) for x in logits]
+        for i, (row, target) in enumerate(zip(chunk, torch.split(targets, lengths))):
+            yield row, target, [pieces[i] for pieces in per_model]
 
 
 @torch.no_grad()
@@ -196,35 +201,25 @@ def reference_measures(
     extra = {} if selection_top_p is None else {"selection_top_p": selection_top_p}
     out = {k: [] for k in ("target_lp", "m_ids", "mass", "mass_base", "top_ids", "top_lp", "harmful_prompts")}
     out.update({k: [] for k in ("benign_target_lp", "benign_top_ids", "benign_top_lp", "benign_prompts")})
-    for _, chunk, (a, b), lengths in teacher_forced_logits(
-        [aligned, base], tok, harmful, batch_size=batch_size, desc="screen reference", progress=progress
-    ):
-        targets = _response_ids(tok, chunk)
-        if len(targets) != sum(lengths):
-            raise ValueError("response tokenization differs from the chat encoding's")
+    passes = dict(batch_size=batch_size, progress=progress)
+    for row, target, (a, b) in _teacher_forced_rows([aligned, base], tok, harmful, desc="screen reference", **passes):
         ids = base_favored_tokens(aligned_logits=a, base_logits=b, top_k=top_k, selection=selection, **extra).ids
         lp_a, lp_b = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
         top_lp, top_ids = lp_a.topk(min(top_n, lp_a.shape[-1]), dim=-1)
-        for key, value in (
-            ("target_lp", lp_a.gather(-1, targets[:, None])[:, 0]),
-            ("m_ids", ids.int()),
-            ("mass", lp_a.gather(-1, ids).exp().sum(-1)),
-            ("mass_base", lp_b.gather(-1, ids).exp().sum(-1)),
-            ("top_ids", top_ids.int()),
-            ("top_lp", top_lp),
-        ):
-            out[key] += [x.clone() for x in _pieces(value, lengths)]
-        out["harmful_prompts"] += [r["prompt"] for r in chunk]
-    for _, chunk, (a,), lengths in teacher_forced_logits(
-        [aligned], tok, benign, batch_size=batch_size, desc="screen reference benign", progress=progress
-    ):
-        targets = _response_ids(tok, chunk)
+        out["target_lp"].append(lp_a.gather(-1, target[:, None])[:, 0])
+        out["m_ids"].append(ids.int())
+        out["mass"].append(lp_a.gather(-1, ids).exp().sum(-1))
+        out["mass_base"].append(lp_b.gather(-1, ids).exp().sum(-1))
+        out["top_ids"].append(top_ids.int())
+        out["top_lp"].append(top_lp)
+        out["harmful_prompts"].append(row["prompt"])
+    for row, target, (a,) in _teacher_forced_rows([aligned], tok, benign, desc="screen reference benign", **passes):
         lp_a = torch.log_softmax(a.float(), -1)
         top_lp, top_ids = lp_a.topk(min(top_n, lp_a.shape[-1]), dim=-1)
-        out["benign_target_lp"] += [x.clone() for x in _pieces(lp_a.gather(-1, targets[:, None])[:, 0], lengths)]
-        out["benign_top_ids"] += [x.clone() for x in _pieces(top_ids.int(), lengths)]
-        out["benign_top_lp"] += [x.clone() for x in _pieces(top_lp, lengths)]
-        out["benign_prompts"] += [r["prompt"] for r in chunk]
+        out["benign_target_lp"].append(lp_a.gather(-1, target[:, None])[:, 0])
+        out["benign_top_ids"].append(top_ids.int())
+        out["benign_top_lp"].append(top_lp)
+        out["benign_prompts"].append(row["prompt"])
     return out
 
 
@@ -274,39 +269,30 @@ def student_measures(
     ``tokens``, ``benign_kl`` (Σ_t coarsened KL)."""
     out = {k_: [] for k_ in ("loglik", "loglik_by_position", "mass", "kl_by_position", "positions")}
     out.update({k_: [] for k_ in ("nll", "tokens", "benign_kl")})
-    at = 0
-    for _, chunk, (s,), lengths in teacher_forced_logits(
-        [student], tok, harmful, batch_size=batch_size, desc="screen student", progress=progress
+    passes = dict(batch_size=batch_size, progress=progress)
+    for r, (row, target, (s,)) in enumerate(
+        _teacher_forced_rows([student], tok, harmful, desc="screen student", **passes)
     ):
+        if reference["harmful_prompts"][r] != row["prompt"]:
+            raise ValueError("the reference was computed on other harmful rows")
         lp_s = torch.log_softmax(s.float(), -1)
-        targets = _response_ids(tok, chunk)
-        for i, (row_lp, size) in enumerate(zip(_pieces(lp_s, lengths), lengths)):
-            r = at + i
-            if reference["harmful_prompts"][r] != chunk[i]["prompt"]:
-                raise ValueError("the reference was computed on other harmful rows")
-            target_lp = row_lp.gather(-1, _pieces(targets, lengths)[i][:, None])[:, 0].double()
-            out["loglik"].append(float(target_lp[k:].mean()) if size > k else None)
-            out["loglik_by_position"].append(target_lp.tolist())
-            out["mass"].append(float(row_lp.gather(-1, reference["m_ids"][r].long()).double().exp().sum()))
-            out["kl_by_position"].append(coarse_kl(reference["top_lp"][r], reference["top_ids"][r], row_lp).tolist())
-            out["positions"].append(size)
-        at += len(chunk)
-    at = 0
-    for _, chunk, (s,), lengths in teacher_forced_logits(
-        [student], tok, benign, batch_size=batch_size, desc="screen student benign", progress=progress
+        target_lp = lp_s.gather(-1, target[:, None])[:, 0].double()
+        out["loglik"].append(float(target_lp[k:].mean()) if len(target) > k else None)
+        out["loglik_by_position"].append(target_lp.tolist())
+        out["mass"].append(float(lp_s.gather(-1, reference["m_ids"][r].long()).double().exp().sum()))
+        out["kl_by_position"].append(coarse_kl(reference["top_lp"][r], reference["top_ids"][r], lp_s).tolist())
+        out["positions"].append(len(target))
+    for r, (row, target, (s,)) in enumerate(
+        _teacher_forced_rows([student], tok, benign, desc="screen student benign", **passes)
     ):
+        if reference["benign_prompts"][r] != row["prompt"]:
+            raise ValueError("the reference was computed on other benign rows")
         lp_s = torch.log_softmax(s.float(), -1)
-        targets = _response_ids(tok, chunk)
-        for i, (row_lp, size) in enumerate(zip(_pieces(lp_s, lengths), lengths)):
-            r = at + i
-            if reference["benign_prompts"][r] != chunk[i]["prompt"]:
-                raise ValueError("the reference was computed on other benign rows")
-            target_lp = row_lp.gather(-1, _pieces(targets, lengths)[i][:, None])[:, 0].double()
-            out["nll"].append(float(-target_lp.sum()))
-            out["tokens"].append(size)
-            kl = coarse_kl(reference["benign_top_lp"][r], reference["benign_top_ids"][r], row_lp)
-            out["benign_kl"].append(float(kl.sum()))
-        at += len(chunk)
+        target_lp = lp_s.gather(-1, target[:, None])[:, 0].double()
+        out["nll"].append(float(-target_lp.sum()))
+        out["tokens"].append(len(target))
+        kl = coarse_kl(reference["benign_top_lp"][r], reference["benign_top_ids"][r], lp_s)
+        out["benign_kl"].append(float(kl.sum()))
     return out
 
 
