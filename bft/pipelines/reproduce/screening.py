@@ -55,18 +55,15 @@ from bft.analysis.positions import teacher_forced_logits
 from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from bft.eval.judges import is_refusal
 from bft.hf import data as hf_data
-from bft.pipelines.reproduce.config import ABLATIONS, SWEEP_SCORES, ReproduceConfig, loss_params
+from bft.pipelines.reproduce.config import SWEEP_SCORES, ReproduceConfig, loss_params
 from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.pipelines.reproduce.stages import (
-    bft_steps,
     harmful_pool,
     harmful_responses,
     load_pretrained,
     point_id,
     split_prompts,
-    stage_bft,
-    sweep_points,
-    training_terms,
+    sweep_students,
 )
 from bft.reference import base_favored_tokens
 from bft.trainer.data import generate_responses
@@ -616,28 +613,17 @@ def screen_sweep(
     cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str, log
 ) -> dict | None:
     """:func:`bft.pipelines.reproduce.stages.stage_sweep` under ``sweep_score: teacher_forced``: the same students
-    (the same stage folders and caches), each scored by :func:`stage_screen` on the screening split; the choice by
-    :func:`choose_point`; the ablations trained and screened at the chosen point. Writes ``sweep/chosen.json``."""
+    (:func:`bft.pipelines.reproduce.stages.sweep_students`: the same stage folders and caches), each scored by
+    :func:`stage_screen` on the screening split; the choice by :func:`choose_point`; the ablations trained and
+    screened at the chosen point. Writes ``sweep/chosen.json``."""
 
     if not cfg.sweep:
         return None
-    steps = cfg.sweep_steps or bft_steps(cfg, data)
     after = ("data", aligned_stage)
     screen = stage_screen_data(cfg, stages, data, log)
-    per_prompt = {}
+    per_prompt, aligned, choice = {}, {}, {}
 
-    def score(overrides: dict, folder: str) -> dict:
-        student = stage_bft(
-            cfg,
-            stages,
-            data,
-            aligned_dir,
-            log,
-            name=f"{folder}/bft",
-            after=after,
-            steps=steps,
-            loss_overrides=overrides,
-        )
+    def score(overrides: dict, folder: str, student: str) -> dict:
         result = stage_screen(
             cfg,
             stages,
@@ -652,41 +638,33 @@ def screen_sweep(
             loss=overrides,
         )
         per_prompt[point_id(overrides)] = result["measures"]["students"]["student"]
-        terms = training_terms(Path(student).parent / "metrics.jsonl", overrides.get("kl_weight", 1.0))
-        return {"overrides": overrides, **result["student"], **terms, "_aligned": result["aligned"]}
+        aligned.update(result["aligned"])  # every point's reference side is the aligned model's
+        return result["student"]
 
-    points = [score(p, f"sweep/{point_id(p)}") for p in sweep_points(cfg)]
-    aligned = points[0].pop("_aligned")
-    for p in points[1:]:
-        p.pop("_aligned")
-    choice = choose_point(points, aligned, cfg.sweep_max_ppl_increase)
-    chosen = points[choice["index"]]
-    cid = point_id(chosen["overrides"])
-    others = {
-        point_id(points[i]["overrides"]): per_prompt[point_id(points[i]["overrides"])] for i in choice["eligible"]
-    }
-    others.pop(cid, None)
-    comparisons = compare_to_chosen(per_prompt[cid], others, seed=cfg.seed)
-    ablations = {}
-    for name in cfg.ablations:
-        overrides = {**chosen["overrides"], **ABLATIONS[name]}
-        ablations[name] = score(overrides, f"sweep/ablation_{name}")
-        ablations[name].pop("_aligned")
+    def choose(points: list[dict]) -> int:
+        choice.update(choose_point(points, aligned, cfg.sweep_max_ppl_increase))
+        return choice["index"]
+
+    sweep = sweep_students(cfg, stages, data, aligned_dir, aligned_stage, log, score=score, choose=choose)
+    points = sweep["points"]
+    cid = point_id(points[sweep["chosen"]]["overrides"])
+    eligible = [point_id(points[i]["overrides"]) for i in choice["eligible"]]
+    comparisons = compare_to_chosen(per_prompt[cid], {p: per_prompt[p] for p in eligible if p != cid}, seed=cfg.seed)
     result = {
         "score": "teacher_forced",
         "analog": cfg.sweep_analog,
-        "steps": steps,
+        "steps": sweep["steps"],
         "aligned": aligned,
         "points": points,
-        "chosen": chosen["overrides"],
+        "chosen": points[sweep["chosen"]]["overrides"],
         "rule": choice["rule"],
         "selection_rule": RULE_TEXT,
-        "eligible": [point_id(points[i]["overrides"]) for i in choice["eligible"]],
+        "eligible": eligible,
         "comparisons_to_chosen": comparisons,
         "perplexity_limit": choice["perplexity_limit"],
         "primary_judge": cfg.judges[0],
         "primary_measure": "harmful_loglik",
-        "ablations": ablations,
+        "ablations": sweep["ablations"],
         "n_val": len(screen["harmful"]),
         "n_benign": len(screen["benign"]),
         "screen_data": screen["stats"],

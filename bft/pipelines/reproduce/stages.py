@@ -724,20 +724,18 @@ def point_id(overrides: dict) -> str:
     )
 
 
-def stage_sweep(
-    cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str, log
-) -> dict | None:
-    """Train a student at every sweep point on ``sweep_analog`` and score each on validation; choose the point; train
-    and score the ablations at it. None when no sweep is configured."""
-    if not cfg.sweep:
-        return None
+def sweep_students(
+    cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str, log, *, score, choose
+) -> dict:
+    """The sweep's driver, whatever scores it: a student of ``sweep_steps`` (stage ``<folder>/bft``) trained at
+    every sweep point (folder ``sweep/<point id>``) and scored by ``score(overrides, folder, student)`` (a dict);
+    ``choose(points)`` gives the chosen point's index; the ablations are trained and scored at the chosen point
+    (folder ``sweep/ablation_<name>``). Each point is ``{"overrides", **score, **training_terms}``. Returns
+    ``{"steps", "points", "chosen", "ablations"}``."""
     steps = cfg.sweep_steps or bft_steps(cfg, data)
     after = ("data", aligned_stage)
-    reference = stage_validation(cfg, stages, data, "sweep/aligned", {"aligned": aligned_dir}, log, after=after)
-    ref = reference["aligned"]
-    pulls = []  # each point's completion pull; they share the aligned side (the students' start)
 
-    def score(overrides: dict, folder: str) -> dict:
+    def run(overrides: dict, folder: str) -> dict:
         student = stage_bft(
             cfg,
             stages,
@@ -749,10 +747,35 @@ def stage_sweep(
             steps=steps,
             loss_overrides=overrides,
         )
-        val = stage_validation(
-            cfg, stages, data, f"{folder}/val", {"student": student}, log, after=after + (f"{folder}/bft",)
-        )["student"]
         terms = training_terms(Path(student).parent / "metrics.jsonl", overrides.get("kl_weight", 1.0))
+        return {"overrides": overrides, **score(overrides, folder, student), **terms}
+
+    points = [run(p, f"sweep/{point_id(p)}") for p in sweep_points(cfg)]
+    chosen = choose(points)
+    ablations = {
+        name: run({**points[chosen]["overrides"], **ABLATIONS[name]}, f"sweep/ablation_{name}")
+        for name in cfg.ablations
+    }
+    return {"steps": steps, "points": points, "chosen": chosen, "ablations": ablations}
+
+
+def stage_sweep(
+    cfg: ReproduceConfig, stages: StageCache, data: dict, aligned_dir: str, aligned_stage: str, log
+) -> dict | None:
+    """Train a student at every sweep point on ``sweep_analog`` and score each on validation by generation; choose
+    the point; train and score the ablations at it (:func:`sweep_students`). None when no sweep is configured."""
+    if not cfg.sweep:
+        return None
+    after = ("data", aligned_stage)
+    ref = stage_validation(cfg, stages, data, "sweep/aligned", {"aligned": aligned_dir}, log, after=after)["aligned"]
+    pulls = []  # each point's completion pull; they share the aligned side (the students' start)
+    primary = cfg.judges[0]
+    limit = (ref["perplexity"] or float("inf")) * (1 + cfg.sweep_max_ppl_increase)
+    rule = "eligible"
+
+    def score(overrides: dict, folder: str, student: str) -> dict:
+        trained = after + (f"{folder}/bft",)
+        val = stage_validation(cfg, stages, data, f"{folder}/val", {"student": student}, log, after=trained)
         pull = stage_completion_pull(
             cfg,
             stages,
@@ -762,40 +785,38 @@ def stage_sweep(
             {"student": student},
             "harmful_val",
             log,
-            after=after + (f"{folder}/bft",),
+            after=trained,
             loss=overrides,
         )
         pulls.append(pull)
-        return {"overrides": overrides, **val, **terms, "mass_ratio": pull["students"]["student"]["mass_ratio"]}
-
-    points = [score(p, f"sweep/{point_id(p)}") for p in sweep_points(cfg)]
-    primary = cfg.judges[0]
-    limit = (ref["perplexity"] or float("inf")) * (1 + cfg.sweep_max_ppl_increase)
-    eligible = [p for p in points if p["perplexity"] is not None and p["perplexity"] <= limit]
+        return {**val["student"], "mass_ratio": pull["students"]["student"]["mass_ratio"]}
 
     def rank(p):
         return (p.get(primary) if p.get(primary) is not None else 1.0, p.get("keyword") or 0.0, p["perplexity"])
 
-    if eligible:
-        chosen, rule = min(eligible, key=rank), "eligible"
-    else:
-        chosen = min(points, key=lambda p: p["perplexity"] if p["perplexity"] is not None else float("inf"))
+    def choose(points: list[dict]) -> int:
+        nonlocal rule
+        eligible = [i for i, p in enumerate(points) if p["perplexity"] is not None and p["perplexity"] <= limit]
+        if eligible:
+            return min(eligible, key=lambda i: rank(points[i]))
         rule = "no point within the perplexity limit: the lowest-perplexity point"
-    ablations = {}
-    for name in cfg.ablations:
-        overrides = {**chosen["overrides"], **ABLATIONS[name]}
-        ablations[name] = score(overrides, f"sweep/ablation_{name}")
-    ref = {**ref, **pulls[0]["aligned"], "mass_ratio": 1.0}  # the students' start
+        return min(
+            range(len(points)),
+            key=lambda i: points[i]["perplexity"] if points[i]["perplexity"] is not None else float("inf"),
+        )
+
+    sweep = sweep_students(cfg, stages, data, aligned_dir, aligned_stage, log, score=score, choose=choose)
+    chosen = sweep["points"][sweep["chosen"]]
     result = {
         "analog": cfg.sweep_analog,
-        "steps": steps,
-        "aligned": ref,
-        "points": points,
+        "steps": sweep["steps"],
+        "aligned": {**ref, **pulls[0]["aligned"], "mass_ratio": 1.0},  # the students' start
+        "points": sweep["points"],
         "chosen": chosen["overrides"],
         "rule": rule,
         "perplexity_limit": limit,
         "primary_judge": primary,
-        "ablations": ablations,
+        "ablations": sweep["ablations"],
         "n_val": len(data["harmful_val"]),
         "k": cfg.sweep_k,
     }
