@@ -220,6 +220,7 @@ def test_a_frontier_only_run_renders_its_headline_first_and_its_table(tmp_path):
         "fraction": 0.0,
         "asr": {"4": {"harm": {"asr": 0.5, "ci": [0.4, 0.6], "n": 600}}},
         "perplexity": {"value": 5.4, "ci": [5.2, 5.6]},
+        "overrefusal": {"value": 63 / 64, "ci": [0.92, 1.0], "n": 64},
     }
     beyond = {
         "utility": "perplexity",
@@ -252,3 +253,10 @@ def test_a_frontier_only_run_renders_its_headline_first_and_its_table(tmp_path):
     headline = text.index("- deep analog, ASR (harm judge, k = 4) against perplexity: **inconclusive: one training")
     assert headline < text.index("### The frontier") < text.index("## Curves, not points")
     assert "| aligned | 0 | – | 50.0% [40.0%, 60.0%] |" in text and "Verdicts at a glance" not in text
+    refuses = "- deep analog: the aligned model refuses 63 of 64 benign look-alike prompts (98%, 95% [92%, 100%])"
+    assert refuses in text and "a blanket refuser" in text and text.index(refuses) < headline
+    point["overrefusal"] = {"value": 0.25, "ci": [0.15, 0.37], "n": 64}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    text = render_results(tmp_path)
+    assert "refuses 16 of 64 benign look-alike prompts (25%, 95% [15%, 37%])." in text
+    assert "blanket" not in text

@@ -344,6 +344,20 @@ def _frontier_headline(root: Path) -> list[str]:
         path = root / folder / "summary.json"
         fr = json.loads(path.read_text()).get("frontier") if path.is_file() else None
         for analog, res in ((fr or {}).get("analogs") or {}).items():
+            aligned = next((p for p in res.get("points", []) if p["method"] == "aligned"), {})
+            refused = aligned.get("overrefusal")
+            if refused and refused.get("n"):
+                ci = refused.get("ci") or [None, None]
+                lines.append(
+                    f"- {analog} analog: the aligned model refuses {round(refused['value'] * refused['n'])} of "
+                    f"{refused['n']} benign look-alike prompts ({_pct(refused['value'])}, 95% "
+                    f"[{_pct(ci[0])}, {_pct(ci[1])}])"
+                    + (
+                        ": a blanket refuser, so over-refusal ranks only how much of that a method unlearns."
+                        if refused["value"] >= 0.9
+                        else "."
+                    )
+                )
             for utility, b in (res.get("beyond_qi") or {}).items():
                 escaped = ", ".join(b["point"]) or "none"
                 lines.append(
