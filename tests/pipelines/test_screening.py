@@ -264,6 +264,9 @@ def test_the_sweep_screened_without_generation_end_to_end(tiny_model_dir, tmp_pa
     assert sweep["ablations"]["kl_only"]["overrides"] == {**sweep["chosen"], "alpha_base": 0.0}
     table = "\n".join(screen_table(sweep))
     assert table.count("**(chosen)**") == 1 and "ablation kl_only" in table and sweep["rule"] in table
+    from bft.pipelines.reproduce.report import sweep_table
+
+    assert "\n".join(sweep_table(summary)).count("## Sweep of the BFT loss") == 1  # REPORT.md's section: one heading
     # a rerun reuses every stage; a bigger screening split recomputes the screens only, not the students
     logs = []
     reproduce(cfg, log=logs.append)

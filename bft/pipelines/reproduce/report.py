@@ -139,7 +139,7 @@ def sweep_table(summary: dict) -> list[str]:
     if not sw:
         return []
     if sw.get("score") == "teacher_forced":  # screened without generation: its own measures and rule
-        return ["## Sweep of the BFT loss (validation split, screened without generation)", "", *screen_table(sw), ""]
+        return [*screen_table(sw), ""]
     primary = sw["primary_judge"]
     lines = [
         "## Sweep of the BFT loss (validation split)",
