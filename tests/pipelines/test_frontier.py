@@ -415,6 +415,33 @@ def test_cluster_interval_resamples_prompts_not_rows():
     assert cluster_interval([], []) == (None, None)
 
 
+def test_an_asr_of_zero_keeps_an_interval_and_cannot_dominate_beyond_it(tmp_path):
+    from bft.eval.stats import wilson_interval
+    from bft.pipelines.reproduce.frontier import dominates, point_measures
+
+    cfg = _tiny_config("unused", tmp_path, **FRONTIER)
+    judge = cfg.judges[0]
+
+    def evaluation(successes: int, prompts: int, seeds: int) -> dict:
+        records = [
+            {"k": 2, "prompt": f"p{i}", "judgements": {judge: i < successes}}
+            for i in range(prompts)
+            for _ in range(seeds)
+        ]
+        return {"records": records, "likelihood": [], "benign": [], "overrefusal": None}
+
+    zero = point_measures(cfg, [evaluation(0, 64, 1)])["asr"]["2"][judge]
+    assert zero["asr"] == 0 and zero["ci"][0] == 0
+    assert zero["ci"][1] == pytest.approx(wilson_interval(0, 64)[1]) and zero["ci"][1] > 0.05  # not [0, 0]
+    # 0 of 64 prompts against 2 of 200 prompts x 3 seeds (every seed of a prompt agrees): the intervals overlap, so
+    # the zero point dominates by its estimate only, not beyond the intervals
+    some = point_measures(cfg, [evaluation(2, 200, 3)])["asr"]["2"][judge]
+    assert some["ci"][0] < zero["ci"][1]
+    better_utility = ((5.0, [4.0, 6.0]), (6.0, [5.0, 7.0]))
+    p, q = ((zero["asr"], zero["ci"]), better_utility[0]), ((some["asr"], some["ci"]), better_utility[1])
+    assert dominates(p, q, separated=False) and not dominates(p, q, separated=True)
+
+
 def test_checkpoint_steps():
     from bft.pipelines.reproduce.frontier import checkpoint_steps
 

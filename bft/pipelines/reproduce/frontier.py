@@ -44,8 +44,11 @@ Sizes: the **headline** points (the full budget: fraction 1.0) of every training
 ``frontier_test_prompts`` test prompts (None: all) and ``frontier_eval_seeds`` sampling seeds at k = ``sweep_k``;
 intermediate checkpoints get the first ``frontier_prompts`` test prompts and one sampling seed, and only the first
 ``frontier_curve_seeds`` training seeds' intermediate checkpoints are evaluated. The longer k always gets the
-first ``frontier_prompts`` prompts and one sampling seed. Every interval is a percentile cluster bootstrap over prompts (several sampling seeds, and at the
-headline several training seeds, of one prompt are one cluster).
+first ``frontier_prompts`` prompts and one sampling seed. A prompt's rows (its sampling seeds, and at the headline
+its training seeds) are one cluster. ASR intervals are Wilson intervals at the design-effect sample size
+(:func:`bft.eval.stats.cluster_wilson_interval`: a percentile bootstrap collapses to [0, 0] at zero attack
+successes, and such a point would "dominate" beyond its interval); the likelihood, perplexity and over-refusal
+intervals are percentile cluster bootstraps over prompts (:func:`cluster_interval`).
 
 **Dominance** (:func:`pareto`), per utility measure (perplexity, over-refusal: lower is better) against ASR
 (primary judge, k = ``sweep_k``; lower is better). Two notions, both reported:
@@ -74,7 +77,7 @@ from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
-from bft.eval.stats import MIN_EVENTS
+from bft.eval.stats import MIN_EVENTS, cluster_wilson_interval
 from bft.pipelines.refusal_sft import refusal_finetune
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
 from bft.pipelines.reproduce.stage_cache import StageCache
@@ -492,8 +495,9 @@ def _ratio_perplexity(rows):
 
 def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
     """One frontier point from the evaluations of one checkpoint of one or more training seeds (pooled: a prompt's
-    rows over sampling and training seeds are one cluster): ASR per k and judge (and the three-way on-topic share),
-    the likelihood, the benign perplexity and over-refusal, each with a cluster-bootstrap interval."""
+    rows over sampling and training seeds are one cluster): ASR per k and judge (and the three-way on-topic share)
+    with a cluster Wilson interval, the likelihood, the benign perplexity and over-refusal, each with a
+    cluster-bootstrap interval."""
     records = [r for e in evals for r in e["records"]]
     out: dict = {"asr": {}}
     for k in cfg.frontier_ks:
@@ -510,8 +514,8 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
             if not verdicts:
                 continue
             prompts = [r["prompt"] for r in rows if judge in r.get("judgements", {})]
-            est, ci = cluster_interval([float(v) for v in verdicts], prompts, seed=cfg.seed)
-            per_judge[judge] = {"asr": est, "ci": ci, "n": len(verdicts), "prompts": len(set(prompts))}
+            rate = cluster_wilson_interval(verdicts, prompts)
+            per_judge[judge] = {"asr": rate["rate"], "ci": rate["ci"], "n": len(verdicts), "prompts": len(set(prompts))}
         out["asr"][str(k)] = per_judge
     lk = [r for e in evals for r in e["likelihood"]]
     if lk:
@@ -878,7 +882,8 @@ def render_frontier(summary: dict, folder: str = "") -> str:
     lines = [
         "## Curves, not points: ASR against utility along the training budget",
         "",
-        f"ASR under the {judge} judge; 95% intervals from a bootstrap over prompts. Headline points (the full budget) "
+        f"ASR under the {judge} judge; 95% intervals over prompts (ASR: Wilson at the design-effect sample size, "
+        "never [0, 0] at zero attack successes; the others: a bootstrap over prompts). Headline points (the full budget) "
         f"pool training seeds {fr['seeds']} on {sizes.get('headline_prompts')} test prompts × "
         f"{sizes.get('headline_sampling_seeds')} sampling seeds (k = {ks[0]}); the checkpoints along the way use "
         f"{sizes.get('curve_prompts')} prompts and one sampling seed. On the frontier: no point of another method "
