@@ -250,8 +250,12 @@ def test_a_frontier_only_run_renders_its_headline_first_and_its_table(tmp_path):
     (folder / "summary.json").write_text(json.dumps(summary))
     text = render_results(tmp_path)
     assert text.count("One CPU run of") == 1 and "**Is BFT on the frontier?**" in text
-    headline = text.index("- deep analog, ASR (harm judge, k = 4) against perplexity: **inconclusive: one training")
-    assert headline < text.index("### The frontier") < text.index("## Curves, not points")
+    headline = text.index(
+        "- deep analog, ASR (harm judge, k = 4) against benign perplexity: **inconclusive: one training"
+    )
+    assert (
+        headline < text.index("### The frontier") < text.index("\n#### Curves, not points") < text.index("\n##### deep")
+    )
     assert "| aligned | 0 | – | 50.0% [40.0%, 60.0%] |" in text and "Verdicts at a glance" not in text
     refuses = "- deep analog: the aligned model refuses 63 of 64 benign look-alike prompts (98%, 95% [92%, 100%])"
     assert refuses in text and "a blanket refuser" in text and text.index(refuses) < headline

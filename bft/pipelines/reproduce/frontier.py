@@ -114,6 +114,7 @@ __all__ = [
 EQ9 = {"completion": "l2", "selection": "vocab"}
 #: the utility measures of the dominance computation (lower is better for both)
 UTILITIES = ("perplexity", "overrefusal")
+UTILITY_NAMES = {"perplexity": "benign perplexity", "overrefusal": "over-refusal"}
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -887,25 +888,24 @@ def render_frontier(summary: dict, folder: str = "") -> str:
         f"pool training seeds {fr['seeds']} on {sizes.get('headline_prompts')} test prompts × "
         f"{sizes.get('headline_sampling_seeds')} sampling seeds (k = {ks[0]}); the checkpoints along the way use "
         f"{sizes.get('curve_prompts')} prompts and one sampling seed. On the frontier: no point of another method "
-        "dominates it (point: by the point estimates; separated: with the intervals disjoint on at least one axis).",
+        "dominates it (point: by the point estimates; separated: with the intervals disjoint on at least one axis). "
+        "Over-refusal is the refusal detector's reading of the answers to benign look-alike prompts: a model whose "
+        "answers have come apart (perplexity far above the aligned model's) counts as not refusing.",
         "",
     ]
-    lines += [f"Note: {n}" for n in fr.get("notes", [])]
+    lines += [line for n in fr.get("notes", []) for line in (f"Note: {n}", "")]
     for analog, res in fr["analogs"].items():
         utilities = list(res.get("dominance", {}))
         lines += [f"### {analog} analog", ""]
         for u, b in (res.get("beyond_qi") or {}).items():
             if not b["bft_points"] or not b["qi_points"]:
                 continue
-            verdict = (
-                f"{len(b['point'])} of {b['bft_points']} BFT points are not dominated by any point of Qi's curve"
-                if b["point"]
-                else f"Qi's curve dominates every one of the {b['bft_points']} BFT points"
-            )
+            n = b["bft_points"]
             lines.append(
-                f"- ASR against {u}: **{b.get('verdict', 'no verdict stored')}**. {verdict} (point estimates); "
-                "with interval separation required, "
-                f"{len(b['separated'])} are not dominated" + (f" ({', '.join(b['point'])})." if b["point"] else ".")
+                f"- ASR against {UTILITY_NAMES.get(u, u)}: **{b.get('verdict', 'no verdict stored')}**. BFT points "
+                f"that no point of Qi's curve dominates: {len(b['point'])} of {n} by the point estimates"
+                + (f" ({', '.join(b['point'])})" if b["point"] else "")
+                + f"; {len(b['separated'])} of {n} when the dominance must hold beyond the intervals."
             )
         if res.get("beyond_qi"):
             lines.append("")

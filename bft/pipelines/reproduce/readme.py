@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bft.eval.stats import MIN_EVENTS
-from bft.pipelines.reproduce.frontier import render_frontier
+from bft.pipelines.reproduce.frontier import UTILITY_NAMES, render_frontier
 from bft.pipelines.reproduce.report import calibration_table, mechanism_cells, sweep_table
 from bft.pipelines.reproduce.summary import PAPER_EFFECT
 
@@ -245,7 +245,9 @@ def frontier_section(summary: dict, folder: str) -> list[str]:
     which of them no other method's point dominates, with intervals; :func:`bft.pipelines.reproduce.frontier.render_frontier`),
     nothing when the run has none. ``folder`` is the run's folder, for the links to its plots."""
     text = render_frontier(summary["frontier"], folder) if "frontier" in summary else ""
-    return text.splitlines() if text else []
+    # one level below the run's heading (### title): its ## section and ### analogs become #### and #####
+    demoted = [("##" + line) if line.startswith(("## ", "### ")) else line for line in text.splitlines()]
+    return [*demoted, ""] if demoted else []
 
 
 def _run_section(root: Path, folder: str, title: str, command: str, notes: str) -> list[str]:
@@ -361,7 +363,8 @@ def _frontier_headline(root: Path) -> list[str]:
             for utility, b in (res.get("beyond_qi") or {}).items():
                 escaped = ", ".join(b["point"]) or "none"
                 lines.append(
-                    f"- {analog} analog, ASR ({b['judge']} judge, k = {b['k']}) against {utility}: "
+                    f"- {analog} analog, ASR ({b['judge']} judge, k = {b['k']}) against "
+                    f"{UTILITY_NAMES.get(utility, utility)}: "
                     f"**{b.get('verdict', 'no verdict stored')}**. BFT points Qi's curve does not dominate: "
                     f"{escaped} (point estimates; {len(b['separated'])} of {b['bft_points']} with intervals "
                     f"required); training seeds at the full budget: {b.get('training_seeds', 'n/a')}."
