@@ -125,7 +125,6 @@ def test_a_finished_frontier_is_reused(frontier_run):
 def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_checkpoints(
     frontier_run, tmp_path, monkeypatch
 ):
-    import bft.pipelines.reproduce.frontier as frontier
     import bft.pipelines.reproduce.stages as stages
 
     # in the fixture's own folder (a run folder cannot be moved: the teacher cache names its models' paths); the
@@ -143,7 +142,7 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
 
     # a second crash, in the resumed BFT run at step 3: its checkpoint 3 is written, no stage marker. Qi's run (it
     # comes first) is replayed and finished in this invocation
-    real_train, real_sft, calls = stages.train, frontier.refusal_finetune, []
+    real_train, real_sft, calls = stages.train, stages.refusal_finetune, []
 
     def crash_at_3(config, *, resume=False, callbacks=(), progress=True):
         def stop(step, metrics):
@@ -153,7 +152,8 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
         return real_train(config, resume=resume, callbacks=(*callbacks, stop), progress=progress)
 
     monkeypatch.setattr(stages, "train", crash_at_3)  # the training stage (stages.train_stage) calls it
-    monkeypatch.setattr(frontier, "refusal_finetune", lambda *a, **k: calls.append(k["seed"]) or real_sft(*a, **k))
+    # Qi's runs (stages.qi_finetune) call it
+    monkeypatch.setattr(stages, "refusal_finetune", lambda *a, **k: calls.append(k["seed"]) or real_sft(*a, **k))
     logs = []
     with pytest.raises(KeyboardInterrupt):
         from bft.pipelines.reproduce import reproduce
@@ -179,14 +179,14 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
 
 
 def test_an_earlier_qi_checkpoint_replays_only_the_steps_up_to_it(frontier_run, monkeypatch):
-    import bft.pipelines.reproduce.frontier as frontier
+    import bft.pipelines.reproduce.stages as stages
 
     cfg, run, summary = frontier_run
     qi_models = run / "models/frontier/shallow/qi/seed0"
     stored = json.loads((run / "frontier/shallow/qi/seed0/train/losses.json").read_text())
     written = {p.name: (p / "model.safetensors").stat().st_mtime_ns for p in qi_models.iterdir()}
-    real_sft, calls = frontier.refusal_finetune, []
-    monkeypatch.setattr(frontier, "refusal_finetune", lambda *a, **k: calls.append(k) or real_sft(*a, **k))
+    real_sft, calls = stages.refusal_finetune, []
+    monkeypatch.setattr(stages, "refusal_finetune", lambda *a, **k: calls.append(k) or real_sft(*a, **k))
 
     more, logs = _stage_log(cfg, frontier_qi_fractions=[0.25, 0.5, 0.75, 1.0])  # Qi alone gains step 3 of 4
     running = sorted(m.split("]")[0][1:] for m in logs if m.endswith("running ..."))

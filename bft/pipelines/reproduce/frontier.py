@@ -6,7 +6,7 @@ says which points no other method's point dominates.
 
 Methods (``frontier_methods``):
 
-- ``qi``: Qi et al.'s augmentation (:func:`bft.pipelines.refusal_sft.refusal_finetune` on the analog's aligned
+- ``qi``: Qi et al.'s augmentation (:func:`bft.pipelines.reproduce.stages.qi_finetune` on the analog's aligned
   model, ``qi_recovery_share`` recovery examples, the student's steps and batch size: the equal budget;
   ``qi_steps`` sizes only the main pipeline's Qi row). Its ``on_step`` hook saves
   the full model at each fraction into ``models/frontier/<analog>/qi/seed<s>/step-<n>`` (atomically). The run is
@@ -78,7 +78,6 @@ from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
 from bft.eval.stats import MIN_EVENTS, cluster_wilson_interval
-from bft.pipelines.refusal_sft import refusal_finetune
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
 from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.pipelines.reproduce.stages import (
@@ -88,6 +87,7 @@ from bft.pipelines.reproduce.stages import (
     eval_settings,
     generation_settings,
     load_pretrained,
+    qi_finetune,
     save_model,
     teacher_cache_dir,
     train_stage,
@@ -215,22 +215,7 @@ def stage_frontier_qi(
                         save_model(model, tok, Path(out[step]))
 
                 # the stage's own seed convention: stage_qi trains with cfg.seed + 1, so training seed s uses s + 1
-                _, replayed = refusal_finetune(
-                    aligned,
-                    tok,
-                    [r["prompt"] for r in data["harmful_train"]],
-                    [r["prompt"] for r in data["benign_train"]],
-                    benign_responses=[r["response"] for r in data["benign_train"]],
-                    steps=steps,
-                    lr=cfg.align_lr,
-                    batch_size=cfg.bft_batch_size,
-                    seed=seed + 1,
-                    harmful_responses=[r["response"] for r in data["harmful_train"]],
-                    recovery_share=cfg.qi_recovery_share,
-                    recovery_max_tokens=cfg.recovery_max_tokens,
-                    on_step=save,
-                    progress=False,
-                )
+                _, replayed = qi_finetune(cfg, data, aligned, tok, steps=steps, seed=seed + 1, on_step=save)
                 if finished is not None:
                     drift = max(abs(a - b) for a, b in zip(replayed, finished))
                     log(f"[{name}] replayed {steps} of {total} steps; largest |loss - stored loss| = {drift:.3g}")

@@ -43,8 +43,10 @@ __all__ = [
     "stage_aligned",
     "stage_calibrate",
     "stage_qi",
+    "qi_finetune",
     "stage_analysis",
     "stage_sweep",
+    "sweep_students",
     "stage_bft",
     "stage_validation",
     "stage_eval",
@@ -260,6 +262,28 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
     return str(aligned_dir)
 
 
+def qi_finetune(cfg: ReproduceConfig, data: dict, aligned, tok, *, steps: int, seed: int, on_step=None):
+    """Qi et al.'s safety-recovery augmentation of ``aligned``: the refusal SFT's training data with
+    ``qi_recovery_share`` recovery examples, at the BFT student's batch size (:func:`refusal_finetune`). Returns
+    (the tuned model, its per-step losses)."""
+    return refusal_finetune(
+        aligned,
+        tok,
+        [r["prompt"] for r in data["harmful_train"]],
+        [r["prompt"] for r in data["benign_train"]],
+        benign_responses=[r["response"] for r in data["benign_train"]],
+        steps=steps,
+        lr=cfg.align_lr,
+        batch_size=cfg.bft_batch_size,
+        seed=seed,
+        harmful_responses=[r["response"] for r in data["harmful_train"]],
+        recovery_share=cfg.qi_recovery_share,
+        recovery_max_tokens=cfg.recovery_max_tokens,
+        on_step=on_step,
+        progress=on_step is None,
+    )
+
+
 def stage_qi(
     cfg: ReproduceConfig, stages: StageCache, data: dict, analog: str, aligned_dir: str, aligned_stage: str, log
 ) -> str:
@@ -281,20 +305,7 @@ def stage_qi(
     if not (stages.cached(name, settings, after=after) and out_dir.is_dir()):
         with stages.computing(name, settings) as d:
             aligned, tok = load_pretrained(aligned_dir, cfg)
-            tuned, losses = refusal_finetune(
-                aligned,
-                tok,
-                [r["prompt"] for r in data["harmful_train"]],
-                [r["prompt"] for r in data["benign_train"]],
-                benign_responses=[r["response"] for r in data["benign_train"]],
-                steps=steps,
-                lr=cfg.align_lr,
-                batch_size=cfg.bft_batch_size,
-                seed=cfg.seed + 1,
-                harmful_responses=[r["response"] for r in data["harmful_train"]],
-                recovery_share=cfg.qi_recovery_share,
-                recovery_max_tokens=cfg.recovery_max_tokens,
-            )
+            tuned, losses = qi_finetune(cfg, data, aligned, tok, steps=steps, seed=cfg.seed + 1)
             save_model(tuned, tok, out_dir)
             atomic_write_json(d / "losses.json", losses, indent=1)
     return str(out_dir)
