@@ -215,7 +215,9 @@ def stage_frontier_qi(
                         save_model(model, tok, Path(out[step]))
 
                 # the stage's own seed convention: stage_qi trains with cfg.seed + 1, so training seed s uses s + 1
-                _, replayed = qi_finetune(cfg, data, aligned, tok, steps=steps, seed=seed + 1, on_step=save)
+                _, replayed = qi_finetune(
+                    cfg, data, aligned, tok, steps=steps, seed=seed + 1, on_step=save, progress=False
+                )
                 if finished is not None:
                     drift = max(abs(a - b) for a, b in zip(replayed, finished))
                     log(f"[{name}] replayed {steps} of {total} steps; largest |loss - stored loss| = {drift:.3g}")

@@ -262,7 +262,9 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
     return str(aligned_dir)
 
 
-def qi_finetune(cfg: ReproduceConfig, data: dict, aligned, tok, *, steps: int, seed: int, on_step=None):
+def qi_finetune(
+    cfg: ReproduceConfig, data: dict, aligned, tok, *, steps: int, seed: int, on_step=None, progress: bool = True
+):
     """Qi et al.'s safety-recovery augmentation of ``aligned``: the refusal SFT's training data with
     ``qi_recovery_share`` recovery examples, at the BFT student's batch size (:func:`refusal_finetune`). Returns
     (the tuned model, its per-step losses)."""
@@ -280,7 +282,7 @@ def qi_finetune(cfg: ReproduceConfig, data: dict, aligned, tok, *, steps: int, s
         recovery_share=cfg.qi_recovery_share,
         recovery_max_tokens=cfg.recovery_max_tokens,
         on_step=on_step,
-        progress=on_step is None,
+        progress=progress,
     )
 
 
@@ -782,7 +784,9 @@ def stage_sweep(
     pulls = []  # each point's completion pull; they share the aligned side (the students' start)
     primary = cfg.judges[0]
     limit = (ref["perplexity"] or float("inf")) * (1 + cfg.sweep_max_ppl_increase)
-    rule = "eligible"
+
+    def within(p):
+        return p["perplexity"] is not None and p["perplexity"] <= limit
 
     def score(overrides: dict, folder: str, student: str) -> dict:
         trained = after + (f"{folder}/bft",)
@@ -806,11 +810,9 @@ def stage_sweep(
         return (p.get(primary) if p.get(primary) is not None else 1.0, p.get("keyword") or 0.0, p["perplexity"])
 
     def choose(points: list[dict]) -> int:
-        nonlocal rule
-        eligible = [i for i, p in enumerate(points) if p["perplexity"] is not None and p["perplexity"] <= limit]
+        eligible = [i for i, p in enumerate(points) if within(p)]
         if eligible:
             return min(eligible, key=lambda i: rank(points[i]))
-        rule = "no point within the perplexity limit: the lowest-perplexity point"
         return min(
             range(len(points)),
             key=lambda i: points[i]["perplexity"] if points[i]["perplexity"] is not None else float("inf"),
@@ -818,6 +820,8 @@ def stage_sweep(
 
     sweep = sweep_students(cfg, stages, data, aligned_dir, aligned_stage, log, score=score, choose=choose)
     chosen = sweep["points"][sweep["chosen"]]
+    # the chosen point is within the limit exactly when some point was
+    rule = "eligible" if within(chosen) else "no point within the perplexity limit: the lowest-perplexity point"
     result = {
         "analog": cfg.sweep_analog,
         "steps": sweep["steps"],
