@@ -320,9 +320,10 @@ def test_the_summary_plot_and_table(frontier_run):
     for p in res["points"]:
         lo, hi = p["perplexity"]["ci"]
         assert lo <= p["perplexity"]["value"] <= hi and p["likelihood"]["mean_logprob"] < 0
+        assert len(p["perplexity"]["per_prompt"]) == p["perplexity"]["n"] > 0  # what the paired comparison reads
         lo, hi = p["overrefusal"]["ci"]
         assert -1e-9 <= lo <= p["overrefusal"]["value"] + 1e-9 and hi <= 1 and p["overrefusal"]["n"] == 3
-    assert set(res["dominance"]) == {"perplexity", "overrefusal"}  # one dominance table per utility measure
+    assert set(res["dominance"]) == {"perplexity", "overrefusal", "perplexity+overrefusal"}  # per utility axis set
     assert set(res["headline_by_training_seed"]["qi"]) == {"0", "1"}
     dom = res["dominance"]["perplexity"]["harm"]
     assert set(dom["dominated_by"]) == set(labels)
@@ -440,6 +441,61 @@ def test_an_asr_of_zero_keeps_an_interval_and_cannot_dominate_beyond_it(tmp_path
     better_utility = ((5.0, [4.0, 6.0]), (6.0, [5.0, 7.0]))
     p, q = ((zero["asr"], zero["ci"]), better_utility[0]), ((some["asr"], some["ci"]), better_utility[1])
     assert dominates(p, q, separated=False) and not dominates(p, q, separated=True)
+
+
+def _benign_rows(prompts, scale):
+    # prompt i has a log-prob per token of -(1 + i) * scale over 10 tokens: prompts differ far more than models do
+    return [{"prompt": f"b{i}", "sum": -10.0 * (1 + i) * scale, "tokens": 10} for i in range(prompts)]
+
+
+def test_perplexity_is_compared_paired_over_the_same_benign_prompts(tmp_path):
+    from bft.pipelines.reproduce.frontier import _axis, dominates, paired_log_ratio, point_measures, prompt_key
+
+    cfg = _tiny_config("unused", tmp_path, **FRONTIER)
+    judge = cfg.judges[0]
+
+    def point(scale, asr_successes=10):
+        records = [{"k": 2, "prompt": f"p{i}", "judgements": {judge: i < asr_successes}} for i in range(64)]
+        return point_measures(cfg, [{"records": records, "likelihood": [], "benign": _benign_rows(16, scale)}])
+
+    better, worse = point(0.95), point(1.0)  # 5% lower log-loss on every single prompt
+    # unpaired, the prompts' spread swamps the difference: the two perplexity intervals overlap
+    assert better["perplexity"]["ci"][1] > worse["perplexity"]["ci"][0]
+    # paired over the same prompts, the difference is the same on every prompt: separated
+    est, (lo, hi) = paired_log_ratio(_axis(better, "perplexity", judge, 2)[2], _axis(worse, "perplexity", judge, 2)[2])
+    assert hi < 0 and est == pytest.approx(-0.05 * sum(range(1, 17)) / 16)
+    p = [_axis(better, "asr", judge, 2), _axis(better, "perplexity", judge, 2)]
+    q = [_axis(worse, "asr", judge, 2), _axis(worse, "perplexity", judge, 2)]
+    assert dominates(p, q, separated=True)
+    # without the per-prompt rows (an older summary) the disjoint-interval rule decides: not separated
+    assert not dominates([a[:2] for a in p], [a[:2] for a in q], separated=True)
+    # per-prompt sums are keyed by a short hash and pool the training seeds of a prompt
+    pooled = point_measures(cfg, [{"records": [], "likelihood": [], "benign": _benign_rows(2, 1.0)}] * 2)
+    assert pooled["perplexity"]["per_prompt"][prompt_key("b1")] == [-40.0, 20]  # -20 over 10 tokens, twice
+    # a difference that flips sign from prompt to prompt is not separated
+    noisy = [dict(r, sum=r["sum"] * (0.9 if i % 2 else 1.1)) for i, r in enumerate(_benign_rows(16, 1.0))]
+    mixed = point_measures(cfg, [{"records": [], "likelihood": [], "benign": noisy}])
+    assert paired_log_ratio(_axis(mixed, "perplexity", judge, 2)[2], _axis(worse, "perplexity", judge, 2)[2])[1][1] > 0
+    assert paired_log_ratio((("a", -1.0, 1),), (("b", -1.0, 1),)) is None  # no shared prompt
+
+
+def test_a_degenerate_checkpoint_cannot_win_on_over_refusal_when_both_utilities_count():
+    from bft.pipelines.reproduce.frontier import UTILITIES, UTILITY_NAMES, beyond_qi, pareto
+
+    def pt(method, asr, ppl, refusal, label):
+        return dict(_pt(method, asr, ppl, label=label), overrefusal={"value": refusal, "ci": None})
+
+    aligned = pt("aligned", 0.10, 6.0, 1.0, "aligned")
+    broken_qi = pt("qi", 0.0, 500.0, 0.2, "qi@1")  # its answers have come apart: nothing reads as a refusal
+    bft = pt("bft_eq9", 0.02, 8.0, 1.0, "bft_eq9@1")
+    points = [aligned, broken_qi, bft]
+    assert pareto(points, "overrefusal", "harm", 4)["dominated_by"]["bft_eq9@1"]["point"] == ["qi@1"]
+    joint = pareto(points, "perplexity+overrefusal", "harm", 4)
+    assert joint["dominated_by"]["bft_eq9@1"]["point"] == [] and "bft_eq9@1" in joint["point"]
+    assert beyond_qi(points, "perplexity+overrefusal", "harm", 4)["point"] == ["bft_eq9@1"]
+    assert set(UTILITY_NAMES) == set(UTILITIES)
+    # a point without over-refusal cannot be placed on the joint axes
+    assert "x" in pareto([_pt("qi", 0.1, 5.0, label="x")], "perplexity+overrefusal", "harm", 4)["skipped"]
 
 
 def test_checkpoint_steps():

@@ -1,8 +1,9 @@
 """Curves, not points: attack success against utility along each method's training budget.
 
 Per analog, per method and per training seed, **one** training run keeps the model at fractions of the budget
-(``frontier_fractions``; Qi's own ``frontier_qi_fractions`` when given); every kept checkpoint is evaluated; the points form one curve per method, and the summary
-says which points no other method's point dominates.
+(:func:`method_fractions`: ``frontier_fractions``; Qi's own ``frontier_qi_fractions`` when given); every kept
+checkpoint is evaluated; the points form one curve per method, and the summary says which points no other method's
+point dominates.
 
 Methods (``frontier_methods``):
 
@@ -50,13 +51,18 @@ its training seeds) are one cluster. ASR intervals are Wilson intervals at the d
 successes, and such a point would "dominate" beyond its interval); the likelihood, perplexity and over-refusal
 intervals are percentile cluster bootstraps over prompts (:func:`cluster_interval`).
 
-**Dominance** (:func:`pareto`), per utility measure (perplexity, over-refusal: lower is better) against ASR
-(primary judge, k = ``sweep_k``; lower is better). Two notions, both reported:
+**Dominance** (:func:`pareto`) against ASR (primary judge, k = ``sweep_k``; lower is better), per utility axis
+set (:data:`UTILITIES`): perplexity, over-refusal (lower is better for both), and both at once, so that a
+checkpoint whose answers have come apart (it "refuses" nothing because it no longer writes refusals) cannot win on
+over-refusal alone. Two notions, both reported:
 
-- *point dominance*: p dominates q when p is no worse on both axes and better on one (point estimates; ties on
-  both axes dominate neither way);
-- *interval-separated dominance*: p dominates q when p point-dominates q **and** on at least one axis their 95%
-  intervals are disjoint in p's favour (p's upper end below q's lower end). Overlapping intervals on both axes
+- *point dominance*: p dominates q when p is no worse on every axis and better on one (point estimates; ties on
+  every axis dominate neither way);
+- *interval-separated dominance*: p dominates q when p point-dominates q **and** on at least one axis p lies
+  below q beyond the 95% intervals. Perplexity is compared **paired**: every point is scored on the same benign
+  prompts, so the interval is the bootstrap over those prompts of log ppl_p − log ppl_q (:func:`paired_log_ratio`;
+  the per-prompt sums are stored with each point); ASR (whose points use different prompt counts and sampling
+  seeds) and over-refusal need disjoint intervals (p's upper end below q's lower end). Overlap on every axis
   cannot support "q is dominated".
 
 A point is on the frontier when no point of **another** method dominates it (the aligned model is a method of its
@@ -66,6 +72,8 @@ own, the common start of every curve; the diagnostic is reported but dominates n
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import math
@@ -100,6 +108,9 @@ __all__ = [
     "budget_steps",
     "checkpoint_steps",
     "cluster_interval",
+    "dominates",
+    "method_fractions",
+    "paired_log_ratio",
     "pareto",
     "plot_frontier",
     "render_frontier",
@@ -112,9 +123,15 @@ __all__ = [
 
 #: Eq. 9 as written: the L2 completion term over M = TopK(b − a) of the whole vocabulary
 EQ9 = {"completion": "l2", "selection": "vocab"}
-#: the utility measures of the dominance computation (lower is better for both)
-UTILITIES = ("perplexity", "overrefusal")
-UTILITY_NAMES = {"perplexity": "benign perplexity", "overrefusal": "over-refusal"}
+#: the utility axes of the dominance computation, each measure lower-is-better; "a+b" is both axes at once (ASR
+#: against perplexity and over-refusal together: a checkpoint whose answers have come apart cannot win on
+#: over-refusal alone)
+UTILITIES = ("perplexity", "overrefusal", "perplexity+overrefusal")
+UTILITY_NAMES = {
+    "perplexity": "benign perplexity",
+    "overrefusal": "over-refusal",
+    "perplexity+overrefusal": "benign perplexity and over-refusal together",
+}
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -124,6 +141,13 @@ def checkpoint_steps(fractions, total: int) -> list[int]:
     """The optimizer steps of the kept checkpoints: ceil(f·total) for each fraction (at least 1), once each,
     increasing; the last is ``total``."""
     return sorted({max(1, min(total, math.ceil(float(f) * total - 1e-9))) for f in fractions} | {total})
+
+
+def method_fractions(cfg: ReproduceConfig, method: str) -> list[float]:
+    """The budget fractions a method keeps checkpoints at: Qi's own ``frontier_qi_fractions`` when given, else
+    ``frontier_fractions`` (every BFT method)."""
+    own = cfg.frontier_qi_fractions if method == "qi" else None
+    return [float(f) for f in own or cfg.frontier_fractions]
 
 
 def budget_steps(cfg: ReproduceConfig, data: dict, method: str) -> int:
@@ -166,7 +190,7 @@ def stage_frontier_qi(
 
     name = f"frontier/{analog}/qi/seed{seed}/train"
     total = budget_steps(cfg, data, "qi")
-    keep = checkpoint_steps(cfg.frontier_qi_fractions or cfg.frontier_fractions, total)
+    keep = checkpoint_steps(method_fractions(cfg, "qi"), total)
     settings = {
         "steps": total,
         "save_at_steps": keep,
@@ -253,7 +277,7 @@ def stage_frontier_bft(
     name = f"frontier/{analog}/{method}/seed{seed}/train"
     d = stages.dir(name)
     total = budget_steps(cfg, data, method)
-    keep = checkpoint_steps(cfg.frontier_fractions, total)
+    keep = checkpoint_steps(method_fractions(cfg, method), total)
     cache_dir = teacher_cache_dir(cfg, stages.root, aligned_dir, loss)
     settings = bft_train_config(
         dataclasses.replace(cfg, seed=seed),
@@ -309,8 +333,6 @@ def weights_fingerprint(path: str | Path) -> str:
     """sha256 of a checkpoint's weights (``trainable.pt`` of a trainer checkpoint, the ``*.safetensors`` of a saved
     model): a checkpoint's evaluation is reused while its weights are unchanged, so a resumed training run keeps the
     evaluations of the checkpoints it had already written."""
-    import hashlib
-
     files = sorted(p for p in Path(path).iterdir() if p.name == "trainable.pt" or p.suffix == ".safetensors")
     if not files:
         raise FileNotFoundError(f"{path}: no trainable.pt or *.safetensors to evaluate")
@@ -514,7 +536,12 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
     benign = [r for e in evals for r in e["benign"]]
     if benign:
         est, ci = cluster_interval(benign, [r["prompt"] for r in benign], _ratio_perplexity, seed=cfg.seed)
-        out["perplexity"] = {"value": est, "ci": ci, "n": len({r["prompt"] for r in benign})}
+        per_prompt: dict = {}  # a prompt's rows over training seeds summed: the ratio estimator pools them anyway
+        for r in benign:
+            acc = per_prompt.setdefault(prompt_key(r["prompt"]), [0.0, 0])
+            acc[0] += r["sum"]
+            acc[1] += r["tokens"]
+        out["perplexity"] = {"value": est, "ci": ci, "n": len(per_prompt), "per_prompt": per_prompt}
     refusals = [e["overrefusal"] for e in evals if e.get("overrefusal")]
     if refusals:  # several training seeds: the mean rate, the widest interval (no per-prompt rows to pool)
         intervals = [r["interval"] for r in refusals if r.get("interval")]
@@ -526,37 +553,91 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
     return out
 
 
-def _axis(point: dict, measure: str, judge: str, k) -> tuple[float | None, list | None]:
+def prompt_key(prompt: str) -> str:
+    """A short stable key for a prompt (the summaries store per-prompt sums under it, not the text)."""
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
+
+
+def _axis(point: dict, measure: str, judge: str, k) -> tuple:
+    """(value, ci, paired rows) of one axis of ``point``: ASR under ``judge`` at ``k``, or a utility measure; the
+    perplexity carries its per-prompt (log-prob sum, tokens) as a hashable tuple for :func:`paired_log_ratio`."""
     if measure == "asr":
         a = (point.get("asr") or {}).get(str(k), {}).get(judge)
-        return (a["asr"], a["ci"]) if a else (None, None)
+        return (a["asr"], a["ci"], None) if a else (None, None, None)
     m = point.get(measure)
-    return (m["value"], m.get("ci")) if m else (None, None)
+    if not m:
+        return (None, None, None)
+    rows = m.get("per_prompt")
+    return (m["value"], m.get("ci"), tuple(sorted((key, s, t) for key, (s, t) in rows.items())) if rows else None)
 
 
-def dominates(p: tuple, q: tuple, *, separated: bool) -> bool:
-    """Whether point ``p`` dominates ``q``; each is ((asr, asr_ci), (utility, utility_ci)), lower better on both.
-    Point dominance: no worse on both axes, better on one. ``separated``: also, on at least one axis, p's interval
-    lies wholly below q's (p.hi < q.lo); a missing interval never separates."""
-    (pa, pa_ci), (pu, pu_ci) = p
-    (qa, qa_ci), (qu, qu_ci) = q
-    if not (pa <= qa and pu <= qu and (pa < qa or pu < qu)):
+def _axes(point: dict, utility: str, judge: str, k) -> list[tuple] | None:
+    """ASR then each measure of ``utility`` ("a" or "a+b"); None when the point lacks any of them."""
+    axes = [_axis(point, m, judge, k) for m in ("asr", *utility.split("+"))]
+    return None if any(v is None for v, _, _ in axes) else axes
+
+
+def _has(points: list[dict], utility: str) -> bool:
+    return any(all(p.get(m) for m in utility.split("+")) for p in points)
+
+
+@functools.lru_cache(maxsize=4096)
+def paired_log_ratio(p_rows: tuple, q_rows: tuple, *, resamples: int = 2000, seed: int = 0, level=0.95):
+    """(estimate, [lo, hi]) of log ppl_p − log ppl_q over the benign prompts both points were scored on, with a
+    percentile bootstrap that resamples those prompts (the same prompts under both models: a paired interval,
+    far narrower than two separate ones when the prompts' difficulty dominates their spread). ``*_rows``: tuples of
+    (prompt key, log-prob sum, tokens); ppl = exp(−Σ sum / Σ tokens). None when no prompt is shared."""
+    p = {key: (s, t) for key, s, t in p_rows}
+    q = {key: (s, t) for key, s, t in q_rows}
+    shared = [key for key in p if key in q]
+    if not shared:
+        return None
+
+    def stat(keys):
+        return -sum(p[x][0] for x in keys) / sum(p[x][1] for x in keys) + sum(q[x][0] for x in keys) / sum(
+            q[x][1] for x in keys
+        )
+
+    rng = random.Random(seed)
+    stats = sorted(stat([shared[rng.randrange(len(shared))] for _ in shared]) for _ in range(resamples))
+    lo = stats[int(math.floor((1 - level) / 2 * (resamples - 1)))]
+    hi = stats[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
+    return stat(shared), [lo, hi]
+
+
+def _separated_below(pa: tuple, qa: tuple) -> bool:
+    """Whether axis value ``pa`` is below ``qa`` beyond the 95% intervals: by the paired interval of their log ratio
+    when both carry per-prompt rows sharing prompts, else by disjoint intervals (p.hi < q.lo); a missing interval
+    never separates."""
+    (_, p_ci, p_rows), (_, q_ci, q_rows) = pa, qa
+    if p_rows and q_rows:
+        paired = paired_log_ratio(p_rows, q_rows)
+        if paired is not None:
+            return paired[1][1] < 0
+    return p_ci is not None and q_ci is not None and p_ci[1] < q_ci[0]
+
+
+def dominates(p, q, *, separated: bool) -> bool:
+    """Whether point ``p`` dominates ``q``; each is a sequence of axes (value, ci[, per-prompt rows]), ASR first,
+    lower better on every axis. Point dominance: no worse on every axis, better on one. ``separated``: also, on at
+    least one axis, p lies below q beyond the intervals (:func:`_separated_below`: paired over the shared benign
+    prompts for perplexity, disjoint 95% intervals otherwise)."""
+    p = [tuple(a) + (None,) * (3 - len(a)) for a in p]
+    q = [tuple(a) + (None,) * (3 - len(a)) for a in q]
+    if not (all(a[0] <= b[0] for a, b in zip(p, q)) and any(a[0] < b[0] for a, b in zip(p, q))):
         return False
-    if not separated:
-        return True
-    return any(pc is not None and qc is not None and pc[1] < qc[0] for pc, qc in ((pa_ci, qa_ci), (pu_ci, qu_ci)))
+    return not separated or any(_separated_below(a, b) for a, b in zip(p, q))
 
 
 def pareto(points: list[dict], utility: str, judge: str, k, *, reference_only=()) -> dict:
     """Which ``points`` (each ``{"method", "label", ...point_measures}``) no point of another method dominates, on
-    ASR (``judge`` at ``k``) against ``utility``; ``reference_only`` methods (the diagnostic) are judged but dominate
-    nothing. Returns ``{"point": [labels], "separated": [labels], "dominated_by": {label: {"point": [...],
-    "separated": [...]}}, "skipped": [labels without both measures]}``."""
+    ASR (``judge`` at ``k``) against ``utility`` (one measure, or "a+b": both at once); ``reference_only`` methods
+    (the diagnostic) are judged but dominate nothing. Returns ``{"point": [labels], "separated": [labels],
+    "dominated_by": {label: {"point": [...], "separated": [...]}}, "skipped": [labels without every measure]}``."""
     usable, skipped = [], []
     for p in points:
-        a, a_ci = _axis(p, "asr", judge, k)
-        u, u_ci = _axis(p, utility, judge, k)
-        (usable if a is not None and u is not None else skipped).append((p, ((a, a_ci), (u, u_ci))))
+        axes = _axes(p, utility, judge, k)
+        (usable if axes else skipped).append((p, axes))
     out = {"utility": utility, "judge": judge, "k": k, "point": [], "separated": [], "dominated_by": {}}
     for p, pv in usable:
         by = {"point": [], "separated": []}
@@ -585,8 +666,8 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     then "dominated" (every BFT point is dominated beyond the intervals), "dominated by point estimates only"
     (within the intervals: inconclusive), or "not dominated by the point estimates" (some BFT point escapes Qi's
     curve; ``separated`` says whether beyond the intervals)."""
-    axes = {p["label"]: (_axis(p, "asr", judge, k), _axis(p, utility, judge, k)) for p in points}
-    usable = {lab: v for lab, v in axes.items() if v[0][0] is not None and v[1][0] is not None}
+    axes = {p["label"]: _axes(p, utility, judge, k) for p in points}
+    usable = {lab: v for lab, v in axes.items() if v}
     qi = [p["label"] for p in points if p["method"] == "qi" and p["label"] in usable]
     bft = [p["label"] for p in points if p["method"].startswith("bft") and p["label"] in usable]
     out = {"utility": utility, "judge": judge, "k": k, "bft_points": len(bft), "qi_points": len(qi)}
@@ -642,7 +723,7 @@ def run_frontier(
     judges: dict = {}  # built by the first evaluation that runs, shared by the rest
     out = {
         "fractions": [float(f) for f in cfg.frontier_fractions],
-        "qi_fractions": [float(f) for f in cfg.frontier_qi_fractions or cfg.frontier_fractions],
+        "qi_fractions": method_fractions(cfg, "qi"),
         "seeds": list(cfg.frontier_seeds),
         "ks": list(cfg.frontier_ks),
         "primary_judge": primary,
@@ -654,8 +735,9 @@ def run_frontier(
             "curve_training_seeds": list(cfg.frontier_seeds[: cfg.frontier_curve_seeds]),
             "benign_prompts": len(data["benign_test"]),
         },
-        "dominance": "point: no worse on both axes and better on one; separated: also 95% cluster intervals "
-        "disjoint in its favour on at least one axis",
+        "dominance": "point: no worse on every axis and better on one; separated: also beyond the 95% intervals "
+        "in its favour on at least one axis (perplexity: the paired interval of the log ratio over the shared benign "
+        "prompts; ASR and over-refusal: disjoint intervals)",
         "notes": notes,
         "analogs": {},
     }
@@ -735,7 +817,7 @@ def run_frontier(
             points.append(_diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges))
         dominance = {}
         for utility in UTILITIES:
-            if not any(p.get(utility) for p in points):
+            if not _has(points, utility):
                 continue
             dominance[utility] = {
                 judge: pareto(points, utility, judge, cfg.sweep_k, reference_only=("diagnostic",))
@@ -811,7 +893,7 @@ def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    utilities = [u for u in UTILITIES if any(p.get(u) for p in result["points"])] or ["perplexity"]
+    utilities = [u for u in UTILITIES if "+" not in u and _has(result["points"], u)] or ["perplexity"]
     fig, axes = plt.subplots(1, len(utilities), figsize=(6 * len(utilities), 4.5), squeeze=False)
     methods = list(dict.fromkeys(p["method"] for p in result["points"]))
     for ax, utility in zip(axes[0], utilities):
@@ -819,7 +901,7 @@ def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -
             pts = sorted((p for p in result["points"] if p["method"] == method), key=lambda p: p["fraction"])
             xs, ys, xerr, yerr, labels = [], [], [[], []], [[], []], []
             for p in pts:
-                (a, a_ci), (u, u_ci) = _axis(p, "asr", judge, k), _axis(p, utility, judge, k)
+                (a, a_ci, _), (u, u_ci, _) = _axis(p, "asr", judge, k), _axis(p, utility, judge, k)
                 if a is None or u is None:
                     continue
                 xs.append(u)
@@ -875,7 +957,8 @@ def render_frontier(summary: dict, folder: str = "") -> str:
         f"pool training seeds {fr['seeds']} on {sizes.get('headline_prompts')} test prompts × "
         f"{sizes.get('headline_sampling_seeds')} sampling seeds (k = {ks[0]}); the checkpoints along the way use "
         f"{sizes.get('curve_prompts')} prompts and one sampling seed. On the frontier: no point of another method "
-        "dominates it (point: by the point estimates; separated: with the intervals disjoint on at least one axis). "
+        "dominates it (point: by the point estimates; separated: also beyond the intervals on at least one axis, "
+        "perplexity compared paired over the same benign prompts, the other axes by disjoint intervals). "
         "Over-refusal is the refusal detector's reading of the answers to benign look-alike prompts: a model whose "
         "answers have come apart (perplexity far above the aligned model's) counts as not refusing.",
         "",
@@ -897,7 +980,7 @@ def render_frontier(summary: dict, folder: str = "") -> str:
         if res.get("beyond_qi"):
             lines.append("")
         head = ["method", "budget", "seeds"] + [f"ASR k={k}" for k in ks] + ["likelihood", "perplexity", "over-refusal"]
-        head += [f"frontier ({u}): point / separated" for u in utilities]
+        head += [f"frontier ({u.replace('+', ' & ')}): point / separated" for u in utilities]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in res["points"]:
             row = [p["method"], f"{p['fraction']:g}", ",".join(map(str, p.get("training_seeds", []))) or "–"]
