@@ -240,13 +240,18 @@ def _judge_note(analog: dict, k: str) -> list[str]:
     ]
 
 
+def _under_run_heading(lines: list[str]) -> list[str]:
+    """A report's markdown placed one level below the run's heading (``### title``): its ``## `` and ``### ``
+    headings become ``#### `` and ``##### ``."""
+    return [("##" + line) if line.startswith(("## ", "### ")) else line for line in lines]
+
+
 def frontier_section(summary: dict, folder: str) -> list[str]:
     """The ASR-against-utility curves of a run (its summary's ``frontier`` key: the points per method and checkpoint,
     which of them no other method's point dominates, with intervals; :func:`bft.pipelines.reproduce.frontier.render_frontier`),
     nothing when the run has none. ``folder`` is the run's folder, for the links to its plots."""
     text = render_frontier(summary["frontier"], folder) if "frontier" in summary else ""
-    # one level below the run's heading (### title): its ## section and ### analogs become #### and #####
-    demoted = [("##" + line) if line.startswith(("## ", "### ")) else line for line in text.splitlines()]
+    demoted = _under_run_heading(text.splitlines())
     return [*demoted, ""] if demoted else []
 
 
@@ -274,10 +279,10 @@ def _run_section(root: Path, folder: str, title: str, command: str, notes: str) 
     ]
     cal = calibration_table(summary)
     if cal:
-        lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in cal]
+        lines += _under_run_heading(cal)
     sweep = sweep_table(summary)
     if sweep:
-        lines += [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in sweep]
+        lines += _under_run_heading(sweep)
     for name, analog in summary["analogs"].items():
         share = analog.get("recovery_share") or 0
         lines += [

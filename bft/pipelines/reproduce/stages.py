@@ -44,6 +44,7 @@ __all__ = [
     "stage_calibrate",
     "stage_qi",
     "qi_finetune",
+    "run_refusal_sft",
     "stage_analysis",
     "stage_sweep",
     "sweep_students",
@@ -242,19 +243,8 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
     if not (stages.cached(name, settings, after=("data",)) and aligned_dir.is_dir()):
         with stages.computing(name, settings) as d:
             base, tok = load_pretrained(data["base_dir"], cfg)
-            tuned, losses = refusal_finetune(
-                base,
-                tok,
-                [r["prompt"] for r in data["harmful_train"]],
-                [r["prompt"] for r in data["benign_train"]],
-                benign_responses=[r["response"] for r in data["benign_train"]],
-                steps=cfg.align_steps,
-                lr=cfg.align_lr,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                harmful_responses=[r["response"] for r in data["harmful_train"]],
-                recovery_share=share,
-                recovery_max_tokens=cfg.recovery_max_tokens,
+            tuned, losses = run_refusal_sft(
+                cfg, data, base, tok, steps=cfg.align_steps, batch_size=cfg.batch_size, seed=cfg.seed, share=share
             )
             save_model(tuned, tok, aligned_dir)
             atomic_write_json(d / "losses.json", losses, indent=1)
@@ -262,25 +252,45 @@ def stage_aligned(cfg: ReproduceConfig, stages: StageCache, data: dict, share: f
     return str(aligned_dir)
 
 
-def qi_finetune(
-    cfg: ReproduceConfig, data: dict, aligned, tok, *, steps: int, seed: int, on_step=None, progress: bool = True
+def run_refusal_sft(
+    cfg: ReproduceConfig, data: dict, model, tok, *, steps, batch_size, seed, share, on_step=None, progress=True
 ):
-    """Qi et al.'s safety-recovery augmentation of ``aligned``: the refusal SFT's training data with
-    ``qi_recovery_share`` recovery examples, at the BFT student's batch size (:func:`refusal_finetune`). Returns
-    (the tuned model, its per-step losses)."""
+    """The refusal SFT (:func:`bft.pipelines.refusal_sft.refusal_finetune`) of ``model`` on the run's training split:
+    its harmful prompts (refusals, ``share`` of them as safety-recovery examples built from their responses) and
+    its benign prompts with their responses, at ``align_lr``. Returns (the tuned model, its per-step losses)."""
     return refusal_finetune(
-        aligned,
+        model,
         tok,
         [r["prompt"] for r in data["harmful_train"]],
         [r["prompt"] for r in data["benign_train"]],
         benign_responses=[r["response"] for r in data["benign_train"]],
         steps=steps,
         lr=cfg.align_lr,
-        batch_size=cfg.bft_batch_size,
+        batch_size=batch_size,
         seed=seed,
         harmful_responses=[r["response"] for r in data["harmful_train"]],
-        recovery_share=cfg.qi_recovery_share,
+        recovery_share=share,
         recovery_max_tokens=cfg.recovery_max_tokens,
+        on_step=on_step,
+        progress=progress,
+    )
+
+
+def qi_finetune(
+    cfg: ReproduceConfig, data: dict, aligned, tok, *, steps: int, seed: int, on_step=None, progress: bool = True
+):
+    """Qi et al.'s safety-recovery augmentation of ``aligned``: the refusal SFT (:func:`run_refusal_sft`) with
+    ``qi_recovery_share`` recovery examples, at the BFT student's batch size. Returns (the tuned model, its per-step
+    losses)."""
+    return run_refusal_sft(
+        cfg,
+        data,
+        aligned,
+        tok,
+        steps=steps,
+        batch_size=cfg.bft_batch_size,
+        seed=seed,
+        share=cfg.qi_recovery_share,
         on_step=on_step,
         progress=progress,
     )
