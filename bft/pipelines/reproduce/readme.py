@@ -372,7 +372,13 @@ def _frontier_headline(root: Path) -> list[str]:
                     f"{UTILITY_NAMES.get(utility, utility)}: "
                     f"**{b.get('verdict', 'no verdict stored')}**. BFT points Qi's curve does not dominate: "
                     f"{escaped} (point estimates; {len(b['separated'])} of {b['bft_points']} with intervals "
-                    f"required); training seeds at the full budget: {b.get('training_seeds', 'n/a')}."
+                    f"required)"
+                    + (
+                        f"; of those, below the aligned model's ASR: {', '.join(b['safer_than_aligned']) or 'none'}"
+                        if b["point"] and "safer_than_aligned" in b
+                        else ""
+                    )
+                    + f"; training seeds at the full budget: {b.get('training_seeds', 'n/a')}."
                 )
     if not lines:
         return []
