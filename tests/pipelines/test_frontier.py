@@ -615,14 +615,20 @@ def test_the_headline_verdict_needs_two_training_seeds_and_ten_aligned_successes
     escaping = _pt("bft_eq9", 0.20, 5.5, [0.15, 0.25], [5.3, 5.7], label="bft_eq9@1")  # better perplexity than Qi
     assert verdict([aligned, qi, separated]) == "dominated"
     assert verdict([aligned, qi, overlapping]).startswith("dominated by point estimates only: inconclusive")
-    assert verdict([aligned, qi, escaping]) == "not dominated by the point estimates"
+    assert verdict([aligned, qi, escaping]) == "not dominated, beyond the intervals"  # perplexity CIs disjoint
+    barely = _pt("bft_eq9", 0.20, 5.9, [0.15, 0.25], [5.7, 6.1], label="bft_eq9@1")  # better perplexity, CIs overlap
+    assert (
+        verdict([aligned, qi, barely]) == "not dominated by the point estimates only: inconclusive within the intervals"
+    )
     # escaping Qi's curve beside the aligned model (better perplexity than Qi's, ASR above the aligned model's) is
-    # no safety gain, and the verdict says so
-    beside = _pt("bft_eq9", 0.55, 5.5, [0.50, 0.60], [5.3, 5.7], label="bft_eq9@1")
-    out = beyond_qi([aligned, qi, beside], "perplexity", "harm", 4)
-    assert out["point"] == ["bft_eq9@1"] and out["safer_than_aligned"] == []
-    assert out["verdict"] == "not dominated by the point estimates only where BFT is no safer than the aligned model"
-    assert beyond_qi([aligned, qi, escaping], "perplexity", "harm", 4)["safer_than_aligned"] == ["bft_eq9@1"]
+    # no safety gain: the safer points decide the verdict
+    beside = _pt("bft_eq9", 0.55, 5.5, [0.50, 0.60], [5.3, 5.7], label="bft_eq9@0.1", fraction=0.1)
+    out = beyond_qi([aligned, qi, beside, separated], "perplexity", "harm", 4)
+    assert out["point"] == ["bft_eq9@0.1"] and out["safer_than_aligned"] == ["bft_eq9@1"] and out["escaping"] == []
+    assert out["verdict"] == "dominated"
+    assert verdict([aligned, qi, beside]) == "no BFT point is safer than the aligned model"
+    out = beyond_qi([aligned, qi, escaping], "perplexity", "harm", 4)
+    assert out["escaping"] == out["escaping_beyond_intervals"] == ["bft_eq9@1"]
     one_seed = _pt("bft_eq9", 0.40, 7.0, [0.35, 0.45], [6.8, 7.2], label="bft_eq9@1", seeds=(0,))
     assert verdict([aligned, qi, one_seed]).startswith("inconclusive: one training seed")
     # an intermediate checkpoint of one seed does not count: only the full-budget points are the headline

@@ -374,8 +374,8 @@ def _frontier_headline(root: Path) -> list[str]:
                     f"{escaped} (point estimates; {len(b['separated'])} of {b['bft_points']} with intervals "
                     f"required)"
                     + (
-                        f"; of those, below the aligned model's ASR: {', '.join(b['safer_than_aligned']) or 'none'}"
-                        if b["point"] and "safer_than_aligned" in b
+                        f"; of those, safer than the aligned model: {', '.join(b['escaping']) or 'none'}"
+                        if b["point"] and "escaping" in b
                         else ""
                     )
                     + f"; training seeds at the full budget: {b.get('training_seeds', 'n/a')}."
