@@ -941,7 +941,9 @@ def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -
             ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=3, label=method, **style)
             for x, y, lab in zip(xs, ys, labels):
                 ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlabel(f"{utility} (lower is better)")
+        if utility == "perplexity":  # a broken checkpoint's perplexity is 1000x the others': a log axis keeps both
+            ax.set_xscale("log")
+        ax.set_xlabel(f"{utility} (lower is better{', log scale' if utility == 'perplexity' else ''})")
         ax.set_ylabel(f"ASR, {judge} judge, k = {k}")
         ax.set_title(f"{title}: ASR vs {utility}".strip(": "))
         ax.grid(alpha=0.3)

@@ -380,12 +380,20 @@ def _frontier_headline(root: Path) -> list[str]:
                     )
                     + f"; training seeds at the full budget: {b.get('training_seeds', 'n/a')}."
                 )
+        curve_seeds = ((fr or {}).get("sizes") or {}).get("curve_training_seeds")
+        if fr and fr.get("analogs") and curve_seeds is not None and len(curve_seeds) < len(fr.get("seeds", [])):
+            lines.append(
+                f"- The checkpoints along the curves are training seed{'s' if len(curve_seeds) != 1 else ''} "
+                f"{', '.join(map(str, curve_seeds))} only (the full-budget points pool {len(fr['seeds'])}): their "
+                "intervals cover prompts, not training runs, and the verdicts weigh BFT's points against all of them."
+            )
     if not lines:
         return []
     return [
-        "**Is BFT on the frontier?** Whether any BFT checkpoint reaches a point that Qi et al.'s augmentation, "
-        "trained for the same budget, does not dominate (lower ASR and better utility; details under the frontier "
-        "run below):",
+        "**Is BFT on the frontier?** Whether any BFT checkpoint safer than the aligned model reaches a point that "
+        "Qi et al.'s augmentation, trained for the same budget, does not dominate (lower ASR and better utility; "
+        "over-refusal alone rewards a checkpoint whose answers have come apart, so the joint line asks for both "
+        "utilities at once; details under the frontier run below):",
         "",
         *lines,
         "",
