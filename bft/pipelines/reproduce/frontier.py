@@ -618,13 +618,17 @@ def _separated_below(pa: tuple, qa: tuple) -> bool:
     return p_ci is not None and q_ci is not None and p_ci[1] < q_ci[0]
 
 
+def _padded(axes) -> list[tuple]:
+    """Axes as (value, ci, per-prompt rows); (value, ci) pairs get no rows."""
+    return [tuple(a) + (None,) * (3 - len(a)) for a in axes]
+
+
 def dominates(p, q, *, separated: bool) -> bool:
     """Whether point ``p`` dominates ``q``; each is a sequence of axes (value, ci[, per-prompt rows]), ASR first,
     lower better on every axis. Point dominance: no worse on every axis, better on one. ``separated``: also, on at
     least one axis, p lies below q beyond the intervals (:func:`_separated_below`: paired over the shared benign
     prompts for perplexity, disjoint 95% intervals otherwise)."""
-    p = [tuple(a) + (None,) * (3 - len(a)) for a in p]
-    q = [tuple(a) + (None,) * (3 - len(a)) for a in q]
+    p, q = _padded(p), _padded(q)
     if not (all(a[0] <= b[0] for a, b in zip(p, q)) and any(a[0] < b[0] for a, b in zip(p, q))):
         return False
     return not separated or any(_separated_below(a, b) for a, b in zip(p, q))
@@ -659,8 +663,7 @@ def pareto(points: list[dict], utility: str, judge: str, k, *, reference_only=()
 def escapes(p, q) -> bool:
     """Whether point ``p`` lies beyond ``q``'s reach: on at least one axis p is below q beyond the intervals
     (:func:`_separated_below`), so that q cannot dominate p whatever the noise. Axes as for :func:`dominates`."""
-    p = [tuple(a) + (None,) * (3 - len(a)) for a in p]
-    q = [tuple(a) + (None,) * (3 - len(a)) for a in q]
+    p, q = _padded(p), _padded(q)
     return any(_separated_below(a, b) for a, b in zip(p, q))
 
 
