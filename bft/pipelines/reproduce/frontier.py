@@ -588,22 +588,15 @@ def paired_log_ratio(p_rows: tuple, q_rows: tuple, *, resamples: int = 2000, see
     percentile bootstrap that resamples those prompts (the same prompts under both models: a paired interval,
     far narrower than two separate ones when the prompts' difficulty dominates their spread). ``*_rows``: tuples of
     (prompt key, log-prob sum, tokens); ppl = exp(−Σ sum / Σ tokens). None when no prompt is shared."""
-    p = {key: (s, t) for key, s, t in p_rows}
     q = {key: (s, t) for key, s, t in q_rows}
-    shared = [key for key in p if key in q]
+    shared = [(key, s, t, *q[key]) for key, s, t in p_rows if key in q]
     if not shared:
         return None
 
-    def stat(keys):
-        return -sum(p[x][0] for x in keys) / sum(p[x][1] for x in keys) + sum(q[x][0] for x in keys) / sum(
-            q[x][1] for x in keys
-        )
+    def log_ratio(rows):  # log ppl_p − log ppl_q = −Σs_p/Σt_p + Σs_q/Σt_q
+        return -sum(r[1] for r in rows) / sum(r[2] for r in rows) + sum(r[3] for r in rows) / sum(r[4] for r in rows)
 
-    rng = random.Random(seed)
-    stats = sorted(stat([shared[rng.randrange(len(shared))] for _ in shared]) for _ in range(resamples))
-    lo = stats[int(math.floor((1 - level) / 2 * (resamples - 1)))]
-    hi = stats[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
-    return stat(shared), [lo, hi]
+    return cluster_interval(shared, [r[0] for r in shared], log_ratio, resamples=resamples, seed=seed, level=level)
 
 
 def _separated_below(pa: tuple, qa: tuple) -> bool:
@@ -631,7 +624,7 @@ def dominates(p, q, *, separated: bool) -> bool:
     p, q = _padded(p), _padded(q)
     if not (all(a[0] <= b[0] for a, b in zip(p, q)) and any(a[0] < b[0] for a, b in zip(p, q))):
         return False
-    return not separated or any(_separated_below(a, b) for a, b in zip(p, q))
+    return not separated or escapes(p, q)
 
 
 def pareto(points: list[dict], utility: str, judge: str, k, *, reference_only=()) -> dict:
