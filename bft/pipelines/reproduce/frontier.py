@@ -908,7 +908,8 @@ def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log
 
 def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -> Path:
     """ASR (``judge`` at ``k``) against each utility measure: one line per method through its checkpoints (marked
-    with their budget fraction), 95% cluster intervals as error bars on both axes. Writes a PNG."""
+    with their training step: short labels that stay apart where a method's first checkpoints crowd), 95% cluster
+    intervals as error bars on both axes. Writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -930,7 +931,7 @@ def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -
                 for err, v, ci in ((xerr, u, u_ci), (yerr, a, a_ci)):
                     err[0].append(max(0.0, v - ci[0]) if ci else 0.0)
                     err[1].append(max(0.0, ci[1] - v) if ci else 0.0)
-                labels.append(f"{p['fraction']:g}")
+                labels.append(str(p["step"]))
             if not xs:
                 continue
             style = dict(marker="*", markersize=12) if method == "aligned" else dict(marker="o")
@@ -941,7 +942,7 @@ def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -
             ax.set_xscale("log")
         ax.set_xlabel(f"{utility} (lower is better{', log scale' if utility == 'perplexity' else ''})")
         ax.set_ylabel(f"ASR, {judge} judge, k = {k}")
-        ax.set_title(f"{title}: ASR vs {utility}".strip(": "))
+        ax.set_title(f"{title}: ASR vs {utility} (labels: training steps)".strip(": "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
