@@ -128,8 +128,10 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
     import bft.pipelines.reproduce.stages as stages
 
     # in the fixture's own folder (a run folder cannot be moved: the teacher cache names its models' paths); the
-    # test ends with the run complete again
+    # test ends with the run complete again. frontier_only: the frontier's stages alone, in their own order (the
+    # per-analog stages would train the shallow analog's shared student first)
     cfg, run, summary = frontier_run
+    cfg = dataclasses.replace(cfg, frontier_only=True)
     bft_train = run / "frontier/shallow/bft_eq9/seed0/train"
     qi_models = run / "models/frontier/shallow/qi/seed0"
     # the state a crash after step 2 leaves: no stage marker, no later checkpoints
@@ -176,6 +178,8 @@ def test_an_interrupted_run_resumes_and_keeps_the_evaluations_of_its_earlier_che
     # resumed run's last checkpoint is the uninterrupted run's (the trainer resumes exactly)
     assert running == ["frontier/shallow/bft_eq9/seed0/train"], running
     assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
+    _, logs = _stage_log(frontier_run[0])  # the per-analog stages read the resumed student: the same, all cached
+    assert not [m for m in logs if m.endswith("running ...")]
 
 
 def test_an_earlier_qi_checkpoint_replays_only_the_steps_up_to_it(frontier_run, monkeypatch):
@@ -232,6 +236,36 @@ def test_frontier_only_skips_the_main_stages_and_keeps_the_frontier(frontier_run
     assert only["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
     assert "## Curves, not points" in (out / "REPORT.md").read_text()
     _stage_log(cfg)  # back to the fixture's summary.json for the tests after this one
+
+
+def test_the_per_analog_student_is_the_frontiers_run_of_the_same_student(frontier_run):
+    cfg, out, summary = frontier_run
+    # shallow: in the frontier, whose bft_eq9 run at training seed cfg.seed has the per-analog loss; deep: not
+    assert summary["analogs"]["shallow"]["student_stage"] == f"frontier/shallow/bft_eq9/seed{cfg.seed}/train"
+    assert summary["analogs"]["deep"]["student_stage"] == "deep/bft"
+    running = [m.split("]")[0][1:] for m in FIRST_RUN_LOG if m.endswith("running ...")]
+    assert "deep/bft" in running and "shallow/bft" not in running and not (out / "shallow/bft").exists()
+    assert running.count(f"frontier/shallow/bft_eq9/seed{cfg.seed}/train") == 1  # trained once, read by both
+    analysis = json.loads((out / "shallow/analysis_student/stage.json").read_text())
+    assert f"frontier/shallow/bft_eq9/seed{cfg.seed}/train" in json.dumps(analysis)  # read from that run
+    assert "the frontier's run (`frontier/shallow/bft_eq9/seed0/train`)" in (out / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(frontier=False),
+        dict(seed=7),  # not a frontier training seed
+        dict(frontier_analogs=["deep"]),
+        dict(loss_overrides={"l2_reg": 0.5}, frontier_methods=["qi"]),  # no BFT method of the frontier
+    ],
+)
+def test_without_the_same_run_in_the_frontier_the_student_trains_on_its_own(change, tmp_path):
+    from bft.pipelines.reproduce.frontier import frontier_student
+
+    cfg = _tiny_config("unused", tmp_path, **{**FRONTIER, **change})
+    # every case is decided before any stage runs: data and models are never read
+    assert frontier_student(cfg, None, {}, "shallow", "unused", "aligned_r0", None, {}, print) is None
 
 
 def test_frontier_only_needs_the_frontier(tmp_path):

@@ -15,7 +15,8 @@ reads was recomputed (an interrupted run resumes stage by stage; an interrupted 
                     and the ablations at it (KL only, completion only, no adaptive α). ``stop_after: sweep``
                     ends the run here (summary.json holds the sweep; no REPORT.md).
 4. per analog ``A``: ``A/analysis_aligned`` (position-wise KL(aligned ‖ base), base-favored counts; paper Fig.
-                    1-3), ``A/bft`` (the student at the chosen point, LoRA, from the teacher cache), ``A/qi`` (Qi et
+                    1-3), ``A/bft`` (the student at the chosen point, LoRA, from the teacher cache; with ``frontier``
+                    the frontier's run of that student when it trains one), ``A/qi`` (Qi et
                     al.'s augmentation at the student's budget: the peer of the paper's Table 2),
                     ``A/analysis_student`` (KL(student ‖ base) by position: Fig. 3 for the trained model),
                     ``A/eval`` (prefill attacks on base, aligned, contrastive decoding in both Eq. 7 forms, the
@@ -44,7 +45,7 @@ from bft.pipelines.reproduce.config import (
     torch_device,
     validate,
 )
-from bft.pipelines.reproduce.frontier import render_frontier, run_frontier
+from bft.pipelines.reproduce.frontier import frontier_student, render_frontier, run_frontier
 from bft.pipelines.reproduce.report import plot_kl_by_position, plot_sweep, render_report
 from bft.pipelines.reproduce.screening import screen_sweep
 from bft.pipelines.reproduce.stage_cache import StageCache
@@ -103,24 +104,30 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     for a, share in ({} if cfg.frontier_only else shares).items():
         after = ("data", aligned_name(share))
         analysis = stage_analysis(cfg, stages, data, aligned[a], f"{a}/analysis_aligned", cfg.alpha, log, after=after)
-        student = stage_bft(
-            cfg,
-            stages,
-            data,
-            aligned[a],
-            log,
-            name=f"{a}/bft",
-            after=after,
-            steps=bft_steps(cfg, data),
-            loss_overrides=loss,
-        )
+        # the frontier's run of the same student when it has one: trained once, read by both
+        shared = frontier_student(cfg, stages, data, a, aligned[a], aligned_name(share), sweep, loss, log)
+        if shared:
+            student, student_stage = shared
+        else:
+            student_stage = f"{a}/bft"
+            student = stage_bft(
+                cfg,
+                stages,
+                data,
+                aligned[a],
+                log,
+                name=student_stage,
+                after=after,
+                steps=bft_steps(cfg, data),
+                loss_overrides=loss,
+            )
         student_analysis = stage_analysis(
-            cfg, stages, data, student, f"{a}/analysis_student", None, log, after=after + (f"{a}/bft",)
+            cfg, stages, data, student, f"{a}/analysis_student", None, log, after=after + (student_stage,)
         )
         models = {"aligned": aligned[a], "bft student": student}
         if cfg.qi_augmentation:
             models["qi augmentation"] = stage_qi(cfg, stages, data, a, aligned[a], aligned_name(share), log)
-        trained = after + (f"{a}/bft", f"{a}/qi")
+        trained = after + (student_stage, f"{a}/qi")
         pull = stage_completion_pull(
             cfg,
             stages,
@@ -135,6 +142,7 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
         )
         evals = stage_eval(cfg, stages, data, a, models, log, after=trained)
         analogs[a] = build_summary(cfg, analysis, student_analysis, evals, analog=a, share=share, pull=pull)
+        analogs[a]["student_stage"] = student_stage
         plot_kl_by_position(analogs[a], root / "plots" / f"kl_by_position_{a}.png")
 
     frontier = None

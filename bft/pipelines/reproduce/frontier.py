@@ -110,6 +110,7 @@ __all__ = [
     "cluster_interval",
     "dominates",
     "escapes",
+    "frontier_student",
     "method_fractions",
     "paired_log_ratio",
     "pareto",
@@ -119,6 +120,8 @@ __all__ = [
     "stage_frontier_bft",
     "stage_frontier_qi",
     "student_at_checkpoint",
+    "train_stage_name",
+    "trained_methods",
     "weights_fingerprint",
 ]
 
@@ -165,7 +168,22 @@ def method_losses(cfg: ReproduceConfig, sweep: dict | None) -> dict:
     return {"bft_eq9": {**cfg.loss_overrides, **EQ9}, "bft_chosen": {**cfg.loss_overrides, **chosen}}
 
 
+def trained_methods(cfg: ReproduceConfig, losses: dict) -> tuple[list[str], list[str]]:
+    """The frontier methods that train (``frontier_methods`` less ``bft_chosen`` when its loss is Eq. 9's: one run,
+    as ``bft_eq9``) and the notes saying so."""
+    methods = list(cfg.frontier_methods)
+    if "bft_chosen" in methods and "bft_eq9" in methods:
+        if loss_params(losses["bft_chosen"]) == loss_params(losses["bft_eq9"]):
+            methods.remove("bft_chosen")
+            return methods, ["bft_chosen resolves to Eq. 9 as written (the same loss): trained once, as bft_eq9"]
+    return methods, []
+
+
 # ------------------------------------------------------------------------------------------------ training stages
+
+
+def train_stage_name(analog: str, method: str, seed: int) -> str:
+    return f"frontier/{analog}/{method}/seed{seed}/train"
 
 
 def _step_name(step: int) -> str:
@@ -189,7 +207,7 @@ def stage_frontier_qi(
     the whole run: checkpoints added to a finished run (a changed fraction list) come from a replay of only the
     steps up to the last missing one, and the checkpoints already written are kept."""
 
-    name = f"frontier/{analog}/qi/seed{seed}/train"
+    name = train_stage_name(analog, "qi", seed)
     total = budget_steps(cfg, data, "qi")
     keep = checkpoint_steps(method_fractions(cfg, "qi"), total)
     settings = {
@@ -275,7 +293,7 @@ def stage_frontier_bft(
     starts from another model than the aligned teacher (the diagnostic; ``model.student`` of the trainer, which
     reads the teachers from the cache). Returns ``({step: checkpoint folder}, the trainer config as a dict)``."""
 
-    name = f"frontier/{analog}/{method}/seed{seed}/train"
+    name = train_stage_name(analog, method, seed)
     d = stages.dir(name)
     total = budget_steps(cfg, data, method)
     keep = checkpoint_steps(method_fractions(cfg, method), total)
@@ -299,6 +317,37 @@ def stage_frontier_bft(
     out = {s: str(ckpt.checkpoints_dir(d) / ckpt.step_dir_name(s)) for s in keep}
     train_stage(stages, name, settings, after=after, cache_dir=cache_dir, log=log, outputs=out.values(), progress=False)
     return out, settings
+
+
+def frontier_student(
+    cfg: ReproduceConfig,
+    stages: StageCache,
+    data: dict,
+    analog: str,
+    aligned_dir: str,
+    aligned_stage: str,
+    sweep: dict | None,
+    loss: dict,
+    log,
+) -> tuple[str, str] | None:
+    """The per-analog student as the frontier's run, when the frontier trains the same one: a BFT method of
+    ``analog`` whose loss is ``loss_overrides`` + ``loss`` and training seed ``cfg.seed`` among ``frontier_seeds``,
+    over the same budget (``bft_steps``). Then the per-analog stages read that run's full-budget model instead of
+    training it a second time. Returns (model folder, training stage), after training it when not cached; None when
+    the frontier has no such run."""
+    if not cfg.frontier or cfg.seed not in cfg.frontier_seeds:
+        return None
+    if cfg.frontier_analogs and analog not in cfg.frontier_analogs:
+        return None
+    losses = method_losses(cfg, sweep)
+    wanted = loss_params({**cfg.loss_overrides, **loss})
+    methods, _ = trained_methods(cfg, losses)
+    method = next((m for m in methods if m != "qi" and loss_params(losses[m]) == wanted), None)
+    if method is None:
+        return None
+    stage_frontier_bft(cfg, stages, data, analog, method, aligned_dir, aligned_stage, cfg.seed, losses[method], log)
+    name = train_stage_name(analog, method, cfg.seed)
+    return str(stages.dir(name) / "final"), name
 
 
 def student_at_checkpoint(settings: dict, checkpoint: str | Path, cfg: ReproduceConfig):
@@ -621,7 +670,6 @@ def dominates(p, q, *, separated: bool) -> bool:
     lower better on every axis. Point dominance: no worse on every axis, better on one. ``separated``: also, on at
     least one axis, p lies below q beyond the intervals (:func:`_separated_below`: paired over the shared benign
     prompts for perplexity, disjoint 95% intervals otherwise)."""
-    p, q = _padded(p), _padded(q)
     if not (all(a[0] <= b[0] for a, b in zip(p, q)) and any(a[0] < b[0] for a, b in zip(p, q))):
         return False
     return not separated or escapes(p, q)
@@ -734,12 +782,7 @@ def run_frontier(
 
     validate_frontier(cfg)
     losses = method_losses(cfg, sweep)
-    methods = list(cfg.frontier_methods)
-    notes = []
-    if "bft_chosen" in methods and "bft_eq9" in methods:
-        if loss_params(losses["bft_chosen"]) == loss_params(losses["bft_eq9"]):
-            methods.remove("bft_chosen")
-            notes.append("bft_chosen resolves to Eq. 9 as written (the same loss): trained once, as bft_eq9")
+    methods, notes = trained_methods(cfg, losses)
     primary = cfg.judges[0]
     judges: dict = {}  # built by the first evaluation that runs, shared by the rest
     out = {

@@ -61,6 +61,11 @@ def _header(summary: dict, environment: dict) -> list[str]:
         if cfg.get("bft_epochs") is not None
         else f"{cfg['bft_steps']} steps"
     )
+    shared = sorted(
+        {a["student_stage"] for a in summary["analogs"].values() if a.get("student_stage", "").startswith("frontier/")}
+    )
+    if shared:  # the frontier trained the same student: one run, read by both
+        budget += f", the frontier's run ({', '.join(f'`{s}`' for s in shared)})"
     qi = ""
     if cfg.get("qi_augmentation"):
         n = cfg.get("qi_steps")
