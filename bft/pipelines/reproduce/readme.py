@@ -349,8 +349,8 @@ def _frontier_headline(root: Path) -> list[str]:
     lines = []
     for folder, _title, _, _ in RUNS:
         path = root / folder / "summary.json"
-        fr = json.loads(path.read_text()).get("frontier") if path.is_file() else None
-        for analog, res in ((fr or {}).get("analogs") or {}).items():
+        fr = (json.loads(path.read_text()).get("frontier") if path.is_file() else None) or {}
+        for analog, res in (fr.get("analogs") or {}).items():
             aligned = next((p for p in res.get("points", []) if p["method"] == "aligned"), {})
             refused = aligned.get("overrefusal")
             if refused and refused.get("n"):
@@ -380,8 +380,8 @@ def _frontier_headline(root: Path) -> list[str]:
                     )
                     + f"; training seeds at the full budget: {b.get('training_seeds', 'n/a')}."
                 )
-        curve_seeds = ((fr or {}).get("sizes") or {}).get("curve_training_seeds")
-        if fr and fr.get("analogs") and curve_seeds is not None and len(curve_seeds) < len(fr.get("seeds", [])):
+        curve_seeds = (fr.get("sizes") or {}).get("curve_training_seeds")
+        if fr.get("analogs") and curve_seeds is not None and len(curve_seeds) < len(fr.get("seeds", [])):
             lines.append(
                 f"- The checkpoints along the curves are training seed{'s' if len(curve_seeds) != 1 else ''} "
                 f"{', '.join(map(str, curve_seeds))} only (the full-budget points pool {len(fr['seeds'])}): their "
