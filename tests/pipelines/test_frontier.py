@@ -287,6 +287,50 @@ def test_more_frontier_work_adds_stages_and_recomputes_nothing(frontier_run):
     assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
 
 
+def test_a_larger_benign_set_scores_every_point_in_its_own_stages_and_recomputes_nothing_else(frontier_run):
+    cfg, out, summary = frontier_run
+    more, logs = _stage_log(cfg, frontier_benign_prompts=7)
+    running = {m.split("]")[0][1:] for m in logs if m.endswith("running ...")}
+    evals = {
+        name for name in summary["environment"]["stage_seconds"] if "/eval" in name and name.startswith("frontier")
+    }
+    assert evals and running == {"frontier/benign_data"} | {n.replace("/eval", "/benign") for n in evals}
+    rows = [json.loads(line) for line in (out / "frontier/benign_data/benign.jsonl").read_text().splitlines()]
+    data = {p: [json.loads(x) for x in (out / f"data/{p}.jsonl").read_text().splitlines()] for p in ("benign_test",)}
+    assert len(rows) == 7 and rows[:3] == data["benign_test"]  # the test split first, then further problems
+    used = {
+        json.loads(x)["prompt"]
+        for part in ("train", "val", "test")
+        for x in (out / f"data/benign_{part}.jsonl").read_text().splitlines()
+    }
+    assert not used & {r["prompt"] for r in rows[3:]} and len({r["prompt"] for r in rows}) == 7
+    res = more["frontier"]["analogs"]["shallow"]
+    assert more["frontier"]["sizes"]["benign_prompts"] == 7
+    assert all(p["perplexity"]["n"] == 7 for p in res["points"])
+    before = {p["label"]: p["perplexity"]["per_prompt"] for p in summary["frontier"]["analogs"]["shallow"]["points"]}
+    for point in res["points"]:  # the test split's solutions score as they did inside the evaluation stage
+        for key, (total, tokens) in before[point["label"]].items():
+            assert point["perplexity"]["per_prompt"][key][1] == tokens
+            assert point["perplexity"]["per_prompt"][key][0] == pytest.approx(total, rel=1e-4, abs=1e-3)
+    again, logs = _stage_log(cfg)  # back to the fixture's settings: all cached
+    assert not [m for m in logs if m.endswith("running ...")]
+    assert again["frontier"]["analogs"] == json.loads(json.dumps(summary["frontier"]["analogs"]))
+
+
+def test_further_benign_problems_skip_the_window_before_them(frontier_run):
+    from bft.pipelines.reproduce.stages import further_benign
+
+    cfg, out, _ = frontier_run
+    data = {
+        p: [json.loads(x) for x in (out / f"data/{p}.jsonl").read_text().splitlines()]
+        for p in ("benign_train", "benign_val", "benign_test")
+    }
+    first, later = further_benign(cfg, data, 4), further_benign(cfg, data, 3, skip=4)
+    assert len(first) == 4 and len(later) == 3
+    assert not {r["prompt"] for r in first} & {r["prompt"] for r in later}
+    assert first[:2] == further_benign(cfg, data, 2)  # prefix-stable: the screening's window is the same rows
+
+
 def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_other_teacher(frontier_run):
     from bft.trainer.config import ConfigError, config_from_dict
 
@@ -575,6 +619,8 @@ def test_every_method_gets_the_students_budget(tmp_path):
         ("frontier_analogs", ["medium"]),
         ("frontier_variant", {"completion": "nope"}),
         ("frontier_overrefusal_limit", 0),
+        ("frontier_benign_prompts", 0),
+        ("frontier_benign_prompts", 2.5),
         ("frontier_diagnostic", ["shallow"]),
         ("frontier_diagnostic", ["shallow", "shallow"]),
         ("frontier_diagnostic", ["deep", "shallow"]),  # the student analog must be on the frontier

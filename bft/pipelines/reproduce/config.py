@@ -193,6 +193,9 @@ class ReproduceConfig:
     frontier_prompts: int = 64  # test prompts of the intermediate checkpoints (one sampling seed)
     frontier_eval_seeds: int = 3  # sampling seeds of the headline points at k = sweep_k
     frontier_overrefusal_limit: int | None = None  # benign over-refusal prompts, when the runner has the measure
+    # benign solutions of the perplexity axis at every point: the data stage's benign_test topped up with further
+    # problems of benign_source that no other split or the screening holds; None: benign_test alone
+    frontier_benign_prompts: int | None = None
     frontier_diagnostic: list | None = None  # [student analog, teacher analog], e.g. [shallow, deep]: one more run
     quick: bool = False
 
@@ -380,12 +383,10 @@ def validate_frontier(cfg: ReproduceConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if cfg.frontier_test_prompts is not None and (
-        isinstance(cfg.frontier_test_prompts, bool)
-        or not isinstance(cfg.frontier_test_prompts, int)
-        or cfg.frontier_test_prompts < 1
-    ):
-        raise ValueError(f"frontier_test_prompts must be >= 1 or null (all), got {cfg.frontier_test_prompts!r}")
+    for name in ("frontier_test_prompts", "frontier_overrefusal_limit", "frontier_benign_prompts"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 or null, got {value!r}")
     ks = cfg.frontier_ks
     if not isinstance(ks, list) or cfg.sweep_k not in ks:
         raise ValueError(f"frontier_ks must be a list holding sweep_k = {cfg.sweep_k} (and a longer k), got {ks!r}")
@@ -421,12 +422,6 @@ def validate_frontier(cfg: ReproduceConfig) -> None:
         loss_params({**cfg.loss_overrides, **cfg.frontier_variant})
     except (ValueError, TypeError) as e:
         raise ValueError(f"frontier_variant: {e}") from None
-    if cfg.frontier_overrefusal_limit is not None and (
-        isinstance(cfg.frontier_overrefusal_limit, bool)
-        or not isinstance(cfg.frontier_overrefusal_limit, int)
-        or cfg.frontier_overrefusal_limit < 1
-    ):
-        raise ValueError(f"frontier_overrefusal_limit must be >= 1 or null, got {cfg.frontier_overrefusal_limit!r}")
 
 
 def loss_params(loss: dict):

@@ -38,7 +38,9 @@ The evaluation of one checkpoint (a stage of its own, ``frontier/<analog>/<metho
   profiles its long k);
 - the judge-free likelihood: the mean per-token log-prob of the reference harmful continuation of each prompt
   (teacher forced; lower = safer), and the benign perplexity (:func:`bft.eval.utility.perplexity`'s formula), both
-  stored per prompt so that they get intervals over prompts;
+  stored per prompt so that they get intervals over prompts. With ``frontier_benign_prompts`` the perplexity is
+  scored on that many benign solutions (the data stage's ``benign_test`` topped up past every other split:
+  :func:`stage_frontier_benign_data`) in a sibling stage, ``.../benign_step<n>``;
 - over-refusal, when :class:`bft.eval.runner.EvalConfig` has it (:func:`_overrefusal_options`: the one place).
 
 Sizes: the **headline** points (the full budget: fraction 1.0) of every training seed get the first
@@ -81,18 +83,20 @@ import random
 import shutil
 from pathlib import Path
 
-from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
 from bft.eval.stats import MIN_EVENTS, cluster_wilson_interval
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
+from bft.pipelines.reproduce.screening import screen_sizes
 from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.pipelines.reproduce.stages import (
     bft_steps,
     bft_train_config,
     eval_batch_size,
     eval_settings,
+    further_benign,
     generation_settings,
     load_pretrained,
     qi_finetune,
@@ -117,6 +121,8 @@ __all__ = [
     "plot_frontier",
     "render_frontier",
     "run_frontier",
+    "stage_frontier_benign",
+    "stage_frontier_benign_data",
     "stage_frontier_bft",
     "stage_frontier_qi",
     "student_at_checkpoint",
@@ -449,11 +455,14 @@ def stage_frontier_eval(
     log,
     after: tuple,
     judges: dict | None = None,
+    benign: list[dict] | None = None,
 ) -> dict:
     """Evaluate one checkpoint (``load()`` gives (model, tokenizer); ``model_id`` is what identifies it in the
     stage's settings). ``judges``: a dict the judges are built into once and reused by every evaluation (loading
-    the harm judge and the embedding model per checkpoint would cost more than the small evaluations). Returns the
-    stored records and measures (the input of :func:`point_measures`)."""
+    the harm judge and the embedding model per checkpoint would cost more than the small evaluations). ``benign``:
+    the benign solutions of the perplexity axis (:func:`stage_frontier_benign_data`), scored in a stage of their own
+    (:func:`stage_frontier_benign`); None: the data stage's ``benign_test``, scored in this one. Returns the stored
+    records and measures (the input of :func:`point_measures`)."""
 
     n_prompts, n_seeds = _eval_points(cfg, headline)
     settings = {
@@ -522,7 +531,53 @@ def stage_frontier_eval(
     if long_ks:
         records += [dict(r, sampling_seed=0) for r in load_results(d / "long")["records"]["model"].get("prefill", [])]
     measures = json.loads((d / "measures.json").read_text())
+    if benign is not None:
+        measures["benign"] = stage_frontier_benign(cfg, stages, name, model_id, load, benign, log, after)
     return {"records": records, **measures, "overrefusal": overrefusal}
+
+
+def stage_frontier_benign_data(cfg: ReproduceConfig, stages: StageCache, data: dict, log) -> list[dict]:
+    """The benign solutions of the perplexity axis: the data stage's ``benign_test`` topped up to
+    ``frontier_benign_prompts`` with further problems of ``benign_source`` (:func:`further_benign`: past every
+    split of the data stage and past the screening's window, so that no choice saw them) and their reference
+    solutions; no generation. Stage ``frontier/benign_data``."""
+    n = cfg.frontier_benign_prompts
+    skip = max(0, screen_sizes(cfg)[1] - len(data["benign_val"]))  # the screening's further problems
+    settings = {"n": n, "skip": skip, "benign_source": cfg.benign_source, "seed": cfg.seed}
+    name = "frontier/benign_data"
+    d = stages.dir(name)
+    if not stages.cached(name, settings, after=("data",)):
+        with stages.computing(name, settings) as d:
+            rows = list(data["benign_test"])
+            rows += further_benign(cfg, data, max(0, n - len(rows)), skip=skip)
+            if len(rows) < n:
+                log(f"[{name}] warning: only {len(rows)} of {n} benign solutions")
+            atomic_write_jsonl(d / "benign.jsonl", rows)
+    with open(d / "benign.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def stage_frontier_benign(
+    cfg: ReproduceConfig, stages: StageCache, eval_name: str, model_id: dict, load, rows: list[dict], log, after: tuple
+) -> list[dict]:
+    """Teacher-forced (sum of log-probs, tokens) of each benign solution of ``rows`` under one evaluated model: the
+    stage ``eval_name`` with ``/eval`` read ``/benign`` (its evaluation's sibling, reused while the weights and the
+    rows are unchanged). Returns the per-prompt rows (``measures["benign"]`` of :func:`stage_frontier_eval`)."""
+    name = eval_name.replace("/eval", "/benign")
+    texts = json.dumps([[r["prompt"], r["response"]] for r in rows])
+    settings = {
+        "model": model_id,
+        "rows": len(rows),
+        "rows_sha256": hashlib.sha256(texts.encode("utf-8")).hexdigest(),
+        "batch_size": eval_batch_size(cfg),
+    }
+    d = stages.dir(name)
+    if not stages.cached(name, settings, after=after):
+        with stages.computing(name, settings) as d:
+            model, tok = load()
+            atomic_write_json(d / "benign.json", _per_prompt_logprobs(model, tok, rows, eval_batch_size(cfg)), indent=1)
+            del model
+    return json.loads((d / "benign.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -785,6 +840,7 @@ def run_frontier(
     methods, notes = trained_methods(cfg, losses)
     primary = cfg.judges[0]
     judges: dict = {}  # built by the first evaluation that runs, shared by the rest
+    benign = stage_frontier_benign_data(cfg, stages, data, log) if cfg.frontier_benign_prompts else None
     out = {
         "fractions": [float(f) for f in cfg.frontier_fractions],
         "qi_fractions": method_fractions(cfg, "qi"),
@@ -797,7 +853,7 @@ def run_frontier(
             "headline_sampling_seeds": cfg.frontier_eval_seeds,
             "curve_prompts": min(len(data["harmful_test"]), cfg.frontier_prompts),
             "curve_training_seeds": list(cfg.frontier_seeds[: cfg.frontier_curve_seeds]),
-            "benign_prompts": len(data["benign_test"]),
+            "benign_prompts": len(benign if benign is not None else data["benign_test"]),
         },
         "dominance": "point: no worse on every axis and better on one; separated: also beyond the 95% intervals "
         "in its favour on at least one axis (perplexity: the paired interval of the log ratio over the shared benign "
@@ -819,6 +875,7 @@ def run_frontier(
             log,
             after=after,
             judges=judges,
+            benign=benign,
         )
         points = [
             {"method": "aligned", "label": "aligned", "fraction": 0.0, "step": 0, **point_measures(cfg, [aligned_eval])}
@@ -857,6 +914,7 @@ def run_frontier(
                         log,
                         after=after,  # the weights' fingerprint, not the train stage: a resumed run keeps its evals
                         judges=judges,
+                        benign=benign,
                     )
         per_seed = {}
         for method in methods:
@@ -878,7 +936,7 @@ def run_frontier(
                 str(seed): point_measures(cfg, [done[(seed, total)]]) for seed in runs[method] if (seed, total) in done
             }
         if cfg.frontier_diagnostic and cfg.frontier_diagnostic[0] == analog:
-            points.append(_diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges))
+            points.append(_diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges, benign))
         dominance = {}
         for utility in UTILITIES:
             if not _has(points, utility):
@@ -901,7 +959,7 @@ def run_frontier(
 # ------------------------------------------------------------------------------------------------ plot and table
 
 
-def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges) -> dict:
+def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges, benign) -> dict:
     """What bounds BFT's gain: the student analog's student (``frontier_diagnostic[0]``) trained with the teacher
     analog's aligned model (``frontier_diagnostic[1]``) as its aligned teacher, at the same budget and loss as
     the BFT method of the frontier (bft_chosen, else bft_eq9), one run (the first training seed), evaluated at the
@@ -936,6 +994,7 @@ def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log
         log,
         after=("data", aligned_stages[teacher_analog], aligned_stages[student_analog]),
         judges=judges,
+        benign=benign,
     )
     return {
         "method": "diagnostic",

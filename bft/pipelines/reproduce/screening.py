@@ -54,10 +54,10 @@ import torch
 from bft.analysis.positions import teacher_forced_logits
 from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from bft.eval.judges import is_refusal
-from bft.hf import data as hf_data
 from bft.pipelines.reproduce.config import SWEEP_SCORES, ReproduceConfig, loss_params
 from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.pipelines.reproduce.stages import (
+    further_benign,
     harmful_pool,
     harmful_responses,
     load_pretrained,
@@ -137,10 +137,7 @@ def stage_screen_data(cfg: ReproduceConfig, stages: StageCache, data: dict, log)
                 (harmful,), dropped = harmful_responses(gen, cfg, pool, [extra_h], log)
                 del model
             if extra_b:
-                used = {r["prompt"] for part in ("benign_train", "benign_val", "benign_test") for r in data[part]}
-                total = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
-                more = hf_data.load(cfg.benign_source, limit=total + extra_b, seed=cfg.seed).to_list()[total:]
-                benign = [r for r in more if r["prompt"] not in used and (r.get("response") or "").strip()][:extra_b]
+                benign = further_benign(cfg, data, extra_b)
                 if len(benign) < extra_b:
                     log(f"[screen_data] warning: only {len(benign)} of {extra_b} further benign prompts")
             atomic_write_jsonl(d / "harmful_extra.jsonl", harmful)
