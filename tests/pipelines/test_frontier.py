@@ -268,6 +268,16 @@ def test_without_the_same_run_in_the_frontier_the_student_trains_on_its_own(chan
     assert frontier_student(cfg, None, {}, "shallow", "unused", "aligned_r0", None, {}, print) is None
 
 
+def test_resummarizing_a_frontier_run_keeps_its_frontier_section(frontier_run):
+    from bft.commands.reproduce import resummarize
+
+    cfg, out, _ = frontier_run
+    report = (out / "REPORT.md").read_text()
+    assert "## Curves, not points" in report
+    resummarize(out)
+    assert (out / "REPORT.md").read_text() == report
+
+
 def test_frontier_only_needs_the_frontier(tmp_path):
     from bft.pipelines.reproduce import validate
 

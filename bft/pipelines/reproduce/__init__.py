@@ -45,7 +45,7 @@ from bft.pipelines.reproduce.config import (
     torch_device,
     validate,
 )
-from bft.pipelines.reproduce.frontier import frontier_student, render_frontier, run_frontier
+from bft.pipelines.reproduce.frontier import frontier_student, run_frontier
 from bft.pipelines.reproduce.report import plot_kl_by_position, plot_sweep, render_report
 from bft.pipelines.reproduce.screening import screen_sweep
 from bft.pipelines.reproduce.stage_cache import StageCache
@@ -164,10 +164,7 @@ def reproduce(cfg: ReproduceConfig, *, log=None) -> dict:
     atomic_write_json(root / "summary.json", summary, indent=1)
     if sweep:
         plot_sweep(sweep, root / "plots" / "sweep.png")
-    report = render_report(summary, environment)
-    if frontier is not None:
-        report += "\n" + render_frontier(summary)
-    atomic_write_text(root / "REPORT.md", report)
+    atomic_write_text(root / "REPORT.md", render_report(summary, environment))
     return summary
 
 

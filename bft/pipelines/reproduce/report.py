@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bft.atomic import atomic_save_figure
 from bft.eval.stats import MIN_EVENTS, wilson_interval
+from bft.pipelines.reproduce.frontier import render_frontier
 from bft.pipelines.reproduce.screening import screen_table
 
 __all__ = ["render_report", "plot_kl_by_position", "plot_sweep"]
@@ -486,7 +487,9 @@ def render_report(summary: dict, environment: dict) -> str:
         "`<analog>/eval/main/asr_vs_k.png`, `<analog>/eval/main/alpha_sweep.png`.",
         "",
     ]
-    return "\n".join(lines)
+    report = "\n".join(lines)
+    frontier = render_frontier(summary["frontier"]) if "frontier" in summary else ""
+    return report + "\n" + frontier if frontier else report
 
 
 def _plot_screened_sweep(sweep: dict, path: Path, plt) -> None:
