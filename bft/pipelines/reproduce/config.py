@@ -154,7 +154,9 @@ class ReproduceConfig:
     stop_after: str | None = None
     # stage 5
     prefill_ks: list = field(default_factory=lambda: [0, 4])
-    eval_tokens: int = 32
+    # new tokens per continuation: at 32 the judges rarely see harm (the base model's 9% harm rate after a prefill),
+    # and the paper generates far more; 64 doubles what they read for ~0.35 s more per continuation on 2 CPU cores
+    eval_tokens: int = 64
     # the prefill-attack protocol of Qi et al. (2024): seeded nucleus sampling. Under greedy decoding Eq. 7 can only
     # change a step whose aligned argmax is itself base-favored (it never raises a token), so greedy hides most of it
     sample: bool = True
@@ -245,7 +247,7 @@ def paper_config(**overrides) -> ReproduceConfig:
         analysis_tokens=32,
         analysis_prompts=None,
         bft_epochs=20.0,
-        eval_tokens=48,
+        eval_tokens=128,  # a GPU job: the judges read a longer continuation
         eval_seeds=3,
         sweep=dict(DEFAULT_SWEEP),
         prefill_ks=[0, 4, 10, 20, "full"],
