@@ -100,6 +100,7 @@ from bft.pipelines.reproduce.stages import (
     generation_settings,
     load_pretrained,
     qi_finetune,
+    read_jsonl,
     save_model,
     teacher_cache_dir,
     train_stage,
@@ -553,8 +554,7 @@ def stage_frontier_benign_data(cfg: ReproduceConfig, stages: StageCache, data: d
             if len(rows) < n:
                 log(f"[{name}] warning: only {len(rows)} of {n} benign solutions")
             atomic_write_jsonl(d / "benign.jsonl", rows)
-    with open(d / "benign.jsonl", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(d / "benign.jsonl")
 
 
 def stage_frontier_benign(

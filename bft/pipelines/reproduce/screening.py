@@ -46,7 +46,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +61,7 @@ from bft.pipelines.reproduce.stages import (
     harmful_responses,
     load_pretrained,
     point_id,
+    read_jsonl,
     split_prompts,
     sweep_students,
 )
@@ -93,11 +93,6 @@ LEVEL = 0.95
 
 # --------------------------------------------------------------------------------------------------------------------
 # the screening split
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def screen_sizes(cfg: ReproduceConfig) -> tuple[int, int]:
@@ -144,8 +139,8 @@ def stage_screen_data(cfg: ReproduceConfig, stages: StageCache, data: dict, log)
             atomic_write_jsonl(d / "benign_extra.jsonl", benign)
             stats = {"harmful_extra": len(harmful), "benign_extra": len(benign), "dropped_base_refused": dropped}
             atomic_write_json(d / "stats.json", stats, indent=1)
-    harmful = val[:n_harmful] + _read_jsonl(d / "harmful_extra.jsonl")
-    benign = benign_val[:n_benign] + _read_jsonl(d / "benign_extra.jsonl")
+    harmful = val[:n_harmful] + read_jsonl(d / "harmful_extra.jsonl")
+    benign = benign_val[:n_benign] + read_jsonl(d / "benign_extra.jsonl")
     harmful = [r for r in harmful if r["response"].strip() and not is_refusal(r["response"])]
     return {"harmful": harmful, "benign": benign, "stats": json.loads((d / "stats.json").read_text())}
 

@@ -58,10 +58,11 @@ __all__ = [
     "point_id",
     "aligned_name",
     "further_benign",
+    "read_jsonl",
 ]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -218,7 +219,7 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
             save_model(model, tok, base_dir)
             del model
     out = {
-        name: _read_jsonl(d / f"{name}.jsonl")
+        name: read_jsonl(d / f"{name}.jsonl")
         for name in ("harmful_train", "harmful_val", "harmful_test", "benign_train", "benign_val", "benign_test")
     }
     return {**out, "stats": json.loads((d / "stats.json").read_text()), "base_dir": str(base_dir)}
