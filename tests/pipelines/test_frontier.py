@@ -341,6 +341,20 @@ def test_further_benign_problems_skip_the_window_before_them(frontier_run):
     assert first[:2] == further_benign(cfg, data, 2)  # prefix-stable: the screening's window is the same rows
 
 
+def test_further_benign_problems_never_repeat_a_text(monkeypatch):
+    from types import SimpleNamespace
+
+    from bft.pipelines.reproduce import stages
+
+    texts = ["a", "b", "c", "d", "d", "a", "e", "c", "f", "g"]  # the first 2 are the splits' problems
+    rows = [{"prompt": t, "response": f"solution {t}"} for t in texts]
+    monkeypatch.setattr(stages.hf_data, "load", lambda src, limit, seed: SimpleNamespace(to_list=lambda: rows[:limit]))
+    cfg = SimpleNamespace(n_benign_train=1, n_benign_val=1, n_benign_test=0, benign_source="gsm8k", seed=0)
+    data = {"benign_train": [rows[0]], "benign_val": [rows[1]], "benign_test": []}
+    got = [r["prompt"] for r in stages.further_benign(cfg, data, 6, skip=1)]
+    assert got == ["d", "e", "f"]  # of the 6 after the window (c): the second d, a and c came before; up to n
+
+
 def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_other_teacher(frontier_run):
     from bft.trainer.config import ConfigError, config_from_dict
 

@@ -228,12 +228,18 @@ def stage_data(cfg: ReproduceConfig, stages: StageCache, log) -> dict:
 def further_benign(cfg: ReproduceConfig, data: dict, n: int, *, skip: int = 0) -> list[dict]:
     """Up to ``n`` further problems of ``benign_source`` with their reference solutions, in no split of the data
     stage: those past the data stage's problems (the offline generator is prefix-stable in ``limit``) and past the
-    ``skip`` problems after them (another stage's window), none with the text of a problem before it."""
+    ``skip`` problems after them (another stage's window), none with the text of a problem before it (in a split,
+    in the skipped window or earlier in its own)."""
     total = cfg.n_benign_train + cfg.n_benign_val + cfg.n_benign_test
     more = hf_data.load(cfg.benign_source, limit=total + skip + n, seed=cfg.seed).to_list()[total:]
     used = {r["prompt"] for part in ("benign_train", "benign_val", "benign_test") for r in data[part]}
     used |= {r["prompt"] for r in more[:skip]}
-    return [r for r in more[skip:] if r["prompt"] not in used and (r.get("response") or "").strip()][:n]
+    rows = []
+    for r in more[skip:]:
+        if r["prompt"] not in used and (r.get("response") or "").strip():
+            used.add(r["prompt"])
+            rows.append(r)
+    return rows[:n]
 
 
 def aligned_name(share: float) -> str:
