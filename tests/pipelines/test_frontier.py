@@ -672,6 +672,21 @@ def test_the_committed_example_config_loads_and_validates():
     assert cfg.eval_tokens > 32 and cfg.frontier_eval_seeds == 3 and cfg.frontier_test_prompts is None
 
 
+COMMITTED_FRONTIERS = sorted((Path(__file__).parents[2] / "docs" / "results").glob("*/frontier/summary.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_FRONTIERS, ids=lambda p: p.parent.parent.name)
+def test_every_committed_frontier_verdict_recomputes_from_its_points(path):
+    """README's headline reads the stored ``beyond_qi``: this code, applied to the stored points, gives it again."""
+    from bft.pipelines.reproduce.frontier import beyond_qi
+
+    analogs = json.loads(path.read_text())["analogs"]
+    assert analogs
+    for res in analogs.values():
+        for utility, stored in res["beyond_qi"].items():
+            assert beyond_qi(res["points"], utility, stored["judge"], stored["k"]) == stored
+
+
 def test_beyond_qi_names_the_bft_points_that_qis_curve_does_not_dominate():
     from bft.pipelines.reproduce.frontier import beyond_qi, render_frontier
 
@@ -734,7 +749,12 @@ def test_the_headline_verdict_needs_two_training_seeds_and_ten_aligned_successes
     out = beyond_qi([aligned, qi, escaping], "perplexity", "harm", 4)
     assert out["escaping"] == out["escaping_beyond_intervals"] == ["bft_eq9@1"]
     one_seed = _pt("bft_eq9", 0.40, 7.0, [0.35, 0.45], [6.8, 7.2], label="bft_eq9@1", seeds=(0,))
-    assert verdict([aligned, qi, one_seed]).startswith("inconclusive: one training seed")
+    two_seeds = _pt("bft_eq9", 0.40, 7.0, [0.35, 0.45], [6.8, 7.2], label="bft_eq9@1")
+    reading = verdict([aligned, qi, two_seeds])
+    assert not reading.startswith("inconclusive:")  # no gate: the reading is the verdict
+    assert verdict([aligned, qi, one_seed]) == (
+        f"inconclusive: one training seed (a headline needs two; the one seed reads: {reading})"
+    )
     # an intermediate checkpoint of one seed does not count: only the full-budget points are the headline
     curve = _pt("bft_eq9", 0.45, 7.5, [0.4, 0.5], [7.3, 7.7], label="bft_eq9@0.5", seeds=(0,), fraction=0.5)
     assert verdict([aligned, qi, separated, curve]) == "dominated"
