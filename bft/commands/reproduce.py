@@ -98,9 +98,11 @@ def config_from_args(args) -> ReproduceConfig:
 
 
 def resummarize(folder: str | Path) -> list[str]:
-    """Re-apply the verdict rules (:func:`bft.pipelines.reproduce.summary.apply_rules`) to ``folder/summary.json``
-    and rewrite it and ``folder/REPORT.md``; returns the verdicts that changed."""
+    """Re-apply the verdict rules (:func:`bft.pipelines.reproduce.summary.apply_rules`, and for a frontier
+    :func:`bft.pipelines.reproduce.frontier.rejudge`) to ``folder/summary.json`` and rewrite it, ``folder/REPORT.md``
+    and, when present, ``folder/frontier/summary.json`` and ``FRONTIER.md``; returns the verdicts that changed."""
     from bft.atomic import atomic_write_json, atomic_write_text
+    from bft.pipelines.reproduce.frontier import rejudge, render_frontier
     from bft.pipelines.reproduce.report import render_report
     from bft.pipelines.reproduce.summary import apply_rules, verdict_changes
 
@@ -112,9 +114,23 @@ def resummarize(folder: str | Path) -> list[str]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from exc
     after = apply_rules(before)
+    changes = verdict_changes(before, after)
+    if "frontier" in after:
+        after["frontier"] = rejudge(after["frontier"])
+        for analog, res in after["frontier"].get("analogs", {}).items():
+            was = before["frontier"]["analogs"].get(analog, {}).get("beyond_qi", {})
+            for utility, b in res.get("beyond_qi", {}).items():
+                if (was.get(utility) or {}).get("verdict") != b["verdict"]:
+                    changes.append(
+                        f"frontier / {analog} / {utility}: {(was.get(utility) or {}).get('verdict')} → {b['verdict']}"
+                    )
+        own = Path(folder) / "frontier"
+        if (own / "summary.json").is_file():
+            atomic_write_json(own / "summary.json", after["frontier"], indent=1)
+            atomic_write_text(own / "FRONTIER.md", render_frontier({"frontier": after["frontier"]}))
     atomic_write_json(path, after, indent=1)
     atomic_write_text(Path(folder) / "REPORT.md", render_report(after, after.get("environment") or {}))
-    return verdict_changes(before, after)
+    return changes
 
 
 def run(args) -> int:

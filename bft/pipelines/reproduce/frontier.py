@@ -120,6 +120,7 @@ __all__ = [
     "paired_log_ratio",
     "pareto",
     "plot_frontier",
+    "rejudge",
     "render_frontier",
     "run_frontier",
     "stage_frontier_benign",
@@ -772,9 +773,10 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     Returns ``{"point", "separated", "safer_than_aligned", "escaping", "escaping_beyond_intervals": [labels],
     "bft_points", "qi_points", "training_seeds", "aligned_events", "verdict"}``. ``point``: the BFT points no Qi
     point dominates by the point estimates; ``separated``: those no Qi point dominates beyond the intervals;
-    ``safer_than_aligned``: the BFT points whose ASR is below the aligned model's; ``escaping``: those of them in
-    ``point``; ``escaping_beyond_intervals``: those of ``escaping`` below every Qi point beyond the intervals on
-    some axis (:func:`escapes`).
+    ``safer_than_aligned``: the BFT points whose ASR is below the aligned model's; ``safer_beyond_intervals``: those
+    whose ASR interval lies below the aligned model's; ``escaping``: the safer points in ``point``;
+    ``escaping_beyond_intervals``: those of ``escaping`` that are safer beyond the intervals and below every Qi
+    point beyond the intervals on some axis (:func:`escapes`): a claim beyond the intervals needs both halves.
 
     The verdict is "inconclusive" unless the full-budget points of both methods pool at least two training seeds
     and the aligned model has at least ``MIN_EVENTS`` attack successes under ``judge`` at ``k`` (the ASR the curves
@@ -799,8 +801,12 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     a = ((aligned or {}).get("asr") or {}).get(str(k), {}).get(judge)
     out["aligned_events"] = round(a["asr"] * a["n"]) if a else None
     safer = out["safer_than_aligned"] = [b for b in bft if a and usable[b][0][0] < a["asr"]]
+    aligned_asr = _axis(aligned, "asr", judge, k) if a else None
+    out["safer_beyond_intervals"] = [b for b in safer if _separated_below(usable[b][0], aligned_asr)]
     escaping = out["escaping"] = [b for b in safer if b in out["point"]]
-    out["escaping_beyond_intervals"] = [b for b in escaping if all(escapes(usable[b], usable[q]) for q in qi)]
+    out["escaping_beyond_intervals"] = [
+        b for b in escaping if b in out["safer_beyond_intervals"] and all(escapes(usable[b], usable[q]) for q in qi)
+    ]
     if not safer:
         reading = "no BFT point is safer than the aligned model"
     elif not escaping:
@@ -960,6 +966,20 @@ def run_frontier(
 
 
 # ------------------------------------------------------------------------------------------------ plot and table
+
+
+def rejudge(frontier: dict) -> dict:
+    """A stored frontier summary (a run summary's ``frontier`` key) with its dominance and ``beyond_qi`` verdicts
+    recomputed by this module's rules from the stored points alone, at the judges and k they were stored at (what
+    ``bft reproduce --resummarize`` applies). The input is not modified."""
+    out = json.loads(json.dumps(frontier))
+    for res in out.get("analogs", {}).values():
+        points = res["points"]
+        for utility, by_judge in res.get("dominance", {}).items():
+            for judge, d in by_judge.items():
+                by_judge[judge] = pareto(points, utility, judge, d["k"], reference_only=("diagnostic",))
+        res["beyond_qi"] = {u: beyond_qi(points, u, b["judge"], b["k"]) for u, b in res.get("beyond_qi", {}).items()}
+    return out
 
 
 def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges, benign) -> dict:
