@@ -54,6 +54,14 @@ RUNS = [
         "The BFT variant is chosen on validation by the screened sweep (teacher-forced, no generation); the "
         "frontier alone runs (`frontier_only`), so this run has no per-analog claims table.",
     ),
+    (
+        "docs/results/frontier_shallow",
+        "The frontier on the shallow analog: one training seed",
+        "bft reproduce --config docs/results/frontier_shallow/config.yaml",
+        "The deep run's protocol on the other analog, with one training seed: a run's stage cache did not outlive "
+        "the working session, so the run had to fit in one beside the checks; the BFT variant is Eq. 9, which the "
+        "deep run's screening chose; `frontier_only`, so no per-analog claims table.",
+    ),
 ]
 
 LABELS = {
