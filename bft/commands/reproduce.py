@@ -120,10 +120,9 @@ def resummarize(folder: str | Path) -> list[str]:
         for analog, res in after["frontier"].get("analogs", {}).items():
             was = before["frontier"]["analogs"].get(analog, {}).get("beyond_qi", {})
             for utility, b in res.get("beyond_qi", {}).items():
-                if (was.get(utility) or {}).get("verdict") != b["verdict"]:
-                    changes.append(
-                        f"frontier / {analog} / {utility}: {(was.get(utility) or {}).get('verdict')} → {b['verdict']}"
-                    )
+                old = (was.get(utility) or {}).get("verdict")
+                if old != b["verdict"]:
+                    changes.append(f"frontier / {analog} / {utility}: {old} → {b['verdict']}")
         own = Path(folder) / "frontier"
         if (own / "summary.json").is_file():
             atomic_write_json(own / "summary.json", after["frontier"], indent=1)

@@ -116,6 +116,7 @@ __all__ = [
     "dominates",
     "escapes",
     "frontier_student",
+    "judge_points",
     "method_fractions",
     "paired_log_ratio",
     "pareto",
@@ -946,16 +947,11 @@ def run_frontier(
             }
         if cfg.frontier_diagnostic and cfg.frontier_diagnostic[0] == analog:
             points.append(_diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges, benign))
-        dominance = {}
-        for utility in UTILITIES:
-            if not _has(points, utility):
-                continue
-            dominance[utility] = {
-                judge: pareto(points, utility, judge, cfg.sweep_k, reference_only=("diagnostic",))
-                for judge in list(cfg.judges) + ["threeway"]
-            }
-        beyond = {u: beyond_qi(points, u, primary, cfg.sweep_k) for u in dominance}
-        result = {"points": points, "headline_by_training_seed": per_seed, "dominance": dominance, "beyond_qi": beyond}
+        result = {
+            "points": points,
+            "headline_by_training_seed": per_seed,
+            **judge_points(points, list(cfg.judges) + ["threeway"], primary, cfg.sweep_k),
+        }
         plot = stages.root / "plots" / f"frontier_{analog}.png"
         plot_frontier(result, plot, judge=primary, k=cfg.sweep_k, title=f"{analog} analog")
         result["plot"] = str(plot.relative_to(stages.root))
@@ -968,17 +964,29 @@ def run_frontier(
 # ------------------------------------------------------------------------------------------------ plot and table
 
 
+def judge_points(points: list[dict], judges: list[str], primary: str, k) -> dict:
+    """``{"dominance", "beyond_qi"}`` of one analog's points: :func:`pareto` per utility axis set the points carry
+    and per judge (the diagnostic judged but dominating nothing), and :func:`beyond_qi` under the ``primary``
+    judge, all at prefill ``k``."""
+    dominance = {
+        u: {j: pareto(points, u, j, k, reference_only=("diagnostic",)) for j in judges}
+        for u in UTILITIES
+        if _has(points, u)
+    }
+    return {"dominance": dominance, "beyond_qi": {u: beyond_qi(points, u, primary, k) for u in dominance}}
+
+
 def rejudge(frontier: dict) -> dict:
     """A stored frontier summary (a run summary's ``frontier`` key) with its dominance and ``beyond_qi`` verdicts
-    recomputed by this module's rules from the stored points alone, at the judges and k they were stored at (what
+    recomputed by :func:`judge_points` from the stored points alone, at the judges and k they were stored at (what
     ``bft reproduce --resummarize`` applies). The input is not modified."""
     out = json.loads(json.dumps(frontier))
     for res in out.get("analogs", {}).values():
-        points = res["points"]
-        for utility, by_judge in res.get("dominance", {}).items():
-            for judge, d in by_judge.items():
-                by_judge[judge] = pareto(points, utility, judge, d["k"], reference_only=("diagnostic",))
-        res["beyond_qi"] = {u: beyond_qi(points, u, b["judge"], b["k"]) for u, b in res.get("beyond_qi", {}).items()}
+        stored = next(iter(res.get("beyond_qi", {}).values()), None)
+        if stored is None:
+            continue
+        judges = list(next(iter(res["dominance"].values())))
+        res.update(judge_points(res["points"], judges, stored["judge"], stored["k"]))
     return out
 
 
