@@ -300,6 +300,11 @@ def test_resummarize_rejudges_a_stored_frontier_from_its_points(frontier_run, tm
     assert json.loads((copy / "summary.json").read_text())["frontier"] == stored
     assert json.loads((copy / "frontier" / "summary.json").read_text()) == stored
     assert (copy / "frontier" / "FRONTIER.md").read_text().count(kept["verdict"]) >= 1
+    broken = json.loads((copy / "summary.json").read_text())
+    del broken["frontier"]["analogs"][analog]["points"]
+    (copy / "summary.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="no 'points' list"):  # the CLI's one line and exit 2, not a KeyError
+        resummarize(copy)
 
 
 def test_frontier_only_needs_the_frontier(tmp_path):

@@ -981,11 +981,13 @@ def rejudge(frontier: dict) -> dict:
     recomputed by :func:`judge_points` from the stored points alone, at the judges and k they were stored at (what
     ``bft reproduce --resummarize`` applies). The input is not modified."""
     out = json.loads(json.dumps(frontier))
-    for res in out.get("analogs", {}).values():
+    for analog, res in out.get("analogs", {}).items():
         stored = next(iter(res.get("beyond_qi", {}).values()), None)
         if stored is None:
             continue
-        judges = list(next(iter(res["dominance"].values())))
+        if not isinstance(res.get("points"), list):
+            raise ValueError(f"not a frontier summary: analog {analog!r} has verdicts but no 'points' list")
+        judges = list(next(iter(res.get("dominance", {}).values()), None) or [stored["judge"]])
         res.update(judge_points(res["points"], judges, stored["judge"], stored["k"]))
     return out
 
