@@ -78,6 +78,9 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
 
     ``callbacks``: callables ``cb(step, metrics)`` run after each optimizer step's metrics line is written (an
     exception raised there stops the run like a crash would — the tests use it to interrupt a run).
+
+    Under a multi-process launch the process group outlives this call (the caller may go on with collectives); a
+    script ends it with :func:`release_process_group` when it is done, as ``bft train`` does.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -351,6 +354,14 @@ def _log_step(out: Path, writer, bar, metrics: dict, lr: float, refresh_bar: boo
 
 # -------------------------------------------------------------------------------------------------------------
 # helpers of the recipe, in the order it uses them
+
+
+def release_process_group() -> None:
+    """End the default process group that a multi-process launch (torchrun, ``accelerate launch``) started, while
+    the interpreter is still whole: gloo's worker threads left to interpreter finalization can abort a finished
+    process (SIGABRT, "terminate called without an active exception"). A no-op in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_fsdp(accelerator) -> bool:
@@ -669,7 +680,10 @@ def run_from_arguments(args) -> int:
     """``bft train`` / ``python trainer/train.py`` with parsed :func:`bft.trainer.config.add_train_arguments`."""
     from bft.trainer.config import config_from_train_arguments
 
-    summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
+    finally:
+        release_process_group()
     print(
         f"trained {summary['steps']} steps; metrics: {summary['output_dir']}/metrics.jsonl; "
         f"student: {summary['final_dir']}"

@@ -44,6 +44,7 @@ from bft.trainer.train import (
     metrics_line,
     micro_batch_step,
     prepare_run,
+    release_process_group,
     save_final_student,
     truncate_metrics,
 )
@@ -320,7 +321,10 @@ def run_from_arguments(args) -> int:
     """``bft train CONFIG --engine trl`` (or ``train.engine: trl`` in CONFIG)."""
     from bft.trainer.config import config_from_train_arguments
 
-    summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
+    finally:
+        release_process_group()
     print(
         f"trained {summary['steps']} steps (engine trl); metrics: {summary['output_dir']}/metrics.jsonl; "
         f"student: {summary['final_dir']}"

@@ -152,3 +152,20 @@ def test_ddp_and_fsdp_train_from_the_teacher_cache(lora_runs, data_files, tmp_pa
     assert json.loads((cache / "manifest.json").read_text())["complete"]
     assert_same_training(lora_runs["ddp"], runs["ddp"], rtol=1e-4)
     assert_same_training(runs["ddp"], runs["fsdp"], rtol=1e-4)
+
+
+def test_release_process_group_ends_a_started_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+    from bft.trainer.train import release_process_group
+
+    release_process_group()  # none started: nothing to do, no error
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        release_process_group()
+        assert not dist.is_initialized()
+        release_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
