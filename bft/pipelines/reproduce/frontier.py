@@ -650,7 +650,7 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
             acc[1] += r["tokens"]
         out["perplexity"] = {"value": est, "ci": ci, "n": len(per_prompt), "per_prompt": per_prompt}
     refusals = [e["overrefusal"] for e in evals if e.get("overrefusal")]
-    if refusals:  # several training seeds: the mean rate, the widest interval (no per-prompt rows to pool)
+    if refusals:  # several training seeds: the mean rate, the span of their intervals (no per-prompt rows to pool)
         intervals = [r["interval"] for r in refusals if r.get("interval")]
         out["overrefusal"] = {
             "value": sum(r["rate"] for r in refusals) / len(refusals),

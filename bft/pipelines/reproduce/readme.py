@@ -58,12 +58,10 @@ RUNS = [
         "docs/results/frontier_shallow",
         "The frontier on the shallow analog, with its per-analog claims",
         "bft reproduce --config docs/results/frontier_shallow/config.yaml",
-        "The deep run's protocol on the other analog. The headline points pool training seeds 0 and 1; the "
-        "checkpoints along the way are seed 0's (`frontier_curve_seeds` 1), which kept the run inside a working "
-        "session, since a run's stage cache did not outlive one. The BFT variant is Eq. 9, which the "
-        "deep run's screening chose. The per-analog claims read the frontier's full-budget student (training seed "
-        "0) and test 200 prompts × 1 sampling seed at k = 4; Qi's row there is 25 steps, its curve below the whole "
-        "budget.",
+        "The deep run's protocol on the other analog; every point pools training seeds 0 and 1. The BFT variant "
+        "is Eq. 9, which the deep run's screening chose. The per-analog claims read the frontier's full-budget "
+        "student of training seed 0 and test 200 prompts × 1 sampling seed at k = 4; Qi's row there is 25 steps, "
+        "its curve below the whole budget.",
     ),
 ]
 
