@@ -20,6 +20,8 @@ weights, optimizer, scheduler, RNG and data position — so the loss curve equal
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -80,7 +82,7 @@ def train(config: Config, *, resume: bool = False, callbacks=(), progress: bool 
     exception raised there stops the run like a crash would — the tests use it to interrupt a run).
 
     Under a multi-process launch the process group outlives this call (the caller may go on with collectives); a
-    script ends it with :func:`release_process_group` when it is done, as ``bft train`` does.
+    script runs it inside :func:`ending_process_group`, as ``bft train`` does.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -356,12 +358,29 @@ def _log_step(out: Path, writer, bar, metrics: dict, lr: float, refresh_bar: boo
 # helpers of the recipe, in the order it uses them
 
 
-def release_process_group() -> None:
-    """End the default process group that a multi-process launch (torchrun, ``accelerate launch``) started, while
-    the interpreter is still whole: gloo's worker threads left to interpreter finalization can abort a finished
-    process (SIGABRT, "terminate called without an active exception"). A no-op in a single process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+@contextlib.contextmanager
+def ending_process_group():
+    """Run the block, then end the default process group that a multi-process launch (torchrun, ``accelerate
+    launch``) started, while the interpreter is still whole: gloo's worker threads left to interpreter finalization
+    can abort a finished process (SIGABRT, "terminate called without an active exception"). After a block that
+    finished, every process waits for the others first (no process tears the group down while another still writes
+    through it), and the objects that hold the group (DDP / FSDP modules in reference cycles) are collected. After
+    a block that raised, no waiting: the others may be stuck in a collective, and the launcher stops them when this
+    process exits. A no-op in a single process."""
+
+    def end(wait: bool) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if wait:
+                torch.distributed.barrier()
+            gc.collect()
+            torch.distributed.destroy_process_group()
+
+    try:
+        yield
+    except BaseException:
+        end(wait=False)
+        raise
+    end(wait=True)
 
 
 def is_fsdp(accelerator) -> bool:
@@ -680,10 +699,8 @@ def run_from_arguments(args) -> int:
     """``bft train`` / ``python trainer/train.py`` with parsed :func:`bft.trainer.config.add_train_arguments`."""
     from bft.trainer.config import config_from_train_arguments
 
-    try:
+    with ending_process_group():
         summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
-    finally:
-        release_process_group()
     print(
         f"trained {summary['steps']} steps; metrics: {summary['output_dir']}/metrics.jsonl; "
         f"student: {summary['final_dir']}"

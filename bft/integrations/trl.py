@@ -41,10 +41,10 @@ from bft.trainer.train import (
     append_metrics,
     check_optimizer_available,
     check_quantization_available,
+    ending_process_group,
     metrics_line,
     micro_batch_step,
     prepare_run,
-    release_process_group,
     save_final_student,
     truncate_metrics,
 )
@@ -321,10 +321,8 @@ def run_from_arguments(args) -> int:
     """``bft train CONFIG --engine trl`` (or ``train.engine: trl`` in CONFIG)."""
     from bft.trainer.config import config_from_train_arguments
 
-    try:
+    with ending_process_group():
         summary = train(config_from_train_arguments(args), resume=args.resume, progress=not args.no_progress)
-    finally:
-        release_process_group()
     print(
         f"trained {summary['steps']} steps (engine trl); metrics: {summary['output_dir']}/metrics.jsonl; "
         f"student: {summary['final_dir']}"

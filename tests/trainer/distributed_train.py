@@ -48,12 +48,10 @@ def main(argv: list[str]) -> None:
     elif mode != "ddp":
         raise SystemExit(f"mode must be ddp or fsdp, got {mode!r}")
     from bft.trainer.config import load_config
-    from bft.trainer.train import release_process_group, train
+    from bft.trainer.train import ending_process_group, train
 
-    try:
+    with ending_process_group():  # as a user's script should: see its docstring
         train(load_config(config_name, overrides), resume=resume, progress=False)
-    finally:
-        release_process_group()  # as a user's script should: see its docstring
 
 
 if __name__ == "__main__":

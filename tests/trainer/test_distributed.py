@@ -7,6 +7,7 @@ its checkpoints must hold whole tensors (gathered from the shards) and resume to
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -154,18 +155,21 @@ def test_ddp_and_fsdp_train_from_the_teacher_cache(lora_runs, data_files, tmp_pa
     assert_same_training(runs["ddp"], runs["fsdp"], rtol=1e-4)
 
 
-def test_release_process_group_ends_a_started_group_and_is_a_no_op_without_one(tmp_path):
+def test_ending_process_group_ends_a_started_group_after_the_block_whether_it_finished_or_raised(tmp_path):
     import torch.distributed as dist
-    from bft.trainer.train import release_process_group
+    from bft.trainer.train import ending_process_group
 
-    release_process_group()  # none started: nothing to do, no error
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    with ending_process_group():  # none started: nothing to do, no error
+        pass
     try:
-        assert dist.is_initialized()
-        release_process_group()
-        assert not dist.is_initialized()
-        release_process_group()
+        for i, fails in enumerate((False, True)):
+            dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"store{i}"), 1), rank=0, world_size=1)
+            with pytest.raises(RuntimeError, match="inside") if fails else contextlib.nullcontext():
+                with ending_process_group():
+                    assert dist.is_initialized()
+                    if fails:
+                        raise RuntimeError("inside the block")
+            assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
