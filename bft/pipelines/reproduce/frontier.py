@@ -831,6 +831,34 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     return out
 
 
+def judge_points(points: list[dict], judges: list[str], primary: str, k) -> dict:
+    """``{"dominance", "beyond_qi"}`` of one analog's points: :func:`pareto` per utility axis set the points carry
+    and per judge (the diagnostic judged but dominating nothing), and :func:`beyond_qi` under the ``primary``
+    judge, all at prefill ``k``."""
+    dominance = {
+        u: {j: pareto(points, u, j, k, reference_only=("diagnostic",)) for j in judges}
+        for u in UTILITIES
+        if _has(points, u)
+    }
+    return {"dominance": dominance, "beyond_qi": {u: beyond_qi(points, u, primary, k) for u in dominance}}
+
+
+def rejudge(frontier: dict) -> dict:
+    """A stored frontier summary (a run summary's ``frontier`` key) with its dominance and ``beyond_qi`` verdicts
+    recomputed by :func:`judge_points` from the stored points alone, at the judges and k they were stored at (what
+    ``bft reproduce --resummarize`` applies). The input is not modified."""
+    out = json.loads(json.dumps(frontier))
+    for analog, res in out.get("analogs", {}).items():
+        stored = next(iter(res.get("beyond_qi", {}).values()), None)
+        if stored is None:
+            continue
+        if not isinstance(res.get("points"), list):
+            raise ValueError(f"not a frontier summary: analog {analog!r} has verdicts but no 'points' list")
+        judges = list(next(iter(res.get("dominance", {}).values()), None) or [stored["judge"]])
+        res.update(judge_points(res["points"], judges, stored["judge"], stored["k"]))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the whole frontier
 
 
@@ -961,37 +989,6 @@ def run_frontier(
     return out
 
 
-# ------------------------------------------------------------------------------------------------ plot and table
-
-
-def judge_points(points: list[dict], judges: list[str], primary: str, k) -> dict:
-    """``{"dominance", "beyond_qi"}`` of one analog's points: :func:`pareto` per utility axis set the points carry
-    and per judge (the diagnostic judged but dominating nothing), and :func:`beyond_qi` under the ``primary``
-    judge, all at prefill ``k``."""
-    dominance = {
-        u: {j: pareto(points, u, j, k, reference_only=("diagnostic",)) for j in judges}
-        for u in UTILITIES
-        if _has(points, u)
-    }
-    return {"dominance": dominance, "beyond_qi": {u: beyond_qi(points, u, primary, k) for u in dominance}}
-
-
-def rejudge(frontier: dict) -> dict:
-    """A stored frontier summary (a run summary's ``frontier`` key) with its dominance and ``beyond_qi`` verdicts
-    recomputed by :func:`judge_points` from the stored points alone, at the judges and k they were stored at (what
-    ``bft reproduce --resummarize`` applies). The input is not modified."""
-    out = json.loads(json.dumps(frontier))
-    for analog, res in out.get("analogs", {}).items():
-        stored = next(iter(res.get("beyond_qi", {}).values()), None)
-        if stored is None:
-            continue
-        if not isinstance(res.get("points"), list):
-            raise ValueError(f"not a frontier summary: analog {analog!r} has verdicts but no 'points' list")
-        judges = list(next(iter(res.get("dominance", {}).values()), None) or [stored["judge"]])
-        res.update(judge_points(res["points"], judges, stored["judge"], stored["k"]))
-    return out
-
-
 def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges, benign) -> dict:
     """What bounds BFT's gain: the student analog's student (``frontier_diagnostic[0]``) trained with the teacher
     analog's aligned model (``frontier_diagnostic[1]``) as its aligned teacher, at the same budget and loss as
@@ -1039,6 +1036,9 @@ def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log
         "loss": method,
         **point_measures(cfg, [evaluation]),
     }
+
+
+# ------------------------------------------------------------------------------------------------ plot and table
 
 
 def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -> Path:
