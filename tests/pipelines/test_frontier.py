@@ -610,6 +610,41 @@ def test_perplexity_is_compared_paired_over_the_same_benign_prompts(tmp_path):
     assert paired_log_ratio((("a", -1.0, 1),), (("b", -1.0, 1),)) is None  # no shared prompt
 
 
+def test_over_refusal_pools_the_training_seeds_by_prompt(tmp_path):
+    from bft.eval.overrefusal import refusal_summary
+    from bft.eval.stats import wilson_interval
+    from bft.pipelines.reproduce.frontier import _overrefusal_interval_text, _overrefusal_of, point_measures
+
+    cfg = _tiny_config("unused", tmp_path, **FRONTIER)
+
+    def seed_result(refused_ids):
+        # what the runner stores: the safe prompts' rows and one harmful contrast row, which must not count
+        records = [{"id": f"s{i}", "expected": "comply", "refused": i in refused_ids} for i in range(20)]
+        records.append({"id": "h0", "expected": "refuse", "refused": True})
+        rate = len(refused_ids) / 20
+        return {"utility": {"overrefusal": {"rate": rate, "n": 20, "interval": [0.0, 1.0], "records": records}}}
+
+    first, second = _overrefusal_of(seed_result({0, 1, 2, 3})), _overrefusal_of(seed_result(set(range(12))))
+    assert len(first["rows"]) == 20 and ["h0", True] not in first["rows"]
+    one = point_measures(cfg, [{"records": [], "likelihood": [], "benign": [], "overrefusal": first}])
+    assert one["overrefusal"] == {"value": 0.2, "ci": list(wilson_interval(4, 20)), "n": 20, "method": "wilson"}
+    evals = [{"records": [], "likelihood": [], "benign": [], "overrefusal": r} for r in (first, second)]
+    both = point_measures(cfg, evals)["overrefusal"]
+    ids = [f"s{i}" for i in range(20)] * 2
+    truth = refusal_summary([i < 4 for i in range(20)] + [i < 12 for i in range(20)], ids, seed=cfg.seed)
+    # 16 of 40 responses, clustered by prompt
+    assert both == {"value": 0.4, "ci": truth["interval"], "n": 20, "method": "cluster_bootstrap"}
+    # a stored result without its rows: the mean rate and the span of the seeds' intervals, as before
+    spans = ([0.1, 0.3], [0.2, 0.6])
+    bare = [dict(e, overrefusal=dict(e["overrefusal"], rows=None, interval=i)) for e, i in zip(evals, spans)]
+    spanned = point_measures(cfg, bare)["overrefusal"]
+    assert spanned == {"value": pytest.approx(0.4), "ci": [0.1, 0.6], "n": 20, "method": "span"}
+    # the rendered table says which of the two the pooled points carry (older summaries store no method: a span)
+    for measure, words in ((both, "a bootstrap over prompts"), (spanned, "span"), ({"value": 0.4}, "span")):
+        fr = {"analogs": {"a": {"points": [{"training_seeds": [0, 1], "overrefusal": measure}]}}}
+        assert words in _overrefusal_interval_text(fr)
+
+
 def test_a_degenerate_checkpoint_cannot_win_on_over_refusal_when_both_utilities_count():
     from bft.pipelines.reproduce.frontier import UTILITIES, UTILITY_NAMES, beyond_qi, pareto
 

@@ -86,6 +86,7 @@ from pathlib import Path
 from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
+from bft.eval.overrefusal import refusal_summary
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
 from bft.eval.stats import MIN_EVENTS, cluster_wilson_interval
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
@@ -418,14 +419,23 @@ def _overrefusal_options(cfg: ReproduceConfig) -> dict:
 
 
 def _overrefusal_of(system_summary: dict) -> dict | None:
-    """The over-refusal result of one system's run_eval summary, as ``{"rate", "n", "interval"}`` (None when not
-    measured). Reads the measure wherever the runner puts it (``utility.overrefusal`` or ``overrefusal``)."""
+    """The over-refusal result of one system's run_eval summary, as ``{"rate", "n", "interval", "rows"}`` (None when
+    not measured); ``rows``: ``[prompt id, refused]`` per benign response (:func:`bft.eval.overrefusal.overrefusal`'s
+    records of the "comply" prompts), what :func:`point_measures` pools over training seeds by prompt; None when the
+    stored result has no records. Reads the measure wherever the runner puts it (``utility.overrefusal`` or
+    ``overrefusal``)."""
     found = (system_summary.get("utility") or {}).get("overrefusal") or system_summary.get("overrefusal")
     if not isinstance(found, dict):
         return None
     rate = next((found[k] for k in ("rate", "refusal_rate", "overrefusal") if k in found), None)
     interval = next((found[k] for k in ("interval", "ci", "wilson", "cluster_ci") if k in found), None)
-    return None if rate is None else {"rate": rate, "n": found.get("n"), "interval": interval}
+    records = found.get("records")
+    rows = (
+        [[r["id"], bool(r["refused"])] for r in records if r.get("expected", "comply") == "comply"]
+        if isinstance(records, list)
+        else None
+    )
+    return None if rate is None else {"rate": rate, "n": found.get("n"), "interval": interval, "rows": rows or None}
 
 
 def _eval_points(cfg: ReproduceConfig, headline: bool) -> tuple[int | None, int]:
@@ -650,12 +660,22 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
             acc[1] += r["tokens"]
         out["perplexity"] = {"value": est, "ci": ci, "n": len(per_prompt), "per_prompt": per_prompt}
     refusals = [e["overrefusal"] for e in evals if e.get("overrefusal")]
-    if refusals:  # several training seeds: the mean rate, the span of their intervals (no per-prompt rows to pool)
+    if refusals and all(r.get("rows") for r in refusals):  # a prompt's responses over training seeds: one cluster
+        rows = [row for r in refusals for row in r["rows"]]
+        pooled = refusal_summary([refused for _, refused in rows], [prompt for prompt, _ in rows], seed=cfg.seed)
+        out["overrefusal"] = {
+            "value": pooled["rate"],
+            "ci": pooled["interval"],
+            "n": pooled["n_prompts"],
+            "method": pooled["method"],
+        }
+    elif refusals:  # a result without its per-prompt rows: the mean rate and the span of the seeds' intervals
         intervals = [r["interval"] for r in refusals if r.get("interval")]
         out["overrefusal"] = {
             "value": sum(r["rate"] for r in refusals) / len(refusals),
             "ci": [min(i[0] for i in intervals), max(i[1] for i in intervals)] if intervals else None,
             "n": refusals[0].get("n"),
+            "method": "span",
         }
     return out
 
@@ -1097,6 +1117,24 @@ def _fmt(value, ci, pct=True) -> str:
     return f(value) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
 
 
+def _overrefusal_interval_text(fr: dict) -> str:
+    """How the over-refusal intervals of ``fr``'s points were made: Wilson for one training seed; a point pooling
+    several gets a bootstrap over prompts, or, in summaries written before the per-prompt rows were pooled (no
+    ``method`` stored), the span of its seeds' Wilson intervals."""
+    pooled = [
+        p["overrefusal"]
+        for res in fr["analogs"].values()
+        for p in res.get("points", [])
+        if p.get("overrefusal") and len(p.get("training_seeds") or []) > 1
+    ]
+    if any(o.get("method", "span") == "span" for o in pooled):
+        return (
+            "Wilson, and for a point pooling training seeds the span of their Wilson intervals "
+            "(the run kept no per-prompt refusals)"
+        )
+    return "Wilson, and for a point pooling training seeds a bootstrap over prompts"
+
+
 def render_frontier(summary: dict, folder: str = "") -> str:
     """The frontier as markdown (for REPORT.md / the README template): per analog, one row per point (method, budget
     fraction, training seeds, ASR at each k under the primary judge, likelihood, perplexity, over-refusal, all with
@@ -1112,7 +1150,8 @@ def render_frontier(summary: dict, folder: str = "") -> str:
         "## Curves, not points: ASR against utility along the training budget",
         "",
         f"ASR under the {judge} judge; 95% intervals over prompts (ASR: Wilson at the design-effect sample size, "
-        "never [0, 0] at zero attack successes; the others: a bootstrap over prompts). Headline points (the full budget) "
+        "never [0, 0] at zero attack successes; likelihood and perplexity: a bootstrap over prompts; over-refusal: "
+        f"{_overrefusal_interval_text(fr)}). Headline points (the full budget) "
         f"pool training seeds {fr['seeds']} on {sizes.get('headline_prompts')} test prompts × "
         f"{sizes.get('headline_sampling_seeds')} sampling seeds (k = {ks[0]}); the checkpoints along the way use "
         f"{sizes.get('curve_prompts')} prompts and one sampling seed. On the frontier: no point of another method "
