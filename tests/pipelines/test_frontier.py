@@ -580,7 +580,7 @@ def _benign_rows(prompts, scale):
 
 
 def test_perplexity_is_compared_paired_over_the_same_benign_prompts(tmp_path):
-    from bft.pipelines.reproduce.frontier import _axis, dominates, paired_log_ratio, point_measures, prompt_key
+    from bft.pipelines.reproduce.frontier import dominates, paired_log_ratio, point_axis, point_measures, prompt_key
 
     cfg = _tiny_config("unused", tmp_path, **FRONTIER)
     judge = cfg.judges[0]
@@ -593,10 +593,12 @@ def test_perplexity_is_compared_paired_over_the_same_benign_prompts(tmp_path):
     # unpaired, the prompts' spread swamps the difference: the two perplexity intervals overlap
     assert better["perplexity"]["ci"][1] > worse["perplexity"]["ci"][0]
     # paired over the same prompts, the difference is the same on every prompt: separated
-    est, (lo, hi) = paired_log_ratio(_axis(better, "perplexity", judge, 2)[2], _axis(worse, "perplexity", judge, 2)[2])
+    est, (lo, hi) = paired_log_ratio(
+        point_axis(better, "perplexity", judge, 2)[2], point_axis(worse, "perplexity", judge, 2)[2]
+    )
     assert hi < 0 and est == pytest.approx(-0.05 * sum(range(1, 17)) / 16)
-    p = [_axis(better, "asr", judge, 2), _axis(better, "perplexity", judge, 2)]
-    q = [_axis(worse, "asr", judge, 2), _axis(worse, "perplexity", judge, 2)]
+    p = [point_axis(better, "asr", judge, 2), point_axis(better, "perplexity", judge, 2)]
+    q = [point_axis(worse, "asr", judge, 2), point_axis(worse, "perplexity", judge, 2)]
     assert dominates(p, q, separated=True)
     # without the per-prompt rows (an older summary) the disjoint-interval rule decides: not separated
     assert not dominates([a[:2] for a in p], [a[:2] for a in q], separated=True)
@@ -606,7 +608,12 @@ def test_perplexity_is_compared_paired_over_the_same_benign_prompts(tmp_path):
     # a difference that flips sign from prompt to prompt is not separated
     noisy = [dict(r, sum=r["sum"] * (0.9 if i % 2 else 1.1)) for i, r in enumerate(_benign_rows(16, 1.0))]
     mixed = point_measures(cfg, [{"records": [], "likelihood": [], "benign": noisy}])
-    assert paired_log_ratio(_axis(mixed, "perplexity", judge, 2)[2], _axis(worse, "perplexity", judge, 2)[2])[1][1] > 0
+    assert (
+        paired_log_ratio(point_axis(mixed, "perplexity", judge, 2)[2], point_axis(worse, "perplexity", judge, 2)[2])[1][
+            1
+        ]
+        > 0
+    )
     assert paired_log_ratio((("a", -1.0, 1),), (("b", -1.0, 1),)) is None  # no shared prompt
 
 

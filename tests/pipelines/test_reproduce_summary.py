@@ -264,3 +264,47 @@ def test_a_frontier_only_run_renders_its_headline_first_and_its_table(tmp_path):
     text = render_results(tmp_path)
     assert "refuses 16 of 64 benign look-alike prompts (25%, 95% [15%, 37%])." in text
     assert "blanket" not in text
+
+
+def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_verdict(tmp_path):
+    """A frontier run without Qi's curve (the diagnostic's own run): the Results section says where the student of
+    the other analog's teacher lands beside the same seed's student of its own teacher, and asks no Qi question."""
+
+    def pt(method, asr, ci, ppl, **extra):
+        return {
+            "method": method,
+            "label": method,
+            "fraction": 1.0,
+            "asr": {"4": {"harm": {"asr": asr, "ci": ci, "n": 600}}},
+            "perplexity": {"value": ppl, "ci": [ppl - 0.1, ppl + 0.1]},
+            "overrefusal": {"value": 0.5, "ci": [0.4, 0.6], "n": 64},
+            **extra,
+        }
+
+    own = pt("bft_eq9", 0.09, [0.07, 0.12], 6.66, training_seeds=[0])
+    diag = pt("diagnostic", 0.02, [0.01, 0.04], 6.1, training_seeds=[0], teacher="deep", loss="bft_eq9")
+    beyond = {"verdict": "inconclusive: no BFT or no Qi point to compare", "point": [], "separated": []}
+    res = {
+        "points": [pt("aligned", 0.10, [0.08, 0.14], 5.53), own, diag],
+        "headline_by_training_seed": {"bft_eq9": {"0": own}},
+        "dominance": {},
+        "beyond_qi": {"perplexity": dict(beyond, judge="harm", k=4, bft_points=1, qi_points=0)},
+    }
+    summary = {
+        "config": {"seed": 0, "sweep_k": 4, "bft_epochs": 20, "temperature": 0.9, "top_p": 0.6, "eval_tokens": 64},
+        "data": {"harmful_test": 200, "test_sources": {"advbench": 144, "harmbench": 56}},
+        "analogs": {},
+        "frontier": {"primary_judge": "harm", "ks": [4], "seeds": [0], "sizes": {}, "analogs": {"shallow": res}},
+    }
+    folder = tmp_path / "docs" / "results" / "diagnostic"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    text = render_results(tmp_path)
+    line = next(x for x in text.splitlines() if x.startswith("- shallow analog, the diagnostic"))
+    assert "from the deep analog's aligned model instead of its own (training seed 0, bft_eq9" in line
+    assert "deep teacher 2.0% [1.0%, 4.0%]; shallow teacher (its own) 9.0% [7.0%, 12.0%]; the aligned model 10.0%" in line
+    assert "lower than with its own teacher, beyond the intervals" in line and "deep teacher 6.1 [6, 6.2]" in line
+    assert "no Qi point" not in text and "refuses 32 of 64" not in text  # no headline question without Qi's curve
+    diag["asr"]["4"]["harm"]["ci"] = [0.05, 0.11]  # overlapping: no reading beyond the intervals
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert "within the intervals of the student of its own teacher" in render_results(tmp_path)

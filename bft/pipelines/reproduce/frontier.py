@@ -122,6 +122,7 @@ __all__ = [
     "paired_log_ratio",
     "pareto",
     "plot_frontier",
+    "point_axis",
     "rejudge",
     "render_frontier",
     "run_frontier",
@@ -685,7 +686,7 @@ def prompt_key(prompt: str) -> str:
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
 
 
-def _axis(point: dict, measure: str, judge: str, k) -> tuple:
+def point_axis(point: dict, measure: str, judge: str, k) -> tuple:
     """(value, ci, paired rows) of one axis of ``point``: ASR under ``judge`` at ``k``, or a utility measure; the
     perplexity carries its per-prompt (log-prob sum, tokens) as a hashable tuple for :func:`paired_log_ratio`."""
     if measure == "asr":
@@ -700,7 +701,7 @@ def _axis(point: dict, measure: str, judge: str, k) -> tuple:
 
 def _axes(point: dict, utility: str, judge: str, k) -> list[tuple] | None:
     """ASR then each measure of ``utility`` ("a" or "a+b"); None when the point lacks any of them."""
-    axes = [_axis(point, m, judge, k) for m in ("asr", *utility.split("+"))]
+    axes = [point_axis(point, m, judge, k) for m in ("asr", *utility.split("+"))]
     return None if any(v is None for v, _, _ in axes) else axes
 
 
@@ -822,7 +823,7 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     a = ((aligned or {}).get("asr") or {}).get(str(k), {}).get(judge)
     out["aligned_events"] = round(a["asr"] * a["n"]) if a else None
     safer = out["safer_than_aligned"] = [b for b in bft if a and usable[b][0][0] < a["asr"]]
-    aligned_asr = _axis(aligned, "asr", judge, k) if a else None
+    aligned_asr = point_axis(aligned, "asr", judge, k) if a else None
     out["safer_beyond_intervals"] = [b for b in safer if _separated_below(usable[b][0], aligned_asr)]
     escaping = out["escaping"] = [b for b in safer if b in out["point"]]
     out["escaping_beyond_intervals"] = [
@@ -1078,7 +1079,7 @@ def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -
             pts = sorted((p for p in result["points"] if p["method"] == method), key=lambda p: p["fraction"])
             xs, ys, xerr, yerr, labels = [], [], [[], []], [[], []], []
             for p in pts:
-                (a, a_ci, _), (u, u_ci, _) = _axis(p, "asr", judge, k), _axis(p, utility, judge, k)
+                (a, a_ci, _), (u, u_ci, _) = point_axis(p, "asr", judge, k), point_axis(p, utility, judge, k)
                 if a is None or u is None:
                     continue
                 xs.append(u)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bft.eval.stats import MIN_EVENTS
-from bft.pipelines.reproduce.frontier import UTILITY_NAMES, render_frontier
+from bft.pipelines.reproduce.frontier import UTILITY_NAMES, point_axis, render_frontier
 from bft.pipelines.reproduce.report import calibration_table, mechanism_cells, sweep_table
 from bft.pipelines.reproduce.summary import PAPER_EFFECT
 
@@ -62,6 +62,14 @@ RUNS = [
         "is Eq. 9, which the deep run's screening chose. The per-analog claims read the frontier's full-budget "
         "student of training seed 0 and test 200 prompts × 1 sampling seed at k = 4; Qi's row there is 25 steps, "
         "its curve below the whole budget.",
+    ),
+    (
+        "docs/results/diagnostic",
+        "The diagnostic: the shallow analog's student distilled from the deep analog's aligned model",
+        "bft reproduce --config docs/results/diagnostic/config.yaml",
+        "What bounds BFT's gain: the shallow run's Eq. 9 student and the same student with the deep analog's aligned "
+        "model as its teacher, training seed 0 of each, trained and evaluated in one invocation (no Qi curve: the "
+        "shallow frontier run has it).",
     ),
 ]
 
@@ -351,6 +359,50 @@ def _at_a_glance(root: Path) -> list[str]:
     return lines + [""]
 
 
+def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
+    """Where the frontier's diagnostic lands (:func:`bft.pipelines.reproduce.frontier._diagnostic`): the student
+    analog's student distilled from the teacher analog's aligned model, beside the student of its own aligned model
+    from the same training seed (``headline_by_training_seed``) and the aligned model it starts from. Whether the
+    two students' ASR intervals are disjoint is the only reading given (the summary keeps no paired rows)."""
+    judge, k = fr.get("primary_judge", "harm"), (fr.get("ks") or [4])[0]
+    aligned = next((p for p in res.get("points", []) if p["method"] == "aligned"), None)
+    lines = []
+    for diag in (p for p in res.get("points", []) if p["method"] == "diagnostic"):
+        seed = (diag.get("training_seeds") or [None])[0]
+        own = ((res.get("headline_by_training_seed") or {}).get(diag.get("loss")) or {}).get(str(seed))
+        teacher = diag.get("teacher")
+        rows = [(f"{teacher} teacher", diag), (f"{analog} teacher (its own)", own), ("the aligned model", aligned)]
+
+        def cells(measure, pct, rows=rows):
+            out = []
+            for name, point in rows:
+                value, ci, _ = point_axis(point, measure, judge, k) if point else (None, None, None)
+                if value is not None:
+                    fmt = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3g}")
+                    out.append(f"{name} {fmt(value)}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
+            return "; ".join(out)
+
+        d_ci = point_axis(diag, "asr", judge, k)[1]
+        o_ci = point_axis(own, "asr", judge, k)[1] if own else None
+        if d_ci and o_ci:
+            reading = (
+                "lower than with its own teacher, beyond the intervals"
+                if d_ci[1] < o_ci[0]
+                else "higher than with its own teacher, beyond the intervals"
+                if d_ci[0] > o_ci[1]
+                else "within the intervals of the student of its own teacher"
+            )
+        else:
+            reading = "not comparable (a point is missing)"
+        lines.append(
+            f"- {analog} analog, the diagnostic (what bounds BFT's gain): the {analog} analog's student distilled "
+            f"from the {teacher} analog's aligned model instead of its own (training seed {seed}, {diag.get('loss')}, "
+            f"the full budget). ASR ({judge} judge, k = {k}): {cells('asr', True)}; with the {teacher} teacher it is "
+            f"{reading}. Benign perplexity: {cells('perplexity', False)}. Over-refusal: {cells('overrefusal', True)}."
+        )
+    return lines
+
+
 def _frontier_headline(root: Path) -> list[str]:
     """The headline question of every committed frontier, first in the section: does any BFT point reach a place on
     the ASR-utility plane that Qi's curve does not dominate? The stored ``beyond_qi`` verdict per analog and utility
@@ -360,6 +412,9 @@ def _frontier_headline(root: Path) -> list[str]:
         path = root / folder / "summary.json"
         fr = (json.loads(path.read_text()).get("frontier") if path.is_file() else None) or {}
         for analog, res in (fr.get("analogs") or {}).items():
+            lines += _diagnostic_lines(analog, res, fr)
+            if not any(b.get("qi_points") for b in (res.get("beyond_qi") or {}).values()):
+                continue  # no Qi curve in this run (the diagnostic's run): the headline question does not apply
             aligned = next((p for p in res.get("points", []) if p["method"] == "aligned"), {})
             refused = aligned.get("overrefusal")
             if refused and refused.get("n"):
