@@ -250,6 +250,7 @@ def test_a_frontier_only_run_renders_its_headline_first_and_its_table(tmp_path):
     (folder / "summary.json").write_text(json.dumps(summary))
     text = render_results(tmp_path)
     assert text.count("One CPU run of") == 1 and "**Is BFT on the frontier?**" in text
+    assert "*Made by older code*: this run predates the near-duplicate split" in text  # no dedup_threshold stored
     headline = text.index(
         "- deep analog, ASR (harm judge, k = 4) against benign perplexity: **inconclusive: one training"
     )
@@ -291,7 +292,15 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
         "beyond_qi": {"perplexity": dict(beyond, judge="harm", k=4, bft_points=1, qi_points=0)},
     }
     summary = {
-        "config": {"seed": 0, "sweep_k": 4, "bft_epochs": 20, "temperature": 0.9, "top_p": 0.6, "eval_tokens": 64},
+        "config": {
+            "seed": 0,
+            "sweep_k": 4,
+            "bft_epochs": 20,
+            "temperature": 0.9,
+            "top_p": 0.6,
+            "eval_tokens": 64,
+            "dedup_threshold": 0.85,
+        },
         "data": {"harmful_test": 200, "test_sources": {"advbench": 144, "harmbench": 56}},
         "analogs": {},
         "frontier": {"primary_judge": "harm", "ks": [4], "seeds": [0], "sizes": {}, "analogs": {"shallow": res}},
@@ -302,9 +311,12 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
     text = render_results(tmp_path)
     line = next(x for x in text.splitlines() if x.startswith("- shallow analog, the diagnostic"))
     assert "from the deep analog's aligned model instead of its own (training seed 0, bft_eq9" in line
-    assert "deep teacher 2.0% [1.0%, 4.0%]; shallow teacher (its own) 9.0% [7.0%, 12.0%]; the aligned model 10.0%" in line
+    assert (
+        "deep teacher 2.0% [1.0%, 4.0%]; shallow teacher (its own) 9.0% [7.0%, 12.0%]; the aligned model 10.0%" in line
+    )
     assert "lower than with its own teacher, beyond the intervals" in line and "deep teacher 6.1 [6, 6.2]" in line
     assert "no Qi point" not in text and "refuses 32 of 64" not in text  # no headline question without Qi's curve
+    assert "Made by older code" not in text  # its config has the near-duplicate split
     diag["asr"]["4"]["harm"]["ci"] = [0.05, 0.11]  # overlapping: no reading beyond the intervals
     (folder / "summary.json").write_text(json.dumps(summary))
     assert "within the intervals of the student of its own teacher" in render_results(tmp_path)

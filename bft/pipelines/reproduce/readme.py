@@ -42,10 +42,12 @@ RUNS = [
     ),
     (
         "docs/results/cpu_deep",
-        "The deeper analog at 20 epochs, with Qi's row",
+        "The deeper analog's per-analog claims at 20 epochs",
         "bft reproduce --config docs/results/cpu_deep/config.yaml",
-        "The student uses the loss settings the shallow analog's validation sweep chose (no second sweep); Qi's "
-        "augmentation gets `qi_steps` steps, a stated CPU reduction from the paper's equal budget.",
+        "The per-analog protocol of the shallow frontier run below, on the deep analog: the student uses the loss "
+        "settings the shallow analog's validation sweep chose (no second sweep), 200 test prompts × 1 sampling seed "
+        "at k = 4, Eq. 7 in both forms; Qi's row is 25 steps (its curve over the whole budget is the frontier run "
+        "below).",
     ),
     (
         "docs/results/frontier",
@@ -294,6 +296,14 @@ def _run_section(root: Path, folder: str, title: str, command: str, notes: str) 
         f"{cfg['eval_tokens']} new tokens; students trained for {budget}. {notes}",
         "",
     ]
+    if "dedup_threshold" not in cfg:  # the key came with the near-duplicate split: older summaries lack it
+        lines[-1:-1] = [
+            "",
+            "*Made by older code*: this run predates the near-duplicate split (5cc710e) and the 64-token default "
+            "(db18a53), so its splits are disjoint by exact text only; the command above now makes "
+            "near-duplicate-free splits and, where the config does not set `eval_tokens`, 64-token continuations: its "
+            "numbers would differ.",
+        ]
     cal = calibration_table(summary)
     if cal:
         lines += _under_run_heading(cal)
