@@ -618,8 +618,7 @@ def test_perplexity_is_compared_paired_over_the_same_benign_prompts(tmp_path):
 
 
 def test_over_refusal_pools_the_training_seeds_by_prompt(tmp_path):
-    from bft.eval.overrefusal import refusal_summary
-    from bft.eval.stats import wilson_interval
+    from bft.eval.stats import cluster_wilson_interval, wilson_interval
     from bft.pipelines.reproduce.frontier import _overrefusal_interval_text, _overrefusal_of, point_measures
 
     cfg = _tiny_config("unused", tmp_path, **FRONTIER)
@@ -638,16 +637,20 @@ def test_over_refusal_pools_the_training_seeds_by_prompt(tmp_path):
     evals = [{"records": [], "likelihood": [], "benign": [], "overrefusal": r} for r in (first, second)]
     both = point_measures(cfg, evals)["overrefusal"]
     ids = [f"s{i}" for i in range(20)] * 2
-    truth = refusal_summary([i < 4 for i in range(20)] + [i < 12 for i in range(20)], ids, seed=cfg.seed)
-    # 16 of 40 responses, clustered by prompt
-    assert both == {"value": 0.4, "ci": truth["interval"], "n": 20, "method": "cluster_bootstrap"}
+    truth = cluster_wilson_interval([i < 4 for i in range(20)] + [i < 12 for i in range(20)], ids)
+    # 16 of 40 responses, clustered by prompt (the ASR's interval)
+    assert both == {"value": 0.4, "ci": truth["ci"], "n": 20, "method": "wilson"} and truth["design_effect"] > 1
+    # every response refuses: the interval stays the Wilson one at the number of prompts, not [1, 1]
+    always = _overrefusal_of(seed_result(set(range(20))))
+    evals_all = [{"records": [], "likelihood": [], "benign": [], "overrefusal": always}] * 2
+    assert point_measures(cfg, evals_all)["overrefusal"]["ci"] == pytest.approx(list(wilson_interval(20, 20)))
     # a stored result without its rows: the mean rate and the span of the seeds' intervals, as before
     spans = ([0.1, 0.3], [0.2, 0.6])
     bare = [dict(e, overrefusal=dict(e["overrefusal"], rows=None, interval=i)) for e, i in zip(evals, spans)]
     spanned = point_measures(cfg, bare)["overrefusal"]
     assert spanned == {"value": pytest.approx(0.4), "ci": [0.1, 0.6], "n": 20, "method": "span"}
     # the rendered table says which of the two the pooled points carry (older summaries store no method: a span)
-    for measure, words in ((both, "a bootstrap over prompts"), (spanned, "span"), ({"value": 0.4}, "span")):
+    for measure, words in ((both, "as ASR"), (spanned, "span"), ({"value": 0.4}, "span")):
         fr = {"analogs": {"a": {"points": [{"training_seeds": [0, 1], "overrefusal": measure}]}}}
         assert words in _overrefusal_interval_text(fr)
 

@@ -86,7 +86,6 @@ from pathlib import Path
 from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
-from bft.eval.overrefusal import refusal_summary
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
 from bft.eval.stats import MIN_EVENTS, cluster_wilson_interval
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
@@ -624,8 +623,9 @@ def _ratio_perplexity(rows):
 def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
     """One frontier point from the evaluations of one checkpoint of one or more training seeds (pooled: a prompt's
     rows over sampling and training seeds are one cluster): ASR per k and judge (and the three-way on-topic share)
-    with a cluster Wilson interval, the likelihood, the benign perplexity and over-refusal, each with a
-    cluster-bootstrap interval."""
+    and over-refusal with a cluster Wilson interval, the likelihood and the benign perplexity with a
+    cluster-bootstrap interval. Over-refusal without per-prompt rows (``_overrefusal_of``): the mean rate and the
+    span of the seeds' intervals."""
     records = [r for e in evals for r in e["records"]]
     out: dict = {"asr": {}}
     for k in cfg.frontier_ks:
@@ -663,13 +663,9 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
     refusals = [e["overrefusal"] for e in evals if e.get("overrefusal")]
     if refusals and all(r.get("rows") for r in refusals):  # a prompt's responses over training seeds: one cluster
         rows = [row for r in refusals for row in r["rows"]]
-        pooled = refusal_summary([refused for _, refused in rows], [prompt for prompt, _ in rows], seed=cfg.seed)
-        out["overrefusal"] = {
-            "value": pooled["rate"],
-            "ci": pooled["interval"],
-            "n": pooled["n_prompts"],
-            "method": pooled["method"],
-        }
+        # the ASR's interval: a percentile bootstrap would collapse to [1, 1] where every response refuses
+        pooled = cluster_wilson_interval([refused for _, refused in rows], [prompt for prompt, _ in rows])
+        out["overrefusal"] = {"value": pooled["rate"], "ci": pooled["ci"], "n": pooled["clusters"], "method": "wilson"}
     elif refusals:  # a result without its per-prompt rows: the mean rate and the span of the seeds' intervals
         intervals = [r["interval"] for r in refusals if r.get("interval")]
         out["overrefusal"] = {
@@ -1119,9 +1115,9 @@ def _fmt(value, ci, pct=True) -> str:
 
 
 def _overrefusal_interval_text(fr: dict) -> str:
-    """How the over-refusal intervals of ``fr``'s points were made: Wilson for one training seed; a point pooling
-    several gets a bootstrap over prompts, or, in summaries written before the per-prompt rows were pooled (no
-    ``method`` stored), the span of its seeds' Wilson intervals."""
+    """How the over-refusal intervals of ``fr``'s points were made: the ASR's (cluster Wilson, the prompt as the
+    unit), or, in summaries written before the per-prompt rows were pooled (no ``method`` stored), for a point
+    pooling training seeds the span of its seeds' Wilson intervals."""
     pooled = [
         p["overrefusal"]
         for res in fr["analogs"].values()
@@ -1133,7 +1129,7 @@ def _overrefusal_interval_text(fr: dict) -> str:
             "Wilson, and for a point pooling training seeds the span of their Wilson intervals "
             "(the run kept no per-prompt refusals)"
         )
-    return "Wilson, and for a point pooling training seeds a bootstrap over prompts"
+    return "as ASR, a point's training seeds pooled by prompt"
 
 
 def render_frontier(summary: dict, folder: str = "") -> str:
