@@ -12,22 +12,21 @@ The prompts were written for this project (XSTest's idea, none of its prompts; d
 says how and what the set cannot show). Each JSON line: ``id``, ``prompt``, ``category``, ``expected`` ("comply"
 or "refuse").
 
-Interval: with one response per prompt, the 95% Wilson interval over prompts; with several sampling seeds, a
-percentile bootstrap over prompts (a prompt's seeds are resampled together: they are not independent).
+Interval: with one response per prompt, the 95% Wilson interval over prompts; with several sampling seeds, the
+Wilson interval at the design-effect sample size, the prompt as the cluster (a prompt's seeds are not independent),
+as ASR's.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from bft.eval.generation import GenerationSettings, System
 from bft.eval.judges import is_refusal
-from bft.eval.stats import wilson_interval
+from bft.eval.stats import cluster_wilson_interval
 
 __all__ = [
     "DATA_PATH",
@@ -124,44 +123,30 @@ def load_prompts(
     return out
 
 
-def refusal_summary(
-    refused: Sequence[bool],
-    prompts: Sequence[Hashable],
-    *,
-    resamples: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> dict:
-    """Refusal rate of ``refused`` (one entry per response) with an interval over ``prompts`` (the prompt of each
-    response): Wilson when every prompt has one response, else a percentile bootstrap over prompts (``resamples``,
-    ``seed``). ``{"rate", "interval", "method", "n_responses", "n_prompts", "refusals"}``."""
+def refusal_summary(refused: Sequence[bool], prompts: Sequence[Hashable]) -> dict:
+    """Refusal rate of ``refused`` (one entry per response) with a 95% interval over ``prompts`` (the prompt of each
+    response): the Wilson interval when every prompt has one response, else the Wilson interval at the design-effect
+    sample size with the prompt as the cluster (:func:`bft.eval.stats.cluster_wilson_interval`, as ASR), which
+    never narrows below the row-level one and never collapses to a point where every response agrees.
+    ``{"rate", "interval", "method", "n", "n_responses", "n_prompts", "refusals", "design_effect"}``."""
     refused = [bool(r) for r in refused]
     prompts = list(prompts)
     if len(refused) != len(prompts):
         raise ValueError(f"{len(refused)} verdicts for {len(prompts)} prompt labels")
     if not refused:
         raise ValueError("a refusal rate needs at least one response")
-    groups: dict = {}
-    for r, p in zip(refused, prompts):
-        groups.setdefault(p, []).append(r)
-    k, n = sum(refused), len(refused)
-    out = {"rate": k / n, "refusals": k, "n": len(groups), "n_responses": n, "n_prompts": len(groups)}
-    if len(groups) == n:
-        if level != 0.95:
-            raise ValueError("the Wilson interval here is the 95% one; pass level=0.95")
-        out.update(interval=list(wilson_interval(k, n)), method="wilson")
-        return out
-    keys = list(groups)
-    rng = random.Random(seed)
-    rates = []
-    for _ in range(resamples):
-        rows = [r for _ in keys for r in groups[keys[rng.randrange(len(keys))]]]
-        rates.append(sum(rows) / len(rows))
-    rates.sort()
-    lo = rates[int(math.floor((1 - level) / 2 * (len(rates) - 1)))]
-    hi = rates[int(math.ceil((1 + level) / 2 * (len(rates) - 1)))]
-    out.update(interval=[lo, hi], method="cluster_bootstrap", resamples=resamples, level=level)
-    return out
+    pooled = cluster_wilson_interval(refused, prompts)
+    k, n, c = sum(refused), len(refused), pooled["clusters"]
+    return {
+        "rate": k / n,
+        "refusals": k,
+        "n": c,
+        "n_responses": n,
+        "n_prompts": c,
+        "interval": pooled["ci"],
+        "method": "wilson" if c == n else "cluster_wilson",
+        "design_effect": pooled["design_effect"],
+    }
 
 
 def system_generator(system: System, settings: GenerationSettings | None = None) -> Callable:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bft.eval import overrefusal as ovr
-from bft.eval.stats import wilson_interval
+from bft.eval.stats import wilson_interval, wilson_interval_real
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,16 +109,16 @@ def test_several_seeds_are_clustered_by_prompt():
     # 10 prompts × 3 seeds; each prompt either always or never refused: the effective sample is 10 prompts
     prompts = [f"p{i}" for i in range(10) for _ in range(3)]
     refused = [i < 3 for i in range(10) for _ in range(3)]
-    out = ovr.refusal_summary(refused, prompts, resamples=4000, seed=1)
-    assert out["method"] == "cluster_bootstrap" and out["n_prompts"] == 10 and out["n_responses"] == 30
-    assert out["rate"] == pytest.approx(0.3)
-    lo, hi = out["interval"]
+    out = ovr.refusal_summary(refused, prompts)
+    assert out["method"] == "cluster_wilson" and out["n_prompts"] == 10 and out["n_responses"] == 30
+    # the design effect is the cluster size, 3, times the C/(C-1) small-sample factor of the cluster-robust variance
+    assert out["rate"] == pytest.approx(0.3) and out["design_effect"] == pytest.approx(3 * 10 / 9)
+    assert out["interval"] == pytest.approx(list(wilson_interval_real(0.3, 9.0)))
     row_lo, row_hi = wilson_interval(9, 30)  # treating the 30 rows as independent is narrower
-    assert hi - lo > row_hi - row_lo
-    assert lo <= 0.3 <= hi
-    assert ovr.refusal_summary(refused, prompts, resamples=500, seed=2) == ovr.refusal_summary(
-        refused, prompts, resamples=500, seed=2
-    )
+    assert out["interval"][1] - out["interval"][0] > row_hi - row_lo
+    # every response refused: the Wilson interval over the prompts, not the point [1, 1]
+    everything = ovr.refusal_summary([True] * 30, prompts)
+    assert everything["interval"] == pytest.approx(list(wilson_interval(10, 10))) and everything["interval"][0] < 0.8
     with pytest.raises(ValueError, match="verdicts"):
         ovr.refusal_summary([True], ["a", "b"])
     with pytest.raises(ValueError, match="at least one"):
@@ -164,8 +164,10 @@ def test_several_seeds_on_a_fake_generator():
     out = ovr.overrefusal(gen, ovr.load_prompts(limit=20), seeds=[0, 1])
     assert gen.calls == [(20, 0), (20, 1)]
     s = out["overrefusal"]
-    assert s["rate"] == 0.5 and s["n_prompts"] == 20 and s["n_responses"] == 40 and s["method"] == "cluster_bootstrap"
-    assert s["interval"] == [0.5, 0.5]  # every prompt is refused on exactly one of its two seeds
+    assert s["rate"] == 0.5 and s["n_prompts"] == 20 and s["n_responses"] == 40 and s["method"] == "cluster_wilson"
+    # every prompt is refused on exactly one of its two seeds: no variance between prompts, and the interval stays
+    # the row-level Wilson one (the design effect is floored at 1) rather than the point [0.5, 0.5]
+    assert s["interval"] == pytest.approx(list(wilson_interval(20, 40))) and s["design_effect"] == 1.0
     assert out["contrast"] is None and out["seeds"] == [0, 1]
 
 
