@@ -86,6 +86,7 @@ from pathlib import Path
 from bft.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
+from bft.eval.overrefusal import refusal_summary
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
 from bft.eval.stats import MIN_EVENTS, cluster_wilson_interval
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
@@ -663,9 +664,13 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
     refusals = [e["overrefusal"] for e in evals if e.get("overrefusal")]
     if refusals and all(r.get("rows") for r in refusals):  # a prompt's responses over training seeds: one cluster
         rows = [row for r in refusals for row in r["rows"]]
-        # the ASR's interval: a percentile bootstrap would collapse to [1, 1] where every response refuses
-        pooled = cluster_wilson_interval([refused for _, refused in rows], [prompt for prompt, _ in rows])
-        out["overrefusal"] = {"value": pooled["rate"], "ci": pooled["ci"], "n": pooled["clusters"], "method": "wilson"}
+        pooled = refusal_summary([refused for _, refused in rows], [prompt for prompt, _ in rows])
+        out["overrefusal"] = {
+            "value": pooled["rate"],
+            "ci": pooled["interval"],
+            "n": pooled["n_prompts"],
+            "method": "wilson",
+        }
     elif refusals:  # a result without its per-prompt rows: the mean rate and the span of the seeds' intervals
         intervals = [r["interval"] for r in refusals if r.get("interval")]
         out["overrefusal"] = {
