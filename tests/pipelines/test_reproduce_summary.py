@@ -314,9 +314,18 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
     assert (
         "deep teacher 2.0% [1.0%, 4.0%]; shallow teacher (its own) 9.0% [7.0%, 12.0%]; the aligned model 10.0%" in line
     )
-    assert "lower than with its own teacher, beyond the intervals" in line and "deep teacher 6.1 [6, 6.2]" in line
+    assert "deep teacher 6.1 [6, 6.2]" in line
+    readings = "With the deep teacher against its own: ASR lower beyond the intervals, perplexity lower beyond the "
+    assert readings + "intervals, over-refusal within the intervals." in line
     assert "no Qi point" not in text and "refuses 32 of 64" not in text  # no headline question without Qi's curve
     assert "Made by older code" not in text  # its config has the near-duplicate split
     diag["asr"]["4"]["harm"]["ci"] = [0.05, 0.11]  # overlapping: no reading beyond the intervals
+    # perplexity with per-prompt rows is compared paired: 1% lower on every shared benign prompt is separated
+    own["perplexity"]["per_prompt"] = {f"b{i}": [-10.0 * (1 + i), 10] for i in range(16)}
+    diag["perplexity"]["per_prompt"] = {f"b{i}": [-9.9 * (1 + i), 10] for i in range(16)}
     (folder / "summary.json").write_text(json.dumps(summary))
-    assert "within the intervals of the student of its own teacher" in render_results(tmp_path)
+    text = render_results(tmp_path)
+    assert "ASR within the intervals, perplexity lower beyond the intervals" in text
+    own["perplexity"]["per_prompt"] = {f"b{i}": [-10.0 * (1 + i) * (0.9 if i % 2 else 1.1), 10] for i in range(16)}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert "ASR within the intervals, perplexity within the intervals" in render_results(tmp_path)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bft.eval.stats import MIN_EVENTS
-from bft.pipelines.reproduce.frontier import UTILITY_NAMES, point_axis, render_frontier
+from bft.pipelines.reproduce.frontier import UTILITY_NAMES, paired_log_ratio, point_axis, render_frontier
 from bft.pipelines.reproduce.report import calibration_table, mechanism_cells, sweep_table
 from bft.pipelines.reproduce.summary import PAPER_EFFECT
 
@@ -369,11 +369,33 @@ def _at_a_glance(root: Path) -> list[str]:
     return lines + [""]
 
 
+#: the diagnostic's measures, in the order its line reads them
+MEASURES = (("asr", "ASR"), ("perplexity", "perplexity"), ("overrefusal", "over-refusal"))
+
+
+def _against_own(diag: dict, own: dict | None, measure: str, judge: str, k) -> str:
+    """Whether the diagnostic's ``measure`` is lower or higher than the own-teacher student's beyond the 95%
+    intervals: perplexity paired over the shared benign prompts (:func:`paired_log_ratio`), ASR and over-refusal by
+    disjoint intervals (the summary keeps no paired rows for them), as the frontier's dominance reads them."""
+    if not own:
+        return "not comparable (no student of its own teacher with that seed)"
+    (_, d_ci, d_rows), (_, o_ci, o_rows) = point_axis(diag, measure, judge, k), point_axis(own, measure, judge, k)
+    paired = paired_log_ratio(d_rows, o_rows) if d_rows and o_rows else None
+    if paired:
+        lo, hi = paired[1]
+        below, above = hi < 0, lo > 0
+    elif d_ci and o_ci:
+        below, above = d_ci[1] < o_ci[0], d_ci[0] > o_ci[1]
+    else:
+        return "not comparable (an interval is missing)"
+    return "lower beyond the intervals" if below else "higher beyond the intervals" if above else "within the intervals"
+
+
 def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
     """Where the frontier's diagnostic lands (:func:`bft.pipelines.reproduce.frontier._diagnostic`): the student
     analog's student distilled from the teacher analog's aligned model, beside the student of its own aligned model
-    from the same training seed (``headline_by_training_seed``) and the aligned model it starts from. Whether the
-    two students' ASR intervals are disjoint is the only reading given (the summary keeps no paired rows)."""
+    from the same training seed (``headline_by_training_seed``) and the aligned model it starts from, each measure
+    read against the own-teacher student by :func:`_against_own`."""
     judge, k = fr.get("primary_judge", "harm"), (fr.get("ks") or [4])[0]
     aligned = next((p for p in res.get("points", []) if p["method"] == "aligned"), None)
     lines = []
@@ -392,23 +414,13 @@ def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
                     out.append(f"{name} {fmt(value)}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
             return "; ".join(out)
 
-        d_ci = point_axis(diag, "asr", judge, k)[1]
-        o_ci = point_axis(own, "asr", judge, k)[1] if own else None
-        if d_ci and o_ci:
-            reading = (
-                "lower than with its own teacher, beyond the intervals"
-                if d_ci[1] < o_ci[0]
-                else "higher than with its own teacher, beyond the intervals"
-                if d_ci[0] > o_ci[1]
-                else "within the intervals of the student of its own teacher"
-            )
-        else:
-            reading = "not comparable (a point is missing)"
+        readings = ", ".join(f"{name} {_against_own(diag, own, measure, judge, k)}" for measure, name in MEASURES)
         lines.append(
             f"- {analog} analog, the diagnostic (what bounds BFT's gain): the {analog} analog's student distilled "
             f"from the {teacher} analog's aligned model instead of its own (training seed {seed}, {diag.get('loss')}, "
-            f"the full budget). ASR ({judge} judge, k = {k}): {cells('asr', True)}; with the {teacher} teacher it is "
-            f"{reading}. Benign perplexity: {cells('perplexity', False)}. Over-refusal: {cells('overrefusal', True)}."
+            f"the full budget). ASR ({judge} judge, k = {k}): {cells('asr', True)}. Benign perplexity: "
+            f"{cells('perplexity', False)}. Over-refusal: {cells('overrefusal', True)}. With the {teacher} teacher "
+            f"against its own: {readings}."
         )
     return lines
 
