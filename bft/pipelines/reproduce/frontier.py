@@ -126,6 +126,7 @@ __all__ = [
     "rejudge",
     "render_frontier",
     "run_frontier",
+    "separated_below",
     "stage_frontier_benign",
     "stage_frontier_benign_data",
     "stage_frontier_bft",
@@ -727,7 +728,7 @@ def paired_log_ratio(p_rows: tuple, q_rows: tuple, *, resamples: int = 2000, see
     return cluster_interval(shared, [r[0] for r in shared], log_ratio, resamples=resamples, seed=seed, level=level)
 
 
-def _separated_below(pa: tuple, qa: tuple) -> bool:
+def separated_below(pa: tuple, qa: tuple) -> bool:
     """Whether axis value ``pa`` is below ``qa`` beyond the 95% intervals: by the paired interval of their log ratio
     when both carry per-prompt rows sharing prompts, else by disjoint intervals (p.hi < q.lo); a missing interval
     never separates."""
@@ -747,7 +748,7 @@ def _padded(axes) -> list[tuple]:
 def dominates(p, q, *, separated: bool) -> bool:
     """Whether point ``p`` dominates ``q``; each is a sequence of axes (value, ci[, per-prompt rows]), ASR first,
     lower better on every axis. Point dominance: no worse on every axis, better on one. ``separated``: also, on at
-    least one axis, p lies below q beyond the intervals (:func:`_separated_below`: paired over the shared benign
+    least one axis, p lies below q beyond the intervals (:func:`separated_below`: paired over the shared benign
     prompts for perplexity, disjoint 95% intervals otherwise)."""
     if not (all(a[0] <= b[0] for a, b in zip(p, q)) and any(a[0] < b[0] for a, b in zip(p, q))):
         return False
@@ -782,9 +783,9 @@ def pareto(points: list[dict], utility: str, judge: str, k, *, reference_only=()
 
 def escapes(p, q) -> bool:
     """Whether point ``p`` lies beyond ``q``'s reach: on at least one axis p is below q beyond the intervals
-    (:func:`_separated_below`), so that q cannot dominate p whatever the noise. Axes as for :func:`dominates`."""
+    (:func:`separated_below`), so that q cannot dominate p whatever the noise. Axes as for :func:`dominates`."""
     p, q = _padded(p), _padded(q)
-    return any(_separated_below(a, b) for a, b in zip(p, q))
+    return any(separated_below(a, b) for a, b in zip(p, q))
 
 
 def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
@@ -825,7 +826,7 @@ def beyond_qi(points: list[dict], utility: str, judge: str, k) -> dict:
     out["aligned_events"] = round(a["asr"] * a["n"]) if a else None
     safer = out["safer_than_aligned"] = [b for b in bft if a and usable[b][0][0] < a["asr"]]
     aligned_asr = point_axis(aligned, "asr", judge, k) if a else None
-    out["safer_beyond_intervals"] = [b for b in safer if _separated_below(usable[b][0], aligned_asr)]
+    out["safer_beyond_intervals"] = [b for b in safer if separated_below(usable[b][0], aligned_asr)]
     escaping = out["escaping"] = [b for b in safer if b in out["point"]]
     out["escaping_beyond_intervals"] = [
         b for b in escaping if b in out["safer_beyond_intervals"] and all(escapes(usable[b], usable[q]) for q in qi)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bft.eval.stats import MIN_EVENTS
-from bft.pipelines.reproduce.frontier import UTILITY_NAMES, paired_log_ratio, point_axis, render_frontier
+from bft.pipelines.reproduce.frontier import UTILITY_NAMES, point_axis, render_frontier, separated_below
 from bft.pipelines.reproduce.report import calibration_table, mechanism_cells, sweep_table
 from bft.pipelines.reproduce.summary import PAPER_EFFECT
 
@@ -375,20 +375,16 @@ MEASURES = (("asr", "ASR"), ("perplexity", "perplexity"), ("overrefusal", "over-
 
 def _against_own(diag: dict, own: dict | None, measure: str, judge: str, k) -> str:
     """Whether the diagnostic's ``measure`` is lower or higher than the own-teacher student's beyond the 95%
-    intervals: perplexity paired over the shared benign prompts (:func:`paired_log_ratio`), ASR and over-refusal by
-    disjoint intervals (the summary keeps no paired rows for them), as the frontier's dominance reads them."""
+    intervals, as the frontier's dominance reads an axis (:func:`separated_below`: perplexity paired over the
+    shared benign prompts, ASR and over-refusal by disjoint intervals)."""
     if not own:
         return "not comparable (no student of its own teacher with that seed)"
-    (_, d_ci, d_rows), (_, o_ci, o_rows) = point_axis(diag, measure, judge, k), point_axis(own, measure, judge, k)
-    paired = paired_log_ratio(d_rows, o_rows) if d_rows and o_rows else None
-    if paired:
-        lo, hi = paired[1]
-        below, above = hi < 0, lo > 0
-    elif d_ci and o_ci:
-        below, above = d_ci[1] < o_ci[0], d_ci[0] > o_ci[1]
-    else:
+    d, o = point_axis(diag, measure, judge, k), point_axis(own, measure, judge, k)
+    if not (d[2] and o[2]) and not (d[1] and o[1]):
         return "not comparable (an interval is missing)"
-    return "lower beyond the intervals" if below else "higher beyond the intervals" if above else "within the intervals"
+    if separated_below(d, o):
+        return "lower beyond the intervals"
+    return "higher beyond the intervals" if separated_below(o, d) else "within the intervals"
 
 
 def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
