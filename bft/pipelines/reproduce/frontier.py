@@ -116,6 +116,7 @@ __all__ = [
     "cluster_interval",
     "dominates",
     "escapes",
+    "format_measure",
     "frontier_student",
     "judge_points",
     "method_fractions",
@@ -1113,7 +1114,9 @@ def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -
     return path
 
 
-def _fmt(value, ci, pct=True) -> str:
+def format_measure(value, ci, pct=True) -> str:
+    """``value`` with its interval as the frontier tables print them: a percentage with one decimal (``pct``) or
+    three significant digits; "–" when there is no value."""
     if value is None:
         return "–"
     f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3g}")
@@ -1192,12 +1195,12 @@ def render_frontier(summary: dict, folder: str = "") -> str:
             row = [p["method"], f"{p['fraction']:g}", ",".join(map(str, p.get("training_seeds", []))) or "–"]
             for k in ks:
                 a = (p.get("asr") or {}).get(str(k), {}).get(judge)
-                row.append(_fmt(a["asr"], a["ci"]) if a else "–")
+                row.append(format_measure(a["asr"], a["ci"]) if a else "–")
             lk = p.get("likelihood")
-            row.append(_fmt(lk["mean_logprob"], lk["ci"], pct=False) if lk else "–")
+            row.append(format_measure(lk["mean_logprob"], lk["ci"], pct=False) if lk else "–")
             for m in ("perplexity", "overrefusal"):
                 v = p.get(m)
-                row.append(_fmt(v["value"], v.get("ci"), pct=m == "overrefusal") if v else "–")
+                row.append(format_measure(v["value"], v.get("ci"), pct=m == "overrefusal") if v else "–")
             for u in utilities:
                 dom = res["dominance"][u][judge]
                 row.append(

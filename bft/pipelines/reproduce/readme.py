@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 
 from bft.eval.stats import MIN_EVENTS
-from bft.pipelines.reproduce.frontier import UTILITY_NAMES, point_axis, render_frontier, separated_below
+from bft.pipelines.reproduce.frontier import (
+    UTILITY_NAMES,
+    format_measure,
+    point_axis,
+    render_frontier,
+    separated_below,
+)
 from bft.pipelines.reproduce.report import calibration_table, mechanism_cells, sweep_table
 from bft.pipelines.reproduce.summary import PAPER_EFFECT
 
@@ -402,13 +408,8 @@ def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
         rows = [(f"{teacher} teacher", diag), (f"{analog} teacher (its own)", own), ("the aligned model", aligned)]
 
         def cells(measure, pct, rows=rows):
-            out = []
-            for name, point in rows:
-                value, ci, _ = point_axis(point, measure, judge, k) if point else (None, None, None)
-                if value is not None:
-                    fmt = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3g}")
-                    out.append(f"{name} {fmt(value)}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
-            return "; ".join(out)
+            axes = [(name, point_axis(point, measure, judge, k)) for name, point in rows if point]
+            return "; ".join(f"{name} {format_measure(v, ci, pct)}" for name, (v, ci, _) in axes if v is not None)
 
         readings = ", ".join(f"{name} {_against_own(diag, own, measure, judge, k)}" for measure, name in MEASURES)
         lines.append(
