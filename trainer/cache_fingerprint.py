@@ -49,8 +49,8 @@ def _model_files(directory: Path, gguf_file: str | None) -> list[Path]:
 
 def model_identity(name: str, gguf_file: str | None, config) -> dict:
     """What identifies a model's weights: the tiny models' construction, or each weight/config file's size and
-    SHA-256 (sampled for large files) of a local folder, GGUF file or cached Hub snapshot; a Hub id that is not in
-    the local cache is identified by its name only."""
+    SHA-256 (sampled for large files) of a local folder, GGUF file (not their paths) or cached Hub snapshot (and its
+    id); a Hub id that is not in the local cache is identified by its name only."""
     from bft.trainer.config import TINY_ALIGNED, TINY_BASE
 
     m = config.model
@@ -79,6 +79,8 @@ def model_identity(name: str, gguf_file: str | None, config) -> dict:
         p.name: [p.stat().st_size, sha256_file(p, sample_above=_HASH_WHOLE_BELOW)]
         for p in _model_files(directory, gguf)
     }
+    if Path(source).exists():  # a local folder or file is known by its files: moved elsewhere, it is the same model
+        return {"gguf_file": gguf, "files": files}
     return {"name": name, "gguf_file": gguf, "files": files}
 
 
@@ -100,6 +102,15 @@ def example_key(example) -> str:
     return digest.hexdigest()[:32]
 
 
+def data_identity(source: str) -> str | dict:
+    """A dataset's identity: a local file by its SHA-256, not its path (a cache moved with its run folder and its
+    data is the same cache); a Hub id or local dataset folder by its name."""
+    path = Path(source)
+    if path.is_file():
+        return {"sha256": sha256_file(path)}
+    return source
+
+
 def examples_digest(examples) -> str:
     """A digest of the examples' keys, in order."""
     digest = hashlib.sha256()
@@ -116,7 +127,7 @@ def fingerprint(config, tokenizer, harmful, utility) -> dict:
     def data_source(role):
         limit = getattr(d, f"{role}_limit")
         out = {
-            "source": getattr(d, role),
+            "source": data_identity(getattr(d, role)),
             "split": getattr(d, f"{role}_split"),
             "limit": limit,
             "columns": getattr(d, f"{role}_columns"),

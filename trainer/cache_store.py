@@ -40,6 +40,10 @@ class CacheError(ValueError):
     """A teacher cache that cannot be used for this run (absent, incomplete, stale, truncated or corrupted)."""
 
 
+class StaleCacheError(CacheError):
+    """A complete, intact teacher cache built for other inputs than this run's (its fingerprint differs)."""
+
+
 @dataclass
 class Layout:
     """Where each example's rows live: shards of consecutive examples, rows in example order."""
@@ -166,7 +170,7 @@ def check_fingerprint(root: Path, manifest: dict, now: dict) -> None:
     """CacheError naming every difference when the cache was built for other inputs than ``now``."""
     diffs = fingerprint_differences(manifest.get("fingerprint", {}), now)
     if diffs:
-        raise CacheError(
+        raise StaleCacheError(
             f"the teacher cache {root} was built for other inputs than this config ({'; '.join(diffs)}); "
             "rebuild it with `bft cache CONFIG --rebuild`, or point teacher_cache.path elsewhere"
         )

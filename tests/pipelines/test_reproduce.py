@@ -101,6 +101,43 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_r
     assert any(line.startswith("[shallow/eval] running") for line in logs)
 
 
+def test_a_run_folder_copied_elsewhere_is_the_same_run(tiny_run, tiny_model_dir, tmp_path):
+    """stage.json stores paths under the run folder relative to it, and the teacher cache knows its data by content:
+    a copied run reuses every stage, and a changed student trains from the copied cache instead of failing on it."""
+    import shutil
+
+    from bft.pipelines.reproduce import reproduce
+
+    cfg, out, _, _ = tiny_run
+    summary = reproduce(cfg, log=lambda m: None)  # back to the fixture's settings (a test before may change them)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(out, moved)
+    marker = json.loads((moved / "shallow" / "bft" / "stage.json").read_text())
+    assert marker["settings"]["model"]["aligned"] == "<run>/models/aligned_r0"
+    logs = []
+    again = reproduce(_tiny_config(tiny_model_dir, moved), log=logs.append)
+    assert sum("cached" in line for line in logs) == 7, logs
+    assert again["analogs"]["shallow"]["systems"] == summary["analogs"]["shallow"]["systems"]
+    manifests = {p: p.stat().st_mtime_ns for p in (moved / "teacher_cache").rglob("manifest.json")}
+    assert manifests
+    logs = []
+    reproduce(_tiny_config(tiny_model_dir, moved, bft_steps=3), log=logs.append)
+    assert any(line.startswith("[shallow/bft] running") for line in logs), logs
+    assert {p: p.stat().st_mtime_ns for p in (moved / "teacher_cache").rglob("manifest.json")} == manifests
+    # a cache fingerprinted by older code (a data file known by its path) is the run's own: rebuilt, not an error
+    (manifest,) = manifests
+    stale = json.loads(manifest.read_text())
+    stale["fingerprint"]["data.harmful"]["source"] = str(out / "data" / "harmful_train.jsonl")
+    manifest.write_text(json.dumps(stale))
+    logs = []
+    reproduce(_tiny_config(tiny_model_dir, moved, bft_steps=4), log=logs.append)
+    assert any(line.startswith("[shallow/bft] rebuilding the teacher cache") for line in logs), logs
+    assert (
+        json.loads(manifest.read_text())["fingerprint"]["data.harmful"]["source"]
+        != stale["fingerprint"]["data.harmful"]["source"]
+    )
+
+
 def test_bad_sizes_are_refused():
     from bft.pipelines.reproduce import ReproduceConfig, validate
 

@@ -46,3 +46,24 @@ def test_teacher_cache_fingerprint_depends_on_top_k_but_not_the_completion_term(
 
     assert fp() == fp("loss.completion=mass") == fp("loss.completion=unlikelihood", "loss.l2_reg=0")
     assert cache.fingerprint_differences(fp(), fp("loss.top_k=12")) == ["loss.top_k: cache 10 vs config 12"]
+
+
+def test_a_local_data_file_is_identified_by_its_content_not_its_path(tmp_path):
+    """A run folder copied elsewhere with its data and its cache keeps the cache; other data does not."""
+    from bft.trainer import cache
+    from bft.trainer.config import load_config
+
+    rows = '{"prompt": "p", "response": "r"}\n'
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "harmful.jsonl").write_text(rows)
+    (tmp_path / "c.jsonl").write_text(rows.replace('"r"', '"other"'))
+
+    def fp(path):
+        return cache.fingerprint(load_config("tiny-cpu", [f"data.harmful={path}"]), FakeTokenizer(), [], [])
+
+    assert fp(tmp_path / "a/harmful.jsonl") == fp(tmp_path / "b/harmful.jsonl")
+    assert cache.fingerprint_differences(fp(tmp_path / "a/harmful.jsonl"), fp(tmp_path / "c.jsonl"))[0].startswith(
+        "data.harmful: cache "
+    )
+    assert fp("some/hub-dataset")["data.harmful"]["source"] == "some/hub-dataset"

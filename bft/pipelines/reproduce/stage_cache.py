@@ -58,9 +58,10 @@ class StageCache:
         return not (dep in self.finished and name in self.finished and self.finished[dep] < self.finished[name])
 
     def comparable(self, settings):
-        """``settings`` as two runs compare them: JSON types, and every string that names a path under the root
-        written relative to it, so that ``--out runs/x`` and ``--out /abs/path/runs/x`` are the same run (else
-        the second spelling finds every stage changed and throws a trained student away to train it again)."""
+        """``settings`` as two runs compare them and ``stage.json`` stores them: JSON types, and every string that
+        names a path under the root written relative to it (``<run>/models/base``), so that ``--out runs/x`` and
+        ``--out /abs/path/runs/x`` are the same run, and so is a run folder moved or copied elsewhere (else every
+        stage would look changed and a trained student would be thrown away to train it again)."""
         root = self.root.resolve()
 
         def walk(value):
@@ -88,7 +89,8 @@ class StageCache:
         return d
 
     def finish(self, name: str, settings: dict, seconds: float) -> None:
-        atomic_write_json(self.dir(name) / "stage.json", {"settings": settings, "seconds": round(seconds, 1)}, indent=1)
+        marker = {"settings": self.comparable(settings), "seconds": round(seconds, 1)}
+        atomic_write_json(self.dir(name) / "stage.json", marker, indent=1)
         self.finished[name] = self._finish_count = self._finish_count + 1
 
     @contextlib.contextmanager

@@ -32,6 +32,7 @@ from bft.pipelines.refusal_sft import refusal_finetune
 from bft.pipelines.reproduce.config import ABLATIONS, RECOVERY_TARGET, ReproduceConfig, loss_params, torch_device
 from bft.pipelines.reproduce.stage_cache import StageCache
 from bft.trainer import checkpoint as ckpt
+from bft.trainer.cache import StaleCacheError
 from bft.trainer.config import config_from_dict
 from bft.trainer.data import generate_responses
 from bft.trainer.train import train
@@ -586,7 +587,8 @@ def train_stage(
     ``outputs`` exists; else trained, an interrupted identical run resuming from its checkpoints. Checkpoints of
     another run (other settings, or a stage it reads recomputed) are discarded first, and the teacher cache
     ``cache_dir`` is rebuilt (once per run) when the models it was built from were recomputed: the trainer would
-    refuse it by its fingerprint. Returns the stage folder."""
+    refuse it by its fingerprint. A cache the trainer refuses as built for other inputs (by older code, which
+    fingerprinted local files by path) is the run's own: it is rebuilt. Returns the stage folder."""
     d = stages.dir(name)
     if stages.cached(name, settings, after=after) and all(Path(p).is_dir() for p in outputs):
         return d
@@ -601,7 +603,12 @@ def train_stage(
         resume = bool(ckpt.list_checkpoints(d))
         if resume:
             log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
-        train(config_from_dict(settings), resume=resume, progress=progress)
+        try:
+            train(config_from_dict(settings), resume=resume, progress=progress)
+        except StaleCacheError as e:  # raised before any step: nothing of this stage was written
+            log(f"[{name}] rebuilding the teacher cache {cache_dir}: {e}")
+            shutil.rmtree(cache_dir)
+            train(config_from_dict(settings), resume=resume, progress=progress)
     return d
 
 
