@@ -329,3 +329,23 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
     own["perplexity"]["per_prompt"] = {f"b{i}": [-10.0 * (1 + i) * (0.9 if i % 2 else 1.1), 10] for i in range(16)}
     (folder / "summary.json").write_text(json.dumps(summary))
     assert "ASR within the intervals, perplexity within the intervals" in render_results(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "run, expected",
+    [
+        ("diagnostic", "**shallow**: shallow refusal SFT; **deep**: refusal SFT with 6% safety-recovery"),
+        ("summary.json", "**shallow**: shallow refusal SFT; **deep**: refusal SFT with 15% safety-recovery"),
+    ],
+)
+def test_the_report_header_names_the_aligned_analogs_of_a_frontier_only_run_too(run, expected):
+    """A frontier_only run has no per-analog results: its analogs come from the config ("auto" from the results)."""
+    from bft.pipelines.reproduce.report import render_report
+
+    path = ROOT / "docs/results" / run
+    summary = json.loads((path if path.suffix else path / "summary.json").read_text())
+    header = render_report(summary, summary["environment"]).split("\n")[2]
+    assert (
+        f"Aligned analogs (each the base after {summary['config']['align_steps']} steps of refusal SFT): " + expected
+        in header
+    )

@@ -54,9 +54,12 @@ def _ci(asr: dict, judge: str) -> str:
 def _header(summary: dict, environment: dict) -> list[str]:
     cfg, data = summary["config"], summary["data"]
     seeds = cfg.get("eval_seeds", 1)
-    analogs = "; ".join(
-        f"**{name}**: {_aligned_recipe(cfg, a['recovery_share'])}" for name, a in summary["analogs"].items()
-    )
+    # a frontier_only run has no per-analog results: its analogs are the config's (a share chosen by the run,
+    # "auto", is known only from per-analog results)
+    shares = {name: a["recovery_share"] for name, a in summary["analogs"].items()} or {
+        name: share for name, share in cfg["analogs"].items() if isinstance(share, (int, float))
+    }
+    analogs = "; ".join(f"**{name}**: {_aligned_recipe(cfg, share)}" for name, share in shares.items())
     budget = (
         f"{cfg['bft_epochs']:g} epochs over the harmful pairs"
         if cfg.get("bft_epochs") is not None
