@@ -639,7 +639,8 @@ def test_over_refusal_pools_the_training_seeds_by_prompt(tmp_path):
     ids = [f"s{i}" for i in range(20)] * 2
     truth = cluster_wilson_interval([i < 4 for i in range(20)] + [i < 12 for i in range(20)], ids)
     # 16 of 40 responses, clustered by prompt (the ASR's interval)
-    assert both == {"value": 0.4, "ci": truth["ci"], "n": 20, "method": "wilson"} and truth["design_effect"] > 1
+    assert both == {"value": 0.4, "ci": truth["ci"], "n": 20, "method": "cluster_wilson"}
+    assert truth["design_effect"] > 1
     # every response refuses: the interval stays the Wilson one at the number of prompts, not [1, 1]
     always = _overrefusal_of(seed_result(set(range(20))))
     evals_all = [{"records": [], "likelihood": [], "benign": [], "overrefusal": always}] * 2

@@ -671,7 +671,7 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
             "value": pooled["rate"],
             "ci": pooled["interval"],
             "n": pooled["n_prompts"],
-            "method": "wilson",
+            "method": pooled["method"],  # "wilson" (one response per prompt) or "cluster_wilson" (prompts as clusters)
         }
     elif refusals:  # a result without its per-prompt rows: the mean rate and the span of the seeds' intervals
         intervals = [r["interval"] for r in refusals if r.get("interval")]
