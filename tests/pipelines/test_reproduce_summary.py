@@ -336,15 +336,19 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
     [
         ("diagnostic", "**shallow**: shallow refusal SFT; **deep**: refusal SFT with 6% safety-recovery"),
         ("summary.json", "**shallow**: shallow refusal SFT; **deep**: refusal SFT with 15% safety-recovery"),
+        ("frontier", "**deep**: refusal SFT with 6% safety-recovery"),
     ],
 )
 def test_the_report_header_names_the_aligned_analogs_of_a_frontier_only_run_too(run, expected):
-    """A frontier_only run has no per-analog results: its analogs come from the config ("auto" from the results)."""
+    """A frontier_only run has no per-analog results: its analogs come from the config ("auto" from the results),
+    and it has no Qi peer row to describe (Qi's curve is in the frontier section)."""
     from bft.pipelines.reproduce.report import render_report
 
     path = ROOT / "docs/results" / run
     summary = json.loads((path if path.suffix else path / "summary.json").read_text())
     header = render_report(summary, summary["environment"]).split("\n")[2]
+    cfg = summary["config"]
+    assert ("peer row" in header) == (cfg["qi_augmentation"] and not cfg.get("frontier_only"))
     assert (
         f"Aligned analogs (each the base after {summary['config']['align_steps']} steps of refusal SFT): " + expected
         in header

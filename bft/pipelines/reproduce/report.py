@@ -71,7 +71,7 @@ def _header(summary: dict, environment: dict) -> list[str]:
     if shared:  # the frontier trained the same student: one run, read by both
         budget += f", the frontier's run ({', '.join(f'`{s}`' for s in shared)})"
     qi = ""
-    if cfg.get("qi_augmentation"):
+    if cfg.get("qi_augmentation") and not cfg.get("frontier_only"):  # frontier_only: Qi is a curve, no peer row
         n = cfg.get("qi_steps")
         qi_budget = (
             f"{n} step{'' if n == 1 else 's'} (qi_steps: a stated reduction from the paper's equal budget)"
