@@ -408,7 +408,11 @@ def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_othe
     res = summary["frontier"]["analogs"]["shallow"]
     point = res["points"][-1]
     assert point["method"] == "diagnostic" and point["teacher"] == "deep" and point["fraction"] == 1.0
-    assert point["asr"]["2"]["harm"]["n"] == 3 * 2  # a headline point: every prompt, both sampling seeds
+    # a headline point: every prompt, both sampling seeds, both training seeds (each seed's run of its own)
+    assert point["training_seeds"] == cfg.frontier_seeds == [0, 1]
+    assert point["asr"]["2"]["harm"]["n"] == 3 * 2 * 2
+    assert {s: p["asr"]["2"]["harm"]["n"] for s, p in point["by_training_seed"].items()} == {"0": 6, "1": 6}
+    assert (out / "frontier/shallow/diagnostic_deep_teacher/seed1/eval_step4/stage.json").is_file()
     dom = res["dominance"]["perplexity"]["harm"]
     assert point["label"] in dom["dominated_by"]  # where it lands is reported ...
     assert all(

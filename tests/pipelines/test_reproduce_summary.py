@@ -329,6 +329,22 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
     own["perplexity"]["per_prompt"] = {f"b{i}": [-10.0 * (1 + i) * (0.9 if i % 2 else 1.1), 10] for i in range(16)}
     (folder / "summary.json").write_text(json.dumps(summary))
     assert "ASR within the intervals, perplexity within the intervals" in render_results(tmp_path)
+    # two training seeds: read against the own-teacher point pooling the same seeds, each seed's ASR beside it
+    pooled_own = pt("bft_eq9", 0.085, [0.07, 0.10], 6.6, training_seeds=[0, 1])
+    seed1 = pt("bft_eq9", 0.08, [0.06, 0.11], 6.5, training_seeds=[1])
+    diag.update(
+        training_seeds=[0, 1],
+        asr={"4": {"harm": {"asr": 0.025, "ci": [0.015, 0.04], "n": 1200}}},
+        by_training_seed={"0": pt("d", 0.02, None, 6.0), "1": pt("d", 0.03, None, 6.2)},
+    )
+    res["points"] = [res["points"][0], own, pooled_own, diag]  # own: seed 0 alone, not the comparator now
+    res["headline_by_training_seed"]["bft_eq9"]["1"] = seed1
+    (folder / "summary.json").write_text(json.dumps(summary))
+    line = next(x for x in render_results(tmp_path).splitlines() if x.startswith("- shallow analog, the diagnostic"))
+    assert "instead of its own (training seeds 0 and 1, pooled by prompt, bft_eq9" in line
+    assert "deep teacher 2.5% [1.5%, 4.0%]; shallow teacher (its own) 8.5% [7.0%, 10.0%];" in line
+    assert "Per training seed, ASR: deep teacher 2.0% / 3.0%; shallow teacher 9.0% / 8.0% (seeds 0 / 1)." in line
+    assert "ASR lower beyond the intervals" in line
 
 
 @pytest.mark.parametrize(

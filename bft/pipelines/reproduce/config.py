@@ -199,7 +199,8 @@ class ReproduceConfig:
     # benign solutions of the perplexity axis at every point: the data stage's benign_test topped up with further
     # problems of benign_source that no other split or the screening holds; None: benign_test alone
     frontier_benign_prompts: int | None = None
-    frontier_diagnostic: list | None = None  # [student analog, teacher analog], e.g. [shallow, deep]: one more run
+    # [student analog, teacher analog], e.g. [shallow, deep]: one more student per training seed of frontier_seeds
+    frontier_diagnostic: list | None = None
     quick: bool = False
 
     def to_dict(self) -> dict:

@@ -23,7 +23,8 @@ Methods (``frontier_methods``):
 The diagnostic (``frontier_diagnostic: [shallow, deep]``): what bounds BFT's gain? The student analog's student
 trained with the teacher analog's aligned model as its aligned teacher (the trainer's ``model.student``: the student
 starts from its own analog's aligned model, the teachers are read from the teacher analog's cache), at the same
-budget and loss, one run, evaluated at the full budget; a point among the student analog's, which dominates nothing.
+budget and loss, one run per training seed of the headline points, evaluated at the full budget and pooled like
+them; a point among the student analog's, which dominates nothing.
 
 BFT runs go through :func:`bft.trainer.train.train` with ``train.save_at_steps``: the trainer's own atomic
 checkpoints, kept whatever ``keep_checkpoints`` says; an interrupted run resumes from its latest checkpoint. The
@@ -1016,49 +1017,52 @@ def run_frontier(
 def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log, judges, benign) -> dict:
     """What bounds BFT's gain: the student analog's student (``frontier_diagnostic[0]``) trained with the teacher
     analog's aligned model (``frontier_diagnostic[1]``) as its aligned teacher, at the same budget and loss as
-    the BFT method of the frontier (bft_chosen, else bft_eq9), one run (the first training seed), evaluated at the
-    full budget as a headline point. It is placed among the student analog's points and dominates nothing."""
+    the BFT method of the frontier (bft_chosen, else bft_eq9), one run per training seed of the headline points
+    (``frontier_seeds``), evaluated at the full budget and pooled as a headline point (each seed's measures in
+    ``by_training_seed``). It is placed among the student analog's points and dominates nothing."""
     student_analog, teacher_analog = cfg.frontier_diagnostic
     method = "bft_chosen" if "bft_chosen" in methods else "bft_eq9"
-    seed = cfg.frontier_seeds[0]
     name = f"diagnostic_{teacher_analog}_teacher"
     total = budget_steps(cfg, data, method)
-    ckpts, settings = stage_frontier_bft(
-        cfg,
-        stages,
-        data,
-        student_analog,
-        name,
-        aligned[teacher_analog],
-        aligned_stages[teacher_analog],
-        seed,
-        losses[method],
-        log,
-        student=(aligned[student_analog], aligned_stages[student_analog]),
-    )
-    path = ckpts[total]
-    evaluation = stage_frontier_eval(
-        cfg,
-        stages,
-        data,
-        f"frontier/{student_analog}/{name}/seed{seed}/eval_step{total}",
-        {"checkpoint": path, "step": total, "weights": weights_fingerprint(path)},
-        lambda: student_at_checkpoint(settings, path, cfg),
-        True,
-        log,
-        after=("data", aligned_stages[teacher_analog], aligned_stages[student_analog]),
-        judges=judges,
-        benign=benign,
-    )
+    evaluations = {}
+    for seed in cfg.frontier_seeds:
+        ckpts, settings = stage_frontier_bft(
+            cfg,
+            stages,
+            data,
+            student_analog,
+            name,
+            aligned[teacher_analog],
+            aligned_stages[teacher_analog],
+            seed,
+            losses[method],
+            log,
+            student=(aligned[student_analog], aligned_stages[student_analog]),
+        )
+        path = ckpts[total]
+        evaluations[seed] = stage_frontier_eval(
+            cfg,
+            stages,
+            data,
+            f"frontier/{student_analog}/{name}/seed{seed}/eval_step{total}",
+            {"checkpoint": path, "step": total, "weights": weights_fingerprint(path)},
+            lambda path=path, settings=settings: student_at_checkpoint(settings, path, cfg),
+            True,
+            log,
+            after=("data", aligned_stages[teacher_analog], aligned_stages[student_analog]),
+            judges=judges,
+            benign=benign,
+        )
     return {
         "method": "diagnostic",
         "label": f"{student_analog} student, {teacher_analog} teacher ({method})@1",
         "fraction": 1.0,
         "step": total,
-        "training_seeds": [seed],
+        "training_seeds": list(evaluations),
         "teacher": teacher_analog,
         "loss": method,
-        **point_measures(cfg, [evaluation]),
+        **point_measures(cfg, list(evaluations.values())),
+        "by_training_seed": {str(seed): point_measures(cfg, [e]) for seed, e in evaluations.items()},
     }
 
 

@@ -393,17 +393,34 @@ def _against_own(diag: dict, own: dict | None, measure: str, judge: str, k) -> s
     return "higher beyond the intervals" if separated_below(o, d) else "within the intervals"
 
 
+def _own_teacher_point(res: dict, diag: dict) -> dict | None:
+    """The student of its own teacher that the diagnostic is read against: the full-budget point of the same loss
+    pooling the same training seeds (a summary from before pooled diagnostics: that seed's headline)."""
+    seeds = diag.get("training_seeds") or []
+    for p in res.get("points", []):
+        if p["method"] == diag.get("loss") and p.get("fraction") == 1.0 and p.get("training_seeds") == seeds:
+            return p
+    by_seed = (res.get("headline_by_training_seed") or {}).get(diag.get("loss")) or {}
+    return by_seed.get(str(seeds[0])) if len(seeds) == 1 else None
+
+
+def _seed_words(seeds: list) -> str:
+    if len(seeds) == 1:
+        return f"training seed {seeds[0]}"
+    return f"training seeds {', '.join(map(str, seeds[:-1]))} and {seeds[-1]}, pooled by prompt"
+
+
 def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
     """Where the frontier's diagnostic lands (:func:`bft.pipelines.reproduce.frontier._diagnostic`): the student
     analog's student distilled from the teacher analog's aligned model, beside the student of its own aligned model
-    from the same training seed (``headline_by_training_seed``) and the aligned model it starts from, each measure
-    read against the own-teacher student by :func:`_against_own`."""
+    from the same training seeds (:func:`_own_teacher_point`) and the aligned model it starts from, each measure
+    read against the own-teacher student by :func:`_against_own`; with several seeds, each seed's ASR too."""
     judge, k = fr.get("primary_judge", "harm"), (fr.get("ks") or [4])[0]
     aligned = next((p for p in res.get("points", []) if p["method"] == "aligned"), None)
     lines = []
     for diag in (p for p in res.get("points", []) if p["method"] == "diagnostic"):
-        seed = (diag.get("training_seeds") or [None])[0]
-        own = ((res.get("headline_by_training_seed") or {}).get(diag.get("loss")) or {}).get(str(seed))
+        seeds = diag.get("training_seeds") or []
+        own = _own_teacher_point(res, diag)
         teacher = diag.get("teacher")
         rows = [(f"{teacher} teacher", diag), (f"{analog} teacher (its own)", own), ("the aligned model", aligned)]
 
@@ -412,12 +429,29 @@ def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
             return "; ".join(f"{name} {format_measure(v, ci, pct)}" for name, (v, ci, _) in axes if v is not None)
 
         readings = ", ".join(f"{name} {_against_own(diag, own, measure, judge, k)}" for measure, name in MEASURES)
+        per_seed = ""
+        if len(seeds) > 1:
+            own_seeds = (res.get("headline_by_training_seed") or {}).get(diag.get("loss")) or {}
+            by = [(f"{teacher} teacher", diag.get("by_training_seed") or {}), (f"{analog} teacher", own_seeds)]
+            per_seed = (
+                " Per training seed, ASR: "
+                + "; ".join(
+                    f"{name} "
+                    + " / ".join(
+                        format_measure(point_axis(pts[str(s)], "asr", judge, k)[0], None, True)
+                        for s in seeds
+                        if str(s) in pts
+                    )
+                    for name, pts in by
+                )
+                + f" (seeds {' / '.join(map(str, seeds))})."
+            )
         lines.append(
             f"- {analog} analog, the diagnostic (what bounds BFT's gain): the {analog} analog's student distilled "
-            f"from the {teacher} analog's aligned model instead of its own (training seed {seed}, {diag.get('loss')}, "
-            f"the full budget). ASR ({judge} judge, k = {k}): {cells('asr', True)}. Benign perplexity: "
-            f"{cells('perplexity', False)}. Over-refusal: {cells('overrefusal', True)}. With the {teacher} teacher "
-            f"against its own: {readings}."
+            f"from the {teacher} analog's aligned model instead of its own ({_seed_words(seeds)}, "
+            f"{diag.get('loss')}, the full budget). ASR ({judge} judge, k = {k}): {cells('asr', True)}. Benign "
+            f"perplexity: {cells('perplexity', False)}. Over-refusal: {cells('overrefusal', True)}. With the "
+            f"{teacher} teacher against its own: {readings}.{per_seed}"
         )
     return lines
 
