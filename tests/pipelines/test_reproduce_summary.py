@@ -339,8 +339,11 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
     )
     res["points"] = [res["points"][0], own, pooled_own, diag]  # own: seed 0 alone, not the comparator now
     res["headline_by_training_seed"]["bft_eq9"]["1"] = seed1
+    summary["frontier"].update(seeds=[0, 1], sizes={"curve_training_seeds": [0]})
     (folder / "summary.json").write_text(json.dumps(summary))
-    line = next(x for x in render_results(tmp_path).splitlines() if x.startswith("- shallow analog, the diagnostic"))
+    text = render_results(tmp_path)
+    assert "checkpoints along the curves" not in text  # every point is at the full budget: there are no curves
+    line = next(x for x in text.splitlines() if x.startswith("- shallow analog, the diagnostic"))
     assert "instead of its own (training seeds 0 and 1, pooled by prompt, bft_eq9" in line
     assert "deep teacher 2.5% [1.5%, 4.0%]; shallow teacher (its own) 8.5% [7.0%, 10.0%];" in line
     assert "Per training seed, ASR: deep teacher 2.0% / 3.0%; shallow teacher 9.0% / 8.0% (seeds 0 / 1)." in line

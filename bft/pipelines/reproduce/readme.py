@@ -76,8 +76,8 @@ RUNS = [
         "The diagnostic: the shallow analog's student distilled from the deep analog's aligned model",
         "bft reproduce --config docs/results/diagnostic/config.yaml",
         "What bounds BFT's gain: the shallow run's Eq. 9 student and the same student with the deep analog's aligned "
-        "model as its teacher, training seed 0 of each, trained and evaluated in one invocation (no Qi curve: the "
-        "shallow frontier run has it).",
+        "model as its teacher, training seeds 0 and 1 of each, pooled by prompt, trained and evaluated in one "
+        "invocation (no Qi curve: the shallow frontier run has it).",
     ),
 ]
 
@@ -498,7 +498,9 @@ def _frontier_headline(root: Path) -> list[str]:
                     + f"; training seeds at the full budget: {b.get('training_seeds', 'n/a')}."
                 )
         curve_seeds = (fr.get("sizes") or {}).get("curve_training_seeds")
-        if fr.get("analogs") and curve_seeds is not None and len(curve_seeds) < len(fr.get("seeds", [])):
+        along = [p for res in (fr.get("analogs") or {}).values() for p in res.get("points", [])]
+        has_curves = any(0 < p.get("fraction", 1.0) < 1 for p in along)  # the diagnostic's run: full budget only
+        if has_curves and curve_seeds is not None and len(curve_seeds) < len(fr.get("seeds", [])):
             lines.append(
                 f"- The checkpoints along the curves are training seed{'s' if len(curve_seeds) != 1 else ''} "
                 f"{', '.join(map(str, curve_seeds))} only (the full-budget points pool {len(fr['seeds'])}): their "
