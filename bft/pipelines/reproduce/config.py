@@ -80,8 +80,7 @@ SWEEP_KEYS = (
 @dataclass
 class ReproduceConfig:
     """Sizes of the miniature experiment. The defaults are the sizes of docs/results' run on 2 CPU cores (the time is
-    in its REPORT.md; that run predates ``dedup_threshold`` and the 64-token ``eval_tokens``); :func:`quick_config`
-    is the demo, :func:`paper_config` the powered protocol for a GPU."""
+    in its REPORT.md); :func:`quick_config` is the demo, :func:`paper_config` the powered protocol for a GPU."""
 
     out: str = "runs/reproduce"
     model: str = "smollm2"  # the base model: alias, hub id or local path (a chat model that answers harmful prompts)
