@@ -68,7 +68,8 @@ def model_identity(name: str, gguf_file: str | None, config) -> dict:
 
     source, gguf = resolve_model_source(name, gguf_file)
     directory = Path(source)
-    if not directory.exists():
+    local = directory.exists()
+    if not local:
         try:
             from huggingface_hub import snapshot_download
 
@@ -79,7 +80,7 @@ def model_identity(name: str, gguf_file: str | None, config) -> dict:
         p.name: [p.stat().st_size, sha256_file(p, sample_above=_HASH_WHOLE_BELOW)]
         for p in _model_files(directory, gguf)
     }
-    if Path(source).exists():  # a local folder or file is known by its files: moved elsewhere, it is the same model
+    if local:  # a local folder or file is known by its files: moved elsewhere, it is the same model
         return {"gguf_file": gguf, "files": files}
     return {"name": name, "gguf_file": gguf, "files": files}
 

@@ -393,6 +393,11 @@ def _against_own(diag: dict, own: dict | None, measure: str, judge: str, k) -> s
     return "higher beyond the intervals" if separated_below(o, d) else "within the intervals"
 
 
+def _own_teacher_by_seed(res: dict, diag: dict) -> dict:
+    """Each training seed's full-budget point of the student of its own teacher (the diagnostic's loss)."""
+    return (res.get("headline_by_training_seed") or {}).get(diag.get("loss")) or {}
+
+
 def _own_teacher_point(res: dict, diag: dict) -> dict | None:
     """The student of its own teacher that the diagnostic is read against: the full-budget point of the same loss
     pooling the same training seeds (a summary from before pooled diagnostics: that seed's headline)."""
@@ -400,8 +405,7 @@ def _own_teacher_point(res: dict, diag: dict) -> dict | None:
     for p in res.get("points", []):
         if p["method"] == diag.get("loss") and p.get("fraction") == 1.0 and p.get("training_seeds") == seeds:
             return p
-    by_seed = (res.get("headline_by_training_seed") or {}).get(diag.get("loss")) or {}
-    return by_seed.get(str(seeds[0])) if len(seeds) == 1 else None
+    return _own_teacher_by_seed(res, diag).get(str(seeds[0])) if len(seeds) == 1 else None
 
 
 def _seed_words(seeds: list) -> str:
@@ -429,22 +433,16 @@ def _diagnostic_lines(analog: str, res: dict, fr: dict) -> list[str]:
             return "; ".join(f"{name} {format_measure(v, ci, pct)}" for name, (v, ci, _) in axes if v is not None)
 
         readings = ", ".join(f"{name} {_against_own(diag, own, measure, judge, k)}" for measure, name in MEASURES)
+
+        def seed_asr(by_seed, seeds=seeds):
+            points = [by_seed[str(s)] for s in seeds if str(s) in by_seed]
+            return " / ".join(format_measure(point_axis(p, "asr", judge, k)[0], None) for p in points)
+
         per_seed = ""
         if len(seeds) > 1:
-            own_seeds = (res.get("headline_by_training_seed") or {}).get(diag.get("loss")) or {}
-            by = [(f"{teacher} teacher", diag.get("by_training_seed") or {}), (f"{analog} teacher", own_seeds)]
             per_seed = (
-                " Per training seed, ASR: "
-                + "; ".join(
-                    f"{name} "
-                    + " / ".join(
-                        format_measure(point_axis(pts[str(s)], "asr", judge, k)[0], None, True)
-                        for s in seeds
-                        if str(s) in pts
-                    )
-                    for name, pts in by
-                )
-                + f" (seeds {' / '.join(map(str, seeds))})."
+                f" Per training seed, ASR: {teacher} teacher {seed_asr(diag.get('by_training_seed') or {})}; "
+                f"{analog} teacher {seed_asr(_own_teacher_by_seed(res, diag))} (seeds {' / '.join(map(str, seeds))})."
             )
         lines.append(
             f"- {analog} analog, the diagnostic (what bounds BFT's gain): the {analog} analog's student distilled "
