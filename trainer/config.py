@@ -313,9 +313,6 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-accept_overrides_anywhere = accept_overrides  # the name this module exported before bft.config held it
-
-
 TRAIN_DESCRIPTION = (
     "Train a student with the BFT objective (paper Eq. 8-14) from a YAML config. CONFIG is a file or the name of a "
     "bundled config (tiny-cpu, smollm2-135m, llama-3.1-8b-lora, llama-3.1-8b-full, qwen-2.5-7b-lora). Writes "

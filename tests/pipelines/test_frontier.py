@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import tiny_reproduce_config as _tiny_config
 
 torch.set_num_threads(1)
@@ -83,7 +84,7 @@ def test_a_checkpoint_merged_in_memory_is_the_trainers_final_student(frontier_ru
 
     cfg, out, _ = frontier_run
     train = out / "frontier/shallow/bft_eq9/seed0/train"
-    settings = json.loads((train / "settings.json").read_text())
+    settings = yaml.safe_load((train / "config.yaml").read_text())  # the trainer's runnable config
     merged, _ = student_at_checkpoint(settings, train / "checkpoints/step-00000004", cfg)
     final, _ = load_pretrained(str(train / "final"), cfg)
     ref = final.state_dict()
@@ -392,7 +393,7 @@ def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_othe
 
     cfg, out, summary = frontier_run
     train = out / "frontier/shallow/diagnostic_deep_teacher/seed0/train"
-    settings = json.loads((train / "settings.json").read_text())
+    settings = yaml.safe_load((train / "config.yaml").read_text())
     assert settings["model"]["aligned"].endswith("models/aligned_r0.5")  # the deep analog teaches
     assert settings["model"]["student"].endswith("models/aligned_r0")  # the shallow analog's model learns
     assert settings["teacher_cache"]["path"].endswith("teacher_cache/aligned_r0.5")

@@ -6,6 +6,7 @@ Llama so the wiring — data split, refusal SFT, analysis, BFT training, attacks
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,6 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_recomputes_the_rest(tiny_r
 def test_a_run_folder_copied_elsewhere_is_the_same_run(tiny_run, tiny_model_dir, tmp_path):
     """stage.json stores paths under the run folder relative to it, and the teacher cache knows its data by content:
     a copied run reuses every stage, and a changed student trains from the copied cache instead of failing on it."""
-    import shutil
-
     from bft.pipelines.reproduce import reproduce
 
     cfg, out, _, _ = tiny_run
@@ -163,6 +162,15 @@ def test_interrupted_bft_stage_resumes_and_an_upstream_change_discards_its_check
     reproduce(cfg, log=logs.append)
     assert any(line.startswith("[shallow/bft] resuming from") for line in logs), logs
     assert (bft_dir / "final" / "config.json").is_file()
+    # interrupted again, then the run folder moved: its settings.json names paths relative to the run, so it resumes
+    (bft_dir / "stage.json").unlink()
+    (bft_dir / "final" / "config.json").unlink()
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.move(tmp_path, moved)
+    logs = []
+    reproduce(_tiny_config(tiny_model_dir, moved, bft_steps=4), log=logs.append)
+    assert any(line.startswith("[shallow/bft] resuming from") for line in logs), logs
+    shutil.move(moved, tmp_path)
     logs = []
     reproduce(_tiny_config(tiny_model_dir, tmp_path, bft_steps=4, align_steps=3), log=logs.append)
     assert any(line.startswith("[aligned_r0] running") for line in logs)

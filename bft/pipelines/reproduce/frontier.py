@@ -254,7 +254,7 @@ def stage_frontier_qi(
         if models.exists() and not same_run:
             shutil.rmtree(models)  # another run's checkpoints; only the same run keeps its own
         with stages.computing(name, settings) as d:
-            atomic_write_json(d / "settings.json", settings, indent=1)
+            atomic_write_json(d / "settings.json", stages.comparable(settings), indent=1)
             if finished is not None:  # kept across an interrupted replay
                 atomic_write_json(d / "losses.json", finished, indent=1)
             have = [s for s in keep if Path(out[s]).is_dir()]

@@ -24,7 +24,7 @@ class StageCache:
     """
 
     def __init__(self, root: Path, log):
-        self.root = root
+        self.root = Path(root).resolve()  # the stages' paths are absolute: each compares as "<run>/..."
         self.recomputed: set[str] = set()
         self.finished: dict[str, int] = {}  # stage -> its place in the order stages finished in this run
         self._finish_count = 0
@@ -61,17 +61,21 @@ class StageCache:
         """``settings`` as two runs compare them and ``stage.json`` stores them: JSON types, and every string that
         names a path under the root written relative to it (``<run>/models/base``), so that ``--out runs/x`` and
         ``--out /abs/path/runs/x`` are the same run, and so is a run folder moved or copied elsewhere (else every
-        stage would look changed and a trained student would be thrown away to train it again)."""
-        root = self.root.resolve()
+        stage would look changed and a trained student would be thrown away to train it again). A relative string is
+        a path only where it exists. Settings already in this form are returned as they are."""
+        root = self.root
 
         def walk(value):
             if isinstance(value, dict):
                 return {k: walk(v) for k, v in value.items()}
             if isinstance(value, list):
                 return [walk(v) for v in value]
-            if isinstance(value, str) and "/" in value:
+            if isinstance(value, str) and "/" in value and not value.startswith("<run>/"):
+                path = Path(value)
+                if not (path.is_absolute() or path.exists()):
+                    return value  # a Hub id ("org/name") is not a folder, even in a run rooted at the working folder
                 try:
-                    return "<run>/" + Path(value).resolve().relative_to(root).as_posix()
+                    return "<run>/" + path.resolve().relative_to(root).as_posix()
                 except (ValueError, OSError):
                     return value
             return value

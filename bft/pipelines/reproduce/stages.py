@@ -588,7 +588,9 @@ def train_stage(
     another run (other settings, or a stage it reads recomputed) are discarded first, and the teacher cache
     ``cache_dir`` is rebuilt (once per run) when the models it was built from were recomputed: the trainer would
     refuse it by its fingerprint. A cache the trainer refuses as built for other inputs (by older code, which
-    fingerprinted local files by path) is the run's own: it is rebuilt. Returns the stage folder."""
+    fingerprinted local files by path) is the run's own: it is rebuilt. ``settings.json`` records the attempt's
+    settings in :meth:`StageCache.comparable` form, so an interrupted run moved to another folder still resumes (the
+    trainer's runnable config is its ``config.yaml``). Returns the stage folder."""
     d = stages.dir(name)
     if stages.cached(name, settings, after=after) and all(Path(p).is_dir() for p in outputs):
         return d
@@ -599,7 +601,7 @@ def train_stage(
     if d.exists() and (upstream or stages.comparable(settings) != stages.comparable(saved_bft_settings(d))):
         shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
     with stages.computing(name, settings, keep=True) as d:
-        atomic_write_json(d / "settings.json", settings, indent=1)
+        atomic_write_json(d / "settings.json", stages.comparable(settings), indent=1)
         resume = bool(ckpt.list_checkpoints(d))
         if resume:
             log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
