@@ -250,7 +250,6 @@ def test_a_frontier_only_run_renders_its_headline_first_and_its_table(tmp_path):
     (folder / "summary.json").write_text(json.dumps(summary))
     text = render_results(tmp_path)
     assert text.count("One CPU run of") == 1 and "**Is BFT on the frontier?**" in text
-    assert "*Made by older code*: this run predates the near-duplicate split" in text  # no dedup_threshold stored
     headline = text.index(
         "- deep analog, ASR (harm judge, k = 4) against benign perplexity: **inconclusive: one training"
     )
@@ -318,7 +317,6 @@ def test_a_diagnostic_run_renders_where_the_diagnostic_lands_and_no_headline_ver
     readings = "With the deep teacher against its own: ASR lower beyond the intervals, perplexity lower beyond the "
     assert readings + "intervals, over-refusal within the intervals." in line
     assert "no Qi point" not in text and "refuses 32 of 64" not in text  # no headline question without Qi's curve
-    assert "Made by older code" not in text  # its config has the near-duplicate split
     diag["asr"]["4"]["harm"]["ci"] = [0.05, 0.11]  # overlapping: no reading beyond the intervals
     # perplexity with per-prompt rows is compared paired: 1% lower on every shared benign prompt is separated
     own["perplexity"]["per_prompt"] = {f"b{i}": [-10.0 * (1 + i), 10] for i in range(16)}

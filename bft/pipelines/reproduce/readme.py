@@ -302,14 +302,6 @@ def _run_section(root: Path, folder: str, title: str, command: str, notes: str) 
         f"{cfg['eval_tokens']} new tokens; students trained for {budget}. {notes}",
         "",
     ]
-    if "dedup_threshold" not in cfg:  # the key came with the near-duplicate split: older summaries lack it
-        lines[-1:-1] = [
-            "",
-            "*Made by older code*: this run predates the near-duplicate split (5cc710e) and the 64-token default "
-            "(db18a53), so its splits are disjoint by exact text only; the command above now makes "
-            "near-duplicate-free splits and, where the config does not set `eval_tokens`, 64-token continuations: its "
-            "numbers would differ.",
-        ]
     cal = calibration_table(summary)
     if cal:
         lines += _under_run_heading(cal)
