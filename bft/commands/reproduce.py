@@ -100,9 +100,10 @@ def config_from_args(args) -> ReproduceConfig:
 def resummarize(folder: str | Path) -> list[str]:
     """Re-apply the verdict rules (:func:`bft.pipelines.reproduce.summary.apply_rules`, and for a frontier
     :func:`bft.pipelines.reproduce.frontier.rejudge`) to ``folder/summary.json`` and rewrite it, ``folder/REPORT.md``
-    and, when present, ``folder/frontier/summary.json`` and ``FRONTIER.md``; returns the verdicts that changed."""
+    and, when present, ``folder/frontier/summary.json``, ``FRONTIER.md`` and the frontier plots (their intervals may
+    have changed); returns the verdicts that changed."""
     from bft.atomic import atomic_write_json, atomic_write_text
-    from bft.pipelines.reproduce.frontier import rejudge, render_frontier
+    from bft.pipelines.reproduce.frontier import plot_frontier, rejudge, render_frontier
     from bft.pipelines.reproduce.report import render_report
     from bft.pipelines.reproduce.summary import apply_rules, verdict_changes
 
@@ -123,6 +124,11 @@ def resummarize(folder: str | Path) -> list[str]:
                 old = (was.get(utility) or {}).get("verdict")
                 if old != b["verdict"]:
                     changes.append(f"frontier / {analog} / {utility}: {old} → {b['verdict']}")
+            judged = next(iter(res.get("beyond_qi", {}).values()), None)
+            if res.get("plot") and judged:
+                plot_frontier(
+                    res, Path(folder) / res["plot"], judge=judged["judge"], k=judged["k"], title=f"{analog} analog"
+                )
         own = Path(folder) / "frontier"
         if (own / "summary.json").is_file():
             atomic_write_json(own / "summary.json", after["frontier"], indent=1)

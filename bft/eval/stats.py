@@ -31,6 +31,7 @@ from collections.abc import Hashable, Sequence
 __all__ = [
     "MIN_EVENTS",
     "Z95",
+    "cluster_wilson_bound",
     "cluster_wilson_interval",
     "enough_events",
     "mcnemar_exact",
@@ -208,6 +209,24 @@ def cluster_wilson_interval(
         "n_effective": n_eff,
         "method": "wilson at n / design effect (prompts as clusters)",
     }
+
+
+def cluster_wilson_bound(rate: float, clusters: int, z: float = Z95) -> list[float]:
+    """The widest interval :func:`cluster_wilson_interval` can give for a ``rate`` pooled over ``clusters`` clusters
+    of equal size m (e.g. each prompt answered once per training seed) whatever the outcomes within them: the
+    Wilson interval at n = C − 1, or n = C at a rate of 0 or 1. For the rate of a run that kept each group's rate
+    but not which clusters the outcomes fell in.
+
+    Why: with y_c ∈ [0, m] successes in cluster c and Σ y_c = p·C·m, the convex (y − p·m)² lies below its chord
+    on [0, m], p²m² + y·m·(1 − 2p); summed, Σ_c (y_c − p·m)² ≤ C·m²·p(1 − p). So the cluster-robust variance is at
+    most p(1 − p)/(C − 1), the design effect at most C·m/(C − 1), and n_eff = C·m/deff ≥ C − 1; at p ∈ {0, 1}
+    deff = m and n_eff = C. The Wilson interval widens as n falls, so this interval contains the pooled one."""
+    if clusters < 2:
+        raise ValueError(f"a bound over clusters needs at least two clusters, got {clusters}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"a rate lies in [0, 1], got {rate}")
+    lo, hi = wilson_interval_real(rate, clusters - 1 if 0.0 < rate < 1.0 else clusters, z)
+    return [lo, hi]
 
 
 def wilson_interval_real(p: float, n: float, z: float = Z95) -> tuple[float, float]:

@@ -132,3 +132,24 @@ def test_paired_reduction_is_seeded():
     clusters = [i // 3 for i in range(90)]
     assert paired_reduction(a, b, clusters, seed=5) == paired_reduction(a, b, clusters, seed=5)
     assert paired_reduction(a, b, clusters, seed=5)["clusters"] == 30
+
+
+def test_cluster_wilson_bound_contains_every_pooled_interval_and_is_reached():
+    from bft.eval.stats import cluster_wilson_bound
+
+    rng = random.Random(0)
+    prompts, seeds = 16, 2
+    clusters = [c for c in range(prompts) for _ in range(seeds)]
+    for _ in range(300):  # outcomes laid out over the prompts in every way: the bound holds each time
+        outcomes = [rng.random() < rng.choice((0.1, 0.5, 0.9)) for _ in clusters]
+        pooled = cluster_wilson_interval(outcomes, clusters)
+        lo, hi = cluster_wilson_bound(pooled["rate"], prompts)
+        assert lo <= pooled["ci"][0] + 1e-12 and pooled["ci"][1] <= hi + 1e-12
+    # the worst case (the seeds of a prompt always agree) reaches it, so it is no wider than it has to be
+    agree = [c < 6 for c in clusters]
+    assert cluster_wilson_interval(agree, clusters)["ci"] == pytest.approx(cluster_wilson_bound(6 / 16, prompts))
+    # at 0 or 1 there is nothing to estimate: the Wilson interval at the number of prompts
+    assert cluster_wilson_bound(1.0, 64) == pytest.approx(list(wilson_interval(64, 64)))
+    for bad in ((0.5, 1), (1.2, 10), (-0.1, 10)):
+        with pytest.raises(ValueError, match="cluster|rate"):
+            cluster_wilson_bound(*bad)

@@ -308,6 +308,31 @@ def test_resummarize_rejudges_a_stored_frontier_from_its_points(frontier_run, tm
         resummarize(copy)
 
 
+def test_resummarize_replaces_a_stored_span_of_over_refusal_with_the_bound_over_prompts(frontier_run, tmp_path):
+    """A summary written when pooled over-refusal was the span of the seeds' intervals (no per-prompt rows kept):
+    --resummarize gives each pooled point the widest interval pooling by prompt could give, re-judges, redraws."""
+    from bft.commands.reproduce import resummarize
+    from bft.eval.stats import cluster_wilson_bound
+
+    _, out, _ = frontier_run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    data = json.loads((out / "summary.json").read_text())
+    analog, res = next(iter(data["frontier"]["analogs"].items()))
+    pooled = [p for p in res["points"] if len(p.get("training_seeds") or []) > 1 and p.get("overrefusal")]
+    assert pooled
+    for p in pooled:  # what an older run stored: no method, the span of two seeds' intervals
+        p["overrefusal"] = {"value": 0.75, "ci": [0.2, 1.0], "n": 8}
+    (copy / "summary.json").write_text(json.dumps(data))
+    resummarize(copy)
+    after = json.loads((copy / "summary.json").read_text())["frontier"]["analogs"][analog]
+    for p in after["points"]:
+        if len(p.get("training_seeds") or []) > 1 and p.get("overrefusal"):
+            assert p["overrefusal"] == {"value": 0.75, "ci": cluster_wilson_bound(0.75, 8), "n": 8, "method": "bound"}
+    assert (copy / after["plot"]).is_file()  # redrawn with the new error bars
+    assert "n = prompts - 1" in (copy / "REPORT.md").read_text()
+
+
 def test_frontier_only_needs_the_frontier(tmp_path):
     from bft.pipelines.reproduce import validate
 
@@ -623,7 +648,7 @@ def test_perplexity_is_compared_paired_over_the_same_benign_prompts(tmp_path):
 
 
 def test_over_refusal_pools_the_training_seeds_by_prompt(tmp_path):
-    from bft.eval.stats import cluster_wilson_interval, wilson_interval
+    from bft.eval.stats import cluster_wilson_bound, cluster_wilson_interval, wilson_interval
     from bft.pipelines.reproduce.frontier import _overrefusal_interval_text, _overrefusal_of, point_measures
 
     cfg = _tiny_config("unused", tmp_path, **FRONTIER)
@@ -650,13 +675,14 @@ def test_over_refusal_pools_the_training_seeds_by_prompt(tmp_path):
     always = _overrefusal_of(seed_result(set(range(20))))
     evals_all = [{"records": [], "likelihood": [], "benign": [], "overrefusal": always}] * 2
     assert point_measures(cfg, evals_all)["overrefusal"]["ci"] == pytest.approx(list(wilson_interval(20, 20)))
-    # a stored result without its rows: the mean rate and the span of the seeds' intervals, as before
-    spans = ([0.1, 0.3], [0.2, 0.6])
-    bare = [dict(e, overrefusal=dict(e["overrefusal"], rows=None, interval=i)) for e, i in zip(evals, spans)]
-    spanned = point_measures(cfg, bare)["overrefusal"]
-    assert spanned == {"value": pytest.approx(0.4), "ci": [0.1, 0.6], "n": 20, "method": "span"}
-    # the rendered table says which of the two the pooled points carry (older summaries store no method: a span)
-    for measure, words in ((both, "as ASR"), (spanned, "span"), ({"value": 0.4}, "span")):
+    # a stored result without its rows: the mean rate (the pooled rate exactly) and the widest interval pooling by
+    # prompt could give, which contains the pooled interval of the rows it lost
+    bare = [dict(e, overrefusal=dict(e["overrefusal"], rows=None, interval=[0.1, 0.6])) for e in evals]
+    bounded = point_measures(cfg, bare)["overrefusal"]
+    assert bounded == {"value": pytest.approx(0.4), "ci": cluster_wilson_bound(0.4, 20), "n": 20, "method": "bound"}
+    assert bounded["ci"][0] <= both["ci"][0] and both["ci"][1] <= bounded["ci"][1]
+    # the rendered table says which the pooled points carry (older summaries store no method: a span)
+    for measure, words in ((both, "as ASR"), (bounded, "prompts - 1"), ({"value": 0.4}, "span")):
         fr = {"analogs": {"a": {"points": [{"training_seeds": [0, 1], "overrefusal": measure}]}}}
         assert words in _overrefusal_interval_text(fr)
 

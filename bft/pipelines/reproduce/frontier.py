@@ -51,8 +51,9 @@ intermediate checkpoints get the first ``frontier_prompts`` test prompts and one
 first ``frontier_prompts`` prompts and one sampling seed. A prompt's rows (its sampling seeds, and at the headline
 its training seeds) are one cluster. ASR intervals are Wilson intervals at the design-effect sample size
 (:func:`bft.eval.stats.cluster_wilson_interval`: a percentile bootstrap collapses to [0, 0] at zero attack
-successes, and such a point would "dominate" beyond its interval); the likelihood, perplexity and over-refusal
-intervals are percentile cluster bootstraps over prompts (:func:`cluster_interval`).
+successes, and such a point would "dominate" beyond its interval), and so are over-refusal's (a point's training
+seeds pooled by prompt; :func:`overrefusal_bound` where a run kept no per-prompt refusals); the likelihood and
+perplexity intervals are percentile cluster bootstraps over prompts (:func:`cluster_interval`).
 
 **Dominance** (:func:`pareto`) against ASR (primary judge, k = ``sweep_k``; lower is better), per utility axis
 set (:data:`UTILITIES`): perplexity, over-refusal (lower is better for both), and both at once, so that a
@@ -89,7 +90,7 @@ from bft.eval.generation import System
 from bft.eval.likelihood import continuation_logprobs
 from bft.eval.overrefusal import refusal_summary
 from bft.eval.runner import EvalConfig, build_judges, load_results, make_threeway, run_eval
-from bft.eval.stats import MIN_EVENTS, cluster_wilson_interval
+from bft.eval.stats import MIN_EVENTS, cluster_wilson_bound, cluster_wilson_interval, wilson_interval_real
 from bft.pipelines.reproduce.config import ReproduceConfig, loss_params, validate_frontier
 from bft.pipelines.reproduce.screening import screen_sizes
 from bft.pipelines.reproduce.stage_cache import StageCache
@@ -628,8 +629,8 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
     """One frontier point from the evaluations of one checkpoint of one or more training seeds (pooled: a prompt's
     rows over sampling and training seeds are one cluster): ASR per k and judge (and the three-way on-topic share)
     and over-refusal with a cluster Wilson interval, the likelihood and the benign perplexity with a
-    cluster-bootstrap interval. Over-refusal without per-prompt rows (``_overrefusal_of``): the mean rate and the
-    span of the seeds' intervals."""
+    cluster-bootstrap interval. Over-refusal without per-prompt rows (``_overrefusal_of``):
+    :func:`overrefusal_bound`."""
     records = [r for e in evals for r in e["records"]]
     out: dict = {"asr": {}}
     for k in cfg.frontier_ks:
@@ -674,15 +675,23 @@ def point_measures(cfg: ReproduceConfig, evals: list[dict]) -> dict:
             "n": pooled["n_prompts"],
             "method": pooled["method"],  # "wilson" (one response per prompt) or "cluster_wilson" (prompts as clusters)
         }
-    elif refusals:  # a result without its per-prompt rows: the mean rate and the span of the seeds' intervals
-        intervals = [r["interval"] for r in refusals if r.get("interval")]
-        out["overrefusal"] = {
-            "value": sum(r["rate"] for r in refusals) / len(refusals),
-            "ci": [min(i[0] for i in intervals), max(i[1] for i in intervals)] if intervals else None,
-            "n": refusals[0].get("n"),
-            "method": "span",
-        }
+    elif refusals:  # a result without its per-prompt rows
+        out["overrefusal"] = overrefusal_bound(
+            sum(r["rate"] for r in refusals) / len(refusals), refusals[0].get("n"), len(refusals)
+        )
     return out
+
+
+def overrefusal_bound(rate: float, prompts: int | None, training_seeds: int) -> dict:
+    """Over-refusal of a point whose training seeds kept their rates over the same ``prompts`` but not which
+    prompts were refused: their mean ``rate`` (exactly the rate pooled by prompt) and, for more than one seed,
+    :func:`bft.eval.stats.cluster_wilson_bound`, the widest interval pooling by prompt could give (for one seed,
+    the Wilson interval)."""
+    if not prompts:
+        return {"value": rate, "ci": None, "n": prompts, "method": "bound"}
+    if training_seeds > 1:
+        return {"value": rate, "ci": cluster_wilson_bound(rate, prompts), "n": prompts, "method": "bound"}
+    return {"value": rate, "ci": list(wilson_interval_real(rate, prompts)), "n": prompts, "method": "wilson"}
 
 
 def prompt_key(prompt: str) -> str:
@@ -871,8 +880,16 @@ def judge_points(points: list[dict], judges: list[str], primary: str, k) -> dict
 def rejudge(frontier: dict) -> dict:
     """A stored frontier summary (a run summary's ``frontier`` key) with its dominance and ``beyond_qi`` verdicts
     recomputed by :func:`judge_points` from the stored points alone, at the judges and k they were stored at (what
-    ``bft reproduce --resummarize`` applies). The input is not modified."""
+    ``bft reproduce --resummarize`` applies). A pooled point's over-refusal stored with the span of its seeds'
+    intervals (``method`` "span", or none in older summaries) gets :func:`overrefusal_bound` first: a span is no
+    interval over prompts. The input is not modified."""
     out = json.loads(json.dumps(frontier))
+    for res in out.get("analogs", {}).values():
+        for point in res.get("points") or []:
+            o = point.get("overrefusal")
+            seeds = len(point.get("training_seeds") or [])
+            if o and seeds > 1 and o.get("method", "span") == "span" and o.get("value") is not None:
+                point["overrefusal"] = overrefusal_bound(o["value"], o.get("n"), seeds)
     for analog, res in out.get("analogs", {}).items():
         stored = next(iter(res.get("beyond_qi", {}).values()), None)
         if stored is None:
@@ -1129,8 +1146,8 @@ def format_measure(value, ci, pct=True) -> str:
 
 def _overrefusal_interval_text(fr: dict) -> str:
     """How the over-refusal intervals of ``fr``'s points were made: the ASR's (cluster Wilson, the prompt as the
-    unit), or, in summaries written before the per-prompt rows were pooled (no ``method`` stored), for a point
-    pooling training seeds the span of its seeds' Wilson intervals."""
+    unit), or, for a point pooling training seeds of a run that kept no per-prompt refusals, :func:`overrefusal_bound`
+    (and in a summary not yet re-judged, with no ``method`` stored, the span of its seeds' Wilson intervals)."""
     pooled = [
         p["overrefusal"]
         for res in fr["analogs"].values()
@@ -1141,6 +1158,12 @@ def _overrefusal_interval_text(fr: dict) -> str:
         return (
             "Wilson, and for a point pooling training seeds the span of their Wilson intervals "
             "(the run kept no per-prompt refusals)"
+        )
+    if any(o.get("method") == "bound" for o in pooled):
+        return (
+            "Wilson, and for a point pooling training seeds the widest interval that pooling them by prompt could "
+            "give, the Wilson interval of the seeds' mean rate at n = prompts - 1 (n = prompts at 0% or 100%): the "
+            "run kept each seed's rate, not which prompts it refused"
         )
     return "as ASR, a point's training seeds pooled by prompt"
 
