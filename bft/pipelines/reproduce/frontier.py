@@ -241,12 +241,9 @@ def stage_frontier_qi(
         stages.cached(name, settings, after=("data", aligned_stage)) and all(Path(p).is_dir() for p in out.values())
     ):
         upstream = stages.upstream_changed(name, ("data", aligned_stage))
-        saved = stages.dir(name) / "settings.json"
+        saved = stages.attempt_settings(name)
         same_run = (
-            saved.is_file()
-            and not upstream
-            and _run_identity(stages.comparable(json.loads(saved.read_text())))
-            == _run_identity(stages.comparable(settings))
+            saved is not None and not upstream and _run_identity(saved) == _run_identity(stages.comparable(settings))
         )
         stored = stages.dir(name) / "losses.json"
         finished = json.loads(stored.read_text()) if same_run and stored.is_file() else None
@@ -255,7 +252,7 @@ def stage_frontier_qi(
         if models.exists() and not same_run:
             shutil.rmtree(models)  # another run's checkpoints; only the same run keeps its own
         with stages.computing(name, settings) as d:
-            atomic_write_json(d / "settings.json", stages.comparable(settings), indent=1)
+            stages.record_attempt(name, settings)
             if finished is not None:  # kept across an interrupted replay
                 atomic_write_json(d / "losses.json", finished, indent=1)
             have = [s for s in keep if Path(out[s]).is_dir()]

@@ -82,6 +82,20 @@ class StageCache:
 
         return walk(json.loads(json.dumps(settings)))
 
+    def record_attempt(self, name: str, settings: dict) -> None:
+        """Records, as ``settings.json`` in the stage's folder, the settings of an attempt at a stage that keeps its
+        partial work (checkpoints) when interrupted, in :meth:`comparable` form: a later attempt resumes only
+        under the same settings (:meth:`attempt_settings`), even from a run folder moved elsewhere."""
+        atomic_write_json(self.dir(name) / "settings.json", self.comparable(settings), indent=1)
+
+    def attempt_settings(self, name: str):
+        """The settings the last attempt at ``name`` recorded (:meth:`record_attempt`), in :meth:`comparable` form;
+        None when there is no readable record."""
+        try:
+            return self.comparable(json.loads((self.dir(name) / "settings.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def start(self, name: str, *, keep: bool = False) -> Path:
         """A clean folder for a stage about to run (a half-written earlier attempt is removed unless ``keep``: a
         training stage keeps its checkpoints, and an interrupted run resumes)."""

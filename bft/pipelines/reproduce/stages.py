@@ -588,9 +588,9 @@ def train_stage(
     another run (other settings, or a stage it reads recomputed) are discarded first, and the teacher cache
     ``cache_dir`` is rebuilt (once per run) when the models it was built from were recomputed: the trainer would
     refuse it by its fingerprint. A cache the trainer refuses as built for other inputs (by older code, which
-    fingerprinted local files by path) is the run's own: it is rebuilt. ``settings.json`` records the attempt's
-    settings in :meth:`StageCache.comparable` form, so an interrupted run moved to another folder still resumes (the
-    trainer's runnable config is its ``config.yaml``). Returns the stage folder."""
+    fingerprinted local files by path) is the run's own: it is rebuilt. The attempt's settings are recorded
+    (:meth:`StageCache.record_attempt`), so an interrupted run moved to another folder still resumes (the trainer's
+    runnable config is its ``config.yaml``). Returns the stage folder."""
     d = stages.dir(name)
     if stages.cached(name, settings, after=after) and all(Path(p).is_dir() for p in outputs):
         return d
@@ -598,10 +598,10 @@ def train_stage(
     if upstream and cache_dir.exists() and cache_dir not in stages.fresh_caches:
         shutil.rmtree(cache_dir)
     stages.fresh_caches.add(cache_dir)
-    if d.exists() and (upstream or stages.comparable(settings) != stages.comparable(saved_bft_settings(d))):
+    if d.exists() and (upstream or stages.comparable(settings) != stages.attempt_settings(name)):
         shutil.rmtree(d)  # the old checkpoints belong to another run; only an interrupted identical run resumes
     with stages.computing(name, settings, keep=True) as d:
-        atomic_write_json(d / "settings.json", stages.comparable(settings), indent=1)
+        stages.record_attempt(name, settings)
         resume = bool(ckpt.list_checkpoints(d))
         if resume:
             log(f"[{name}] resuming from {ckpt.latest_checkpoint(d)}")
@@ -612,13 +612,6 @@ def train_stage(
             shutil.rmtree(cache_dir)
             train(config_from_dict(settings), resume=resume, progress=progress)
     return d
-
-
-def saved_bft_settings(d: Path):
-    try:
-        return json.loads((d / "settings.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def generation_settings(cfg: ReproduceConfig) -> GenerationSettings:
