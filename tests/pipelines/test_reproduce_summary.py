@@ -370,3 +370,26 @@ def test_the_report_header_names_the_aligned_analogs_of_a_frontier_only_run_too(
         f"Aligned analogs (each the base after {summary['config']['align_steps']} steps of refusal SFT): " + expected
         in header
     )
+
+
+def test_the_frontier_answer_leads_with_yes_or_no_only_where_the_verdicts_decide():
+    from bft.pipelines.reproduce.readme import _frontier_answer
+
+    decided = [
+        ("deep", "perplexity", "dominated"),
+        ("shallow", "perplexity", "dominated"),
+        ("deep", "overrefusal", "dominated by point estimates only: inconclusive within the intervals"),
+        ("shallow", "overrefusal", "not dominated by the point estimates only: inconclusive within the intervals"),
+    ]
+    text = _frontier_answer(decided)
+    assert text.startswith("**In short: no BFT checkpoint safer than the aligned model escapes Qi's curve")
+    assert "Against benign perplexity: Qi's curve dominates every BFT checkpoint safer than the aligned model, " in text
+    assert "beyond the intervals (deep and shallow analogs). Against over-refusal: " in text
+    assert "by the point estimates only, inconclusive (deep analog); some safer BFT checkpoints escape" in text
+    escaped = _frontier_answer([*decided, ("shallow", "perplexity+overrefusal", "not dominated, beyond the intervals")])
+    assert escaped.startswith("**In short: yes: a BFT checkpoint safer than the aligned model escapes Qi's curve")
+    assert "(shallow analog).**" in escaped
+    one_seed = "inconclusive: one training seed (a headline needs two; the one seed reads: dominated)"
+    undecided = _frontier_answer([*decided, ("deep", "perplexity+overrefusal", one_seed)])
+    assert undecided.startswith("**In short: no verdict on every question; where there is one, no BFT checkpoint")
+    assert f"Against benign perplexity and over-refusal together: {one_seed} (deep analog)." in undecided

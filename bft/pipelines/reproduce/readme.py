@@ -451,6 +451,7 @@ def _frontier_headline(root: Path) -> list[str]:
     the ASR-utility plane that Qi's curve does not dominate? The stored ``beyond_qi`` verdict per analog and utility
     measure (:func:`bft.pipelines.reproduce.frontier.beyond_qi`)."""
     lines = []
+    verdicts = []  # (analog, utility, verdict) of every analog with a Qi curve: the answer line
     for folder, _title, _, _ in RUNS:
         path = root / folder / "summary.json"
         fr = (json.loads(path.read_text()).get("frontier") if path.is_file() else None) or {}
@@ -458,6 +459,7 @@ def _frontier_headline(root: Path) -> list[str]:
             lines += _diagnostic_lines(analog, res, fr)
             if not any(b.get("qi_points") for b in (res.get("beyond_qi") or {}).values()):
                 continue  # no Qi curve in this run (the diagnostic's run): the headline question does not apply
+            verdicts += [(analog, u, b.get("verdict", "no verdict stored")) for u, b in res["beyond_qi"].items()]
             aligned = next((p for p in res.get("points", []) if p["method"] == "aligned"), {})
             refused = aligned.get("overrefusal")
             if refused and refused.get("n"):
@@ -504,9 +506,57 @@ def _frontier_headline(root: Path) -> list[str]:
         "over-refusal alone rewards a checkpoint whose answers have come apart, so the joint line asks for both "
         "utilities at once; details under the frontier run below):",
         "",
+        *([_frontier_answer(verdicts), ""] if verdicts else []),
         *lines,
         "",
     ]
+
+
+#: What each stored ``beyond_qi`` verdict (:func:`bft.pipelines.reproduce.frontier.beyond_qi`) says in the answer.
+ANSWER_READINGS = {
+    "dominated": "Qi's curve dominates every BFT checkpoint safer than the aligned model, beyond the intervals",
+    "dominated by point estimates only: inconclusive within the intervals": (
+        "Qi's curve dominates the safer BFT checkpoints by the point estimates only, inconclusive"
+    ),
+    "not dominated by the point estimates only: inconclusive within the intervals": (
+        "some safer BFT checkpoints escape Qi's curve by the point estimates only, inconclusive"
+    ),
+    "not dominated, beyond the intervals": "a safer BFT checkpoint escapes Qi's curve beyond the intervals",
+    "no BFT point is safer than the aligned model": "no BFT checkpoint is safer than the aligned model",
+}
+
+
+def _frontier_answer(verdicts: list[tuple[str, str, str]]) -> str:
+    """The headline question answered in one paragraph from the stored verdicts ``(analog, utility, verdict)``: a
+    lead (yes where a BFT checkpoint escapes Qi's curve beyond the intervals; no only where every question has a
+    verdict), then per utility measure each reading with the analogs it holds for."""
+    escaped = list(dict.fromkeys(a for a, _, v in verdicts if v == "not dominated, beyond the intervals"))
+    if escaped:
+        lead = (
+            "yes: a BFT checkpoint safer than the aligned model escapes Qi's curve beyond the intervals "
+            f"({_analogs(escaped)})"
+        )
+    elif all(v in ANSWER_READINGS for _, _, v in verdicts):
+        lead = "no BFT checkpoint safer than the aligned model escapes Qi's curve beyond the intervals"
+    else:
+        lead = (
+            "no verdict on every question; where there is one, no BFT checkpoint safer than the aligned model "
+            "escapes Qi's curve beyond the intervals"
+        )
+    by_utility: dict = {}  # utility -> reading -> analogs
+    for analog, utility, verdict in verdicts:
+        by_utility.setdefault(utility, {}).setdefault(ANSWER_READINGS.get(verdict, verdict), []).append(analog)
+    sentences = [
+        f"Against {UTILITY_NAMES.get(u, u)}: "
+        + "; ".join(f"{reading} ({_analogs(analogs)})" for reading, analogs in readings.items())
+        + "."
+        for u, readings in by_utility.items()
+    ]
+    return " ".join([f"**In short: {lead}.**", *sentences])
+
+
+def _analogs(names: list[str]) -> str:
+    return f"{' and '.join(names)} analog{'s' if len(names) > 1 else ''}"
 
 
 def render_results(root: Path | str = ".") -> str:
