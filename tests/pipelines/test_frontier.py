@@ -452,7 +452,7 @@ def test_the_diagnostic_student_starts_from_its_own_analog_and_distills_the_othe
 
 
 def test_the_summary_plot_and_table(frontier_run):
-    from bft.pipelines.reproduce.frontier import render_frontier
+    from bft.pipelines.reproduce.frontier import format_measure, render_frontier
 
     cfg, out, summary = frontier_run
     fr = summary["frontier"]
@@ -493,7 +493,13 @@ def test_the_summary_plot_and_table(frontier_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     table = render_frontier(summary)
     assert "### shallow analog" in table and "| qi | 0.5 | 0 |" in table and "| bft_eq9 | 1 | 0,1 |" in table
-    assert table.count("\n| ") == len(labels) + 1  # a header and a row per point
+    # a header and a row per point: the primary judge's table, then the same points under the other judges
+    assert table.count("\n| ") == 2 * (len(labels) + 1)
+    other = table[table.index("Under the other judges") :]
+    assert "| keyword ASR k=2 | keyword: frontier | three-way ASR k=2 | three-way: frontier |" in other
+    kw = res["points"][1]["asr"]["2"]["keyword"]
+    separated = ["yes" if labels[1] in res["dominance"][u]["keyword"]["separated"] else "no" for u in res["dominance"]]
+    assert f"| {format_measure(kw['asr'], kw['ci'])} | {' / '.join(separated)} |" in other
     assert render_frontier({}) == ""
 
 

@@ -1233,8 +1233,41 @@ def render_frontier(summary: dict, folder: str = "") -> str:
                     + ("yes" if p["label"] in dom["separated"] else "no")
                 )
             lines.append("| " + " | ".join(row) + " |")
+        lines += _other_judges_table(res, judge, ks[0], utilities)
         if res.get("plot"):
             plot = f"{folder.rstrip('/')}/{res['plot']}" if folder else res["plot"]
             lines += ["", f"![ASR against utility, {analog} analog]({plot})"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _other_judges_table(res: dict, primary: str, k, utilities: list[str]) -> list[str]:
+    """The same points under every other judge the run stored (keyword, three-way): ASR at ``k`` with its interval
+    and, per utility axis set, whether the point is on the frontier beyond the intervals (separated), from the
+    stored ``dominance``. Empty when the run judged with the primary judge alone."""
+    judges = [j for j in next(iter(res.get("dominance", {}).values()), {}) if j != primary]
+    if not judges or not res.get("points"):
+        return []
+    names = {"threeway": "three-way"}
+    axes = " / ".join(UTILITY_NAMES.get(u, u) for u in utilities)
+    head = ["method", "budget", "seeds"]
+    for j in judges:
+        head += [f"{names.get(j, j)} ASR k={k}", f"{names.get(j, j)}: frontier"]
+    lines = [
+        "",
+        f"Under the other judges: ASR at k = {k}, and whether the point is on the frontier beyond the intervals "
+        f"against {axes} (the separated reading above, under that judge's ASR).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for p in res["points"]:
+        row = [p["method"], f"{p['fraction']:g}", ",".join(map(str, p.get("training_seeds", []))) or "–"]
+        for j in judges:
+            a = (p.get("asr") or {}).get(str(k), {}).get(j)
+            row.append(format_measure(a["asr"], a["ci"]) if a else "–")
+            row.append(
+                " / ".join("yes" if p["label"] in res["dominance"][u][j]["separated"] else "no" for u in utilities)
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
