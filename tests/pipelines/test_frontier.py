@@ -687,6 +687,8 @@ def test_over_refusal_pools_the_training_seeds_by_prompt(tmp_path):
     bounded = point_measures(cfg, bare)["overrefusal"]
     assert bounded == {"value": pytest.approx(0.4), "ci": cluster_wilson_bound(0.4, 20), "n": 20, "method": "bound"}
     assert bounded["ci"][0] <= both["ci"][0] and both["ci"][1] <= bounded["ci"][1]
+    one_prompt = [dict(e, overrefusal=dict(e["overrefusal"], rows=None, n=1, rate=1.0)) for e in evals]
+    assert point_measures(cfg, one_prompt)["overrefusal"]["ci"] is None  # no interval over a single prompt
     # the rendered table says which the pooled points carry (older summaries store no method: a span)
     for measure, words in ((both, "as ASR"), (bounded, "prompts - 1"), ({"value": 0.4}, "span")):
         fr = {"analogs": {"a": {"points": [{"training_seeds": [0, 1], "overrefusal": measure}]}}}

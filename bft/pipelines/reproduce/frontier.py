@@ -683,8 +683,8 @@ def overrefusal_bound(rate: float, prompts: int | None, training_seeds: int) -> 
     """Over-refusal of a point whose training seeds kept their rates over the same ``prompts`` but not which
     prompts were refused: their mean ``rate`` (exactly the rate pooled by prompt) and, for more than one seed,
     :func:`bft.eval.stats.cluster_wilson_bound`, the widest interval pooling by prompt could give (for one seed,
-    the Wilson interval)."""
-    if not prompts:
+    the Wilson interval). No interval over fewer than two prompts."""
+    if not prompts or (training_seeds > 1 and prompts < 2):
         return {"value": rate, "ci": None, "n": prompts, "method": "bound"}
     if training_seeds > 1:
         return {"value": rate, "ci": cluster_wilson_bound(rate, prompts), "n": prompts, "method": "bound"}
