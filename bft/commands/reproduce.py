@@ -103,7 +103,7 @@ def resummarize(folder: str | Path) -> list[str]:
     and, when present, ``folder/frontier/summary.json``, ``FRONTIER.md`` and the frontier plots (their intervals may
     have changed); returns the verdicts that changed."""
     from bft.atomic import atomic_write_json, atomic_write_text
-    from bft.pipelines.reproduce.frontier import plot_frontier, rejudge, render_frontier
+    from bft.pipelines.reproduce.frontier import plot_analog, rejudge, render_frontier
     from bft.pipelines.reproduce.report import render_report
     from bft.pipelines.reproduce.summary import apply_rules, verdict_changes
 
@@ -126,9 +126,7 @@ def resummarize(folder: str | Path) -> list[str]:
                     changes.append(f"frontier / {analog} / {utility}: {old} → {b['verdict']}")
             judged = next(iter(res.get("beyond_qi", {}).values()), None)
             if res.get("plot") and judged:
-                plot_frontier(
-                    res, Path(folder) / res["plot"], judge=judged["judge"], k=judged["k"], title=f"{analog} analog"
-                )
+                plot_analog(res, Path(folder), analog, judge=judged["judge"], k=judged["k"])
         own = Path(folder) / "frontier"
         if (own / "summary.json").is_file():
             atomic_write_json(own / "summary.json", after["frontier"], indent=1)

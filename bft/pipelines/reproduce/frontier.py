@@ -124,6 +124,7 @@ __all__ = [
     "method_fractions",
     "paired_log_ratio",
     "pareto",
+    "plot_analog",
     "plot_frontier",
     "point_axis",
     "rejudge",
@@ -1019,9 +1020,7 @@ def run_frontier(
             "headline_by_training_seed": per_seed,
             **judge_points(points, list(cfg.judges) + ["threeway"], primary, cfg.sweep_k),
         }
-        plot = stages.root / "plots" / f"frontier_{analog}.png"
-        plot_frontier(result, plot, judge=primary, k=cfg.sweep_k, title=f"{analog} analog")
-        result["plot"] = str(plot.relative_to(stages.root))
+        result["plot"] = plot_analog(result, stages.root, analog, judge=primary, k=cfg.sweep_k)
         out["analogs"][analog] = result
     atomic_write_json(stages.root / "frontier" / "summary.json", out, indent=1)
     atomic_write_text(stages.root / "frontier" / "FRONTIER.md", render_frontier({"frontier": out}))
@@ -1081,6 +1080,14 @@ def _diagnostic(cfg, stages, data, aligned, aligned_stages, losses, methods, log
 
 
 # ------------------------------------------------------------------------------------------------ plot and table
+
+
+def plot_analog(result: dict, root: Path, analog: str, *, judge: str, k) -> str:
+    """One analog's frontier plot, ``plots/frontier_<analog>.png`` under the run folder ``root``
+    (:func:`plot_frontier`); returns its path relative to ``root`` (the summary's ``plot``)."""
+    path = Path(root) / "plots" / f"frontier_{analog}.png"
+    plot_frontier(result, path, judge=judge, k=k, title=f"{analog} analog")
+    return path.relative_to(root).as_posix()
 
 
 def plot_frontier(result: dict, path: Path, *, judge: str, k, title: str = "") -> Path:
